@@ -1,0 +1,97 @@
+// Which modules an adapter wraps, and what that costs.
+//
+// resolve_targets() reads PEFT-style target_modules / exclude_modules and
+// peftfw's role selectors against the architecture's inventory. Unlike PEFT,
+// which errors only when *nothing* matches, it reports every entry that
+// matches nothing and every layer kind left without any adapted module, so
+// Transformer targets on a hybrid (q/k/v/o + gate/up/down_proj, which adapt
+// only the attention layers of a Mamba/attention hybrid) fail loudly.
+// coverage_table() and parameter_report() show the result; the latter ends
+// with PEFT's print_trainable_parameters() line, digit for digit.
+//
+// Torch-free: everything here works from the config-derived inventory.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "peftfw/model/inventory.hpp"
+#include "peftfw/recipe/recipe.hpp"
+
+namespace peftfw::adapters {
+
+// What the recipe's [adapter] section asks for.
+//
+// Matching rules (PEFT's, plus roles):
+// - target_modules as a list: an entry matches a module whose full name
+//   equals it or ends with "." + entry ("q_proj", "shared_mlp.input_linear";
+//   "proj" matches nothing, since the '.' boundary is required).
+// - target_modules as a string: a regex that must match the whole full name
+//   (PEFT's re.fullmatch; here std::regex ECMAScript syntax). The string
+//   "all-linear" instead selects every module of type "linear" except the one
+//   with role "lm_head".
+// - exclude_modules: the same forms (no "all-linear" shorthand, as in PEFT);
+//   matching modules are removed from the selection.
+// - roles: an entry matches a module role equal to it or starting with
+//   entry + "." ("mamba" matches "mamba.in_proj"); it selects the adaptable
+//   modules among those (so "mamba" skips mamba.conv1d), and is an error when
+//   it matches only modules that cannot be adapted.
+// target_modules and roles are united; at least one must be given.
+struct TargetRequest {
+  std::optional<recipe::TargetPattern> target_modules;
+  std::optional<recipe::TargetPattern> exclude_modules;
+  std::vector<std::string> roles;
+  // What to do with an entry that matches nothing or a layer kind left
+  // without adapted modules: "error" (throw), "warn" (return warnings),
+  // "ignore". Selecting a module that cannot be adapted is always an error,
+  // and so is selecting nothing at all.
+  std::string on_unmatched = "error";
+  // Names the request in messages, e.g. "recipes/x.toml [adapter]".
+  std::string source = "[adapter]";
+};
+
+struct TargetResolution {
+  std::vector<std::string> modules;   // adapted module full names, inventory order
+  std::vector<std::string> warnings;  // on_unmatched = "warn": the problems found
+};
+
+// Throws InputError listing every problem at once.
+TargetResolution resolve_targets(const ModelInventory& inventory, const TargetRequest& request);
+
+// Per layer kind and adaptable module (names relative to the layer, e.g.
+// "mamba / mamba.in_proj"): how many are adapted of how many there are, a
+// summary line per kind, and adaptable modules outside the layers (lm_head).
+// Throws InputError if `adapted` names a module that is not in the inventory
+// or cannot be adapted.
+std::string coverage_table(const ModelInventory& inventory,
+                           const std::vector<std::string>& adapted);
+
+// Parameter counts as PEFT's print_trainable_parameters() reports them.
+struct ParameterCount {
+  int64_t trainable = 0;
+  int64_t all = 0;
+};
+
+// LoRA adds r * (in + out) per adapted linear module (A [r, in], B [out, r];
+// bias = "none"); DoRA adds `out` more for its magnitude vector. "all" is the
+// base model plus those adapter parameters (PEFT counts them in all params).
+// SSM groups trained (e.g. {"A_log", "D", "dt_bias"}) add the numel of every
+// inventory tensor of that group to "trainable" (they are already in "all").
+// Throws InputError for an unknown module or SSM group name, or r < 1.
+ParameterCount count_lora_parameters(const ModelInventory& inventory,
+                                     const std::vector<std::string>& adapted, int64_t r, bool dora,
+                                     const std::vector<std::string>& ssm_groups_trained);
+
+// Trainable parameters per layer kind (adapter and SSM separately), then
+// PEFT's line exactly, e.g.
+// "trainable params: 28,823,552 || all params: 3,220,219,648 || trainable%: 0.8951".
+std::string parameter_report(const ModelInventory& inventory,
+                             const std::vector<std::string>& adapted, int64_t r, bool dora,
+                             const std::vector<std::string>& ssm_groups_trained);
+
+// PEFT's print_trainable_parameters() line for a count.
+std::string peft_parameter_line(const ParameterCount& count);
+
+}  // namespace peftfw::adapters

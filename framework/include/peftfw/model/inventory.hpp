@@ -1,0 +1,73 @@
+// What a model is made of, described from its config alone (no weights, no
+// tensor storage). Architecture plugins produce it; `peftfw plan`, target
+// resolution, coverage tables and parameter reports read it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace peftfw {
+
+// One module of the model, named exactly as in the checkpoint
+// (e.g. "model.layers.0.mamba.in_proj").
+struct ModuleDesc {
+  std::string name;
+  std::string type;        // "linear", "conv1d", "norm", "embedding", "experts", "router"
+  std::string layer_kind;  // "mamba", "attention", ... or "" for non-layer modules
+  std::string role;        // e.g. "attention.q", "mamba.in_proj", "mlp.input", "moe.experts"
+  int layer = -1;          // decoder layer index, -1 for embeddings / final norm / head
+  int64_t in_features = 0;
+  int64_t out_features = 0;
+  bool has_bias = false;
+  bool adaptable = false;          // LoRA-style adapters may wrap it
+  std::string not_adaptable_why;   // reason shown when a user targets it anyway
+};
+
+// One parameter tensor, named exactly as in the checkpoint.
+struct ParamDesc {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::string module;        // owning module name
+  std::string layer_kind;
+  int layer = -1;
+  std::string ssm_group;     // e.g. "A_log" when the tensor belongs to an SSM core group
+  int64_t numel() const {
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    return n;
+  }
+};
+
+// A named group of SSM core tensors that can be co-trained ([ssm] train = [...]).
+struct SsmGroupDesc {
+  std::string name;   // "A_log", "D", "dt_bias", "conv1d"
+  std::string doc;
+  bool optional = false;  // not part of the default core set
+};
+
+struct ModelInventory {
+  std::string architecture;              // plugin id
+  std::string model_type;                // config's model_type
+  int64_t vocab_size = 0;
+  std::vector<std::string> layer_kinds;  // per decoder layer
+  std::vector<ModuleDesc> modules;
+  std::vector<ParamDesc> params;         // every distinct trainable tensor (tied ones once)
+  std::vector<SsmGroupDesc> ssm_groups;
+  // Checkpoint keys that may be absent because they alias another tensor
+  // (e.g. a tied lm_head.weight).
+  std::vector<std::string> optional_checkpoint_keys;
+
+  int64_t total_params() const {
+    int64_t n = 0;
+    for (const auto& p : params) n += p.numel();
+    return n;
+  }
+  const ModuleDesc* find_module(const std::string& name) const {
+    for (const auto& m : modules)
+      if (m.name == name) return &m;
+    return nullptr;
+  }
+};
+
+}  // namespace peftfw

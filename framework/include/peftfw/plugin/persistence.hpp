@@ -1,0 +1,50 @@
+// Persistence plugin interface: how results are written (and read back).
+#pragma once
+
+#include <filesystem>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace peftfw {
+
+class CausalLM;
+struct AdapterSpec;
+
+struct SaveRequest {
+  CausalLM* model = nullptr;
+  const AdapterSpec* adapter = nullptr;
+  std::vector<std::string> adapted_modules;  // modules carrying an adapter (full names)
+  std::vector<std::string> ssm_tensors;      // co-trained SSM core tensors (checkpoint names)
+  std::filesystem::path base_model_dir;      // source checkpoint folder, if any
+  std::string base_model_name;               // for adapter_config.json base_model_name_or_path
+  std::string config_json;                   // the model's config.json text
+};
+
+struct LoadedAdapter {
+  std::string method;                        // "lora" | "dora"
+  std::vector<std::string> modules;
+  std::vector<std::string> ssm_tensors;
+};
+
+class PersistencePlugin {
+ public:
+  virtual ~PersistencePlugin() = default;
+  virtual std::string id() const = 0;  // value used in [output] formats
+  // Writes `dir` atomically: a reader sees the old folder or the complete new one.
+  virtual void save(const SaveRequest& request, const std::filesystem::path& dir) const = 0;
+  // Whether load() is implemented (adapter formats).
+  virtual bool can_load() const { return false; }
+  // Attaches the adapter stored in `dir` to `model` and loads its tensors.
+  virtual LoadedAdapter load(CausalLM& model, const std::filesystem::path& dir) const {
+    throw std::logic_error("format '" + id() + "' cannot be loaded");
+  }
+};
+
+// Writes a folder atomically: `fill` writes into a temporary sibling folder,
+// which then replaces `dir` by rename. A failure leaves `dir` as it was.
+void write_folder_atomic(const std::filesystem::path& dir,
+                         const std::function<void(const std::filesystem::path&)>& fill);
+
+}  // namespace peftfw

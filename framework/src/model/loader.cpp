@@ -1,0 +1,127 @@
+// From a recipe's [model] section or a checkpoint folder to a built model.
+#include "peftfw/model/loader.hpp"
+
+#include <torch/torch.h>
+
+#include <map>
+#include <set>
+
+#include "peftfw/error.hpp"
+#include "peftfw/io/safetensors.hpp"
+#include "peftfw/io/tensor_bridge.hpp"
+#include "peftfw/model/causal_lm.hpp"
+#include "peftfw/plugin/registry.hpp"
+#include "peftfw/recipe/recipe.hpp"
+
+namespace fs = std::filesystem;
+
+namespace peftfw {
+
+ModelSource model_source_from_recipe(const recipe::Recipe& r) {
+  ModelSource s;
+  if (r.has_value("model", "path")) s.dir = r.get_path("model", "path");
+  if (r.has_value("model", "config")) s.config_file = r.get_path("model", "config");
+  if (r.has_value("model", "config_inline")) s.inline_config = r.get_table_json("model", "config_inline");
+  s.architecture = r.get_string("model", "architecture");
+  s.random_init = r.get_string("model", "init") == "random";
+  s.seed = static_cast<uint64_t>(r.get_int("model", "seed"));
+  s.dtype = r.get_string("model", "dtype");
+  const auto device = r.get_string("model", "device");
+  s.device = device == "auto" ? (torch::cuda::is_available() ? "cuda" : "cpu") : device;
+  if (!s.random_init && s.dir.empty())
+    throw InputError(r.source_name() +
+                     ": [model] path is not set; give an HF checkpoint folder (model.path=DIR), "
+                     "or set [model] init = \"random\" with a config");
+  return s;
+}
+
+io::JsonConfig read_model_config(const ModelSource& s) {
+  // Precedence: a checkpoint folder, then an explicit config file, then the inline table.
+  if (!s.dir.empty()) {
+    const auto file = s.dir / "config.json";
+    if (!fs::exists(file))
+      throw InputError(s.dir.string() + ": no config.json in this folder; [model] path must be an "
+                       "HF checkpoint folder (config.json + *.safetensors)");
+    return io::JsonConfig::load(file.string());
+  }
+  if (!s.config_file.empty()) return io::JsonConfig::load(s.config_file.string());
+  if (!s.inline_config.is_null() && !s.inline_config.empty())
+    return io::JsonConfig::parse(s.inline_config.dump(), "[model.config_inline]");
+  throw InputError("[model]: no model config; set [model] path, config or config_inline");
+}
+
+std::shared_ptr<ArchitecturePlugin> find_architecture(const io::JsonConfig& config,
+                                                      const std::string& architecture) {
+  auto& registry = PluginRegistry::instance();
+  if (architecture != "auto") return registry.architecture(architecture);
+  return registry.architecture_for_model_type(config.require_string("model_type"));
+}
+
+LoadedModel load_model(const ModelSource& s) {
+  auto config = read_model_config(s);
+  LoadedModel out;
+  out.architecture = find_architecture(config, s.architecture);
+  out.config_json = config.raw().dump(2) + "\n";
+  BuildOptions options;
+  options.dtype = s.dtype;
+  options.device = s.device;
+  options.random_init = s.random_init;
+  options.seed = s.seed;
+  if (s.random_init) {
+    out.model = out.architecture->build(config, options);
+  } else {
+    options.dtype = "float32";  // load in float32, then cast once
+    options.device = "cpu";
+    out.model = out.architecture->build(config, options);
+    load_weights(*out.model, s.dir);
+    torch::Dtype dtype = s.dtype == "bfloat16" ? torch::kBFloat16
+                         : s.dtype == "float16" ? torch::kFloat16
+                                                : torch::kFloat32;
+    out.model->to(torch::Device(s.device), dtype);
+  }
+  return out;
+}
+
+void load_weights(CausalLM& model, const fs::path& dir) {
+  auto ckpt = io::Checkpoint::open(dir.string());
+  const auto& inv = model.inventory();
+  std::set<std::string> optional(inv.optional_checkpoint_keys.begin(),
+                                 inv.optional_checkpoint_keys.end());
+  std::set<std::string> used;
+  std::vector<std::string> missing, wrong_shape;
+  torch::NoGradGuard no_grad;
+  for (auto& p : model.named_parameters()) {
+    const auto& name = p.key();
+    if (!ckpt.has(name)) {
+      missing.push_back(name);
+      continue;
+    }
+    auto view = ckpt.view(name);
+    if (view.shape != p.value().sizes().vec()) {
+      wrong_shape.push_back(name + ": expected " + io::shape_to_string(p.value().sizes().vec()) +
+                            ", found " + io::shape_to_string(view.shape));
+      continue;
+    }
+    p.value().copy_(io::to_tensor(view, name));
+    used.insert(name);
+  }
+  std::vector<std::string> unexpected;
+  for (const auto& n : ckpt.names())
+    if (!used.count(n) && !optional.count(n)) unexpected.push_back(n);
+  if (missing.empty() && wrong_shape.empty() && unexpected.empty()) return;
+
+  std::string msg = ckpt.path() + ": checkpoint does not match the model built from its config";
+  auto list = [&](const char* what, const std::vector<std::string>& items) {
+    if (items.empty()) return;
+    msg += std::string("\n  ") + what + " (" + std::to_string(items.size()) + "):";
+    for (size_t i = 0; i < items.size() && i < 20; ++i) msg += "\n    " + items[i];
+    if (items.size() > 20) msg += "\n    ... and " + std::to_string(items.size() - 20) + " more";
+  };
+  list("tensors with the wrong shape", wrong_shape);
+  list("missing tensors", missing);
+  list("unexpected tensors", unexpected);
+  msg += "\n  Check that config.json belongs to these weights.";
+  throw InputError(msg);
+}
+
+}  // namespace peftfw

@@ -1,0 +1,45 @@
+// Shared helpers for persistence plugins.
+#include "peftfw/plugin/persistence.hpp"
+
+#include <unistd.h>
+
+#include "peftfw/error.hpp"
+
+namespace fs = std::filesystem;
+
+namespace peftfw {
+
+void write_folder_atomic(const fs::path& dir, const std::function<void(const fs::path&)>& fill) {
+  const auto pid = std::to_string(::getpid());
+  const fs::path parent = dir.has_parent_path() ? dir.parent_path() : fs::path(".");
+  const fs::path tmp = parent / ("." + dir.filename().string() + ".tmp-" + pid);
+  const fs::path old = parent / ("." + dir.filename().string() + ".old-" + pid);
+  std::error_code ec;
+  fs::create_directories(parent, ec);
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp, ec);
+  if (ec) throw RuntimeError("cannot create " + tmp.string() + ": " + ec.message());
+  try {
+    fill(tmp);
+  } catch (...) {
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+  const bool existed = fs::exists(dir);
+  if (existed) {
+    fs::rename(dir, old, ec);
+    if (ec) {
+      fs::remove_all(tmp);
+      throw RuntimeError("cannot replace " + dir.string() + ": " + ec.message());
+    }
+  }
+  fs::rename(tmp, dir, ec);
+  if (ec) {
+    if (existed) fs::rename(old, dir);
+    fs::remove_all(tmp);
+    throw RuntimeError("cannot move " + tmp.string() + " to " + dir.string() + ": " + ec.message());
+  }
+  if (existed) fs::remove_all(old, ec);
+}
+
+}  // namespace peftfw

@@ -1,0 +1,508 @@
+// The training engine behind `peftfw run` (see trainer.hpp).
+#include "peftfw/train/trainer.hpp"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <fstream>
+#include <iomanip>
+#include <iostream>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "peftfw/adapters/setup.hpp"
+#include "peftfw/data/batching.hpp"
+#include "peftfw/data/dataset.hpp"
+#include "peftfw/data/synth.hpp"
+#include "peftfw/data/tokenizer.hpp"
+#include "peftfw/error.hpp"
+#include "peftfw/io/safetensors.hpp"
+#include "peftfw/io/tensor_bridge.hpp"
+#include "peftfw/model/causal_lm.hpp"
+#include "peftfw/model/loader.hpp"
+#include "peftfw/model/report.hpp"
+#include "peftfw/plugin/persistence.hpp"
+#include "peftfw/plugin/registry.hpp"
+#include "peftfw/recipe/recipe.hpp"
+#include "peftfw/train/metrics.hpp"
+#include "peftfw/train/schedule.hpp"
+
+namespace fs = std::filesystem;
+
+namespace peftfw::train {
+
+namespace {
+
+std::atomic<bool> g_interrupted{false};
+
+// The CPU generator drives dropout and random init; its state goes into checkpoints.
+torch::Tensor cpu_rng_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+void set_cpu_rng_state(const torch::Tensor& state) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+extern "C" void on_sigint(int) { g_interrupted = true; }
+
+// Everything the loop needs about the data.
+struct DataSetup {
+  std::unique_ptr<data::Tokenizer> tokenizer;
+  std::unique_ptr<data::BatchStream> train, eval;
+  int64_t accumulation = 1;
+};
+
+std::unique_ptr<data::Tokenizer> make_tokenizer(const recipe::Recipe& r, const ModelSource& source,
+                                                int64_t vocab_size) {
+  const auto which = r.get_string("data", "tokenizer");
+  std::unique_ptr<data::Tokenizer> tok;
+  if (which == "byte") {
+    tok = data::make_byte_tokenizer();
+  } else if (which == "auto") {
+    const auto file = source.dir / "tokenizer.json";
+    if (!source.dir.empty() && fs::exists(file)) tok = data::load_hf_tokenizer(file);
+    else if (source.random_init) tok = data::make_byte_tokenizer();
+    else
+      throw InputError(source.dir.string() + ": no tokenizer.json; set [data] tokenizer = \"byte\" "
+                       "or give a path to a tokenizer.json");
+  } else {
+    tok = data::load_hf_tokenizer(fs::path(which));
+  }
+  if (tok->vocab_size() > vocab_size)
+    throw InputError("tokenizer " + tok->name() + " has " + std::to_string(tok->vocab_size()) +
+                     " tokens but the model's vocabulary is " + std::to_string(vocab_size) +
+                     "; use a model config with vocab_size >= " + std::to_string(tok->vocab_size()));
+  return tok;
+}
+
+DataSetup setup_data(const recipe::Recipe& r, const ModelSource& source, int64_t vocab_size,
+                     const fs::path& run_dir, bool resuming, std::ostream& log) {
+  DataSetup d;
+  d.tokenizer = make_tokenizer(r, source, vocab_size);
+
+  data::Dataset dataset;
+  const auto synth = r.get_string("data", "synth_task");
+  if (r.has_value("data", "path")) {
+    data::ReadOptions ro;
+    ro.format = *data::data_format_from_name(r.get_string("data", "format"));
+    ro.on_bad_line = *data::bad_line_policy_from_name(r.get_string("data", "on_bad_line"));
+    dataset = data::read_jsonl(r.get_path("data", "path").string(), ro);
+    if (dataset.skipped.count) log << "data: " << dataset.skipped.skipped_summary() << "\n";
+  } else if (synth != "none") {
+    dataset = data::synthesize_dataset(*data::synth_task_from_name(synth), r.get_int("data", "synth_n"),
+                                       static_cast<uint64_t>(r.get_int("train", "seed")));
+  } else {
+    throw InputError(r.source_name() + ": no training data: set [data] path (a JSONL file) or "
+                     "[data] synth_task = \"classification\" for generated data");
+  }
+
+  const auto split_path = run_dir / "split.json";
+  data::DataSplit split;
+  if (resuming && fs::exists(split_path)) {
+    split = data::read_split(split_path.string());
+    data::check_split_matches(split, dataset, split_path.string());
+  } else {
+    split = data::make_split(dataset, r.get_float("data", "eval_fraction"),
+                             static_cast<uint64_t>(r.get_int("data", "split_seed")));
+    data::write_split(split, run_dir.string());
+  }
+
+  auto tmpl = r.has_value("data", "template_string")
+                  ? data::PromptTemplate::custom(r.get_string("data", "template_string"), "[data] template_string")
+                  : data::PromptTemplate::named(r.get_string("data", "template"));
+  data::TokenizeOptions to;
+  to.loss_on = *data::loss_on_from_name(r.get_string("data", "loss_on"));
+  to.eos_id = d.tokenizer->eos_id();
+  auto encode = data::encoder_of(*d.tokenizer);
+  auto pick = [&](const std::vector<int64_t>& idx) {
+    std::vector<data::Example> out;
+    for (auto i : idx) out.push_back(dataset.examples[static_cast<size_t>(i)]);
+    return data::tokenize_examples(out, tmpl, encode, to);
+  };
+
+  const int64_t batch = r.get_int("train", "batch_size");
+  int64_t micro = r.get_int("train", "micro_batch_size");
+  if (micro == 0) micro = batch;
+  if (batch % micro != 0)
+    throw InputError(r.source_name() + ": [train] batch_size (" + std::to_string(batch) +
+                     ") must be a multiple of micro_batch_size (" + std::to_string(micro) + ")");
+  d.accumulation = batch / micro;
+  data::BatchOptions bo;
+  bo.batch_size = micro;
+  bo.max_length = r.get_int("data", "max_length");
+  bo.layout = r.get_bool("data", "packing") ? data::BatchLayout::Packed : data::BatchLayout::Padded;
+  bo.pad_id = d.tokenizer->pad_id().value_or(0);
+  bo.seed = static_cast<uint64_t>(r.get_int("train", "seed"));
+  bo.shuffle = true;
+  if (split.train.empty()) throw InputError("data: the split left no training examples");
+  d.train = std::make_unique<data::BatchStream>(pick(split.train), bo);
+  if (!split.eval.empty()) {
+    bo.shuffle = false;
+    d.eval = std::make_unique<data::BatchStream>(pick(split.eval), bo);
+  }
+  log << "data: " << dataset.examples.size() << " examples (" << split.train.size() << " train, "
+      << split.eval.size() << " eval), " << (bo.layout == data::BatchLayout::Packed ? "packed" : "padded")
+      << " to " << bo.max_length << " tokens, tokenizer " << d.tokenizer->name() << "\n";
+  log << "data: " << d.train->truncation().summary() << "\n";
+  return d;
+}
+
+ModelBatch to_model_batch(const data::Batch& b, const torch::Device& device) {
+  auto t = [&](const std::vector<int64_t>& v) {
+    return torch::tensor(v, torch::kLong).view({b.rows, b.cols}).to(device);
+  };
+  ModelBatch m;
+  m.input_ids = t(b.input_ids);
+  m.attention_mask = t(b.attention_mask);
+  m.labels = t(b.labels);
+  if (!b.seq_ids.empty()) m.seq_ids = t(b.seq_ids);
+  return m;
+}
+
+// Token-weighted mean loss over the eval stream.
+double evaluate(CausalLM& model, const data::BatchStream& eval, const torch::Device& device) {
+  torch::NoGradGuard ng;
+  model.eval();
+  double total = 0.0;
+  int64_t tokens = 0;
+  for (int64_t i = 0; i < eval.batches_per_epoch(); ++i) {
+    auto mb = to_model_batch(eval.batch({0, i}), device);
+    auto out = model.forward(mb);
+    const int64_t n = mb.labels.narrow(1, 1, mb.labels.size(1) - 1).ne(-100).sum().item<int64_t>();
+    if (n == 0) continue;
+    total += out.loss.item<double>() * static_cast<double>(n);
+    tokens += n;
+  }
+  model.train();
+  return tokens ? total / static_cast<double>(tokens) : std::nan("");
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> trainable(CausalLM& model) {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& p : model.named_parameters())
+    if (p.value().requires_grad()) out.emplace_back(p.key(), p.value());
+  return out;
+}
+
+std::map<std::string, torch::Tensor> snapshot(CausalLM& model) {
+  std::map<std::string, torch::Tensor> out;
+  for (auto& [name, t] : trainable(model)) out[name] = t.detach().to(torch::kCPU).clone();
+  return out;
+}
+
+void restore(CausalLM& model, const std::map<std::string, torch::Tensor>& values, const std::string& from) {
+  torch::NoGradGuard ng;
+  auto params = model.named_parameters();
+  for (const auto& [name, v] : values) {
+    auto* p = params.find(name);
+    if (!p || p->sizes() != v.sizes())
+      throw InputError(from + ": tensor '" + name + "' does not fit this run's model/adapter; "
+                       "was the recipe changed since the checkpoint was written?");
+    p->copy_(v);
+  }
+}
+
+struct RunState {
+  int64_t step = 0;  // optimizer steps completed
+  data::DataPosition position;
+  double best_eval = std::numeric_limits<double>::infinity();
+  int64_t best_step = -1;
+};
+
+fs::path checkpoint_dir(const fs::path& run_dir, int64_t step) {
+  std::ostringstream name;
+  name << "step-" << std::setw(8) << std::setfill('0') << step;
+  return run_dir / "checkpoints" / name.str();
+}
+
+void save_checkpoint(const fs::path& dir, CausalLM& model, torch::optim::Optimizer& opt, const RunState& s) {
+  write_folder_atomic(dir, [&](const fs::path& tmp) {
+    io::save_tensors((tmp / "trainable.safetensors").string(), snapshot(model), {{"format", "pt"}});
+    torch::save(opt, (tmp / "optimizer.pt").string());
+    io::save_tensors((tmp / "rng.safetensors").string(), {{"cpu", cpu_rng_state()}});
+    nlohmann::json j = {{"step", s.step},
+                        {"epoch", s.position.epoch},
+                        {"batch_index", s.position.batch_index},
+                        {"best_eval_loss", std::isfinite(s.best_eval) ? nlohmann::json(s.best_eval) : nlohmann::json(nullptr)},
+                        {"best_step", s.best_step}};
+    io::write_file_atomic((tmp / "state.json").string(), j.dump(2) + "\n");
+  });
+}
+
+std::vector<fs::path> list_checkpoints(const fs::path& run_dir) {
+  std::vector<fs::path> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(run_dir / "checkpoints", ec))
+    if (e.is_directory() && e.path().filename().string().rfind("step-", 0) == 0 &&
+        fs::exists(e.path() / "state.json"))
+      out.push_back(e.path());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+RunState load_checkpoint(const fs::path& dir, CausalLM& model, torch::optim::Optimizer& opt) {
+  restore(model, io::load_checkpoint_tensors((dir / "trainable.safetensors").string()), dir.string());
+  torch::load(opt, (dir / "optimizer.pt").string());
+  auto rng = io::load_checkpoint_tensors((dir / "rng.safetensors").string());
+  set_cpu_rng_state(rng.at("cpu"));
+  std::ifstream f(dir / "state.json");
+  auto j = nlohmann::json::parse(f);
+  RunState s;
+  s.step = j.at("step").get<int64_t>();
+  s.position = {j.at("epoch").get<int64_t>(), j.at("batch_index").get<int64_t>()};
+  if (!j.at("best_eval_loss").is_null()) s.best_eval = j.at("best_eval_loss").get<double>();
+  s.best_step = j.at("best_step").get<int64_t>();
+  return s;
+}
+
+bool folder_has_content(const fs::path& p) {
+  std::error_code ec;
+  return fs::is_directory(p, ec) && fs::directory_iterator(p, ec) != fs::directory_iterator();
+}
+
+}  // namespace
+
+TrainSummary train(const recipe::Recipe& r) {
+  auto& log = std::cerr;
+  TrainSummary summary;
+  const fs::path run_dir = r.get_path("output", "dir");
+  summary.run_dir = run_dir;
+
+  // --- the run folder: fresh, resumed, or refused ------------------------------------------
+  const bool has_checkpoints = !list_checkpoints(run_dir).empty();
+  bool resuming = false;
+  if (folder_has_content(run_dir)) {
+    if (r.get_bool("output", "overwrite")) {
+      log << "output: overwrite = true: clearing " << run_dir.string() << "\n";
+      fs::remove_all(run_dir);
+    } else if (has_checkpoints && r.get_string("train", "resume") == "auto") {
+      resuming = true;
+    } else {
+      throw InputError("output folder " + run_dir.string() + " exists and is not empty" +
+                       (has_checkpoints ? " (it has checkpoints, but [train] resume = \"never\")" : "") +
+                       "; choose another with output.dir=DIR, or set output.overwrite=true to replace it");
+    }
+  }
+  fs::create_directories(run_dir);
+  io::write_file_atomic((run_dir / "recipe.resolved.toml").string(), r.to_toml());
+
+  // --- model and adapter -------------------------------------------------------------------
+  auto source = model_source_from_recipe(r);
+  auto loaded = load_model(source);
+  auto& model = *loaded.model;
+  const auto& inv = model.inventory();
+  auto request = adapter_request_from_recipe(r);
+  auto plan = plan_adapters(inv, request);
+  for (const auto& w : plan.warnings) log << "warning: " << w << "\n";
+  auto applied = apply_adapters(model, request, plan);
+  const torch::Device device(source.device);
+  log << "peftfw run: " << r.source_name() << "\nmodel: " << inv.architecture << " ("
+      << inv.layer_kinds.size() << " layers, " << with_commas(inv.total_params()) << " parameters), "
+      << source.dtype << " on " << device.str() << (source.random_init ? ", random init" : "") << "\n";
+  if (!plan.coverage.empty()) log << plan.coverage;
+  if (!plan.report.empty()) log << plan.report;
+  if (!plan.ssm_tensors.empty())
+    log << "ssm: co-training " << plan.ssm_tensors.size() << " tensors (float32 master copies)\n";
+  auto params = trainable(model);
+  if (params.empty()) throw InputError("nothing to train: the adapter and [ssm] train select no parameters");
+
+  // --- data ------------------------------------------------------------------------------
+  auto d = setup_data(r, source, inv.vocab_size, run_dir, resuming, log);
+
+  // --- optimizer: adapter parameters and SSM tensors in separate groups ----------------------
+  std::set<std::string> ssm(plan.ssm_tensors.begin(), plan.ssm_tensors.end());
+  std::vector<torch::Tensor> main_params, ssm_params;
+  for (auto& [name, t] : params) (ssm.count(name) ? ssm_params : main_params).push_back(t);
+  const double lr = r.get_float("train", "lr");
+  const double ssm_lr = r.has_value("ssm", "lr") ? r.get_float("ssm", "lr") : lr;
+  auto adam = [&](double group_lr, double wd) {
+    return std::make_unique<torch::optim::AdamWOptions>(
+        torch::optim::AdamWOptions(group_lr)
+            .betas({r.get_float("train", "adam_beta1"), r.get_float("train", "adam_beta2")})
+            .eps(r.get_float("train", "adam_eps"))
+            .weight_decay(wd));
+  };
+  std::vector<torch::optim::OptimizerParamGroup> groups;
+  std::vector<double> peak_lr;
+  if (!main_params.empty()) {
+    groups.emplace_back(main_params, adam(lr, r.get_float("train", "weight_decay")));
+    peak_lr.push_back(lr);
+  }
+  if (!ssm_params.empty()) {
+    groups.emplace_back(ssm_params, adam(ssm_lr, r.get_float("ssm", "weight_decay")));
+    peak_lr.push_back(ssm_lr);
+  }
+  torch::optim::AdamW optimizer(groups, torch::optim::AdamWOptions(lr));
+
+  const int64_t micro_per_epoch = d.train->batches_per_epoch();
+  const int64_t steps_per_epoch = (micro_per_epoch + d.accumulation - 1) / d.accumulation;
+  const int64_t max_steps = r.get_int("train", "max_steps");
+  const int64_t total = max_steps > 0 ? max_steps
+                                      : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
+                                                                 r.get_float("train", "epochs") *
+                                                                 static_cast<double>(steps_per_epoch))));
+  const int64_t warmup = warmup_steps_for(total, r.get_float("train", "warmup_ratio"),
+                                          r.get_int("train", "warmup_steps"));
+  const auto schedule = r.get_string("train", "schedule");
+  const int64_t eval_every = r.get_int("train", "eval_every"), save_every = r.get_int("train", "save_every"),
+                keep_last = r.get_int("train", "keep_last"), log_every = r.get_int("train", "log_every");
+  const double max_norm = r.get_float("train", "max_grad_norm");
+
+  RunState state;
+  torch::manual_seed(static_cast<uint64_t>(r.get_int("train", "seed")));
+  if (resuming) {
+    const auto last = list_checkpoints(run_dir).back();
+    state = load_checkpoint(last, model, optimizer);
+    log << "resume: continuing from " << last.string() << " (step " << state.step << ", "
+        << data::to_string(state.position) << ")\n";
+  }
+  log << "train: " << total << " optimizer steps (" << steps_per_epoch << " per epoch, batch "
+      << r.get_int("train", "batch_size") << " = " << d.accumulation << " x "
+      << d.train->options().batch_size << "), warmup " << warmup << ", " << schedule << " schedule\n";
+
+  MetricsLog metrics(run_dir, resuming);
+  std::map<std::string, torch::Tensor> best_snapshot;
+  const auto best_file = run_dir / "checkpoints" / "best" / "trainable.safetensors";
+  if (resuming && fs::exists(best_file)) best_snapshot = io::load_checkpoint_tensors(best_file.string());
+  auto previous_handler = std::signal(SIGINT, on_sigint);
+  g_interrupted = false;
+  model.train();
+  const bool tty = ::isatty(STDERR_FILENO);
+  auto t_start = std::chrono::steady_clock::now();
+  int64_t tokens_since = 0;
+  auto t_since = t_start;
+  fs::path last_good;
+  if (resuming) last_good = list_checkpoints(run_dir).back();
+
+  auto do_eval = [&]() {
+    if (!d.eval) return;
+    const double loss = evaluate(model, *d.eval, device);
+    if (!summary.first_eval_loss) summary.first_eval_loss = loss;
+    summary.final_eval_loss = loss;
+    metrics.eval(state.step, loss);
+    log << (tty ? "\n" : "") << "eval: step " << state.step << " loss " << std::fixed << std::setprecision(4)
+        << loss << (loss < state.best_eval ? " (best)" : "") << std::defaultfloat << "\n";
+    if (loss < state.best_eval) {
+      state.best_eval = loss;
+      state.best_step = state.step;
+      best_snapshot = snapshot(model);
+      write_folder_atomic(run_dir / "checkpoints" / "best", [&](const fs::path& tmp) {
+        io::save_tensors((tmp / "trainable.safetensors").string(), best_snapshot,
+                         {{"format", "pt"}, {"step", std::to_string(state.step)}});
+      });
+    }
+  };
+  auto do_save = [&]() {
+    const auto dir = checkpoint_dir(run_dir, state.step);
+    save_checkpoint(dir, model, optimizer, state);
+    last_good = dir;
+    if (keep_last > 0) {
+      auto all = list_checkpoints(run_dir);
+      for (size_t i = 0; i + static_cast<size_t>(keep_last) < all.size(); ++i) fs::remove_all(all[i]);
+    }
+  };
+
+  if (!resuming) do_eval();  // the starting point of the curve
+  while (state.step < total) {
+    for (size_t g = 0; g < groups.size(); ++g)
+      static_cast<torch::optim::AdamWOptions&>(optimizer.param_groups()[g].options())
+          .lr(peak_lr[g] * lr_factor(schedule, state.step, total, warmup));
+    optimizer.zero_grad();
+    double step_loss = 0.0;
+    for (int64_t a = 0; a < d.accumulation; ++a) {
+      auto batch = d.train->batch(state.position);
+      state.position = d.train->next(state.position);
+      auto mb = to_model_batch(batch, device);
+      auto out = model.forward(mb);
+      const double loss_value = out.loss.item<double>();
+      if (!std::isfinite(loss_value)) {
+        std::signal(SIGINT, previous_handler);
+        throw RuntimeError("step " + std::to_string(state.step + 1) + ": the training loss is " +
+                           std::to_string(loss_value) + "; stopping. " +
+                           (last_good.empty() ? std::string("No checkpoint was written yet.")
+                                              : "The last good checkpoint is " + last_good.string() + ".") +
+                           " Try a lower [train] lr, a smaller max_grad_norm, or float32.");
+      }
+      (out.loss / static_cast<double>(d.accumulation)).backward();
+      step_loss += loss_value / static_cast<double>(d.accumulation);
+      tokens_since += batch.tokens;
+    }
+    std::vector<torch::Tensor> grads_of;
+    for (auto& [n, t] : params) grads_of.push_back(t);
+    const double grad_norm = max_norm > 0 ? torch::nn::utils::clip_grad_norm_(grads_of, max_norm)
+                                          : torch::nn::utils::clip_grad_norm_(grads_of, 1e30);
+    optimizer.step();
+    ++state.step;
+    const double cur_lr = peak_lr[0] * lr_factor(schedule, state.step - 1, total, warmup);
+    auto now = std::chrono::steady_clock::now();
+    const double secs = std::chrono::duration<double>(now - t_since).count();
+    const double tps = secs > 0 ? static_cast<double>(tokens_since) / secs : 0.0;
+    metrics.step(state.step, state.position.epoch, step_loss, cur_lr, grad_norm, tps);
+    if (state.step % log_every == 0 || state.step == total || tty) {
+      const double elapsed = std::chrono::duration<double>(now - t_start).count();
+      const double eta = elapsed / static_cast<double>(state.step) * static_cast<double>(total - state.step);
+      std::ostringstream line;
+      line << "step " << state.step << "/" << total << "  loss " << std::fixed << std::setprecision(4)
+           << step_loss << "  lr " << std::scientific << std::setprecision(2) << cur_lr << std::fixed
+           << std::setprecision(0) << "  " << tps << " tok/s  ETA " << eta << "s";
+      if (tty) log << "\r" << line.str() << "   " << std::flush;
+      else log << line.str() << "\n";
+      tokens_since = 0;
+      t_since = now;
+    }
+    if (eval_every > 0 && state.step % eval_every == 0 && state.step != total) do_eval();
+    if (save_every > 0 && state.step % save_every == 0 && state.step != total) do_save();
+    if (g_interrupted) {
+      do_save();
+      log << (tty ? "\n" : "") << "interrupted: saved checkpoint " << last_good.string()
+          << "; run the same command again to resume\n";
+      summary.interrupted = true;
+      summary.steps = state.step;
+      std::signal(SIGINT, previous_handler);
+      return summary;
+    }
+  }
+  std::signal(SIGINT, previous_handler);
+  if (tty) log << "\n";
+  do_eval();
+  do_save();
+  if (r.get_bool("train", "load_best") && !best_snapshot.empty() && state.best_step != state.step) {
+    restore(model, best_snapshot, (run_dir / "checkpoints" / "best").string());
+    log << "best: restored the trainable tensors of step " << state.best_step << " (eval loss "
+        << state.best_eval << ")\n";
+  }
+  metrics.finish();
+
+  // --- exports ----------------------------------------------------------------------------
+  SaveRequest save;
+  save.model = &model;
+  save.adapter = &request.spec;
+  save.adapted_modules = applied.adapted_modules;
+  save.ssm_tensors = plan.ssm_tensors;
+  save.base_model_dir = source.dir;
+  save.base_model_name = source.dir.empty() ? std::string("random-init:") + inv.model_type : source.dir.string();
+  save.config_json = loaded.config_json;
+  for (const auto& format : r.get_strings("output", "formats")) {
+    const auto dir = run_dir / format;
+    PluginRegistry::instance().persistence(format)->save(save, dir);
+    log << "output: " << format << " -> " << dir.string() << "\n";
+  }
+  summary.steps = state.step;
+  summary.best_eval_loss = std::isfinite(state.best_eval) ? std::optional<double>(state.best_eval) : std::nullopt;
+  summary.best_step = state.best_step;
+  log << "done: " << state.step << " steps; run folder " << run_dir.string()
+      << " (metrics.jsonl, metrics.csv, loss.svg, checkpoints/, split.json, recipe.resolved.toml)\n";
+  return summary;
+}
+
+}  // namespace peftfw::train

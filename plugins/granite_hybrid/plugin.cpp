@@ -1,0 +1,46 @@
+// Architecture plugin for IBM Granite 4.0-H (transformers GraniteMoeHybridForCausalLM).
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include "inventory.hpp"
+#include "model.hpp"
+#include "peftfw/io/json_config.hpp"
+#include "peftfw/plugin/architecture.hpp"
+#include "peftfw/plugin/registrar.hpp"
+
+namespace peftfw::granite {
+namespace {
+
+class GranitePlugin final : public ArchitecturePlugin {
+ public:
+  std::string id() const override { return "granite_hybrid"; }
+  std::vector<std::string> model_types() const override { return {"granitemoehybrid"}; }
+
+  ModelInventory describe(const io::JsonConfig& json) const override {
+    return describe_granite(parse_config(json));
+  }
+
+  std::shared_ptr<CausalLM> build(const io::JsonConfig& json,
+                                  const BuildOptions& options) const override {
+    auto config = parse_config(json);
+    auto inventory = describe_granite(config);
+    auto model = std::make_shared<GraniteForCausalLM>(std::move(config), std::move(inventory));
+    if (options.random_init) model->init_random(options.seed, json.get_float("initializer_range", 0.02));
+    torch::Dtype dtype = options.dtype == "bfloat16" ? torch::kBFloat16
+                         : options.dtype == "float16" ? torch::kFloat16
+                                                      : torch::kFloat32;
+    model->to(torch::Device(options.device), dtype);
+    return model;
+  }
+};
+
+void register_granite(PluginRegistrar& registrar) {
+  registrar.add_architecture(std::make_shared<GranitePlugin>());
+}
+
+}  // namespace
+}  // namespace peftfw::granite
+
+PEFTFW_DEFINE_PLUGIN("granite_hybrid", "architecture", "0.1.0",
+                     "IBM Granite 4.0-H hybrid Mamba-2/attention (model_type granitemoehybrid)",
+                     peftfw::granite::register_granite)

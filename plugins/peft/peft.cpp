@@ -1,0 +1,245 @@
+// Persistence plugin "peft": adapter folders that HF PEFT loads with
+// PeftModel.from_pretrained, plus the co-trained SSM core tensors that PEFT's
+// own save drops (ssm_core_params.safetensors) and a manifest. Also reads
+// adapter folders written by PEFT (LoRA and DoRA).
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "peftfw/error.hpp"
+#include "peftfw/io/json_config.hpp"
+#include "peftfw/io/safetensors.hpp"
+#include "peftfw/io/tensor_bridge.hpp"
+#include "peftfw/model/causal_lm.hpp"
+#include "peftfw/plugin/adapter.hpp"
+#include "peftfw/plugin/persistence.hpp"
+#include "peftfw/plugin/registrar.hpp"
+#include "peftfw/plugin/registry.hpp"
+
+namespace fs = std::filesystem;
+
+namespace peftfw::peft {
+namespace {
+
+constexpr const char* kPrefix = "base_model.model.";
+constexpr const char* kAdapterFile = "adapter_model.safetensors";
+constexpr const char* kConfigFile = "adapter_config.json";
+constexpr const char* kSsmFile = "ssm_core_params.safetensors";
+constexpr const char* kManifestFile = "peftfw_manifest.json";
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The layer-relative names ("mamba.in_proj") of the adapted modules when, read
+// with PEFT's suffix rule, they select exactly the adapted set; else full names.
+std::vector<std::string> target_modules_for(const CausalLM& model,
+                                            const std::vector<std::string>& adapted) {
+  std::set<std::string> local;
+  for (const auto& name : adapted) {
+    auto pos = name.find(".layers.");
+    if (pos == std::string::npos) return adapted;
+    auto dot = name.find('.', pos + 8);
+    if (dot == std::string::npos) return adapted;
+    local.insert(name.substr(dot + 1));
+  }
+  std::set<std::string> want(adapted.begin(), adapted.end()), got;
+  for (const auto& m : model.inventory().modules)
+    for (const auto& l : local)
+      if (m.name == l || ends_with(m.name, "." + l)) got.insert(m.name);
+  if (got != want) return adapted;
+  return {local.begin(), local.end()};
+}
+
+class PeftFormat final : public PersistencePlugin {
+ public:
+  std::string id() const override { return "peft"; }
+  bool can_load() const override { return true; }
+
+  void save(const SaveRequest& req, const fs::path& dir) const override {
+    TORCH_CHECK(req.model && req.adapter, "peft save needs a model and an adapter spec");
+    auto& model = *req.model;
+    const auto& spec = *req.adapter;
+    if (spec.method != "lora" && spec.method != "dora" && !req.adapted_modules.empty())
+      throw InputError("format 'peft' stores LoRA/DoRA adapters; method '" + spec.method +
+                       "' has none (use format 'merged')");
+    auto params = model.named_parameters();
+    std::map<std::string, torch::Tensor> adapter_tensors, ssm_tensors;
+    for (const auto& module : req.adapted_modules) {
+      for (const char* leaf : {".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"}) {
+        const auto name = module + leaf;
+        if (auto* p = params.find(name)) adapter_tensors[kPrefix + name] = p->detach().to(torch::kFloat32);
+      }
+    }
+    for (const auto& name : req.ssm_tensors) {
+      auto* p = params.find(name);
+      if (!p) throw RuntimeError("SSM tensor '" + name + "' is not a parameter of the model");
+      ssm_tensors[name] = p->detach().to(torch::kFloat32);
+    }
+
+    nlohmann::ordered_json cfg;  // only keys PEFT >= 0.13 accepts
+    cfg["alpha_pattern"] = nlohmann::json::object();
+    cfg["auto_mapping"] = nullptr;
+    cfg["base_model_name_or_path"] = req.base_model_name.empty() ? nlohmann::json(nullptr)
+                                                                 : nlohmann::json(req.base_model_name);
+    cfg["bias"] = "none";
+    cfg["fan_in_fan_out"] = false;
+    cfg["inference_mode"] = true;
+    cfg["init_lora_weights"] = true;
+    cfg["layer_replication"] = nullptr;
+    cfg["layers_pattern"] = nullptr;
+    cfg["layers_to_transform"] = nullptr;
+    cfg["loftq_config"] = nlohmann::json::object();
+    cfg["lora_alpha"] = spec.alpha;
+    cfg["lora_dropout"] = spec.dropout;
+    cfg["megatron_config"] = nullptr;
+    cfg["megatron_core"] = "megatron.core";
+    cfg["modules_to_save"] = nullptr;
+    cfg["peft_type"] = "LORA";
+    cfg["r"] = spec.r;
+    cfg["rank_pattern"] = nlohmann::json::object();
+    cfg["revision"] = nullptr;
+    cfg["target_modules"] = target_modules_for(model, req.adapted_modules);
+    cfg["task_type"] = "CAUSAL_LM";
+    cfg["use_dora"] = spec.method == "dora";
+    cfg["use_rslora"] = spec.use_rslora;
+
+    nlohmann::ordered_json manifest;
+    manifest["format"] = "peftfw-adapter";
+    manifest["format_version"] = 1;
+    manifest["method"] = spec.method;
+    manifest["adapted_modules"] = req.adapted_modules;
+    manifest["ssm_tensors"] = req.ssm_tensors;
+    manifest["ssm_file"] = req.ssm_tensors.empty() ? nlohmann::json(nullptr) : nlohmann::json(kSsmFile);
+    manifest["note"] =
+        "adapter_model.safetensors + adapter_config.json load with PEFT; the co-trained SSM core "
+        "tensors are in ssm_core_params.safetensors under their checkpoint names (PEFT does not "
+        "save them): load them into the base model too, or use the 'merged' format.";
+
+    write_folder_atomic(dir, [&](const fs::path& tmp) {
+      io::save_tensors((tmp / kAdapterFile).string(), adapter_tensors, {{"format", "pt"}});
+      if (!ssm_tensors.empty())
+        io::save_tensors((tmp / kSsmFile).string(), ssm_tensors,
+                         {{"format", "pt"}, {"producer", "peftfw"}});
+      io::write_file_atomic((tmp / kConfigFile).string(), cfg.dump(2) + "\n");
+      io::write_file_atomic((tmp / kManifestFile).string(), manifest.dump(2) + "\n");
+    });
+  }
+
+  LoadedAdapter load(CausalLM& model, const fs::path& dir) const override {
+    const auto cfg_path = dir / kConfigFile;
+    if (!fs::exists(cfg_path))
+      throw InputError(dir.string() + ": not an adapter folder (no " + kConfigFile + ")");
+    auto cfg = io::JsonConfig::load(cfg_path.string());
+    const auto type = cfg.get_string("peft_type", "");
+    if (type != "LORA")
+      throw InputError(cfg_path.string() + ": field 'peft_type': only \"LORA\" adapters can be "
+                       "loaded, found \"" + type + "\"");
+    for (const char* key : {"rank_pattern", "alpha_pattern"})
+      if (cfg.has(key) && !cfg.raw()[key].is_null() && !cfg.raw()[key].empty())
+        throw InputError(cfg_path.string() + ": field '" + key +
+                         "' (per-module ranks) is not supported yet");
+    if (cfg.get_bool("fan_in_fan_out", false))
+      throw InputError(cfg_path.string() + ": field 'fan_in_fan_out' = true is not supported");
+    AdapterSpec spec;
+    spec.method = cfg.get_bool("use_dora", false) ? "dora" : "lora";
+    spec.r = cfg.require_int("r");
+    spec.alpha = cfg.get_float("lora_alpha", 8.0);
+    spec.use_rslora = cfg.get_bool("use_rslora", false);
+    spec.dropout = 0.0;  // inference
+
+    const auto file = dir / kAdapterFile;
+    if (!fs::exists(file))
+      throw InputError(dir.string() + ": no " + kAdapterFile + " (legacy adapter_model.bin is "
+                       "not supported; re-save it with safe_serialization=True)");
+    auto st = io::Checkpoint::open(file.string());
+    std::set<std::string> modules;
+    std::vector<std::string> unknown;
+    for (const auto& key : st.names()) {
+      std::string k = key;
+      if (k.rfind(kPrefix, 0) != 0) {
+        unknown.push_back(key);
+        continue;
+      }
+      k = k.substr(std::string(kPrefix).size());
+      bool ok = false;
+      for (const char* leaf : {".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"})
+        if (ends_with(k, leaf)) {
+          modules.insert(k.substr(0, k.size() - std::string(leaf).size()));
+          ok = true;
+        }
+      if (!ok) unknown.push_back(key);
+    }
+    if (!unknown.empty()) {
+      std::string list;
+      for (size_t i = 0; i < unknown.size() && i < 10; ++i) list += "\n  " + unknown[i];
+      throw InputError(file.string() + ": " + std::to_string(unknown.size()) +
+                       " tensor(s) are not LoRA/DoRA weights peftfw understands:" + list);
+    }
+    std::vector<std::string> module_list(modules.begin(), modules.end());
+    auto adapter = PluginRegistry::instance().adapter_for_method(spec.method);
+    adapter->apply(model, spec, module_list);
+
+    torch::NoGradGuard no_grad;
+    auto params = model.named_parameters();
+    std::vector<std::string> problems;
+    for (const auto& key : st.names()) {
+      const auto name = key.substr(std::string(kPrefix).size());
+      auto* p = params.find(name);
+      if (!p) {
+        problems.push_back(name + ": no such parameter after attaching the adapter");
+        continue;
+      }
+      auto view = st.view(key);
+      if (view.shape != p->sizes().vec()) {
+        problems.push_back(name + ": expected " + io::shape_to_string(p->sizes().vec()) +
+                           ", found " + io::shape_to_string(view.shape));
+        continue;
+      }
+      p->copy_(io::to_tensor(view, key));
+    }
+    LoadedAdapter out;
+    out.method = spec.method;
+    out.modules = module_list;
+    const auto ssm_file = dir / kSsmFile;
+    if (fs::exists(ssm_file)) {
+      auto ssm = io::Checkpoint::open(ssm_file.string());
+      for (const auto& name : ssm.names()) {
+        auto* p = params.find(name);
+        if (!p) {
+          problems.push_back(name + " (" + kSsmFile + "): no such parameter in the model");
+          continue;
+        }
+        auto view = ssm.view(name);
+        if (view.shape != p->sizes().vec()) {
+          problems.push_back(name + " (" + kSsmFile + "): expected " +
+                             io::shape_to_string(p->sizes().vec()) + ", found " +
+                             io::shape_to_string(view.shape));
+          continue;
+        }
+        p->copy_(io::to_tensor(view, name));
+        out.ssm_tensors.push_back(name);
+      }
+    }
+    if (!problems.empty()) {
+      std::string list;
+      for (const auto& p : problems) list += "\n  " + p;
+      throw InputError(dir.string() + ": adapter does not fit this model:" + list);
+    }
+    return out;
+  }
+};
+
+void register_peft(PluginRegistrar& registrar) {
+  registrar.add_persistence(std::make_shared<PeftFormat>());
+}
+
+}  // namespace
+}  // namespace peftfw::peft
+
+PEFTFW_DEFINE_PLUGIN("peft", "persistence", "0.1.0",
+                     "HF PEFT adapter folders (LoRA/DoRA) plus the co-trained SSM tensors",
+                     peftfw::peft::register_peft)

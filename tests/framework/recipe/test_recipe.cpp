@@ -1,0 +1,533 @@
+// Tests of the recipe schema and loader: diagnostics (exact text, with the
+// line and column counted by hand from the recipe text), extends, overrides,
+// defaults, path resolution, to_toml round trips and the generated docs.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "peftfw/recipe/recipe.hpp"
+#include "peftfw/recipe/schema.hpp"
+
+namespace peftfw::recipe {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+fs::path data_dir() {
+#ifdef PEFTFW_RECIPE_TEST_DATA
+  return fs::absolute(PEFTFW_RECIPE_TEST_DATA);
+#else
+  return fs::absolute(fs::path(__FILE__).parent_path() / "data");
+#endif
+}
+
+// The diagnostics of a recipe text that must fail to load.
+std::vector<std::string> errors_of(const std::string& text,
+                                   const std::vector<std::string>& overrides = {}) {
+  try {
+    Recipe::from_string(text, "recipe.toml", fs::current_path(), overrides);
+  } catch (const RecipeError& e) {
+    std::vector<std::string> lines;
+    for (const Diagnostic& d : e.diagnostics()) lines.push_back(d.to_string());
+    return lines;
+  }
+  ADD_FAILURE() << "recipe loaded without errors:\n" << text;
+  return {};
+}
+
+std::vector<std::string> file_errors(const fs::path& file,
+                                     const std::vector<std::string>& overrides = {}) {
+  try {
+    Recipe::load(file, overrides);
+  } catch (const RecipeError& e) {
+    std::vector<std::string> lines;
+    for (const Diagnostic& d : e.diagnostics()) lines.push_back(d.to_string());
+    return lines;
+  }
+  ADD_FAILURE() << "recipe loaded without errors: " << file;
+  return {};
+}
+
+using Lines = std::vector<std::string>;
+
+// Runs a test inside the data folder so files are named as a user would
+// name them ("child.toml", not an absolute path), and restores the cwd.
+class RecipeFiles : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    saved_ = fs::current_path();
+    fs::current_path(data_dir());
+  }
+  void TearDown() override { fs::current_path(saved_); }
+
+ private:
+  fs::path saved_;
+};
+
+// ---------------------------------------------------------------------------
+// Diagnostics.
+
+TEST_F(RecipeFiles, MisspelledKeyNamesFileLineColumnAndSuggestion) {
+  // misspelled.toml line 12 is "  targt_modules = ...": the key starts at column 3.
+  EXPECT_EQ(file_errors("misspelled.toml"),
+            Lines{"misspelled.toml:12:3: unknown key 'targt_modules' in [adapter]; "
+                  "did you mean 'target_modules'?"});
+}
+
+TEST_F(RecipeFiles, ErrorIsAnInputErrorWithAllDiagnosticsInWhat) {
+  try {
+    Recipe::load("misspelled.toml");
+    FAIL() << "expected RecipeError";
+  } catch (const InputError& e) {
+    EXPECT_EQ(e.exit_code(), 2);
+    EXPECT_EQ(std::string(e.what()),
+              "misspelled.toml:12:3: unknown key 'targt_modules' in [adapter]; "
+              "did you mean 'target_modules'?");
+  }
+}
+
+TEST_F(RecipeFiles, SyntaxErrorCarriesTomlPosition) {
+  // Line 3 is "lr =": the value should start at column 5, where the line ends.
+  const Lines errors = file_errors("syntax_error.toml");
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_EQ(errors[0].rfind("syntax_error.toml:3:5: TOML syntax error: ", 0), 0u) << errors[0];
+  EXPECT_EQ(errors[0].find('\n'), std::string::npos);
+}
+
+TEST(Recipe, MissingFileIsReported) {
+  EXPECT_EQ(file_errors("/nonexistent/peftfw/r.toml"),
+            Lines{"/nonexistent/peftfw/r.toml: cannot read recipe: no such file"});
+}
+
+TEST(Recipe, WrongTypeNamesExpectedAndFound) {
+  // Line 2 `lr = "abc"`: the value starts at column 6.
+  EXPECT_EQ(errors_of("[train]\nlr = \"abc\"\n"),
+            Lines{R"(recipe.toml:2:6: [train] lr: expected a float, found string "abc")"});
+  // Line 2 `batch_size = 8.0`: column 14.
+  EXPECT_EQ(errors_of("[train]\nbatch_size = 8.0\n"),
+            Lines{"recipe.toml:2:14: [train] batch_size: expected an integer, found float 8.0"});
+  // Line 2 `packing = 1`: column 11.
+  EXPECT_EQ(errors_of("[data]\npacking = 1\n"),
+            Lines{"recipe.toml:2:11: [data] packing: expected a boolean (true or false), found "
+                  "integer 1"});
+}
+
+TEST(Recipe, ArrayElementOfWrongTypeIsPointedAt) {
+  // Line 2 `formats = ["peft", 1]`: element 2 starts at column 20.
+  EXPECT_EQ(errors_of("[output]\nformats = [\"peft\", 1]\n"),
+            Lines{"recipe.toml:2:20: [output] formats: expected an array of strings, but "
+                  "element 2 is integer 1"});
+  EXPECT_EQ(errors_of("[adapter]\ntarget_modules = 3\n"),
+            Lines{"recipe.toml:2:18: [adapter] target_modules: expected a string (a regex) or an "
+                  "array of strings (names), found integer 3"});
+}
+
+TEST(Recipe, AllErrorsAreReportedInFileOrder) {
+  // toml++ keeps tables sorted by name ([adapter] before [train]); the
+  // diagnostics still come in line order.
+  const std::string text =
+      "[train]\n"
+      "lr = \"fast\"\n"
+      "[adapter]\n"
+      "dropot = 0.1\n";
+  const Lines expected{
+      R"(recipe.toml:2:6: [train] lr: expected a float, found string "fast")",
+      "recipe.toml:4:1: unknown key 'dropot' in [adapter]; did you mean 'dropout'?"};
+  EXPECT_EQ(errors_of(text), expected);
+  try {
+    Recipe::from_string(text, "recipe.toml", fs::current_path());
+    FAIL();
+  } catch (const RecipeError& e) {
+    EXPECT_EQ(std::string(e.what()), expected[0] + "\n" + expected[1]);
+  }
+}
+
+TEST(Recipe, KeyInWrongSectionNamesTheRightOne) {
+  EXPECT_EQ(errors_of("[model]\nwarmup_steps = 10\n"),
+            Lines{"recipe.toml:2:1: 'warmup_steps' is not a key of [model]; it belongs in "
+                  "[train]"});
+  // lr is declared in two sections.
+  EXPECT_EQ(errors_of("[model]\nlr = 1e-4\n"),
+            Lines{"recipe.toml:2:1: 'lr' is not a key of [model]; it belongs in [ssm] or [train]"});
+  EXPECT_EQ(errors_of("max_steps = 10\n"),
+            Lines{"recipe.toml:1:1: 'max_steps' is not a top-level key; it belongs in [train]"});
+  // A near miss of a key from another section.
+  EXPECT_EQ(errors_of("[adapter]\nwarmup_step = 3\n"),
+            Lines{"recipe.toml:2:1: unknown key 'warmup_step' in [adapter]; did you mean "
+                  "'warmup_steps' in [train]?"});
+}
+
+TEST(Recipe, UnknownKeyWithoutNearMatchListsTheSectionKeys) {
+  EXPECT_EQ(errors_of("[eval]\nbanana = 1\n"),
+            Lines{"recipe.toml:2:1: unknown key 'banana' in [eval]; its keys are tasks, samples, "
+                  "max_new_tokens"});
+}
+
+TEST(Recipe, UnknownSectionSuggestsOrListsSections) {
+  // "[trian]": the name starts at column 2.
+  EXPECT_EQ(errors_of("[trian]\nlr = 1\n"),
+            Lines{"recipe.toml:1:2: unknown section [trian]; did you mean [train]?"});
+  EXPECT_EQ(errors_of("[optimizer]\nlr = 1\n"),
+            Lines{"recipe.toml:1:2: unknown section [optimizer]; the sections are [model], "
+                  "[adapter], [ssm], [data], [train], [output], [eval]"});
+  EXPECT_EQ(errors_of("extend = \"base.toml\"\n"),
+            Lines{"recipe.toml:1:1: unknown top-level key 'extend'; did you mean 'extends'?"});
+  EXPECT_EQ(errors_of("train = 3\n"),
+            Lines{"recipe.toml:1:1: [train] must be a table (a [train] section), found integer 3"});
+}
+
+TEST(Recipe, ValueOutsideChoicesListsThem) {
+  // `schedule = "cosin"`: the value starts at column 12.
+  EXPECT_EQ(errors_of("[train]\nschedule = \"cosin\"\n"),
+            Lines{R"(recipe.toml:2:12: [train] schedule: expected one of "cosine", "linear", )"
+                  R"("constant", found "cosin"; did you mean "cosine"?)"});
+  EXPECT_EQ(errors_of("[model]\ndtype = \"fp8\"\n"),
+            Lines{R"(recipe.toml:2:9: [model] dtype: expected one of "float32", "bfloat16", )"
+                  R"("float16", found "fp8")"});
+}
+
+TEST(Recipe, ValueOutsideRangeIsReported) {
+  EXPECT_EQ(errors_of("[adapter]\nr = 0\ndropout = 1.5\n[data]\neval_fraction = -0.1\n"),
+            (Lines{"recipe.toml:2:5: [adapter] r: must be at least 1, found 0",
+                   "recipe.toml:3:11: [adapter] dropout: must be between 0 and 1, found 1.5",
+                   "recipe.toml:5:17: [data] eval_fraction: must be between 0 and 1, found -0.1"}));
+  // The bounds themselves are allowed.
+  EXPECT_NO_THROW(Recipe::from_string("[adapter]\nr = 1\ndropout = 1\n", "r.toml", "."));
+}
+
+TEST(Recipe, FloatKeysAcceptIntegerLiteralsAndRejectNonFinite) {
+  const Recipe r = Recipe::from_string("[train]\nlr = 1\n", "r.toml", ".");
+  EXPECT_EQ(r.get_float("train", "lr"), 1.0);
+  EXPECT_EQ(errors_of("[train]\nlr = nan\n"),
+            Lines{"recipe.toml:2:6: [train] lr: expected a float, found float nan (not finite)"});
+}
+
+// ---------------------------------------------------------------------------
+// Values and defaults.
+
+TEST(Recipe, DefaultsAreFilledAndMarkedUnset) {
+  const Recipe r = Recipe::from_string("", "empty.toml", ".");
+  EXPECT_EQ(r.get_string("adapter", "method"), "lora");
+  EXPECT_EQ(r.get_int("adapter", "r"), 16);
+  EXPECT_EQ(r.get_float("adapter", "alpha"), 32.0);
+  EXPECT_EQ(r.get_float("train", "lr"), 2e-4);
+  EXPECT_EQ(r.get_float("train", "adam_eps"), 1e-8);
+  EXPECT_EQ(r.get_int("train", "max_steps"), -1);
+  EXPECT_FALSE(r.get_bool("adapter", "use_rslora"));
+  EXPECT_EQ(r.get_strings("output", "formats"), std::vector<std::string>{"peft"});
+  EXPECT_EQ(r.get_strings("ssm", "train"), std::vector<std::string>{});
+  EXPECT_EQ(r.get_string("data", "template"), "granite");
+  EXPECT_EQ(r.get_path("output", "dir"), (fs::current_path() / "runs" / "default"));
+  EXPECT_FALSE(r.is_set("train", "lr"));
+  EXPECT_EQ(r.where("train", "lr"), std::nullopt);
+  EXPECT_TRUE(r.has_value("train", "lr"));
+  // Keys without a default stay unset.
+  EXPECT_FALSE(r.has_value("adapter", "target_modules"));
+  EXPECT_FALSE(r.has_value("ssm", "lr"));
+  EXPECT_FALSE(r.has_value("model", "config_inline"));
+  EXPECT_THROW(r.get_float("ssm", "lr"), std::logic_error);
+  EXPECT_EQ(r.source_name(), "empty.toml");
+  EXPECT_EQ(r.files(), std::vector<std::string>{"empty.toml"});
+}
+
+TEST(Recipe, AccessorMisuseIsALogicError) {
+  const Recipe r = Recipe::from_string("", "r.toml", ".");
+  EXPECT_THROW(r.get_float("train", "learning_rate"), std::logic_error);
+  EXPECT_THROW(r.get_int("train", "lr"), std::logic_error);
+  EXPECT_THROW(r.get_string("output", "dir"), std::logic_error);
+  EXPECT_THROW(r.is_set("nosuch", "lr"), std::logic_error);
+}
+
+TEST(Recipe, SetValuesAreTypedAndLocated) {
+  const Recipe r = Recipe::from_string(
+      "[adapter]\n"
+      "method = \"dora\"\n"
+      "target_modules = \".*\\\\.(in_proj|out_proj)$\"\n"
+      "exclude_modules = [\"lm_head\"]\n"
+      "[train]\n"
+      "  grad_checkpointing = true\n",
+      "r.toml", ".");
+  EXPECT_EQ(r.get_string("adapter", "method"), "dora");
+  EXPECT_TRUE(r.is_set("adapter", "method"));
+  EXPECT_EQ(r.where("adapter", "method"), "r.toml:2:1");
+  EXPECT_EQ(r.where("train", "grad_checkpointing"), "r.toml:6:3");
+  EXPECT_TRUE(r.get_bool("train", "grad_checkpointing"));
+  const TargetPattern target = r.get_pattern("adapter", "target_modules");
+  EXPECT_TRUE(target.is_regex);
+  EXPECT_EQ(target.regex, R"(.*\.(in_proj|out_proj)$)");
+  const TargetPattern exclude = r.get_pattern("adapter", "exclude_modules");
+  EXPECT_FALSE(exclude.is_regex);
+  EXPECT_EQ(exclude.names, std::vector<std::string>{"lm_head"});
+}
+
+TEST(Recipe, RelativePathsResolveAgainstTheRecipeFolder) {
+  const fs::path base = fs::absolute("/tmp/peftfw-recipes/sub");
+  const Recipe r = Recipe::from_string(
+      "[model]\npath = \"ckpt\"\nconfig = \"/abs/config.json\"\n"
+      "[data]\npath = \"../d/train.jsonl\"\n",
+      "r.toml", base);
+  EXPECT_EQ(r.get_path("model", "path"), fs::path("/tmp/peftfw-recipes/sub/ckpt"));
+  EXPECT_EQ(r.get_path("model", "config"), fs::path("/abs/config.json"));
+  EXPECT_EQ(r.get_path("data", "path"), fs::path("/tmp/peftfw-recipes/d/train.jsonl"));
+  EXPECT_EQ(errors_of("[model]\npath = \"\"\n"),
+            Lines{"recipe.toml:2:8: [model] path: expected a path (a string), found an empty "
+                  "string"});
+}
+
+// ---------------------------------------------------------------------------
+// extends.
+
+TEST_F(RecipeFiles, ExtendsMergesAndTheExtendingFileWins) {
+  const Recipe r = Recipe::load("child.toml");
+  EXPECT_EQ(r.files(), (std::vector<std::string>{"child.toml", "bases/base.toml"}));
+  EXPECT_EQ(r.get_float("train", "lr"), 5e-4);       // child
+  EXPECT_EQ(r.get_int("train", "batch_size"), 8);    // base
+  EXPECT_EQ(r.get_float("train", "epochs"), 3.0);    // default
+  EXPECT_EQ(r.where("train", "lr"), "child.toml:9:1");
+  EXPECT_EQ(r.where("train", "batch_size"), "bases/base.toml:15:1");
+  EXPECT_EQ(r.get_pattern("adapter", "target_modules").names,
+            std::vector<std::string>{"in_proj"});
+  // Tables merge key by key, nested tables too.
+  EXPECT_EQ(r.get_table_json("model", "config_inline"),
+            json::parse(R"({"hidden_size": 64, "num_layers": 4,
+                            "ssm": {"d_state": 16, "chunk_size": 8}})"));
+  // Each path resolves against the folder of the file that set it.
+  EXPECT_EQ(r.get_path("model", "path"), data_dir() / "bases" / "ckpt");
+  EXPECT_EQ(r.get_path("data", "path"), data_dir() / "train.jsonl");
+}
+
+TEST_F(RecipeFiles, ExtendsChainsAndOverridesWinOverAllFiles) {
+  const Recipe r = Recipe::load("grandchild.toml", {"train.lr=1e-4"});
+  EXPECT_EQ(r.files(),
+            (std::vector<std::string>{"grandchild.toml", "child.toml", "bases/base.toml"}));
+  EXPECT_EQ(r.get_float("train", "epochs"), 1.0);
+  EXPECT_EQ(r.get_float("train", "lr"), 1e-4);
+  EXPECT_EQ(r.where("train", "lr"), "<override 1: train.lr=1e-4>");
+  EXPECT_EQ(r.get_int("train", "batch_size"), 8);
+  EXPECT_EQ(r.get_path("model", "path"), data_dir() / "bases" / "ckpt");
+}
+
+TEST_F(RecipeFiles, ExtendsCycleIsReported) {
+  // cycle_b.toml line 2 `extends = "cycle_a.toml"`: the value starts at column 11.
+  EXPECT_EQ(file_errors("cycle_a.toml"),
+            Lines{"cycle_b.toml:2:11: extends cycle: cycle_a.toml -> cycle_b.toml -> "
+                  "cycle_a.toml"});
+}
+
+TEST_F(RecipeFiles, MissingBaseIsReportedAtTheExtendsValue) {
+  EXPECT_EQ(file_errors("missing_base.toml"),
+            Lines{"missing_base.toml:2:11: cannot read base recipe 'no_such_base.toml': "
+                  "no such file"});
+}
+
+TEST_F(RecipeFiles, ErrorsInBaseAndExtendingFilePointIntoTheirFiles) {
+  EXPECT_EQ(file_errors("child_errors.toml"),
+            (Lines{R"(child_errors.toml:4:14: [train] batch_size: expected an integer, found )"
+                   R"(string "big")",
+                   "bases/base_errors.toml:3:5: [adapter] r: must be at least 1, found 0"}));
+}
+
+// ---------------------------------------------------------------------------
+// Command-line overrides.
+
+TEST(Recipe, OverridesAreTypedTomlValues) {
+  const Recipe r = Recipe::from_string("[train]\nlr = 1e-3\n", "r.toml", "/tmp",
+                                       {"train.lr=1e-4", "adapter.target_modules=[\"in_proj\"]",
+                                        "train.schedule=linear", "train.batch_size = 4",
+                                        "output.dir=out/x", "model.config_inline.ssm.d_state=32",
+                                        "data.template=\"alpaca\""});
+  EXPECT_EQ(r.get_float("train", "lr"), 1e-4);
+  EXPECT_EQ(r.get_pattern("adapter", "target_modules").names,
+            std::vector<std::string>{"in_proj"});
+  EXPECT_EQ(r.get_string("train", "schedule"), "linear");  // bare word for a string key
+  EXPECT_EQ(r.get_int("train", "batch_size"), 4);
+  EXPECT_EQ(r.get_string("data", "template"), "alpaca");
+  // Override paths resolve against the working directory, not the recipe's folder.
+  EXPECT_EQ(r.get_path("output", "dir"), fs::current_path() / "out" / "x");
+  EXPECT_EQ(r.get_table_json("model", "config_inline"), json::parse(R"({"ssm": {"d_state": 32}})"));
+  EXPECT_TRUE(r.is_set("train", "schedule"));
+  EXPECT_EQ(r.where("train", "schedule"), "<override 3: train.schedule=linear>");
+}
+
+TEST(Recipe, BadOverridesAreReportedWithTheirText) {
+  EXPECT_EQ(errors_of("", {"train.lr=1e-4", "train.lr=abc"}),
+            Lines{"<override 2: train.lr=abc>: [train] lr: expected a float, found 'abc', which is "
+                  "not a TOML value"});
+  EXPECT_EQ(errors_of("", {"train.batch_size=1.5"}),
+            Lines{"<override 1: train.batch_size=1.5>: [train] batch_size: expected an integer, "
+                  "found float 1.5"});
+  EXPECT_EQ(errors_of("", {"train.lrr=1"}),
+            Lines{"<override 1: train.lrr=1>: unknown key 'lrr' in [train]; did you mean 'lr'?"});
+  EXPECT_EQ(errors_of("", {"trian.lr=1"}),
+            Lines{"<override 1: trian.lr=1>: unknown section [trian]; did you mean [train]?"});
+  EXPECT_EQ(errors_of("", {"model.warmup_steps=1"}),
+            Lines{"<override 1: model.warmup_steps=1>: 'warmup_steps' is not a key of [model]; "
+                  "it belongs in [train]"});
+  EXPECT_EQ(errors_of("", {"train.lr"}),
+            Lines{"<override 1: train.lr>: expected section.key=value with the value in TOML "
+                  "syntax (e.g. train.lr=1e-4)"});
+  EXPECT_EQ(errors_of("", {"model.path=1"}),
+            Lines{R"(<override 1: model.path=1>: [model] path: expected a path (a string), found )"
+                  R"(integer 1; to pass it as a string, quote it: model.path='"1"')"});
+  EXPECT_EQ(errors_of("", {"train.schedule=cosin"}),
+            Lines{R"(<override 1: train.schedule=cosin>: [train] schedule: expected one of )"
+                  R"("cosine", "linear", "constant", found "cosin"; did you mean "cosine"?)"});
+  EXPECT_EQ(errors_of("", {"adapter.r=0"}),
+            Lines{"<override 1: adapter.r=0>: [adapter] r: must be at least 1, found 0"});
+}
+
+TEST(Recipe, FileErrorsComeBeforeOverrideErrors) {
+  EXPECT_EQ(errors_of("[train]\nlr = \"x\"\n", {"train.epochs=abc"}),
+            (Lines{R"(recipe.toml:2:6: [train] lr: expected a float, found string "x")",
+                   "<override 1: train.epochs=abc>: [train] epochs: expected a float, found "
+                   "'abc', which is not a TOML value"}));
+}
+
+// ---------------------------------------------------------------------------
+// to_toml.
+
+// Every key of `a` and `b` has the same value.
+void expect_same_values(const Recipe& a, const Recipe& b) {
+  for (const SectionSpec& section : a.schema().sections) {
+    for (const KeySpec& key : section.keys) {
+      SCOPED_TRACE("[" + section.name + "] " + key.name);
+      const char* s = section.name.c_str();
+      const char* k = key.name.c_str();
+      ASSERT_EQ(a.has_value(s, k), b.has_value(s, k));
+      if (!a.has_value(s, k)) continue;
+      switch (key.type) {
+        case ValueType::kString: EXPECT_EQ(a.get_string(s, k), b.get_string(s, k)); break;
+        case ValueType::kInteger: EXPECT_EQ(a.get_int(s, k), b.get_int(s, k)); break;
+        case ValueType::kFloat: EXPECT_EQ(a.get_float(s, k), b.get_float(s, k)); break;
+        case ValueType::kBoolean: EXPECT_EQ(a.get_bool(s, k), b.get_bool(s, k)); break;
+        case ValueType::kStringArray: EXPECT_EQ(a.get_strings(s, k), b.get_strings(s, k)); break;
+        case ValueType::kPath: EXPECT_EQ(a.get_path(s, k), b.get_path(s, k)); break;
+        case ValueType::kTable: EXPECT_EQ(a.get_table_json(s, k), b.get_table_json(s, k)); break;
+        case ValueType::kStringOrArray: {
+          const TargetPattern pa = a.get_pattern(s, k), pb = b.get_pattern(s, k);
+          EXPECT_EQ(pa.is_regex, pb.is_regex);
+          EXPECT_EQ(pa.regex, pb.regex);
+          EXPECT_EQ(pa.names, pb.names);
+          break;
+        }
+      }
+    }
+  }
+}
+
+TEST_F(RecipeFiles, ToTomlRoundTrips) {
+  const Recipe original = Recipe::load(
+      "grandchild.toml",
+      {"adapter.exclude_modules=\"lm_head|embed\"",
+       "data.template_string=\"Q: \\\"{x}\\\"\\n\\tA:\"",
+       "model.config_inline.rope={theta = 1e4, scale = 1.0, kinds = [\"a\", 2, true]}",
+       "model.config_inline.names={\"a b\" = 1}", "train.lr=3e-5", "ssm.lr=0.001"});
+  const std::string text = original.to_toml();
+  EXPECT_EQ(text.find("\nextends"), std::string::npos);  // bases are flattened in
+  // Paths are written absolute, so the folder the copy is read from does not matter.
+  const Recipe copy = Recipe::from_string(text, "resolved.toml", "/");
+  expect_same_values(original, copy);
+  EXPECT_EQ(copy.get_string("data", "template_string"), "Q: \"{x}\"\n\tA:");
+  EXPECT_EQ(copy.get_table_json("model", "config_inline")["rope"]["scale"].type(),
+            json::value_t::number_float);
+  // Writing the copy gives the same TOML apart from the provenance comments.
+  const auto strip_comments = [](const std::string& t) {
+    std::istringstream in(t);
+    std::string line, out;
+    while (std::getline(in, line)) {
+      if (!line.empty() && line[0] == '#') continue;
+      out += line.substr(0, line.find("  # ")) + "\n";
+    }
+    return out;
+  };
+  EXPECT_EQ(strip_comments(copy.to_toml()), strip_comments(text));
+}
+
+TEST(Recipe, ToTomlOfDefaultsLoadsBack) {
+  // Every default passes its own key's checks.
+  const Recipe defaults = Recipe::from_string("", "empty.toml", ".");
+  const Recipe copy = Recipe::from_string(defaults.to_toml(), "resolved.toml", "/");
+  expect_same_values(defaults, copy);
+}
+
+// ---------------------------------------------------------------------------
+// Schema and docs.
+
+TEST(Schema, DeclarationsAreConsistent) {
+  std::set<std::string> sections;
+  for (const SectionSpec& section : builtin_schema().sections) {
+    EXPECT_TRUE(sections.insert(section.name).second) << "duplicate section " << section.name;
+    EXPECT_FALSE(section.doc.empty()) << section.name;
+    std::set<std::string> keys;
+    for (const KeySpec& key : section.keys) {
+      SCOPED_TRACE("[" + section.name + "] " + key.name);
+      EXPECT_TRUE(keys.insert(key.name).second) << "duplicate key";
+      EXPECT_FALSE(key.doc.empty());
+      EXPECT_EQ(key.doc.find('\n'), std::string::npos);
+      if (!key.choices.empty()) {
+        EXPECT_TRUE(key.type == ValueType::kString || key.type == ValueType::kStringArray);
+      }
+      if (key.min || key.max) {
+        EXPECT_TRUE(key.type == ValueType::kInteger || key.type == ValueType::kFloat);
+      }
+    }
+  }
+}
+
+TEST(Schema, TextListsEveryKeyWithTypeAndDefault) {
+  const std::string text = schema_to_text(builtin_schema());
+  EXPECT_NE(text.find("[adapter]"), std::string::npos);
+  // Columns: key padded to "exclude_modules" (15), type to "string or string array" (22),
+  // default to "\"error\"" (7), each followed by two spaces.
+  EXPECT_NE(text.find("  r" + std::string(14 + 2, ' ') + "integer" + std::string(15 + 2, ' ') +
+                      "16" + std::string(5 + 2, ' ') + "LoRA rank. (at least 1)\n"),
+            std::string::npos)
+      << text;
+  for (const SectionSpec& section : builtin_schema().sections) {
+    for (const KeySpec& key : section.keys) {
+      EXPECT_NE(text.find("  " + key.name + " "), std::string::npos) << key.name;
+    }
+  }
+}
+
+TEST(Schema, MarkdownIsDeterministicAndComplete) {
+  const std::string md = schema_to_markdown(builtin_schema());
+  EXPECT_EQ(md, schema_to_markdown(builtin_schema()));
+  EXPECT_NE(md.find("Generated by `peftfw schema --markdown`"), std::string::npos);
+  EXPECT_NE(md.find("| `lr` | float | `2e-4` | Peak learning rate. (at least 0) |\n"),
+            std::string::npos);
+  EXPECT_NE(md.find("| `method` | string | `\"lora\"` | lora/dora add low-rank adapters"),
+            std::string::npos);
+  for (const SectionSpec& section : builtin_schema().sections) {
+    EXPECT_NE(md.find("\n## [" + section.name + "]\n"), std::string::npos) << section.name;
+    for (const KeySpec& key : section.keys) {
+      EXPECT_NE(md.find("| `" + key.name + "` |"), std::string::npos) << key.name;
+    }
+  }
+}
+
+TEST(Schema, DocsRecipesMdIsUpToDate) {
+#ifdef PEFTFW_DOCS_RECIPES_MD
+  std::ifstream in(PEFTFW_DOCS_RECIPES_MD, std::ios::binary);
+  ASSERT_TRUE(in) << "cannot read " << PEFTFW_DOCS_RECIPES_MD
+                  << "; generate it with `peftfw schema --markdown > docs/recipes.md`";
+  std::ostringstream text;
+  text << in.rdbuf();
+  EXPECT_EQ(text.str(), schema_to_markdown(builtin_schema()))
+      << "docs/recipes.md is stale; regenerate it with `peftfw schema --markdown > "
+         "docs/recipes.md`";
+#else
+  GTEST_SKIP() << "PEFTFW_DOCS_RECIPES_MD is not defined by this build";
+#endif
+}
+
+}  // namespace
+}  // namespace peftfw::recipe

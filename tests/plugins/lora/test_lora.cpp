@@ -1,0 +1,165 @@
+// Adapters on Granite: parameter counts on the real Granite-4.0-H-Micro config
+// (expected values: HF PEFT's print_trainable_parameters in the seed study's
+// logs), target errors, SSM float32 master copies, LoRA/DoRA algebra.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "peftfw/adapters/setup.hpp"
+#include "peftfw/error.hpp"
+#include "peftfw/io/json_config.hpp"
+#include "peftfw/model/causal_lm.hpp"
+#include "peftfw/nn/linear.hpp"
+#include "peftfw/plugin/architecture.hpp"
+#include "peftfw/plugin/registry.hpp"
+
+using namespace peftfw;
+
+namespace {
+
+io::JsonConfig micro_config() {
+  return io::JsonConfig::load(std::string(PEFTFW_TEST_ASSETS_DIR) + "/granite-4.0-h-micro/config.json");
+}
+
+ModelInventory micro_inventory() {
+  return PluginRegistry::instance().architecture_for_model_type("granitemoehybrid")->describe(micro_config());
+}
+
+AdapterRequest request(std::vector<std::string> targets, const std::string& on_unmatched = "error",
+                       std::vector<std::string> ssm = {}) {
+  AdapterRequest r;
+  r.spec.r = 16;
+  r.spec.alpha = 32;
+  recipe::TargetPattern p;
+  p.names = std::move(targets);
+  r.targets.target_modules = p;
+  r.targets.on_unmatched = on_unmatched;
+  r.ssm_groups = std::move(ssm);
+  return r;
+}
+
+const std::vector<std::string> kV1 = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+const std::vector<std::string> kV2 = {"q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj",
+                                      "input_linear", "output_linear"};
+
+TEST(GraniteAdapters, V1TargetsAdaptOnlyAttentionAndWarn) {
+  auto plan = plan_adapters(micro_inventory(), request(kV1, "warn"));
+  EXPECT_EQ(plan.modules.size(), 16u);  // 4 attention layers x q,k,v,o
+  EXPECT_NE(plan.report.find("trainable params: 851,968 ||"), std::string::npos) << plan.report;
+  EXPECT_FALSE(plan.warnings.empty());
+}
+
+TEST(GraniteAdapters, V1TargetsAreAnErrorByDefault) {
+  try {
+    plan_adapters(micro_inventory(), request(kV1));
+    FAIL() << "expected InputError";
+  } catch (const InputError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("gate_proj"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("no module of the 36 mamba layers is adapted"), std::string::npos) << msg;
+  }
+}
+
+TEST(GraniteAdapters, V2AndV3ParameterCounts) {
+  auto v2 = plan_adapters(micro_inventory(), request(kV2));
+  EXPECT_EQ(v2.modules.size(), 168u);
+  EXPECT_NE(v2.report.find("trainable params: 28,823,552 || all params: 3,220,219,648 || trainable%: 0.8951"),
+            std::string::npos)
+      << v2.report;
+  auto v3 = plan_adapters(micro_inventory(), request(kV2, "error", {"A_log", "D", "dt_bias"}));
+  EXPECT_EQ(v3.ssm_tensors.size(), 108u);
+  EXPECT_NE(v3.report.find("trainable params: 28,830,464 ||"), std::string::npos) << v3.report;
+  EXPECT_NE(v3.coverage.find("mamba"), std::string::npos);
+}
+
+TEST(GraniteAdapters, TargetMatchingNothingAndUnadaptableModules) {
+  try {
+    plan_adapters(micro_inventory(), request({"in_projj", "out_proj", "q_proj", "input_linear"}));
+    FAIL();
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("in_projj"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("in_proj"), std::string::npos) << e.what();
+  }
+  try {
+    plan_adapters(micro_inventory(), request({"conv1d", "in_proj", "q_proj"}, "ignore"));
+    FAIL();
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("depthwise"), std::string::npos) << e.what();
+  }
+  try {
+    plan_adapters(micro_inventory(), request(kV2, "error", {"B_log"}));
+    FAIL();
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("A_log, D, dt_bias"), std::string::npos) << e.what();
+  }
+}
+
+std::shared_ptr<CausalLM> tiny_model(const std::string& dtype) {
+  nlohmann::json c = {{"model_type", "granitemoehybrid"}, {"vocab_size", 64}, {"hidden_size", 32},
+                      {"num_hidden_layers", 2}, {"layer_types", {"mamba", "attention"}},
+                      {"num_attention_heads", 2}, {"num_key_value_heads", 1},
+                      {"shared_intermediate_size", 48}, {"num_local_experts", 0},
+                      {"mamba_n_heads", 4}, {"mamba_d_head", 16}, {"mamba_d_state", 8},
+                      {"mamba_chunk_size", 4}, {"tie_word_embeddings", true}};
+  auto config = io::JsonConfig::parse(c.dump(), "tiny");
+  BuildOptions o;
+  o.dtype = dtype;
+  return PluginRegistry::instance().architecture_for_model_type("granitemoehybrid")->build(config, o);
+}
+
+TEST(GraniteAdapters, SsmTensorsAreFloat32MastersInABf16Model) {
+  auto model = tiny_model("bfloat16");
+  auto req = request({"in_proj", "q_proj", "k_proj", "v_proj", "o_proj"}, "error", {"dt_bias"});
+  auto plan = plan_adapters(model->inventory(), req);
+  apply_adapters(*model, req, plan);
+  auto params = model->named_parameters();  // find() points into this dict: keep it alive
+  auto* dt_bias = params.find("model.layers.0.mamba.dt_bias");
+  ASSERT_NE(dt_bias, nullptr);
+  EXPECT_EQ(dt_bias->scalar_type(), torch::kFloat32);
+  EXPECT_TRUE(dt_bias->requires_grad());
+  {
+    torch::NoGradGuard ng;
+    dt_bias->fill_(-4.0);
+  }
+  // One SGD step of 2e-4: bf16 (spacing 2^-5 = 0.03125 at |x| = 4) would round it away.
+  torch::optim::SGD sgd({*dt_bias}, torch::optim::SGDOptions(2e-4));
+  dt_bias->mutable_grad() = -torch::ones_like(*dt_bias);
+  sgd.step();
+  EXPECT_NEAR(dt_bias->index({0}).item<double>(), -4.0 + 2e-4, 1e-6);
+  EXPECT_EQ((torch::full({1}, -4.0, torch::kBFloat16) + 2e-4).item<double>(), -4.0);
+  // The bf16 model still runs with the float32 master copies.
+  ModelBatch b;
+  b.input_ids = torch::randint(0, 64, {1, 6}, torch::kLong);
+  b.labels = b.input_ids;
+  auto out = model->forward(b);
+  out.loss.backward();
+  EXPECT_TRUE(dt_bias->grad().defined());
+}
+
+TEST(GraniteAdapters, LoraForwardEqualsMergedWeightAndStartsAtIdentity) {
+  for (const std::string method : {"lora", "dora"}) {
+    auto model = tiny_model("float32");
+    ModelBatch b;
+    b.input_ids = torch::randint(0, 64, {2, 5}, torch::kLong);
+    torch::NoGradGuard ng;
+    auto before = model->forward(b).logits;
+    auto req = request({"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"});
+    req.spec.method = method;
+    auto plan = plan_adapters(model->inventory(), req);
+    apply_adapters(*model, req, plan);
+    // B = 0 at init (and DoRA's magnitude = ||W||): the adapted model equals the base.
+    EXPECT_LE((model->forward(b).logits - before).abs().max().item<double>(), 1e-5) << method;
+    for (auto& [name, lin] : nn::named_linears(*model)) {
+      if (!lin->adapter()) continue;
+      lin->named_parameters()["lora_B.weight"].normal_(0.0, 0.1);
+      auto x = torch::randn({3, lin->in_features()});
+      auto y = lin->forward(x);
+      auto merged = torch::nn::functional::linear(x, lin->adapter()->merged_weight(*lin), lin->bias);
+      EXPECT_LE((y - merged).abs().max().item<double>(), 1e-5) << method << " " << name;
+    }
+  }
+}
+
+}  // namespace
