@@ -215,6 +215,7 @@ Schema make_builtin_schema() {
       strings("roles", kUnset, "Modules to wrap by role, as the architecture plugin names its modules' roles."),
       choice ("on_unmatched", "error", {"error", "warn", "ignore"}, "What to do when a target_modules name matches no module."),
       integer("init_seed", 0, "Seed of adapter weight initialization.").at_least(0),
+      path   ("init_from", kUnset, "Start from this adapter folder (HF PEFT layout; its ssm_core_params.safetensors too) instead of a fresh init; r and targets must match."),
     }},
     {"ssm", "State-space (Mamba) parameters trained directly, beside the adapter.", {
       strings("train", Strings{}, "SSM parameters to train (e.g. A_log, D, dt_bias); the architecture plugin checks the names."),
@@ -261,7 +262,7 @@ Schema make_builtin_schema() {
       flag   ("load_best", true, "At the end, restore the trainable tensors (adapter and SSM together) from the step with the lowest eval loss."),
     }},
     {"output", "The run folder and the exports written into it.", {
-      path   ("dir", "runs/default", "Run folder (logs, checkpoints, resolved recipe, exports); the default is relative to the working directory."),
+      text   ("dir", "runs/default", "Run folder (logs, checkpoints, resolved recipe, exports); a relative path is relative to the working directory, like HF's output_dir."),
       strings("formats", Strings{"peft"}, "Exports, by output plugin name (\"peft\": adapter_model.safetensors + adapter_config.json)."),
       flag   ("overwrite", false, "Allow replacing the contents of an existing output.dir."),
     }},

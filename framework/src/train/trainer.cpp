@@ -265,6 +265,62 @@ RunState load_checkpoint(const fs::path& dir, CausalLM& model, torch::optim::Opt
   return s;
 }
 
+// The settings that define what a run trains; resuming with different ones would mix two runs.
+std::vector<std::string> training_identity(const recipe::Recipe& r) {
+  std::vector<std::string> out;
+  for (const auto& section : r.schema().sections) {
+    if (section.name != "model" && section.name != "adapter" && section.name != "ssm" &&
+        section.name != "data")
+      continue;
+    for (const auto& key : section.keys) {
+      if (section.name == "model" && key.name == "device") continue;  // may move between machines
+      std::string value = "(unset)";
+      if (r.has_value(section.name, key.name)) {
+        using VT = recipe::ValueType;
+        switch (key.type) {
+          case VT::kString: value = r.get_string(section.name, key.name); break;
+          case VT::kPath: value = r.get_path(section.name, key.name).string(); break;
+          case VT::kInteger: value = std::to_string(r.get_int(section.name, key.name)); break;
+          case VT::kFloat: value = nlohmann::json(r.get_float(section.name, key.name)).dump(); break;
+          case VT::kBoolean: value = r.get_bool(section.name, key.name) ? "true" : "false"; break;
+          case VT::kStringArray: value = nlohmann::json(r.get_strings(section.name, key.name)).dump(); break;
+          case VT::kStringOrArray: {
+            auto p = r.get_pattern(section.name, key.name);
+            value = p.is_regex ? nlohmann::json(p.regex).dump() : nlohmann::json(p.names).dump();
+            break;
+          }
+          case VT::kTable: value = r.get_table_json(section.name, key.name).dump(); break;
+        }
+      }
+      out.push_back(section.name + "." + key.name + " = " + value);
+    }
+  }
+  return out;
+}
+
+void check_same_training(const recipe::Recipe& r, const fs::path& run_dir) {
+  const auto file = run_dir / "run_identity.json";
+  const auto now = training_identity(r);
+  if (!fs::exists(file)) {
+    io::write_file_atomic(file.string(), nlohmann::json(now).dump(1) + "\n");
+    return;
+  }
+  std::ifstream f(file);
+  auto before = nlohmann::json::parse(f, nullptr, false);
+  if (before.is_discarded() || !before.is_array())
+    throw InputError(file.string() + ": unreadable; cannot tell which recipe made this run folder");
+  std::vector<std::string> old = before.get<std::vector<std::string>>(), diffs;
+  for (size_t i = 0; i < std::max(old.size(), now.size()); ++i) {
+    const auto a = i < old.size() ? old[i] : std::string("(absent)");
+    const auto b = i < now.size() ? now[i] : std::string("(absent)");
+    if (a != b) diffs.push_back("was " + a + ", now " + b);
+  }
+  if (diffs.empty()) return;
+  std::string msg = "cannot resume " + run_dir.string() + ": it was made with different settings:";
+  for (const auto& d : diffs) msg += "\n  " + d;
+  throw InputError(msg + "\nUse another output.dir, or output.overwrite=true to start over there.");
+}
+
 bool folder_has_content(const fs::path& p) {
   std::error_code ec;
   return fs::is_directory(p, ec) && fs::directory_iterator(p, ec) != fs::directory_iterator();
@@ -275,7 +331,7 @@ bool folder_has_content(const fs::path& p) {
 TrainSummary train(const recipe::Recipe& r) {
   auto& log = std::cerr;
   TrainSummary summary;
-  const fs::path run_dir = r.get_path("output", "dir");
+  const fs::path run_dir = fs::absolute(r.get_string("output", "dir")).lexically_normal();
   summary.run_dir = run_dir;
 
   // --- the run folder: fresh, resumed, or refused ------------------------------------------
@@ -294,6 +350,7 @@ TrainSummary train(const recipe::Recipe& r) {
     }
   }
   fs::create_directories(run_dir);
+  check_same_training(r, run_dir);
   io::write_file_atomic((run_dir / "recipe.resolved.toml").string(), r.to_toml());
 
   // --- model and adapter -------------------------------------------------------------------
@@ -315,6 +372,25 @@ TrainSummary train(const recipe::Recipe& r) {
     log << "ssm: co-training " << plan.ssm_tensors.size() << " tensors (float32 master copies)\n";
   auto params = trainable(model);
   if (params.empty()) throw InputError("nothing to train: the adapter and [ssm] train select no parameters");
+  if (r.has_value("adapter", "init_from")) {
+    const auto from = r.get_path("adapter", "init_from");
+    std::map<std::string, torch::Tensor> start;
+    for (auto& [key, t] : io::load_checkpoint_tensors((from / "adapter_model.safetensors").string())) {
+      const std::string prefix = "base_model.model.";
+      start[key.rfind(prefix, 0) == 0 ? key.substr(prefix.size()) : key] = t;
+    }
+    if (fs::exists(from / "ssm_core_params.safetensors"))
+      for (auto& [key, t] : io::load_checkpoint_tensors((from / "ssm_core_params.safetensors").string()))
+        start[key] = t;
+    std::set<std::string> names;
+    for (auto& [name, t] : params) names.insert(name);
+    for (const auto& [name, t] : start)
+      if (!names.count(name))
+        throw InputError(from.string() + ": tensor '" + name + "' is not trained by this recipe "
+                         "([adapter] init_from must match the recipe's adapter, targets and [ssm] train)");
+    restore(model, start, from.string());
+    log << "adapter: starting from " << from.string() << " (" << start.size() << " tensors)\n";
+  }
 
   // --- data ------------------------------------------------------------------------------
   auto d = setup_data(r, source, inv.vocab_size, run_dir, resuming, log);

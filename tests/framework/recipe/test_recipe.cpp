@@ -225,7 +225,7 @@ TEST(Recipe, DefaultsAreFilledAndMarkedUnset) {
   EXPECT_EQ(r.get_strings("output", "formats"), std::vector<std::string>{"peft"});
   EXPECT_EQ(r.get_strings("ssm", "train"), std::vector<std::string>{});
   EXPECT_EQ(r.get_string("data", "template"), "granite");
-  EXPECT_EQ(r.get_path("output", "dir"), (fs::current_path() / "runs" / "default"));
+  EXPECT_EQ(r.get_string("output", "dir"), "runs/default");  // relative to the working directory
   EXPECT_FALSE(r.is_set("train", "lr"));
   EXPECT_EQ(r.where("train", "lr"), std::nullopt);
   EXPECT_TRUE(r.has_value("train", "lr"));
@@ -242,7 +242,7 @@ TEST(Recipe, AccessorMisuseIsALogicError) {
   const Recipe r = Recipe::from_string("", "r.toml", ".");
   EXPECT_THROW(r.get_float("train", "learning_rate"), std::logic_error);
   EXPECT_THROW(r.get_int("train", "lr"), std::logic_error);
-  EXPECT_THROW(r.get_string("output", "dir"), std::logic_error);
+  EXPECT_THROW(r.get_path("output", "dir"), std::logic_error);
   EXPECT_THROW(r.is_set("nosuch", "lr"), std::logic_error);
 }
 
@@ -342,7 +342,7 @@ TEST(Recipe, OverridesAreTypedTomlValues) {
   const Recipe r = Recipe::from_string("[train]\nlr = 1e-3\n", "r.toml", "/tmp",
                                        {"train.lr=1e-4", "adapter.target_modules=[\"in_proj\"]",
                                         "train.schedule=linear", "train.batch_size = 4",
-                                        "output.dir=out/x", "model.config_inline.ssm.d_state=32",
+                                        "model.config=out/x", "model.config_inline.ssm.d_state=32",
                                         "data.template=\"alpaca\""});
   EXPECT_EQ(r.get_float("train", "lr"), 1e-4);
   EXPECT_EQ(r.get_pattern("adapter", "target_modules").names,
@@ -351,7 +351,7 @@ TEST(Recipe, OverridesAreTypedTomlValues) {
   EXPECT_EQ(r.get_int("train", "batch_size"), 4);
   EXPECT_EQ(r.get_string("data", "template"), "alpaca");
   // Override paths resolve against the working directory, not the recipe's folder.
-  EXPECT_EQ(r.get_path("output", "dir"), fs::current_path() / "out" / "x");
+  EXPECT_EQ(r.get_path("model", "config"), fs::current_path() / "out" / "x");
   EXPECT_EQ(r.get_table_json("model", "config_inline"), json::parse(R"({"ssm": {"d_state": 32}})"));
   EXPECT_TRUE(r.is_set("train", "schedule"));
   EXPECT_EQ(r.where("train", "schedule"), "<override 3: train.schedule=linear>");
