@@ -83,6 +83,21 @@ def main():
     r = run(["validate"])
     check("validate without recipe is a usage error", r.returncode == 2, show(r))
 
+    # every shipped recipe validates, and the study's four give PEFT's parameter counts
+    for rec in sorted((src / "recipes").rglob("*.toml")):
+        r = run(["validate", str(rec)])
+        check(f"shipped recipe {rec.relative_to(src)} validates", r.returncode == 0, show(r))
+    counts = {"granite_v1": "trainable params: 851,968 ||",
+              "granite_v2": "trainable params: 28,823,552 || all params: 3,220,219,648 || trainable%: 0.8951",
+              "granite_v3": "trainable params: 28,830,464 ||", "granite_v4": "trainable params: 28,830,464 ||"}
+    for name, line in counts.items():
+        r = run(["plan", str(src / f"recipes/{name}.toml"), f"model.path={src / 'tests/assets/granite-4.0-h-micro'}"])
+        check(f"plan {name} on the real config: {line}", r.returncode == 0 and line in r.stdout, show(r))
+    r = run(["plan", str(src / "recipes/granite_v1.toml"), f"model.path={src / 'tests/assets/granite-4.0-h-micro'}",
+             "adapter.on_unmatched=error"])
+    check("V1 targets with on_unmatched = error: exit 2 naming gate_proj and the mamba layers",
+          r.returncode == 2 and "gate_proj" in r.stderr and "mamba layers" in r.stderr, show(r))
+
     # plan
     r = run(["plan"])
     check("plan on the embedded default", r.returncode == 0 and "Total parameters:" in r.stdout, show(r))
