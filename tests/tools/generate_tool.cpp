@@ -40,7 +40,7 @@ int64_t parse_int(const std::string& text, const std::string& what) {
     used = 0;
   }
   if (used == 0 || used != text.size())
-    throw peftfw::InputError("generate_tool: " + what + " '" + text + "' is not an integer");
+    throw peftfw::InputError(what + " '" + text + "' is not an integer");
   return value;
 }
 
@@ -53,7 +53,7 @@ double parse_double(const std::string& text, const std::string& what) {
     used = 0;
   }
   if (used == 0 || used != text.size())
-    throw peftfw::InputError("generate_tool: " + what + " '" + text + "' is not a number");
+    throw peftfw::InputError(what + " '" + text + "' is not a number");
   return value;
 }
 
@@ -69,7 +69,7 @@ std::vector<std::vector<int64_t>> parse_prompts(const std::string& text) {
     for (std::string token; tokens >> token;) ids.push_back(parse_int(token, "prompt id"));
     prompts.push_back(std::move(ids));
   }
-  if (prompts.empty()) throw peftfw::InputError("generate_tool: no prompts in '" + text + "'");
+  if (prompts.empty()) throw peftfw::InputError("no prompts in '" + text + "'");
   return prompts;
 }
 
@@ -78,7 +78,7 @@ int run(const std::vector<std::string>& args) {
   options.max_new_tokens = parse_int(args[2], "MAX_NEW");
   for (size_t i = 3; i < args.size(); i += 2) {
     if (i + 1 >= args.size())
-      throw peftfw::InputError("generate_tool: option " + args[i] + " needs a value");
+      throw peftfw::InputError("option " + args[i] + " needs a value");
     const std::string& value = args[i + 1];
     if (args[i] == "--temperature") {
       options.temperature = parse_double(value, "--temperature");
@@ -91,7 +91,7 @@ int run(const std::vector<std::string>& args) {
     } else if (args[i] == "--stop-string") {
       options.stop_strings.push_back(value);
     } else {
-      throw peftfw::InputError("generate_tool: unknown option '" + args[i] +
+      throw peftfw::InputError("unknown option '" + args[i] +
                                "'; expected --temperature, --top-p, --seed, --stop-id or "
                                "--stop-string");
     }

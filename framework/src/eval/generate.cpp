@@ -137,8 +137,9 @@ std::vector<std::vector<int64_t>> generate_ids(CausalLM& model,
       }
       // The whole new text is decoded each step: a token's text can depend on
       // its neighbours (byte-level pieces of one UTF-8 character).
-      if (stop_id ||
-          (!options.stop_strings.empty() && find_stop_string(decode(outputs[b]), options.stop_strings))) {
+      const bool stop_string = !stop_id && !options.stop_strings.empty() &&
+                               find_stop_string(decode(outputs[b]), options.stop_strings);
+      if (stop_id || stop_string) {
         finished[b] = true;
         --running;
       }

@@ -194,6 +194,9 @@ std::string read_text_file(const std::string& path) {
 }
 
 json parse_json_text(const std::string& text, const std::string& source) {
+  // nlohmann 3.11.3 words an empty input differently from 3.11.2; say it one way on both.
+  if (text.empty())
+    throw InputError(source + ":1:1: invalid JSON (byte 0): unexpected end of input (the text is empty)");
   // nlohmann's lexer treats a NUL byte as the end of input, which would
   // silently drop the rest of the file.
   if (const auto nul = text.find('\0'); nul != std::string::npos) {

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include "peftfw/error.hpp"
+#include "peftfw/io/fs.hpp"
 
 namespace fs = std::filesystem;
 
@@ -16,30 +17,30 @@ void write_folder_atomic(const fs::path& dir, const std::function<void(const fs:
   const fs::path old = parent / ("." + dir.filename().string() + ".old-" + pid);
   std::error_code ec;
   fs::create_directories(parent, ec);
-  fs::remove_all(tmp, ec);
+  io::remove_tree(tmp);
   fs::create_directories(tmp, ec);
   if (ec) throw RuntimeError("cannot create " + tmp.string() + ": " + ec.message());
   try {
     fill(tmp);
   } catch (...) {
-    fs::remove_all(tmp, ec);
+    io::remove_tree(tmp);
     throw;
   }
   const bool existed = fs::exists(dir);
   if (existed) {
     fs::rename(dir, old, ec);
     if (ec) {
-      fs::remove_all(tmp);
+      io::remove_tree(tmp);
       throw RuntimeError("cannot replace " + dir.string() + ": " + ec.message());
     }
   }
   fs::rename(tmp, dir, ec);
   if (ec) {
     if (existed) fs::rename(old, dir);
-    fs::remove_all(tmp);
+    io::remove_tree(tmp);
     throw RuntimeError("cannot move " + tmp.string() + " to " + dir.string() + ": " + ec.message());
   }
-  if (existed) fs::remove_all(old, ec);
+  if (existed) io::remove_tree(old);
 }
 
 }  // namespace peftfw

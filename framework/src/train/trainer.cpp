@@ -23,6 +23,7 @@
 #include "peftfw/data/synth.hpp"
 #include "peftfw/data/tokenizer.hpp"
 #include "peftfw/error.hpp"
+#include "peftfw/io/fs.hpp"
 #include "peftfw/io/safetensors.hpp"
 #include "peftfw/io/tensor_bridge.hpp"
 #include "peftfw/model/causal_lm.hpp"
@@ -340,7 +341,7 @@ TrainSummary train(const recipe::Recipe& r) {
   if (folder_has_content(run_dir)) {
     if (r.get_bool("output", "overwrite")) {
       log << "output: overwrite = true: clearing " << run_dir.string() << "\n";
-      fs::remove_all(run_dir);
+      io::remove_tree_or_throw(run_dir);
     } else if (has_checkpoints && r.get_string("train", "resume") == "auto") {
       resuming = true;
     } else {
@@ -484,7 +485,7 @@ TrainSummary train(const recipe::Recipe& r) {
     last_good = dir;
     if (keep_last > 0) {
       auto all = list_checkpoints(run_dir);
-      for (size_t i = 0; i + static_cast<size_t>(keep_last) < all.size(); ++i) fs::remove_all(all[i]);
+      for (size_t i = 0; i + static_cast<size_t>(keep_last) < all.size(); ++i) io::remove_tree_or_throw(all[i]);
     }
   };
 

@@ -1,6 +1,7 @@
 // Tests for peftfw/data/dataset: the seeded PRNG and SHA-256 against published
 // vectors and an independent Python implementation, JSONL error reports, format
 // detection, template rendering, and the train/eval split with split.json.
+#include "peftfw/io/fs.hpp"
 #include "peftfw/data/dataset.hpp"
 
 #include <unistd.h>
@@ -49,10 +50,10 @@ class TempDir {
   TempDir() {
     path_ = fs::temp_directory_path() /
             ("peftfw_test_dataset_" + std::to_string(::getpid()) + "_" + std::to_string(count_++));
-    fs::remove_all(path_);
+    peftfw::io::remove_tree(path_);
     fs::create_directories(path_);
   }
-  ~TempDir() { fs::remove_all(path_); }
+  ~TempDir() { peftfw::io::remove_tree(path_); }
   std::string file(const std::string& name) const { return (path_ / name).string(); }
   std::string path() const { return path_.string(); }
 

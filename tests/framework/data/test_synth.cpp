@@ -2,6 +2,7 @@
 // JSON input and output parsed and checked for consistency), the size limit
 // of classification inputs, and that every classification example names its
 // schema's identifying column.
+#include "peftfw/io/fs.hpp"
 #include "peftfw/data/synth.hpp"
 
 #include <unistd.h>
@@ -273,7 +274,7 @@ TEST(Synth, JsonlRoundTripAndDataset) {
   const std::string path = (dir / "out.jsonl").string();
   write_synth_jsonl(path, SynthTask::Classification, 20, 5);
   EXPECT_EQ(io::read_text_file(path), text);
-  std::filesystem::remove_all(dir);
+  peftfw::io::remove_tree(dir);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 // hand), a hand-made tokenizer.json whose BPE merges are worked through on
 // paper, and the errors for malformed or unsupported tokenizer files. The
 // parity with the `tokenizers` library is tokenizer_oracle.py's job.
+#include "peftfw/io/fs.hpp"
 #include "peftfw/data/tokenizer.hpp"
 
 #include <stdlib.h>
@@ -107,7 +108,7 @@ class TempDir {
   }
   ~TempDir() {
     std::error_code ec;
-    fs::remove_all(path_, ec);
+    peftfw::io::remove_tree(path_);
   }
   const fs::path& path() const { return path_; }
 

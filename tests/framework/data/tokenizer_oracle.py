@@ -30,7 +30,6 @@ import os
 import random
 import subprocess
 import sys
-import unicodedata
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers import trainers
@@ -153,20 +152,35 @@ ADDED_NON_SPECIAL = [
 ]
 
 
+UNICODE14_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "unicode14_assigned.txt")
+
+
+@functools.lru_cache(maxsize=None)
+def unicode14_assigned():
+    """Code points assigned in Unicode 14.0 (PCRE2 10.42's tables), read from a committed list
+    so the sweep does not depend on this Python's unicodedata version."""
+    out = set()
+    with open(UNICODE14_FILE, encoding="ascii") as f:
+        for line in f:
+            if line.strip() and not line.startswith("#"):
+                a, b = line.split("..")
+                out.update(range(int(a, 16), int(b, 16) + 1))
+    return frozenset(out)
+
+
 @functools.lru_cache(maxsize=None)
 def unicode_sweep():
-    """Every assigned code point, in blocks of 256, between a letter, a digit,
+    """Every code point assigned in Unicode 14, in blocks of 256, between a letter, a digit,
     a space and a full stop, so that its regex classes decide the pre-tokens.
 
-    Code points that Python's unicodedata (Unicode 14 in Python 3.11) does not know are
-    left out: the library's Oniguruma tables are newer (Unicode 16) than
-    PCRE2 10.42's (Unicode 14), so scripts added since then (Kawi, CJK
-    extension H, ...) are letters to one and unassigned to the other.
+    Later additions are left out: the library's Oniguruma tables are newer (Unicode 16) than
+    PCRE2 10.42's (Unicode 14), so scripts added since then (Kawi, CJK extension H, ...) are
+    letters to one and unassigned to the other.
     """
+    assigned = unicode14_assigned()
     out = []
     for block in range(0, 0x110000, 256):
-        chars = [chr(c) for c in range(block, block + 256)
-                 if unicodedata.category(chr(c)) not in ("Cn", "Cs", "Co")]
+        chars = [chr(c) for c in range(block, block + 256) if c in assigned]
         if chars:
             text = "".join("a" + ch + "1" + ch + " " + ch + "." for ch in chars)
             out.append((f"unicode-block-{block:06X}", text))

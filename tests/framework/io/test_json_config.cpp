@@ -1,5 +1,6 @@
 // Tests for peftfw/io/json_config: typed field access, and that every failure
 // names the file, the field, what was expected and what was found.
+#include "peftfw/io/fs.hpp"
 #include "peftfw/io/json_config.hpp"
 
 #include <cmath>
@@ -214,7 +215,7 @@ TEST(JsonConfigTest, LoadsFilesAndReportsMissingOnes) {
   expect_input_error([&] { JsonConfig::load(tmpl + "/nope.json"); },
                      tmpl + "/nope.json: no such file");
   expect_input_error([&] { JsonConfig::load(tmpl); }, tmpl + ": is a directory, expected a file");
-  fs::remove_all(tmpl);
+  peftfw::io::remove_tree(tmpl);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 //
 // Malformed files are built byte by byte here; files written by the Python
 // package are covered by safetensors_oracle.py.
+#include "peftfw/io/fs.hpp"
 #include "peftfw/io/safetensors.hpp"
 
 #include <cstdio>
@@ -37,7 +38,7 @@ class SafetensorsTest : public ::testing::Test {
     ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
     dir_ = tmpl;
   }
-  void TearDown() override { fs::remove_all(dir_); }
+  void TearDown() override { peftfw::io::remove_tree(dir_); }
 
   std::string path(const std::string& name) const { return (fs::path(dir_) / name).string(); }
 

@@ -1,6 +1,7 @@
 // Tests for peftfw/io/tensor_bridge: dtype mapping checked against known bit
 // patterns (1.0 in BF16 is 0x3F80, in F16 0x3C00), round trips through files,
 // non-contiguous input, and the errors for unsavable tensors.
+#include "peftfw/io/fs.hpp"
 #include "peftfw/io/tensor_bridge.hpp"
 
 #include <cstring>
@@ -25,7 +26,7 @@ class TensorBridgeTest : public ::testing::Test {
     ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
     dir_ = tmpl;
   }
-  void TearDown() override { fs::remove_all(dir_); }
+  void TearDown() override { peftfw::io::remove_tree(dir_); }
   std::string path(const std::string& name) const { return dir_ + "/" + name; }
   std::string dir_;
 };
