@@ -58,6 +58,23 @@ def main():
     check("coverage table and PEFT parameter line printed",
           "adapted / present" in r.stderr and "trainable params:" in r.stderr, show(r))
 
+    # 1b. Evaluation on the run's held-out split, base vs adapted, and the comparison table.
+    r = peftfw("eval", "recipes/tiny/granite_v4.toml", f"output.dir={d}", "--samples", "8",
+               "eval.max_new_tokens=16", cwd=ARGS.source)
+    results = d / "eval/results.json"
+    ok = r.returncode == 0 and results.exists()
+    check("peftfw eval scores base and adapted on the held-out split", ok, show(r))
+    if ok:
+        import json
+        rows = {row["run"].split("/")[-1]: row["metrics"] for row in json.loads(results.read_text())["rows"]}
+        check("adapted eval loss is below the base's",
+              rows["adapted"]["eval_loss"] < rows["base"]["eval_loss"] - 0.3, str(rows))
+        check("classification metrics reported", "classification.exact_match" in rows["adapted"], str(rows))
+    r = peftfw("compare", d)
+    check("peftfw compare prints the table", r.returncode == 0 and "| run |" in r.stdout, show(r))
+    r = peftfw("eval", tiny, f"output.dir={work / 'never_trained'}")
+    check("eval of a run that was never trained exits 2", r.returncode == 2 and "split.json" in r.stderr, show(r))
+
     # 2. Resume: an interrupted run ends with exactly the adapter of an uninterrupted one.
     common = [tiny, "train.max_steps=12", "train.save_every=4", "train.eval_every=0",
               "train.load_best=false", "train.log_every=1"]

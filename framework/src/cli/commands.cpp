@@ -23,6 +23,13 @@ bool wants_help(const Args& args) {
   return false;
 }
 
+void print_refused(std::ostream& os) {
+  for (const auto& r : PluginRegistry::instance().refused())
+    os << "peftfw: warning: plugin file " << r.file.string() << " refused: " << r.reason << "\n";
+}
+
+}  // namespace
+
 // [RECIPE] [section.key=value ...]; no RECIPE means the embedded default.
 recipe::Recipe load_recipe_args(const Args& args, bool require_file) {
   std::string file;
@@ -48,12 +55,6 @@ recipe::Recipe load_recipe_args(const Args& args, bool require_file) {
   return recipe::Recipe::load(file, overrides);
 }
 
-void print_refused(std::ostream& os) {
-  for (const auto& r : PluginRegistry::instance().refused())
-    os << "peftfw: warning: plugin file " << r.file.string() << " refused: " << r.reason << "\n";
-}
-
-}  // namespace
 
 int cmd_plugins(const Args& args) {
   if (wants_help(args)) {

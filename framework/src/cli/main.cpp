@@ -28,6 +28,8 @@ Commands:
                                           write the logits of each sequence (safetensors)
   verify-ssm ADAPTER --base MODEL         check that an adapter's SSM core tensors really changed
   data synth --task T --n N --seed S --out F  generate a dataset in the seed study's formats
+  eval [RECIPE] [k=v ...] [--samples N]   score base and adapted model on the run's held-out split
+  compare RUN_DIR [RUN_DIR ...]           the study-style table of several runs' eval results
 
 Options:
   -h, --help      this help (also: peftfw <command> --help)
@@ -73,6 +75,8 @@ int main(int argc, char** argv) {
     if (command == "forward") return cmd_forward(rest);
     if (command == "verify-ssm") return cmd_verify_ssm(rest);
     if (command == "data") return cmd_data(rest);
+    if (command == "eval") return cmd_eval(rest);
+    if (command == "compare") return cmd_compare(rest);
     std::cerr << "peftfw: unknown command '" << command << "'; run `peftfw --help` for the list\n";
     return 2;
   } catch (const UsageError& e) {

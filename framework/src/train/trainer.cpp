@@ -33,6 +33,7 @@
 #include "peftfw/plugin/registry.hpp"
 #include "peftfw/recipe/recipe.hpp"
 #include "peftfw/train/metrics.hpp"
+#include "peftfw/train/data_setup.hpp"
 #include "peftfw/train/schedule.hpp"
 
 namespace fs = std::filesystem;
@@ -63,49 +64,12 @@ struct DataSetup {
   int64_t accumulation = 1;
 };
 
-std::unique_ptr<data::Tokenizer> make_tokenizer(const recipe::Recipe& r, const ModelSource& source,
-                                                int64_t vocab_size) {
-  const auto which = r.get_string("data", "tokenizer");
-  std::unique_ptr<data::Tokenizer> tok;
-  if (which == "byte") {
-    tok = data::make_byte_tokenizer();
-  } else if (which == "auto") {
-    const auto file = source.dir / "tokenizer.json";
-    if (!source.dir.empty() && fs::exists(file)) tok = data::load_hf_tokenizer(file);
-    else if (source.random_init) tok = data::make_byte_tokenizer();
-    else
-      throw InputError(source.dir.string() + ": no tokenizer.json; set [data] tokenizer = \"byte\" "
-                       "or give a path to a tokenizer.json");
-  } else {
-    tok = data::load_hf_tokenizer(fs::path(which));
-  }
-  if (tok->vocab_size() > vocab_size)
-    throw InputError("tokenizer " + tok->name() + " has " + std::to_string(tok->vocab_size()) +
-                     " tokens but the model's vocabulary is " + std::to_string(vocab_size) +
-                     "; use a model config with vocab_size >= " + std::to_string(tok->vocab_size()));
-  return tok;
-}
-
 DataSetup setup_data(const recipe::Recipe& r, const ModelSource& source, int64_t vocab_size,
                      const fs::path& run_dir, bool resuming, std::ostream& log) {
   DataSetup d;
-  d.tokenizer = make_tokenizer(r, source, vocab_size);
+  d.tokenizer = recipe_tokenizer(r, source, vocab_size);
 
-  data::Dataset dataset;
-  const auto synth = r.get_string("data", "synth_task");
-  if (r.has_value("data", "path")) {
-    data::ReadOptions ro;
-    ro.format = *data::data_format_from_name(r.get_string("data", "format"));
-    ro.on_bad_line = *data::bad_line_policy_from_name(r.get_string("data", "on_bad_line"));
-    dataset = data::read_jsonl(r.get_path("data", "path").string(), ro);
-    if (dataset.skipped.count) log << "data: " << dataset.skipped.skipped_summary() << "\n";
-  } else if (synth != "none") {
-    dataset = data::synthesize_dataset(*data::synth_task_from_name(synth), r.get_int("data", "synth_n"),
-                                       static_cast<uint64_t>(r.get_int("train", "seed")));
-  } else {
-    throw InputError(r.source_name() + ": no training data: set [data] path (a JSONL file) or "
-                     "[data] synth_task = \"classification\" for generated data");
-  }
+  auto dataset = recipe_dataset(r, log);
 
   const auto split_path = run_dir / "split.json";
   data::DataSplit split;
@@ -118,9 +82,7 @@ DataSetup setup_data(const recipe::Recipe& r, const ModelSource& source, int64_t
     data::write_split(split, run_dir.string());
   }
 
-  auto tmpl = r.has_value("data", "template_string")
-                  ? data::PromptTemplate::custom(r.get_string("data", "template_string"), "[data] template_string")
-                  : data::PromptTemplate::named(r.get_string("data", "template"));
+  auto tmpl = recipe_template(r);
   data::TokenizeOptions to;
   to.loss_on = *data::loss_on_from_name(r.get_string("data", "loss_on"));
   to.eos_id = d.tokenizer->eos_id();
