@@ -140,6 +140,20 @@ def main():
     r = run(["forward", "--model", str(work), "--ids", "1 2", "--out", str(work / "y.safetensors")])
     check("forward: folder without config.json exits 2", r.returncode == 2 and "config.json" in r.stderr, show(r))
 
+    # data synth: deterministic from the seed, the study's instruction/input/output format
+    a, b = work / "synth_a.jsonl", work / "synth_b.jsonl"
+    r1 = run(["data", "synth", "--task", "mapping", "--n", "20", "--seed", "3", "--out", str(a)])
+    r2 = run(["data", "synth", "--task", "mapping", "--n", "20", "--seed", "3", "--out", str(b)])
+    import json
+    ok = r1.returncode == 0 and r2.returncode == 0 and a.read_bytes() == b.read_bytes()
+    if ok:
+        rows = [json.loads(l) for l in a.read_text().splitlines()]
+        ok = len(rows) == 20 and all(set(x) >= {"instruction", "input", "output"} for x in rows) \
+            and all("mapping" in json.loads(x["output"]) for x in rows)
+    check("data synth: 20 mapping examples, same bytes for the same seed", ok, show(r1))
+    r = run(["data", "synth", "--task", "poems", "--n", "5", "--out", str(a)])
+    check("data synth: unknown task is a usage error", r.returncode == 2 and "poems" in r.stderr, show(r))
+
     print(f"cli: {passed} passed, {failed} failed")
     return 1 if failed else 0
 

@@ -93,6 +93,10 @@ def peftfw_to_peft(case_dir, work, method):
     check(f"{method}: the adapter changes the logits (non-trivial test): {moved:.3f}", moved > 1e-2)
     got = peftfw_logits(case_dir, adapter, seqs, work, f"peftfw_{method}")
     compare(f"{method}: peftfw-saved adapter in PEFT == peftfw forward --adapter", got, want, 1e-5)
+    r = subprocess.run([str(ARGS.peftfw), "verify-ssm", str(adapter), "--base", str(case_dir)],
+                       capture_output=True, text=True)
+    check(f"{method}: verify-ssm finds all 9 SSM tensors changed", r.returncode == 0 and
+          "all 9 SSM tensors differ from the base" in r.stdout, r.stdout + r.stderr)
     merged = GraniteMoeHybridForCausalLM.from_pretrained(str(out / "merged"), dtype=torch.float32)
     compare(f"{method}: transformers loads peftfw's merged checkpoint", python_logits(merged, seqs), want, 1e-4)
 
@@ -112,6 +116,10 @@ def peft_to_peftfw(case_dir, work, dora):
     want = python_logits(model, seqs)
     out = work / f"peft_{tag}"
     model.save_pretrained(str(out))
+    r = subprocess.run([str(ARGS.peftfw), "verify-ssm", str(out), "--base", str(case_dir)],
+                       capture_output=True, text=True)
+    check(f"{tag}: verify-ssm flags a PEFT-saved adapter without SSM tensors (exit 1)",
+          r.returncode == 1 and "ssm_core_params.safetensors" in r.stderr, r.stdout + r.stderr)
     got = peftfw_logits(case_dir, out, seqs, work, f"peft_{tag}")
     compare(f"{tag}: PEFT-saved adapter in peftfw == PEFT", got, want, 1e-5)
 

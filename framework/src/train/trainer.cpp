@@ -284,6 +284,14 @@ void check_same_training(const recipe::Recipe& r, const fs::path& run_dir) {
   throw InputError(msg + "\nUse another output.dir, or output.overwrite=true to start over there.");
 }
 
+// Resident memory of this process (CPU runs), from /proc/self/statm.
+int64_t resident_mib() {
+  std::ifstream f("/proc/self/statm");
+  int64_t pages = 0, resident = 0;
+  f >> pages >> resident;
+  return resident * ::sysconf(_SC_PAGESIZE) / (1024 * 1024);
+}
+
 bool folder_has_content(const fs::path& p) {
   std::error_code ec;
   return fs::is_directory(p, ec) && fs::directory_iterator(p, ec) != fs::directory_iterator();
@@ -333,6 +341,9 @@ TrainSummary train(const recipe::Recipe& r) {
   if (!plan.report.empty()) log << plan.report;
   if (!plan.ssm_tensors.empty())
     log << "ssm: co-training " << plan.ssm_tensors.size() << " tensors (float32 master copies)\n";
+  if (r.get_bool("train", "grad_checkpointing"))
+    log << "warning: [train] grad_checkpointing = true is not implemented yet: activations are kept "
+           "(more memory, same results)\n";
   auto params = trainable(model);
   if (params.empty()) throw InputError("nothing to train: the adapter and [ssm] train select no parameters");
   if (r.has_value("adapter", "init_from")) {
@@ -493,7 +504,8 @@ TrainSummary train(const recipe::Recipe& r) {
       std::ostringstream line;
       line << "step " << state.step << "/" << total << "  loss " << std::fixed << std::setprecision(4)
            << step_loss << "  lr " << std::scientific << std::setprecision(2) << cur_lr << std::fixed
-           << std::setprecision(0) << "  " << tps << " tok/s  ETA " << eta << "s";
+           << std::setprecision(0) << "  " << tps << " tok/s  ETA " << eta << "s  mem "
+           << resident_mib() << " MiB";
       if (tty) log << "\r" << line.str() << "   " << std::flush;
       else log << line.str() << "\n";
       tokens_since = 0;
