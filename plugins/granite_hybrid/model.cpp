@@ -2,6 +2,8 @@
 // forward (embedding, masks, RoPE tables, layers, head, loss).
 #include "model.hpp"
 
+#include "peftfw/nn/checkpoint.hpp"
+
 
 namespace peftfw::granite {
 
@@ -246,9 +248,14 @@ ModelOutput GraniteForCausalLM::forward(const ModelBatch& batch, GenerationCache
     ctx.sin = emb.sin().to(opts.dtype());
   }
 
+  const bool use_checkpoint = checkpointing_ && is_training() && !cache && torch::GradMode::is_enabled();
   for (size_t i = 0; i < model->layers->size(); ++i) {
     auto layer = model->layers->ptr<DecoderLayerImpl>(i);
-    h = layer->forward(h, ctx, cache ? &cache->layers[i] : nullptr, decode_step);
+    if (use_checkpoint) {
+      h = nn::checkpoint([layer, ctx](const torch::Tensor& x) { return layer->forward(x, ctx, nullptr, false); }, h);
+    } else {
+      h = layer->forward(h, ctx, cache ? &cache->layers[i] : nullptr, decode_step);
+    }
   }
   h = model->norm(h);
   auto logits = lm_head ? lm_head(h) : F::linear(h, embed);

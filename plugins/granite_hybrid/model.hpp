@@ -135,6 +135,10 @@ class GraniteForCausalLM : public CausalLM {
   ModelOutput forward(const ModelBatch& batch, GenerationCache* cache = nullptr) override;
   std::unique_ptr<GenerationCache> make_cache(int64_t batch_size) override;
   const ModelInventory& inventory() const override { return inventory_; }
+  bool set_gradient_checkpointing(bool on) override {
+    checkpointing_ = on;
+    return true;
+  }
 
   // Deterministic random initialisation for demo / test models.
   void init_random(uint64_t seed, double std);
@@ -144,6 +148,7 @@ class GraniteForCausalLM : public CausalLM {
  private:
   GraniteConfig config_;
   ModelInventory inventory_;
+  bool checkpointing_ = false;
   GraniteBackbone model{nullptr};
   nn::Linear lm_head{nullptr};  // null when tied to the embeddings
 };

@@ -116,7 +116,7 @@ DataSetup setup_data(const recipe::Recipe& r, const ModelSource& source, int64_t
   log << "data: " << dataset.examples.size() << " examples (" << split.train.size() << " train, "
       << split.eval.size() << " eval), " << (bo.layout == data::BatchLayout::Packed ? "packed" : "padded")
       << " to " << bo.max_length << " tokens, tokenizer " << d.tokenizer->name() << "\n";
-  log << "data: " << d.train->truncation().summary() << "\n";
+  if (const auto t = d.train->truncation().summary(); !t.empty()) log << "data: " << t << "\n";
   return d;
 }
 
@@ -341,9 +341,9 @@ TrainSummary train(const recipe::Recipe& r) {
   if (!plan.report.empty()) log << plan.report;
   if (!plan.ssm_tensors.empty())
     log << "ssm: co-training " << plan.ssm_tensors.size() << " tensors (float32 master copies)\n";
-  if (r.get_bool("train", "grad_checkpointing"))
-    log << "warning: [train] grad_checkpointing = true is not implemented yet: activations are kept "
-           "(more memory, same results)\n";
+  if (r.get_bool("train", "grad_checkpointing") && !model.set_gradient_checkpointing(true))
+    throw InputError("[train] grad_checkpointing = true: architecture " + inv.architecture +
+                     " does not support activation checkpointing; set it to false");
   auto params = trainable(model);
   if (params.empty()) throw InputError("nothing to train: the adapter and [ssm] train select no parameters");
   if (r.has_value("adapter", "init_from")) {
@@ -492,6 +492,7 @@ TrainSummary train(const recipe::Recipe& r) {
     const double grad_norm = max_norm > 0 ? torch::nn::utils::clip_grad_norm_(grads_of, max_norm)
                                           : torch::nn::utils::clip_grad_norm_(grads_of, 1e30);
     optimizer.step();
+    if (device.is_cuda()) torch::cuda::synchronize();  // so the step's time is its own
     ++state.step;
     const double cur_lr = peak_lr[0] * lr_factor(schedule, state.step - 1, total, warmup);
     auto now = std::chrono::steady_clock::now();

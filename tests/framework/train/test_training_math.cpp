@@ -4,8 +4,10 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <map>
 #include <nlohmann/json.hpp>
 
+#include "peftfw/adapters/setup.hpp"
 #include "peftfw/data/batching.hpp"
 #include "peftfw/io/json_config.hpp"
 #include "peftfw/model/causal_lm.hpp"
@@ -79,6 +81,49 @@ TEST(Packing, PackedLossEqualsPaddedLossOverTheSameExamples) {
   auto leaky = to_batch(packed);
   leaky.seq_ids = torch::Tensor();
   EXPECT_GT(std::abs(model->forward(leaky).loss.item<double>() - lp), 1e-4);
+}
+
+TEST(Checkpointing, SameLossAndGradientsAsWithout) {
+  std::vector<double> losses;
+  std::vector<std::map<std::string, torch::Tensor>> grads;
+  for (bool on : {false, true}) {
+    auto model = tiny_model();
+    model->train();
+    AdapterRequest req;
+    req.spec.r = 4;
+    req.spec.alpha = 8;
+    req.spec.dropout = 0.2;  // the rerun in backward must draw the same dropout masks
+    recipe::TargetPattern p;
+    p.names = {"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear"};
+    req.targets.target_modules = p;
+    req.ssm_groups = {"A_log", "D", "dt_bias"};
+    auto plan = plan_adapters(model->inventory(), req);
+    apply_adapters(*model, req, plan);
+    {
+      torch::NoGradGuard ng;  // non-zero B so every LoRA tensor gets a gradient
+      for (auto& q : model->named_parameters())
+        if (q.key().find("lora_B") != std::string::npos) q.value().normal_(0.0, 0.1);
+    }
+    ASSERT_TRUE(model->set_gradient_checkpointing(on));
+    torch::manual_seed(21);
+    ModelBatch b;
+    b.input_ids = torch::randint(0, 256, {2, 13}, torch::kLong);
+    b.labels = b.input_ids;
+    auto out = model->forward(b);
+    out.loss.backward();
+    losses.push_back(out.loss.item<double>());
+    std::map<std::string, torch::Tensor> g;
+    for (auto& q : model->named_parameters())
+      if (q.value().requires_grad()) g[q.key()] = q.value().grad().clone();
+    grads.push_back(g);
+  }
+  EXPECT_NEAR(losses[1], losses[0], 1e-6 * std::abs(losses[0]));
+  ASSERT_EQ(grads[0].size(), grads[1].size());
+  for (const auto& [name, g0] : grads[0]) {
+    const auto& g1 = grads[1].at(name);
+    EXPECT_LE((g1 - g0).abs().max().item<double>(), 1e-5 * std::max(1e-12, g0.abs().max().item<double>()))
+        << name;
+  }
 }
 
 }  // namespace

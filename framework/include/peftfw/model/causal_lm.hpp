@@ -36,6 +36,9 @@ class CausalLM : public torch::nn::Module {
   virtual ModelOutput forward(const ModelBatch& batch, GenerationCache* cache = nullptr) = 0;
   virtual std::unique_ptr<GenerationCache> make_cache(int64_t batch_size) = 0;
   virtual const ModelInventory& inventory() const = 0;
+  // Recompute each decoder layer in backward instead of keeping its activations.
+  // Returns false when the architecture does not support it.
+  virtual bool set_gradient_checkpointing(bool on) { return !on; }
 };
 
 // Causal-LM loss as transformers computes it: labels shifted left, ignore -100, mean.
