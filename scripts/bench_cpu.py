@@ -8,6 +8,7 @@ process's maximum resident set size.
 """
 import argparse
 import json
+import re
 import platform
 import resource
 import statistics
@@ -49,7 +50,8 @@ def main():
                 return 1
             steps = [json.loads(l) for l in (Path(tmp) / "run/metrics.jsonl").read_text().splitlines()]
             tps = [s["tokens_per_s"] for s in steps if s["kind"] == "train"][2:]
-            total = next(l for l in r.stderr.splitlines() if l.startswith("model:")).split("(")[1].split(",")[1]
+            model_line = next(l for l in r.stderr.splitlines() if l.startswith("model:"))
+            total = re.search(r"([\d,]+) parameters", model_line).group(1)
             trainable = next(l for l in r.stderr.splitlines() if l.startswith("trainable params:")).split("||")[0]
             peak = max(peak_kb, before) / 1024
             print(f"| {name} | {total.strip()} | {trainable.split(':')[1].strip()} | "
