@@ -505,7 +505,7 @@ TrainSummary train(const recipe::Recipe& r) {
       std::ostringstream line;
       line << "step " << state.step << "/" << total << "  loss " << std::fixed << std::setprecision(4)
            << step_loss << "  lr " << std::scientific << std::setprecision(2) << cur_lr << std::fixed
-           << std::setprecision(0) << "  " << tps << " tok/s  ETA " << eta << "s  mem "
+           << std::setprecision(0) << "  " << tps << " tok/s  ETA " << eta << "s  host mem "
            << resident_mib() << " MiB";
       if (tty) log << "\r" << line.str() << "   " << std::flush;
       else log << line.str() << "\n";
