@@ -15,6 +15,8 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+
+#include "../../common/expect_error.hpp"
 #include <nlohmann/json.hpp>
 
 #include "peftfw/error.hpp"
@@ -26,21 +28,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 using Ids = std::vector<int64_t>;
 
-void expect_input_error(const std::function<void()>& fn,
-                        const std::vector<std::string>& fragments) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected InputError, nothing was thrown";
-  } catch (const InputError& e) {
-    const std::string message = e.what();
-    for (const auto& f : fragments) {
-      EXPECT_NE(message.find(f), std::string::npos)
-          << "message lacks \"" << f << "\"\nmessage: " << message;
-    }
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected InputError, got another exception: " << e.what();
-  }
-}
+using peftfw::testing::expect_input_error;
 
 // ---- byte tokenizer ---------------------------------------------------------------
 

@@ -12,6 +12,8 @@
 #include <vector>
 
 #include <gtest/gtest.h>
+
+#include "../../common/expect_error.hpp"
 #include <nlohmann/json.hpp>
 
 #include "peftfw/error.hpp"
@@ -32,19 +34,6 @@ void expect_input_error(const std::function<void()>& fn, const std::string& expe
   }
 }
 
-void expect_input_error_containing(const std::function<void()>& fn,
-                                   const std::vector<std::string>& fragments) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected InputError, nothing was thrown";
-  } catch (const InputError& e) {
-    const std::string message = e.what();
-    for (const auto& f : fragments) {
-      EXPECT_NE(message.find(f), std::string::npos)
-          << "message lacks \"" << f << "\"\nmessage: " << message;
-    }
-  }
-}
 
 // A config in the shape transformers writes for a hybrid model.
 const char* kConfig = R"({
@@ -181,16 +170,16 @@ TEST(JsonConfigTest, LongStringsAreShortenedInMessages) {
 }
 
 TEST(JsonConfigTest, SyntaxErrorsNameLineAndColumn) {
-  expect_input_error_containing(
+  peftfw::testing::expect_input_error(
       [] { JsonConfig::parse("{\n  \"a\": 1,\n  \"b\": 2,\n}\n", "config.json"); },
       {"config.json:4:1: invalid JSON (byte 22): ", "expected string literal"});
   // Positions count in the original text even after a NaN was substituted.
-  expect_input_error_containing([] { JsonConfig::parse(R"({"x": NaN, "y": oops})", "c.json"); },
+  peftfw::testing::expect_input_error([] { JsonConfig::parse(R"({"x": NaN, "y": oops})", "c.json"); },
                                 {"c.json:1:17: invalid JSON (byte 16)"});
-  expect_input_error_containing(
+  peftfw::testing::expect_input_error(
       [] { JsonConfig::parse(std::string("{\"a\": 1}\n\0{", 11), "nul.json"); },
       {"nul.json:2:1: invalid JSON (byte 9): NUL byte"});
-  expect_input_error_containing([] { JsonConfig::parse("", "empty.json"); },
+  peftfw::testing::expect_input_error([] { JsonConfig::parse("", "empty.json"); },
                                 {"empty.json:1:1: invalid JSON", "unexpected end of input"});
   expect_input_error([] { JsonConfig::parse("[1, 2]", "config.json"); },
                      "config.json: expected a JSON object at the top level, found array of 2 "
@@ -205,7 +194,7 @@ TEST(JsonConfigTest, LoadsFilesAndReportsMissingOnes) {
     std::ofstream out(path);
     out << "{\"hidden_size\": 32,\n \"n\": }";
   }
-  expect_input_error_containing([&] { JsonConfig::load(path); },
+  peftfw::testing::expect_input_error([&] { JsonConfig::load(path); },
                                 {path + ":2:7: invalid JSON"});
   {
     std::ofstream out(path);

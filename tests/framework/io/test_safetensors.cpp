@@ -22,6 +22,8 @@
 #include <unistd.h>
 
 #include <gtest/gtest.h>
+
+#include "../../common/expect_error.hpp"
 #include <nlohmann/json.hpp>
 
 #include "peftfw/error.hpp"
@@ -75,22 +77,7 @@ std::string raw_file(const std::string& header, std::size_t data_bytes) {
   return le64(header.size()) + header + std::string(data_bytes, '\0');
 }
 
-// Runs `fn`, expects an InputError whose message contains every fragment.
-void expect_input_error(const std::function<void()>& fn,
-                        const std::vector<std::string>& fragments) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected InputError, nothing was thrown";
-  } catch (const InputError& e) {
-    const std::string message = e.what();
-    for (const auto& f : fragments) {
-      EXPECT_NE(message.find(f), std::string::npos)
-          << "message lacks \"" << f << "\"\nmessage: " << message;
-    }
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "expected InputError, got another exception: " << e.what();
-  }
-}
+using peftfw::testing::expect_input_error;
 
 struct OwnedTensor {
   std::string name;
