@@ -1,32 +1,80 @@
 // The one dispatch point for Mamba-2 ops: CUDA kernels for CUDA tensors when
 // they are built (PEFTFW_HAVE_CUDA), the LibTorch reference otherwise.
+// PEFTFW_KERNELS=reference in the environment forces the reference (for
+// comparisons and bisecting).
 #include <torch/torch.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
 #include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/ssd_fused.hpp"
+
+#ifdef PEFTFW_HAVE_CUDA
+#include "cuda/ops_cuda.hpp"
+namespace peftfw::kernels::mamba2::cuda_ops {
+void register_ssd_kernels();
+}
+#endif
 
 namespace peftfw::kernels::mamba2 {
+namespace {
+
+bool fast(const torch::Tensor& t) {
+#ifdef PEFTFW_HAVE_CUDA
+  static const bool forced_reference = [] {
+    const char* v = std::getenv("PEFTFW_KERNELS");
+    return v && std::strcmp(v, "reference") == 0;
+  }();
+  static std::once_flag once;
+  std::call_once(once, [] { cuda_ops::register_ssd_kernels(); });
+  return t.is_cuda() && !forced_reference;
+#else
+  (void)t;
+  return false;
+#endif
+}
+
+}  // namespace
 
 const char* implementation_for(const torch::Device& device) {
-  (void)device;
-  return "reference";  // the CUDA kernels register here when built
+  return fast(torch::empty({0}, torch::TensorOptions().device(device))) ? "cuda" : "reference";
 }
 
 torch::Tensor causal_conv1d(const torch::Tensor& x, const torch::Tensor& weight,
                             const torch::Tensor& bias, const torch::Tensor& seq_ids, bool silu) {
+#ifdef PEFTFW_HAVE_CUDA
+  if (fast(x)) return cuda_ops::causal_conv1d(x, weight, bias, seq_ids, silu);
+#endif
   return reference::causal_conv1d(x, weight, bias, seq_ids, silu);
 }
 
-SsdResult ssd_chunk_scan(const SsdArgs& args) { return reference::ssd_chunk_scan(args); }
+SsdResult ssd_chunk_scan(const SsdArgs& args) {
+  if (fast(args.x)) return fused::ssd_chunk_scan(args);
+  return reference::ssd_chunk_scan(args);
+}
 
 torch::Tensor gated_rms_norm(const torch::Tensor& y, const torch::Tensor& z,
                              const torch::Tensor& weight, double eps) {
+#ifdef PEFTFW_HAVE_CUDA
+  if (fast(y)) return cuda_ops::gated_rms_norm(y, z, weight, eps);
+#endif
   return reference::gated_rms_norm(y, z, weight, eps);
 }
 
-torch::Tensor ssd_step(SsdStepArgs& args) { return reference::ssd_step(args); }
+torch::Tensor ssd_step(SsdStepArgs& args) {
+#ifdef PEFTFW_HAVE_CUDA
+  if (fast(args.x)) return cuda_ops::ssd_step(args);
+#endif
+  return reference::ssd_step(args);
+}
 
 torch::Tensor causal_conv1d_step(torch::Tensor& conv_state, const torch::Tensor& x_t,
                                  const torch::Tensor& weight, const torch::Tensor& bias, bool silu) {
+#ifdef PEFTFW_HAVE_CUDA
+  if (fast(x_t)) return cuda_ops::causal_conv1d_step(conv_state, x_t, weight, bias, silu);
+#endif
   return reference::causal_conv1d_step(conv_state, x_t, weight, bias, silu);
 }
 

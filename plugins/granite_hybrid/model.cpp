@@ -258,11 +258,16 @@ ModelOutput GraniteForCausalLM::forward(const ModelBatch& batch, GenerationCache
     }
   }
   h = model->norm(h);
+  if (cache) cache->seen += T;
+  ModelOutput out;
+  if (batch.labels.defined() && !batch.want_logits && !(lm_head && lm_head->adapter())) {
+    // Loss only: never materialise [B,T,V] logits.
+    out.loss = causal_lm_loss_from_hidden(h, lm_head ? lm_head->weight : embed, config_.logits_scaling,
+                                          batch.labels);
+    return out;
+  }
   auto logits = lm_head ? lm_head(h) : F::linear(h, embed);
   logits = logits / config_.logits_scaling;
-  if (cache) cache->seen += T;
-
-  ModelOutput out;
   out.logits = logits;
   if (batch.labels.defined()) out.loss = causal_lm_loss(logits, batch.labels);
   return out;

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/ssd_fused.hpp"
 
 namespace ops = peftfw::kernels::mamba2;
 
@@ -28,7 +29,7 @@ Inputs make_inputs(int64_t Bsz, int64_t T, int64_t H, int64_t P, int64_t G, int6
   if (ids) {
     in.seq = torch::zeros({Bsz, T}, torch::kLong);
     for (int64_t b = 0; b < Bsz; ++b)
-      for (int64_t t = 0; t < T; ++t) in.seq[b][t] = (t >= 5) + (t >= 13 + b);
+      for (int64_t t = 0; t < T; ++t) in.seq[b][t] = (t >= 5) + (t >= 13 + b) + (t >= 16) + (t >= 29 + b);
   }
   return in;
 }
@@ -78,6 +79,7 @@ double max_abs(const torch::Tensor& t) { return t.abs().max().item<double>(); }
 struct Shape {
   int64_t T, chunk, G;
   bool ids;
+  bool fused = false;  // the hand-written-backward fast path instead of the reference
 };
 
 class SsdVsRecurrence : public ::testing::TestWithParam<Shape> {};
@@ -89,7 +91,8 @@ TEST_P(SsdVsRecurrence, OutputsFinalStateAndGradients) {
   // with ids the naive scan resets at the same places, so they must agree either way.
   for (auto* t : {&in.x, &in.dt, &in.A_log, &in.B, &in.C, &in.D, &in.dt_bias, &in.init})
     t->set_requires_grad(true);
-  auto res = ops::ssd_chunk_scan(args_of(in, s.chunk));
+  auto res = s.fused ? ops::fused::ssd_chunk_scan(args_of(in, s.chunk), s.chunk)
+                     : ops::ssd_chunk_scan(args_of(in, s.chunk));
   auto [y_ref, h_ref] = naive_scan(in, 0.0, std::numeric_limits<double>::infinity());
   EXPECT_LE(max_abs(res.y.to(torch::kFloat64) - y_ref), 1e-4 * max_abs(y_ref));
   EXPECT_LE(max_abs(res.final_state.to(torch::kFloat64) - h_ref), 1e-4 * max_abs(h_ref));
@@ -110,7 +113,10 @@ TEST_P(SsdVsRecurrence, OutputsFinalStateAndGradients) {
 INSTANTIATE_TEST_SUITE_P(Shapes, SsdVsRecurrence,
                          ::testing::Values(Shape{21, 8, 1, false}, Shape{21, 8, 2, false},
                                            Shape{5, 8, 1, false}, Shape{16, 8, 1, false},
-                                           Shape{21, 8, 2, true}, Shape{21, 4, 1, true}));
+                                           Shape{21, 8, 2, true}, Shape{21, 4, 1, true},
+                                           Shape{21, 16, 1, false, true}, Shape{21, 16, 2, false, true},
+                                           Shape{5, 16, 1, false, true}, Shape{32, 16, 1, false, true},
+                                           Shape{21, 16, 2, true, true}, Shape{40, 16, 1, true, true}));
 
 TEST(Ssd, TimeStepLimitClamps) {
   auto in = make_inputs(1, 12, 4, 8, 1, 16, false);

@@ -3,6 +3,7 @@ falls; an interrupted run (Ctrl-C) resumes to exactly the adapter of an uninterr
 NaN loss stops the run keeping the last good checkpoint; bad inputs exit 2 with the file or
 key named; an existing run folder is never overwritten by accident."""
 import argparse
+import shutil
 import os
 import re
 import signal
@@ -38,6 +39,7 @@ def same_tensors(a, b):
 
 def main():
     work = Path(ARGS.workdir)
+    shutil.rmtree(work, ignore_errors=True)  # every run starts from nothing
     work.mkdir(parents=True, exist_ok=True)
     tiny = Path(ARGS.source) / "recipes/tiny/granite_v4.toml"
 

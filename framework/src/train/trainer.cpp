@@ -128,6 +128,7 @@ ModelBatch to_model_batch(const data::Batch& b, const torch::Device& device) {
   m.input_ids = t(b.input_ids);
   m.attention_mask = t(b.attention_mask);
   m.labels = t(b.labels);
+  m.want_logits = false;  // the trainer needs the loss only
   if (!b.seq_ids.empty()) m.seq_ids = t(b.seq_ids);
   return m;
 }

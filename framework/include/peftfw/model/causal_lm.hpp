@@ -16,6 +16,9 @@ struct ModelBatch {
   // interact (SSM state, conv window, attention). Undefined = one sequence per row.
   torch::Tensor seq_ids;
   torch::Tensor labels;          // [B,T] int64, -100 = ignored; undefined = no loss
+  // false: only the loss is wanted, so the model may compute it without ever
+  // materialising the [B,T,V] logits (causal_lm_loss_from_hidden).
+  bool want_logits = true;
 };
 
 struct ModelOutput {
@@ -43,5 +46,14 @@ class CausalLM : public torch::nn::Module {
 
 // Causal-LM loss as transformers computes it: labels shifted left, ignore -100, mean.
 torch::Tensor causal_lm_loss(const torch::Tensor& logits, const torch::Tensor& labels);
+
+// The same loss from the last hidden states and the output projection:
+// logits = (hidden @ weight^T) / logits_divisor, computed a block of rows at a
+// time (float32 softmax) and recomputed in backward, so at most `max_elements`
+// logits exist at once instead of [B,T,V] in float32. Only labelled positions
+// are projected. The weight gradient is computed only if weight requires grad.
+torch::Tensor causal_lm_loss_from_hidden(const torch::Tensor& hidden, const torch::Tensor& weight,
+                                         double logits_divisor, const torch::Tensor& labels,
+                                         int64_t max_elements = int64_t{1} << 28);
 
 }  // namespace peftfw

@@ -1,0 +1,374 @@
+// Gated RMSNorm over the last dim: forward and backward.
+//
+//   g    = float(y) * silu(float(z))          (g = float(y) without z)
+//   rstd = rsqrt(mean(g^2) + eps)
+//   out  = weight * T(g * rstd)               (normalised value rounded to T,
+//                                              then multiplied in T's arithmetic)
+//
+// One block per row (the backward strides blocks over rows so that the weight
+// gradient needs one atomicAdd per block per column). A thread owns NV vectors
+// of VEC elements of the row (8/16-byte accesses) and keeps them in registers
+// between the reduction and the output pass.
+//
+// Backward (the rounding of the normalised value is treated as identity):
+//   n = g * rstd, dn = dout * weight
+//   dg = rstd * (dn - n * mean(dn * n))
+//   dy = dg * silu(z), dz = dg * y * silu'(z), dweight = sum_rows dout * T(n)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "launch.hpp"
+
+namespace peftfw::kernels::mamba2::cuda {
+namespace {
+
+// ---- element type helpers -------------------------------------------------
+template <typename T>
+struct Num;
+template <>
+struct Num<float> {
+  static __device__ __forceinline__ float to_f(float v) { return v; }
+  static __device__ __forceinline__ float from_f(float v) { return v; }
+};
+template <>
+struct Num<__half> {
+  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return Num<T>::to_f(Num<T>::from_f(v));
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> load_raw(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_pack(T* p, const float (&o)[N]) {
+  Pack<T, N> pk;
+#pragma unroll
+  for (int i = 0; i < N; ++i) pk.v[i] = Num<T>::from_f(o[i]);
+  *reinterpret_cast<Pack<T, N>*>(p) = pk;
+}
+
+constexpr int kMaxThreads = 512;
+constexpr int kMaxPerThread = 16;  // NV * VEC elements held per thread
+constexpr int kMaxDim = 8192;
+
+// Sum over the block (blockDim.x a multiple of 32). `red` holds 33 floats.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x >> 5) ? red[lane] : 0.f;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) red[32] = v;
+  }
+  __syncthreads();
+  return red[32];
+}
+
+// ---- forward ----------------------------------------------------------------
+template <typename T, int VEC, int NV>
+__global__ void __launch_bounds__(kMaxThreads)
+    rms_fwd_kernel(const T* __restrict__ y, const T* __restrict__ z, const T* __restrict__ w,
+                   T* __restrict__ out, float* __restrict__ rstd, int64_t R, int D, float eps) {
+  __shared__ float red[33];
+  const int Dv = D / VEC;
+  const float inv_d = 1.f / static_cast<float>(D);
+  for (int64_t row = blockIdx.x; row < R; row += gridDim.x) {
+    const int64_t base = row * D;
+    float g[NV][VEC];
+    float ss = 0.f;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int iv = threadIdx.x + k * blockDim.x;
+      if (iv < Dv) {
+        const auto yp = load_raw<T, VEC>(y + base + iv * VEC);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) g[k][i] = Num<T>::to_f(yp.v[i]);
+        if (z != nullptr) {
+          const auto zp = load_raw<T, VEC>(z + base + iv * VEC);
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) {
+            const float zf = Num<T>::to_f(zp.v[i]);
+            g[k][i] = g[k][i] * (zf / (1.f + expf(-zf)));
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) ss = fmaf(g[k][i], g[k][i], ss);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) g[k][i] = 0.f;
+      }
+    }
+    const float total = block_sum(ss, red);
+    const float r = rsqrtf(total * inv_d + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int iv = threadIdx.x + k * blockDim.x;
+      if (iv < Dv) {
+        const auto wp = load_raw<T, VEC>(w + iv * VEC);
+        float o[VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i)
+          o[i] = Num<T>::to_f(wp.v[i]) * round_to<T>(g[k][i] * r);  // rounded to T by the store
+        store_pack<T, VEC>(out + base + iv * VEC, o);
+      }
+    }
+  }
+}
+
+// ---- backward ---------------------------------------------------------------
+template <typename T, int VEC, int NV>
+__global__ void __launch_bounds__(kMaxThreads)
+    rms_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ y, const T* __restrict__ z,
+                   const T* __restrict__ w, const float* __restrict__ rstd, T* __restrict__ dy,
+                   T* __restrict__ dz, float* __restrict__ dweight, int64_t R, int D) {
+  __shared__ float red[33];
+  const int Dv = D / VEC;
+  const float inv_d = 1.f / static_cast<float>(D);
+
+  float wv[NV][VEC], dw[NV][VEC];
+#pragma unroll
+  for (int k = 0; k < NV; ++k) {
+    const int iv = threadIdx.x + k * blockDim.x;
+    if (iv < Dv) {
+      const auto wp = load_raw<T, VEC>(w + iv * VEC);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) wv[k][i] = Num<T>::to_f(wp.v[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) wv[k][i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) dw[k][i] = 0.f;
+  }
+
+  for (int64_t row = blockIdx.x; row < R; row += gridDim.x) {
+    const int64_t base = row * D;
+    const float r = rstd[row];
+    Pack<T, VEC> yk[NV], zk[NV], gk[NV];
+    float dot = 0.f;  // sum(dn * g)
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int iv = threadIdx.x + k * blockDim.x;
+      if (iv < Dv) {
+        yk[k] = load_raw<T, VEC>(y + base + iv * VEC);
+        gk[k] = load_raw<T, VEC>(dout + base + iv * VEC);
+        if (z != nullptr) zk[k] = load_raw<T, VEC>(z + base + iv * VEC);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          float g = Num<T>::to_f(yk[k].v[i]);
+          if (z != nullptr) {
+            const float zf = Num<T>::to_f(zk[k].v[i]);
+            g = g * (zf / (1.f + expf(-zf)));
+          }
+          dot = fmaf(Num<T>::to_f(gk[k].v[i]) * wv[k][i], g, dot);
+        }
+      }
+    }
+    const float c = block_sum(dot, red) * r * inv_d;  // mean(dn * n)
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int iv = threadIdx.x + k * blockDim.x;
+      if (iv < Dv) {
+        float oy[VEC], oz[VEC];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const float yf = Num<T>::to_f(yk[k].v[i]);
+          const float go = Num<T>::to_f(gk[k].v[i]);
+          float sz = 1.f, dsz = 0.f;  // silu(z), silu'(z)
+          if (z != nullptr) {
+            const float zf = Num<T>::to_f(zk[k].v[i]);
+            const float e = expf(-zf);
+            const float sig = 1.f / (1.f + e);
+            sz = zf / (1.f + e);
+            dsz = sig * (1.f + zf * (1.f - sig));
+          }
+          const float n = (yf * sz) * r;
+          const float dg = r * (go * wv[k][i] - n * c);
+          dw[k][i] = fmaf(go, round_to<T>(n), dw[k][i]);
+          oy[i] = dg * sz;
+          oz[i] = dg * yf * dsz;
+        }
+        if (dy != nullptr) store_pack<T, VEC>(dy + base + iv * VEC, oy);
+        if (dz != nullptr && z != nullptr) store_pack<T, VEC>(dz + base + iv * VEC, oz);
+      }
+    }
+  }
+
+  if (dweight != nullptr) {
+#pragma unroll
+    for (int k = 0; k < NV; ++k) {
+      const int iv = threadIdx.x + k * blockDim.x;
+      if (iv < Dv) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) atomicAdd(dweight + iv * VEC + i, dw[k][i]);
+      }
+    }
+  }
+}
+
+// ---- launchers ----------------------------------------------------------------
+bool aligned(const void* p, int bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+struct Shape {
+  int threads;
+  int nv;  // 1, 2, 4, 8 or 16
+};
+
+Shape shape_for(int dv) {
+  int threads = ((dv + 1) / 2 + 31) / 32 * 32;  // about two vectors per thread
+  if (threads < 32) threads = 32;
+  if (threads > kMaxThreads) threads = kMaxThreads;
+  const int need = (dv + threads - 1) / threads;
+  int nv = 1;
+  while (nv < need) nv *= 2;
+  return {threads, nv};
+}
+
+template <typename T, int VEC, int NV>
+cudaError_t launch_nv(bool backward, const void* dout, const void* y, const void* z,
+                      const void* w, void* out, float* rstd_out, const float* rstd_in, void* dy,
+                      void* dz, float* dweight, int64_t R, int D, float eps, int threads,
+                      cudaStream_t stream) {
+  if constexpr (NV * VEC > kMaxPerThread) {
+    return cudaErrorInvalidValue;  // not reachable for D <= kMaxDim
+  } else {
+    auto* yp = static_cast<const T*>(y);
+    auto* zp = static_cast<const T*>(z);
+    auto* wp = static_cast<const T*>(w);
+    if (!backward) {
+      const int64_t grid = R < (1LL << 30) ? R : (1LL << 30);
+      rms_fwd_kernel<T, VEC, NV><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+          yp, zp, wp, static_cast<T*>(out), rstd_out, R, D, eps);
+      return cudaGetLastError();
+    }
+    auto kernel = rms_bwd_kernel<T, VEC, NV>;
+    int64_t grid = R < (1LL << 30) ? R : (1LL << 30);
+    if (dweight != nullptr) {
+      // One wave of blocks: each strides over rows, keeping its weight
+      // partials in registers, then one atomicAdd per column.
+      int device = 0, sms = 0, per_sm = 0;
+      cudaError_t err = cudaGetDevice(&device);
+      if (err == cudaSuccess)
+        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      if (err == cudaSuccess)
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+      if (err != cudaSuccess) return err;
+      const int64_t wave = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+      if (wave < grid) grid = wave;
+    }
+    kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+        static_cast<const T*>(dout), yp, zp, wp, rstd_in, static_cast<T*>(dy), static_cast<T*>(dz),
+        dweight, R, D);
+    return cudaGetLastError();
+  }
+}
+
+template <typename T, int VEC>
+cudaError_t launch_vec(bool backward, const void* dout, const void* y, const void* z,
+                       const void* w, void* out, float* rstd_out, const float* rstd_in, void* dy,
+                       void* dz, float* dweight, int64_t R, int D, float eps,
+                       cudaStream_t stream) {
+  const Shape s = shape_for(D / VEC);
+#define PEFTFW_RMS_NV(N)                                                                       \
+  case N:                                                                                      \
+    return launch_nv<T, VEC, N>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,       \
+                                dweight, R, D, eps, s.threads, stream);
+  switch (s.nv) {
+    PEFTFW_RMS_NV(1)
+    PEFTFW_RMS_NV(2)
+    PEFTFW_RMS_NV(4)
+    PEFTFW_RMS_NV(8)
+    PEFTFW_RMS_NV(16)
+    default: return cudaErrorInvalidValue;
+  }
+#undef PEFTFW_RMS_NV
+}
+
+template <typename T>
+cudaError_t launch_typed(bool backward, const void* dout, const void* y, const void* z,
+                         const void* w, void* out, float* rstd_out, const float* rstd_in,
+                         void* dy, void* dz, float* dweight, int64_t R, int D, float eps,
+                         cudaStream_t stream) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  constexpr int bytes = V * static_cast<int>(sizeof(T));
+  const bool vec = D % V == 0 && aligned(y, bytes) && aligned(z, bytes) && aligned(w, bytes) &&
+                   aligned(out, bytes) && aligned(dout, bytes) && aligned(dy, bytes) &&
+                   aligned(dz, bytes);
+  if (vec)
+    return launch_vec<T, V>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz, dweight, R,
+                            D, eps, stream);
+  return launch_vec<T, 1>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz, dweight, R, D,
+                          eps, stream);
+}
+
+cudaError_t dispatch(DType dtype, bool backward, const void* dout, const void* y, const void* z,
+                     const void* w, void* out, float* rstd_out, const float* rstd_in, void* dy,
+                     void* dz, float* dweight, int64_t R, int D, float eps, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::f32:
+      return launch_typed<float>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz, dweight,
+                                 R, D, eps, stream);
+    case DType::f16:
+      return launch_typed<__half>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,
+                                  dweight, R, D, eps, stream);
+    case DType::bf16:
+      return launch_typed<__nv_bfloat16>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,
+                                         dweight, R, D, eps, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t gated_rms_norm_fwd(DType dtype, const void* y, const void* z, const void* weight,
+                               void* out, float* rstd, int64_t rows, int64_t dim, float eps,
+                               cudaStream_t stream) {
+  if (rows < 0 || dim < 1 || dim > kMaxDim) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  if (y == nullptr || weight == nullptr || out == nullptr || rstd == nullptr)
+    return cudaErrorInvalidValue;
+  return dispatch(dtype, false, nullptr, y, z, weight, out, rstd, nullptr, nullptr, nullptr,
+                  nullptr, rows, static_cast<int>(dim), eps, stream);
+}
+
+cudaError_t gated_rms_norm_bwd(DType dtype, const void* dout, const void* y, const void* z,
+                               const void* weight, const float* rstd, void* dy, void* dz,
+                               float* dweight, int64_t rows, int64_t dim, cudaStream_t stream) {
+  if (rows < 0 || dim < 1 || dim > kMaxDim) return cudaErrorInvalidValue;
+  if (z == nullptr) dz = nullptr;
+  if (rows == 0 || (dy == nullptr && dz == nullptr && dweight == nullptr)) return cudaSuccess;
+  if (dout == nullptr || y == nullptr || weight == nullptr || rstd == nullptr)
+    return cudaErrorInvalidValue;
+  return dispatch(dtype, true, dout, y, z, weight, nullptr, nullptr, rstd, dy, dz, dweight, rows,
+                  static_cast<int>(dim), 0.f, stream);
+}
+
+}  // namespace peftfw::kernels::mamba2::cuda

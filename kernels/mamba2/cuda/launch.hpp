@@ -1,0 +1,71 @@
+// Torch-free launchers for the Mamba-2 CUDA kernels (conv1d.cu, gated_norm.cu,
+// step.cu). Pointers are device pointers to contiguous row-major buffers; the
+// element type of every `void*` buffer is `dtype` unless stated otherwise.
+// Each launcher enqueues its kernel(s) on `stream` and returns
+// cudaGetLastError() (or cudaErrorInvalidValue, without launching anything,
+// for arguments it does not support). Math is float32 throughout; results are
+// rounded to `dtype` at the same points as the LibTorch reference
+// (kernels/mamba2/reference.cpp).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace peftfw::kernels::mamba2::cuda {
+
+enum class DType { f32, f16, bf16 };
+
+// Causal depthwise conv1d (+ SiLU) forward.
+//   x [B,T,C], weight [C,K], bias [C] (nullable), seq_ids [B,T] int64
+//   (nullable), out [B,T,C]. K must be 2..4. With seq_ids, tap t-j is used
+//   only when seq_ids[b,t-j] == seq_ids[b,t]. The pre-activation is
+//   accumulated in float32 and rounded to dtype once (as conv1d does), then
+//   SiLU is applied to the rounded value and rounded again.
+cudaError_t causal_conv1d_fwd(DType dtype, const void* x, const void* weight, const void* bias,
+                              const int64_t* seq_ids, void* out, int64_t batch, int64_t seqlen,
+                              int64_t channels, int kernel_size, bool silu, cudaStream_t stream);
+
+// Causal conv1d backward. dout/x/weight/bias/seq_ids as in the forward.
+//   dx [B,T,C] dtype (nullable: not computed), dweight [C,K] float32 and
+//   dbias [C] float32 (nullable; when given they must be zero-filled by the
+//   caller, the kernel accumulates into them with atomicAdd).
+cudaError_t causal_conv1d_bwd(DType dtype, const void* dout, const void* x, const void* weight,
+                              const void* bias, const int64_t* seq_ids, void* dx, float* dweight,
+                              float* dbias, int64_t batch, int64_t seqlen, int64_t channels,
+                              int kernel_size, bool silu, cudaStream_t stream);
+
+// Gated RMSNorm forward over the last dim: y [R,D], z [R,D] (nullable),
+// weight [D], out [R,D], rstd [R] float32 (written, for the backward).
+//   g = y * silu(z); rstd = rsqrt(mean(g^2) + eps); out = weight * dtype(g * rstd).
+// D must be 1..8192.
+cudaError_t gated_rms_norm_fwd(DType dtype, const void* y, const void* z, const void* weight,
+                               void* out, float* rstd, int64_t rows, int64_t dim, float eps,
+                               cudaStream_t stream);
+
+// Gated RMSNorm backward. dy [R,D] (nullable), dz [R,D] (nullable; ignored
+// when z is null), dweight [D] float32 (nullable; zero-filled by the caller,
+// accumulated with atomicAdd). rstd is the forward's output.
+cudaError_t gated_rms_norm_bwd(DType dtype, const void* dout, const void* y, const void* z,
+                               const void* weight, const float* rstd, void* dy, void* dz,
+                               float* dweight, int64_t rows, int64_t dim, cudaStream_t stream);
+
+// One decoding step of the SSD recurrence.
+//   state [B,H,P,N] float32 (updated in place), x [B,H,P], dt [B,H] (raw),
+//   A_log [H] float32, D [H] float32 (nullable), dt_bias [H] float32,
+//   B, C [B,G,N], y [B,H,P] float32 (out). H must be a multiple of G.
+//   dt = clamp(softplus(dt + dtype(dt_bias)), dt_min, dt_max), rounded to
+//   dtype at each step as the reference does.
+cudaError_t ssd_step(DType dtype, float* state, const void* x, const void* dt, const float* A_log,
+                     const float* D, const float* dt_bias, const void* B, const void* C, float* y,
+                     int64_t batch, int64_t heads, int64_t head_dim, int64_t groups,
+                     int64_t state_dim, float dt_min, float dt_max, cudaStream_t stream);
+
+// One decoding step of the causal conv: conv_state [B,C,K] (in place: shift
+// left, append x_t), x_t [B,C], weight [C,K], bias [C] (nullable), out [B,C].
+// K must be 2..4.
+cudaError_t causal_conv1d_step(DType dtype, void* conv_state, const void* x_t, const void* weight,
+                               const void* bias, void* out, int64_t batch, int64_t channels,
+                               int kernel_size, bool silu, cudaStream_t stream);
+
+}  // namespace peftfw::kernels::mamba2::cuda

@@ -1,0 +1,336 @@
+// LibTorch glue for the Mamba-2 CUDA kernels: argument checks, dtype and
+// layout handling, autograd Functions for the differentiable ops, and the
+// fallback to the reference implementation for unsupported cases.
+#include "ops_cuda.hpp"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/torch.h>
+
+#include <optional>
+
+#include "launch.hpp"
+
+namespace peftfw::kernels::mamba2::cuda_ops {
+namespace {
+
+namespace kc = ::peftfw::kernels::mamba2::cuda;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kMaxNormDim = 8192;   // gated_rms_norm_* limit
+constexpr int64_t kMaxStateDim = 6144;  // ssd_step keeps 2 * N floats in shared memory
+
+std::optional<kc::DType> kernel_dtype(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat32: return kc::DType::f32;
+    case torch::kFloat16: return kc::DType::f16;
+    case torch::kBFloat16: return kc::DType::bf16;
+    default: return std::nullopt;
+  }
+}
+
+kc::DType dtype_of(const torch::Tensor& t) {
+  auto d = kernel_dtype(t.scalar_type());
+  TORCH_CHECK(d.has_value(), "mamba2 CUDA kernels: expected float32, float16 or bfloat16, got ",
+              t.scalar_type());
+  return *d;
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, " (CUDA kernel): ", cudaGetErrorString(err));
+}
+
+void check_device(const torch::Tensor& t, const torch::Device& device, const char* op,
+                  const char* name) {
+  if (!t.defined()) return;
+  TORCH_CHECK(t.device() == device, op, ": expected ", name, " on ", device, " (the device of the ",
+              "first input), got ", t.device());
+}
+
+const void* ptr_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+bool needs_grad(std::initializer_list<const torch::Tensor*> ts) {
+  if (!torch::GradMode::is_enabled()) return false;
+  for (const auto* t : ts)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+// ---- causal conv1d ------------------------------------------------------------
+
+// x [B,T,C], weight [C,K], bias [C] (x's dtype) and seq_ids [B,T] int64, all
+// contiguous on one device.
+torch::Tensor conv_forward(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                           const torch::Tensor& seq, bool silu) {
+  c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty_like(x);
+  const auto err = kc::causal_conv1d_fwd(
+      dtype_of(x), x.data_ptr(), w.data_ptr(), ptr_or_null(b),
+      seq.defined() ? seq.data_ptr<int64_t>() : nullptr, out.data_ptr(), x.size(0), x.size(1),
+      x.size(2), static_cast<int>(w.size(1)), silu, current_stream());
+  check_launch(err, "causal_conv1d");
+  return out;
+}
+
+struct CausalConv1dFn : public torch::autograd::Function<CausalConv1dFn> {
+  // Optional tensors are passed as std::optional: autograd's Function::apply
+  // cannot take undefined at::Tensor arguments. x and weight come first, so
+  // their needs_input_grad indices are 0 and 1; bias is 2 when present.
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight,
+                               const std::optional<torch::Tensor>& bias,
+                               const std::optional<torch::Tensor>& seq_ids, bool silu) {
+    auto xc = x.contiguous();
+    auto wc = weight.contiguous();
+    auto bc = bias.has_value() && bias->defined() ? bias->contiguous() : torch::Tensor();
+    auto sc = seq_ids.has_value() && seq_ids->defined() ? seq_ids->contiguous() : torch::Tensor();
+    auto out = conv_forward(xc, wc, bc, sc, silu);
+    ctx->save_for_backward({xc, wc, bc, sc});
+    ctx->saved_data["silu"] = silu;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto& w = saved[1];
+    const auto& b = saved[2];
+    const auto& seq = saved[3];
+    const bool silu = ctx->saved_data["silu"].toBool();
+    const bool need_x = ctx->needs_input_grad(0);
+    const bool need_w = ctx->needs_input_grad(1);
+    const bool need_b = b.defined() && ctx->needs_input_grad(2);
+    variable_list result(5);  // x, weight, bias, seq_ids, silu
+    if (!grads[0].defined() || !(need_x || need_w || need_b)) return result;
+
+    c10::cuda::CUDAGuard guard(x.device());
+    auto dout = grads[0].to(x.scalar_type()).contiguous();
+    const int64_t C = x.size(2), K = w.size(1);
+    const auto f32 = x.options().dtype(torch::kFloat32);
+    torch::Tensor dx = need_x ? torch::empty_like(x) : torch::Tensor();
+    torch::Tensor dw = need_w ? torch::zeros({C, K}, f32) : torch::Tensor();
+    torch::Tensor db = need_b ? torch::zeros({C}, f32) : torch::Tensor();
+    const auto err = kc::causal_conv1d_bwd(
+        dtype_of(x), dout.data_ptr(), x.data_ptr(), w.data_ptr(), ptr_or_null(b),
+        seq.defined() ? seq.data_ptr<int64_t>() : nullptr, need_x ? dx.data_ptr() : nullptr,
+        need_w ? dw.data_ptr<float>() : nullptr, need_b ? db.data_ptr<float>() : nullptr,
+        x.size(0), x.size(1), C, static_cast<int>(K), silu, current_stream());
+    check_launch(err, "causal_conv1d backward");
+    result[0] = dx;
+    if (need_w) result[1] = dw.to(w.scalar_type());
+    if (need_b) result[2] = db.to(b.scalar_type());
+    return result;
+  }
+};
+
+// ---- gated RMSNorm --------------------------------------------------------------
+
+struct GatedRmsNormFn : public torch::autograd::Function<GatedRmsNormFn> {
+  // Arguments ordered (y, weight, z) so that needs_input_grad indices are
+  // y: 0, weight: 1, z: 2 (z is an optional, absent from the edges when unset).
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& y,
+                               const torch::Tensor& weight, const std::optional<torch::Tensor>& z,
+                               double eps) {
+    auto yc = y.contiguous();
+    auto zc = z.has_value() && z->defined() ? z->contiguous() : torch::Tensor();
+    auto wc = weight.contiguous();
+    const int64_t D = yc.size(-1), R = yc.numel() / D;
+
+    c10::cuda::CUDAGuard guard(yc.device());
+    auto out = torch::empty_like(yc);
+    auto rstd = torch::empty({R}, yc.options().dtype(torch::kFloat32));
+    const auto err = kc::gated_rms_norm_fwd(dtype_of(yc), yc.data_ptr(), ptr_or_null(zc),
+                                            wc.data_ptr(), out.data_ptr(), rstd.data_ptr<float>(),
+                                            R, D, static_cast<float>(eps), current_stream());
+    check_launch(err, "gated_rms_norm");
+    ctx->save_for_backward({yc, zc, wc, rstd});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& y = saved[0];
+    const auto& z = saved[1];
+    const auto& w = saved[2];
+    const auto& rstd = saved[3];
+    const bool need_y = ctx->needs_input_grad(0);
+    const bool need_w = ctx->needs_input_grad(1);
+    const bool need_z = z.defined() && ctx->needs_input_grad(2);
+    variable_list result(4);  // y, weight, z, eps
+    if (!grads[0].defined() || !(need_y || need_z || need_w)) return result;
+
+    c10::cuda::CUDAGuard guard(y.device());
+    auto dout = grads[0].to(y.scalar_type()).contiguous();
+    const int64_t D = y.size(-1), R = y.numel() / D;
+    torch::Tensor dy = need_y ? torch::empty_like(y) : torch::Tensor();
+    torch::Tensor dz = need_z ? torch::empty_like(z) : torch::Tensor();
+    torch::Tensor dw =
+        need_w ? torch::zeros({D}, y.options().dtype(torch::kFloat32)) : torch::Tensor();
+    const auto err = kc::gated_rms_norm_bwd(
+        dtype_of(y), dout.data_ptr(), y.data_ptr(), ptr_or_null(z), w.data_ptr(),
+        rstd.data_ptr<float>(), need_y ? dy.data_ptr() : nullptr, need_z ? dz.data_ptr() : nullptr,
+        need_w ? dw.data_ptr<float>() : nullptr, R, D, current_stream());
+    check_launch(err, "gated_rms_norm backward");
+    result[0] = dy;
+    if (need_w) result[1] = dw.to(w.scalar_type());
+    result[2] = dz;
+    return result;
+  }
+};
+
+}  // namespace
+
+torch::Tensor causal_conv1d(const torch::Tensor& x, const torch::Tensor& weight,
+                            const torch::Tensor& bias, const torch::Tensor& seq_ids, bool silu) {
+  TORCH_CHECK(x.dim() == 3, "causal_conv1d: x must be [B,T,C], got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == x.size(2),
+              "causal_conv1d: weight must be [C,K] with C=", x.size(2), ", got ", weight.sizes());
+  const int64_t K = weight.size(1);
+  const bool supported = x.is_cuda() && kernel_dtype(x.scalar_type()).has_value() &&
+                         weight.scalar_type() == x.scalar_type() && K >= 2 && K <= 4 &&
+                         x.numel() > 0;
+  if (!supported) return reference::causal_conv1d(x, weight, bias, seq_ids, silu);
+
+  const char* op = "causal_conv1d";
+  check_device(weight, x.device(), op, "weight");
+  check_device(bias, x.device(), op, "bias");
+  check_device(seq_ids, x.device(), op, "seq_ids");
+  if (bias.defined())
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == x.size(2), "causal_conv1d: bias must be [C] with C=",
+                x.size(2), ", got ", bias.sizes());
+  if (seq_ids.defined())
+    TORCH_CHECK(seq_ids.sizes() == x.sizes().slice(0, 2), "causal_conv1d: seq_ids must be [B,T]=[",
+                x.size(0), ",", x.size(1), "], got ", seq_ids.sizes());
+  // Outside the Function so autograd sees the bias cast (the reference casts
+  // the bias to x's dtype as well).
+  auto b = bias.defined() && bias.scalar_type() != x.scalar_type() ? bias.to(x.scalar_type()) : bias;
+  auto s = seq_ids.defined() ? seq_ids.to(torch::kInt64) : seq_ids;
+  std::optional<torch::Tensor> b_opt, s_opt;
+  if (b.defined()) b_opt = b;
+  if (s.defined()) s_opt = s;
+  return CausalConv1dFn::apply(x, weight, b_opt, s_opt, silu);
+}
+
+torch::Tensor gated_rms_norm(const torch::Tensor& y, const torch::Tensor& z,
+                             const torch::Tensor& weight, double eps) {
+  const bool supported =
+      y.is_cuda() && y.dim() >= 1 && kernel_dtype(y.scalar_type()).has_value() &&
+      y.numel() > 0 && y.size(-1) >= 1 && y.size(-1) <= kMaxNormDim && weight.dim() == 1 &&
+      weight.size(0) == y.size(-1) && weight.scalar_type() == y.scalar_type() &&
+      (!z.defined() || (z.sizes() == y.sizes() && z.scalar_type() == y.scalar_type()));
+  if (!supported) return reference::gated_rms_norm(y, z, weight, eps);
+
+  const char* op = "gated_rms_norm";
+  check_device(z, y.device(), op, "z");
+  check_device(weight, y.device(), op, "weight");
+  std::optional<torch::Tensor> z_opt;
+  if (z.defined()) z_opt = z;
+  return GatedRmsNormFn::apply(y, weight, z_opt, eps);
+}
+
+torch::Tensor ssd_step(SsdStepArgs& a) {
+  TORCH_CHECK(a.x.dim() == 3, "ssd_step: x must be [B,H,P], got ", a.x.sizes());
+  TORCH_CHECK(a.B.dim() == 3 && a.B.size(0) == a.x.size(0),
+              "ssd_step: B must be [B,G,N] with B=", a.x.size(0), ", got ", a.B.sizes());
+  const int64_t Bsz = a.x.size(0), H = a.x.size(1), P = a.x.size(2);
+  const int64_t G = a.B.size(1), N = a.B.size(2);
+  TORCH_CHECK(G > 0 && H % G == 0, "ssd_step: heads (", H, ") must be a multiple of groups (", G,
+              ")");
+  const auto dt_type = a.x.scalar_type();
+  const bool supported =
+      a.x.is_cuda() && kernel_dtype(dt_type).has_value() && a.dt.scalar_type() == dt_type &&
+      a.B.scalar_type() == dt_type && a.C.scalar_type() == dt_type && Bsz <= 65535 &&
+      H <= 65535 && N <= kMaxStateDim && a.x.numel() > 0 &&
+      !needs_grad({&a.state, &a.x, &a.dt, &a.A_log, &a.B, &a.C, &a.D, &a.dt_bias});
+  if (!supported) return reference::ssd_step(a);
+
+  const char* op = "ssd_step";
+  const auto dev = a.x.device();
+  check_device(a.state, dev, op, "state");
+  check_device(a.dt, dev, op, "dt");
+  check_device(a.A_log, dev, op, "A_log");
+  check_device(a.B, dev, op, "B");
+  check_device(a.C, dev, op, "C");
+  check_device(a.D, dev, op, "D");
+  check_device(a.dt_bias, dev, op, "dt_bias");
+  TORCH_CHECK(a.state.defined() && a.state.dim() == 4 && a.state.size(0) == Bsz &&
+                  a.state.size(1) == H && a.state.size(2) == P && a.state.size(3) == N,
+              "ssd_step: state must be [B,H,P,N]=[", Bsz, ",", H, ",", P, ",", N, "], got ",
+              a.state.defined() ? a.state.sizes() : torch::IntArrayRef{});
+  TORCH_CHECK(a.dt.dim() == 2 && a.dt.size(0) == Bsz && a.dt.size(1) == H,
+              "ssd_step: dt must be [B,H]=[", Bsz, ",", H, "], got ", a.dt.sizes());
+  TORCH_CHECK(a.C.sizes() == a.B.sizes(), "ssd_step: C must match B's shape ", a.B.sizes(),
+              ", got ", a.C.sizes());
+  TORCH_CHECK(a.A_log.numel() == H, "ssd_step: A_log must have H=", H, " elements, got ",
+              a.A_log.numel());
+  TORCH_CHECK(a.dt_bias.numel() == H, "ssd_step: dt_bias must have H=", H, " elements, got ",
+              a.dt_bias.numel());
+  if (a.D.defined())
+    TORCH_CHECK(a.D.numel() == H, "ssd_step: D must have H=", H, " elements, got ", a.D.numel());
+
+  c10::cuda::CUDAGuard guard(dev);
+  const bool in_place = a.state.scalar_type() == torch::kFloat32 && a.state.is_contiguous();
+  torch::Tensor state = in_place ? a.state : a.state.to(torch::kFloat32).contiguous();
+  auto x = a.x.contiguous();
+  auto dt = a.dt.contiguous();
+  auto Bm = a.B.contiguous();
+  auto Cm = a.C.contiguous();
+  auto A_log = a.A_log.to(torch::kFloat32).contiguous();
+  auto dt_bias = a.dt_bias.to(torch::kFloat32).contiguous();
+  auto D = a.D.defined() ? a.D.to(torch::kFloat32).contiguous() : torch::Tensor();
+  auto y = torch::empty({Bsz, H, P}, x.options().dtype(torch::kFloat32));
+  const auto err = kc::ssd_step(
+      dtype_of(x), state.data_ptr<float>(), x.data_ptr(), dt.data_ptr(), A_log.data_ptr<float>(),
+      D.defined() ? D.data_ptr<float>() : nullptr, dt_bias.data_ptr<float>(), Bm.data_ptr(),
+      Cm.data_ptr(), y.data_ptr<float>(), Bsz, H, P, G, N, static_cast<float>(a.dt_min),
+      static_cast<float>(a.dt_max), current_stream());
+  check_launch(err, "ssd_step");
+  if (!in_place) a.state = state;
+  return y;
+}
+
+torch::Tensor causal_conv1d_step(torch::Tensor& conv_state, const torch::Tensor& x_t,
+                                 const torch::Tensor& weight, const torch::Tensor& bias,
+                                 bool silu) {
+  TORCH_CHECK(conv_state.dim() == 3, "causal_conv1d_step: conv_state must be [B,C,K], got ",
+              conv_state.sizes());
+  const int64_t Bsz = conv_state.size(0), C = conv_state.size(1), K = conv_state.size(2);
+  const auto st = conv_state.scalar_type();
+  const bool supported =
+      conv_state.is_cuda() && kernel_dtype(st).has_value() && weight.scalar_type() == st &&
+      (!bias.defined() || bias.scalar_type() == st) && K >= 2 && K <= 4 &&
+      conv_state.numel() > 0 && !needs_grad({&conv_state, &x_t, &weight, &bias});
+  if (!supported) return reference::causal_conv1d_step(conv_state, x_t, weight, bias, silu);
+
+  const char* op = "causal_conv1d_step";
+  const auto dev = conv_state.device();
+  check_device(x_t, dev, op, "x_t");
+  check_device(weight, dev, op, "weight");
+  check_device(bias, dev, op, "bias");
+  TORCH_CHECK(x_t.dim() == 2 && x_t.size(0) == Bsz && x_t.size(1) == C,
+              "causal_conv1d_step: x_t must be [B,C]=[", Bsz, ",", C, "], got ", x_t.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == C && weight.size(1) == K,
+              "causal_conv1d_step: weight must be [C,K]=[", C, ",", K, "], got ", weight.sizes());
+  if (bias.defined())
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == C, "causal_conv1d_step: bias must be [C]=[", C,
+                "], got ", bias.sizes());
+
+  c10::cuda::CUDAGuard guard(dev);
+  const bool in_place = conv_state.is_contiguous();
+  torch::Tensor state = in_place ? conv_state : conv_state.contiguous();
+  auto x = x_t.to(st).contiguous();  // the reference casts x_t to the state's dtype
+  auto w = weight.contiguous();
+  auto b = bias.defined() ? bias.contiguous() : bias;
+  auto out = torch::empty({Bsz, C}, state.options());
+  const auto err = kc::causal_conv1d_step(dtype_of(state), state.data_ptr(), x.data_ptr(),
+                                          w.data_ptr(), ptr_or_null(b), out.data_ptr(), Bsz, C,
+                                          static_cast<int>(K), silu, current_stream());
+  check_launch(err, "causal_conv1d_step");
+  if (!in_place) conv_state = state;
+  return out;
+}
+
+}  // namespace peftfw::kernels::mamba2::cuda_ops

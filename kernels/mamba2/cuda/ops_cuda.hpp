@@ -1,0 +1,34 @@
+// LibTorch entry points for the Mamba-2 CUDA kernels (launch.hpp).
+//
+// Same signatures and results as the reference ops in
+// peftfw/kernels/mamba2.hpp. causal_conv1d and gated_rms_norm are autograd
+// Functions with hand-written backward kernels; ssd_step and
+// causal_conv1d_step are inference-only (they update the state in place).
+// Cases the kernels do not cover (CPU tensors, K outside 2..4, mixed dtypes,
+// D > 8192, inputs that would need autograd through a step op) fall back to
+// the reference implementation.
+#pragma once
+
+#include <torch/types.h>
+
+#include "peftfw/kernels/mamba2.hpp"
+
+namespace peftfw::kernels::mamba2::cuda_ops {
+
+torch::Tensor causal_conv1d(const torch::Tensor& x, const torch::Tensor& weight,
+                            const torch::Tensor& bias, const torch::Tensor& seq_ids, bool silu);
+
+torch::Tensor gated_rms_norm(const torch::Tensor& y, const torch::Tensor& z,
+                             const torch::Tensor& weight, double eps);
+
+// Updates args.state in place when it is a contiguous float32 tensor on the
+// device (otherwise args.state is replaced by the updated float32 copy, as the
+// reference does); returns y [B,H,P] float32.
+torch::Tensor ssd_step(SsdStepArgs& args);
+
+// Shifts conv_state in place when it is contiguous (otherwise conv_state is
+// replaced by the updated contiguous copy); returns the output [B,C].
+torch::Tensor causal_conv1d_step(torch::Tensor& conv_state, const torch::Tensor& x_t,
+                                 const torch::Tensor& weight, const torch::Tensor& bias, bool silu);
+
+}  // namespace peftfw::kernels::mamba2::cuda_ops

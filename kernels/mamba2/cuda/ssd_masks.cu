@@ -1,0 +1,182 @@
+// See ssd_masks.hpp. Thread layout for one [Lc,Lc] tile: 8 warps; warp w owns
+// rows w, w+8, ...; lane j owns columns j, j+32, ... so each row is read
+// coalesced and each row sum is one warp reduction.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "ssd_masks.hpp"
+
+namespace peftfw::kernels::mamba2::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kHeadsPerBlock = 8;  // backward: heads of one group handled by one block
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// grid: (BC, H)
+template <typename T, int Lc>
+__global__ void build_kernel(const float* __restrict__ CB, const float* __restrict__ cum,
+                             const int32_t* __restrict__ seg, T* __restrict__ M, int64_t G,
+                             int64_t Hg) {
+  __shared__ float s_cum[Lc];
+  __shared__ int32_t s_seg[Lc];
+  const int64_t bc = blockIdx.x, h = blockIdx.y, H = G * Hg, g = h / Hg;
+  for (int i = threadIdx.x; i < Lc; i += kThreads) {
+    s_cum[i] = cum[(bc * H + h) * Lc + i];
+    s_seg[i] = seg[bc * Lc + i];
+  }
+  __syncthreads();
+  const float* cb = CB + (bc * G + g) * Lc * Lc;
+  T* out = M + (bc * H + h) * Lc * Lc;
+  for (int i = threadIdx.x; i < Lc * Lc; i += kThreads) {
+    const int l = i / Lc, s = i % Lc;
+    float v = 0.f;
+    if (l >= s && s_seg[l] == s_seg[s]) v = cb[i] * __expf(s_cum[l] - s_cum[s]);
+    out[i] = from_float<T>(v);
+  }
+}
+
+// grid: (BC, G * ceil(Hg / kHeadsPerBlock))
+template <typename T, int Lc>
+__global__ void backward_kernel(const T* __restrict__ dM, const float* __restrict__ CB,
+                                const float* __restrict__ cum, const int32_t* __restrict__ seg,
+                                float* __restrict__ dCB, float* __restrict__ dcum, int64_t G,
+                                int64_t Hg) {
+  constexpr int R = Lc / kWarps;  // rows per warp
+  constexpr int S = Lc / 32;      // columns per lane
+  __shared__ float s_cum[Lc];
+  __shared__ int32_t s_seg[Lc];
+  __shared__ float s_col[kWarps][Lc];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t bc = blockIdx.x, H = G * Hg;
+  const int64_t splits = (Hg + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  const int64_t g = blockIdx.y / splits;
+  const int64_t h0 = g * Hg + (blockIdx.y % splits) * kHeadsPerBlock;
+  const int64_t h1 = min(h0 + kHeadsPerBlock, (g + 1) * Hg);
+  const float* cb = CB + (bc * G + g) * Lc * Lc;
+  for (int i = threadIdx.x; i < Lc; i += kThreads) s_seg[i] = seg[bc * Lc + i];
+
+  float acc[R][S];
+  float cbv[R][S];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < S; ++c) {
+      acc[r][c] = 0.f;
+      cbv[r][c] = cb[(warp + r * kWarps) * Lc + lane + c * 32];
+    }
+
+  for (int64_t h = h0; h < h1; ++h) {
+    __syncthreads();  // s_cum / s_col reuse
+    for (int i = threadIdx.x; i < Lc; i += kThreads) s_cum[i] = cum[(bc * H + h) * Lc + i];
+    __syncthreads();
+    const T* dm = dM + (bc * H + h) * Lc * Lc;
+    float col[S];
+#pragma unroll
+    for (int c = 0; c < S; ++c) col[c] = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int l = warp + r * kWarps;
+      float row = 0.f;
+#pragma unroll
+      for (int c = 0; c < S; ++c) {
+        const int s = lane + c * 32;
+        if (l >= s && s_seg[l] == s_seg[s]) {
+          const float dl = to_float(dm[l * Lc + s]) * __expf(s_cum[l] - s_cum[s]);
+          acc[r][c] += dl;
+          const float w = dl * cbv[r][c];
+          row += w;
+          col[c] += w;
+        }
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) row += __shfl_xor_sync(0xffffffffu, row, off);
+      if (lane == 0) dcum[(bc * H + h) * Lc + l] = row;  // row sums first, column sums below
+    }
+#pragma unroll
+    for (int c = 0; c < S; ++c) s_col[warp][lane + c * 32] = col[c];
+    __syncthreads();
+    for (int s = threadIdx.x; s < Lc; s += kThreads) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += s_col[w][s];
+      dcum[(bc * H + h) * Lc + s] -= sum;  // the row sum of s was written above by warp s % 8
+    }
+  }
+  float* out = dCB + (bc * G + g) * Lc * Lc;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < S; ++c) {
+      const int l = warp + r * kWarps, s = lane + c * 32;
+      if (l >= s) atomicAdd(&out[l * Lc + s], acc[r][c]);
+    }
+}
+
+template <template <typename, int> class Launch, typename... Args>
+cudaError_t by_type_and_size(int dtype, int64_t Lc, Args&&... args) {
+  auto go = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    switch (Lc) {
+      case 32: return Launch<T, 32>::run(args...);
+      case 64: return Launch<T, 64>::run(args...);
+      case 128: return Launch<T, 128>::run(args...);
+      default: return cudaErrorInvalidValue;
+    }
+  };
+  switch (dtype) {
+    case 0: return go(float{});
+    case 1: return go(__half{});
+    case 2: return go(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, int Lc>
+struct BuildLaunch {
+  static cudaError_t run(const float* CB, const float* cum, const int32_t* seg, void* M, int64_t BC,
+                         int64_t G, int64_t Hg, cudaStream_t stream) {
+    build_kernel<T, Lc><<<dim3(BC, G * Hg), kThreads, 0, stream>>>(CB, cum, seg, static_cast<T*>(M), G, Hg);
+    return cudaGetLastError();
+  }
+};
+
+template <typename T, int Lc>
+struct BackwardLaunch {
+  static cudaError_t run(const void* dM, const float* CB, const float* cum, const int32_t* seg,
+                         float* dCB, float* dcum, int64_t BC, int64_t G, int64_t Hg,
+                         cudaStream_t stream) {
+    const int64_t splits = (Hg + kHeadsPerBlock - 1) / kHeadsPerBlock;
+    backward_kernel<T, Lc><<<dim3(BC, G * splits), kThreads, 0, stream>>>(
+        static_cast<const T*>(dM), CB, cum, seg, dCB, dcum, G, Hg);
+    return cudaGetLastError();
+  }
+};
+
+}  // namespace
+
+cudaError_t ssd_build_decay_cb(int out_dtype, const float* CB, const float* cum, const int32_t* seg,
+                               void* M, int64_t BC, int64_t G, int64_t Hg, int64_t Lc,
+                               cudaStream_t stream) {
+  return by_type_and_size<BuildLaunch>(out_dtype, Lc, CB, cum, seg, M, BC, G, Hg, stream);
+}
+
+cudaError_t ssd_build_decay_cb_backward(int in_dtype, const void* dM, const float* CB,
+                                        const float* cum, const int32_t* seg, float* dCB,
+                                        float* dcum, int64_t BC, int64_t G, int64_t Hg, int64_t Lc,
+                                        cudaStream_t stream) {
+  return by_type_and_size<BackwardLaunch>(in_dtype, Lc, dM, CB, cum, seg, dCB, dcum, BC, G, Hg,
+                                          stream);
+}
+
+}  // namespace peftfw::kernels::mamba2::cuda

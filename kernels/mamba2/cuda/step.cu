@@ -1,0 +1,229 @@
+// Single-token (decoding) kernels: the SSD state update and the conv step.
+//
+// ssd_step, per (b, h):
+//   dt  = T(clamp(T(softplus(T(dt_raw + T(dt_bias)))), dt_min, dt_max))
+//   dA  = exp(dt * -exp(A_log))
+//   state[p,n] = state[p,n] * dA + (dt * B[g,n]) * x[p]       (g = h / (H/G))
+//   y[p] = sum_n state[p,n] * C[g,n] + D[h] * x[p]
+// The elementwise products and sums use explicit round-to-nearest intrinsics
+// so they are not contracted into FMAs: each rounds where the reference's
+// separate tensor ops round.
+//
+// causal_conv1d_step, per (b, c):
+//   state[0..K-2] = state[1..K-1]; state[K-1] = x_t
+//   out = T(sum_j T(state[j] * w[j])) (+ bias, rounded) (SiLU, rounded)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "launch.hpp"
+
+namespace peftfw::kernels::mamba2::cuda {
+namespace {
+
+// ---- element type helpers -------------------------------------------------
+template <typename T>
+struct Num;
+template <>
+struct Num<float> {
+  static __device__ __forceinline__ float to_f(float v) { return v; }
+  static __device__ __forceinline__ float from_f(float v) { return v; }
+};
+template <>
+struct Num<__half> {
+  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return Num<T>::to_f(Num<T>::from_f(v));
+}
+
+// ---- SSD state update -------------------------------------------------------
+constexpr int kStepWarps = 4;    // warps per block
+constexpr int kRowsPerWarp = 4;  // head_dim rows per warp
+constexpr int kRowsPerBlock = kStepWarps * kRowsPerWarp;
+
+// dt for (b, h) exactly as ssd_dt: every op rounds to T like the reference's
+// tensor ops on a T tensor (softplus with beta 1, threshold 20; clamp bounds
+// converted to T).
+template <typename T>
+__device__ __forceinline__ float step_dt(float dt_raw, float dt_bias, float dt_min, float dt_max) {
+  const float v = round_to<T>(__fadd_rn(dt_raw, round_to<T>(dt_bias)));
+  const float sp = round_to<T>(v > 20.f ? v : log1pf(expf(v)));
+  if (isnan(sp)) return sp;
+  const float lo = round_to<T>(dt_min), hi = round_to<T>(dt_max);
+  return fminf(fmaxf(sp, lo), hi);  // already a value of T
+}
+
+template <typename T>
+__global__ void __launch_bounds__(32 * kStepWarps)
+    ssd_step_kernel(float* __restrict__ state, const T* __restrict__ x, const T* __restrict__ dt,
+                    const float* __restrict__ A_log, const float* __restrict__ Dskip,
+                    const float* __restrict__ dt_bias, const T* __restrict__ Bm,
+                    const T* __restrict__ Cm, float* __restrict__ y, int H, int P, int G, int N,
+                    float dt_min, float dt_max) {
+  extern __shared__ float smem[];  // [2N]: dt * B[g, :], C[g, :]
+  float* sdB = smem;
+  float* sC = smem + N;
+
+  const int h = blockIdx.y;
+  const int64_t bh = static_cast<int64_t>(blockIdx.z) * H + h;
+  const int g = h / (H / G);
+  const int64_t bg = static_cast<int64_t>(blockIdx.z) * G + g;
+
+  const float dtv = step_dt<T>(Num<T>::to_f(dt[bh]), dt_bias[h], dt_min, dt_max);
+  const float A = -expf(A_log[h]);
+  const float dA = expf(__fmul_rn(dtv, A));
+
+  for (int n = threadIdx.y * 32 + threadIdx.x; n < N; n += 32 * kStepWarps) {
+    sdB[n] = __fmul_rn(dtv, Num<T>::to_f(Bm[bg * N + n]));
+    sC[n] = Num<T>::to_f(Cm[bg * N + n]);
+  }
+  __syncthreads();
+
+  const float dskip = Dskip != nullptr ? Dskip[h] : 0.f;
+  const int p_begin = blockIdx.x * kRowsPerBlock + threadIdx.y * kRowsPerWarp;
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    const int p = p_begin + r;
+    if (p >= P) break;  // uniform over the warp
+    const float xp = Num<T>::to_f(x[bh * P + p]);
+    float* st = state + (bh * P + p) * N;
+    float acc = 0.f;
+    for (int n = threadIdx.x; n < N; n += 32) {
+      const float s = __fadd_rn(__fmul_rn(st[n], dA), __fmul_rn(sdB[n], xp));
+      st[n] = s;
+      acc = fmaf(s, sC[n], acc);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (threadIdx.x == 0) {
+      if (Dskip != nullptr) acc = __fadd_rn(acc, __fmul_rn(dskip, xp));
+      y[bh * P + p] = acc;
+    }
+  }
+}
+
+template <typename T>
+cudaError_t ssd_step_typed(float* state, const void* x, const void* dt, const float* A_log,
+                           const float* D, const float* dt_bias, const void* B, const void* C,
+                           float* y, int Bsz, int H, int P, int G, int N, float dt_min,
+                           float dt_max, cudaStream_t stream) {
+  const dim3 block(32, kStepWarps);
+  const dim3 grid((P + kRowsPerBlock - 1) / kRowsPerBlock, H, Bsz);
+  const size_t smem = 2 * static_cast<size_t>(N) * sizeof(float);
+  if (smem > 48 * 1024) return cudaErrorInvalidValue;
+  ssd_step_kernel<T><<<grid, block, smem, stream>>>(
+      state, static_cast<const T*>(x), static_cast<const T*>(dt), A_log, D, dt_bias,
+      static_cast<const T*>(B), static_cast<const T*>(C), y, H, P, G, N, dt_min, dt_max);
+  return cudaGetLastError();
+}
+
+// ---- conv step --------------------------------------------------------------
+template <typename T, int K>
+__global__ void __launch_bounds__(256)
+    conv_step_kernel(T* __restrict__ conv_state, const T* __restrict__ x_t,
+                     const T* __restrict__ w, const T* __restrict__ bias, T* __restrict__ out,
+                     int64_t BC, int C, bool silu) {
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < BC;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int c = static_cast<int>(idx % C);
+    T* s = conv_state + idx * K;
+    T v[K];
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) v[j] = s[j + 1];
+    v[K - 1] = x_t[idx];
+#pragma unroll
+    for (int j = 0; j < K; ++j) s[j] = v[j];
+
+    // (state * weight) rounds each product to T; .sum(-1) accumulates in
+    // float and rounds once.
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+      acc = __fadd_rn(acc, round_to<T>(__fmul_rn(Num<T>::to_f(v[j]), Num<T>::to_f(w[c * K + j]))));
+    acc = round_to<T>(acc);
+    if (bias != nullptr) acc = round_to<T>(__fadd_rn(acc, Num<T>::to_f(bias[c])));
+    if (silu) acc = acc / (1.f + expf(-acc));
+    out[idx] = Num<T>::from_f(acc);
+  }
+}
+
+template <typename T>
+cudaError_t conv_step_typed(void* conv_state, const void* x_t, const void* w, const void* bias,
+                            void* out, int64_t BC, int C, int K, bool silu, cudaStream_t stream) {
+  constexpr int threads = 256;
+  int64_t blocks = (BC + threads - 1) / threads;
+  if (blocks > (1LL << 30)) blocks = 1LL << 30;
+  const dim3 grid(static_cast<unsigned>(blocks));
+  auto* sp = static_cast<T*>(conv_state);
+  auto* xp = static_cast<const T*>(x_t);
+  auto* wp = static_cast<const T*>(w);
+  auto* bp = static_cast<const T*>(bias);
+  auto* op = static_cast<T*>(out);
+  switch (K) {
+    case 2: conv_step_kernel<T, 2><<<grid, threads, 0, stream>>>(sp, xp, wp, bp, op, BC, C, silu); break;
+    case 3: conv_step_kernel<T, 3><<<grid, threads, 0, stream>>>(sp, xp, wp, bp, op, BC, C, silu); break;
+    case 4: conv_step_kernel<T, 4><<<grid, threads, 0, stream>>>(sp, xp, wp, bp, op, BC, C, silu); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t ssd_step(DType dtype, float* state, const void* x, const void* dt, const float* A_log,
+                     const float* D, const float* dt_bias, const void* B, const void* C, float* y,
+                     int64_t batch, int64_t heads, int64_t head_dim, int64_t groups,
+                     int64_t state_dim, float dt_min, float dt_max, cudaStream_t stream) {
+  if (batch < 0 || heads < 0 || head_dim < 0 || state_dim < 0 || groups < 1) return cudaErrorInvalidValue;
+  if (batch > 65535 || heads > 65535 || head_dim > INT_MAX || state_dim > INT_MAX)
+    return cudaErrorInvalidValue;
+  if (heads % groups != 0) return cudaErrorInvalidValue;
+  if (batch == 0 || heads == 0 || head_dim == 0) return cudaSuccess;
+  if (state == nullptr || x == nullptr || dt == nullptr || A_log == nullptr || dt_bias == nullptr ||
+      B == nullptr || C == nullptr || y == nullptr)
+    return cudaErrorInvalidValue;
+  const int Bsz = static_cast<int>(batch), H = static_cast<int>(heads),
+            P = static_cast<int>(head_dim), G = static_cast<int>(groups),
+            N = static_cast<int>(state_dim);
+  switch (dtype) {
+    case DType::f32:
+      return ssd_step_typed<float>(state, x, dt, A_log, D, dt_bias, B, C, y, Bsz, H, P, G, N, dt_min, dt_max, stream);
+    case DType::f16:
+      return ssd_step_typed<__half>(state, x, dt, A_log, D, dt_bias, B, C, y, Bsz, H, P, G, N, dt_min, dt_max, stream);
+    case DType::bf16:
+      return ssd_step_typed<__nv_bfloat16>(state, x, dt, A_log, D, dt_bias, B, C, y, Bsz, H, P, G, N, dt_min, dt_max, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t causal_conv1d_step(DType dtype, void* conv_state, const void* x_t, const void* weight,
+                               const void* bias, void* out, int64_t batch, int64_t channels,
+                               int kernel_size, bool silu, cudaStream_t stream) {
+  if (batch < 0 || channels < 0 || channels > INT_MAX / 4 || kernel_size < 2 || kernel_size > 4)
+    return cudaErrorInvalidValue;
+  if (batch == 0 || channels == 0) return cudaSuccess;
+  if (conv_state == nullptr || x_t == nullptr || weight == nullptr || out == nullptr)
+    return cudaErrorInvalidValue;
+  const int64_t BC = batch * channels;
+  const int C = static_cast<int>(channels);
+  switch (dtype) {
+    case DType::f32: return conv_step_typed<float>(conv_state, x_t, weight, bias, out, BC, C, kernel_size, silu, stream);
+    case DType::f16: return conv_step_typed<__half>(conv_state, x_t, weight, bias, out, BC, C, kernel_size, silu, stream);
+    case DType::bf16: return conv_step_typed<__nv_bfloat16>(conv_state, x_t, weight, bias, out, BC, C, kernel_size, silu, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace peftfw::kernels::mamba2::cuda
