@@ -4,6 +4,7 @@
 // comparisons and bisecting).
 #include <torch/torch.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -21,15 +22,16 @@ void register_ssd_kernels();
 namespace peftfw::kernels::mamba2 {
 namespace {
 
+std::atomic<bool> g_force_reference{[] {
+  const char* v = std::getenv("PEFTFW_KERNELS");
+  return v != nullptr && std::strcmp(v, "reference") == 0;
+}()};
+
 bool fast(const torch::Tensor& t) {
 #ifdef PEFTFW_HAVE_CUDA
-  static const bool forced_reference = [] {
-    const char* v = std::getenv("PEFTFW_KERNELS");
-    return v && std::strcmp(v, "reference") == 0;
-  }();
   static std::once_flag once;
   std::call_once(once, [] { cuda_ops::register_ssd_kernels(); });
-  return t.is_cuda() && !forced_reference;
+  return t.is_cuda() && !g_force_reference.load();
 #else
   (void)t;
   return false;
@@ -37,6 +39,8 @@ bool fast(const torch::Tensor& t) {
 }
 
 }  // namespace
+
+void set_force_reference(bool on) { g_force_reference.store(on); }
 
 const char* implementation_for(const torch::Device& device) {
   return fast(torch::empty({0}, torch::TensorOptions().device(device))) ? "cuda" : "reference";

@@ -22,10 +22,12 @@ MetricsLog::MetricsLog(const fs::path& run_dir, bool resuming) : dir_(run_dir) {
   if (!csv_existed) csv_ << "kind,step,epoch,loss,lr,grad_norm,tokens_per_s\n";
 }
 
-void MetricsLog::step(int64_t step, int64_t epoch, double loss, double lr, double grad_norm, double tps) {
+void MetricsLog::step(int64_t step, int64_t epoch, double loss, double lr, double grad_norm, double tps,
+                      double gpu_peak_gib) {
   nlohmann::json j = {{"kind", "train"}, {"step", step},           {"epoch", epoch},
                       {"loss", loss},    {"lr", lr},               {"grad_norm", grad_norm},
                       {"tokens_per_s", tps}};
+  if (gpu_peak_gib >= 0) j["gpu_mem_peak_gib"] = gpu_peak_gib;
   jsonl_ << j.dump() << "\n" << std::flush;
   csv_ << "train," << step << "," << epoch << "," << loss << "," << lr << "," << grad_norm << "," << tps
        << "\n" << std::flush;

@@ -29,6 +29,7 @@
 #include "peftfw/model/causal_lm.hpp"
 #include "peftfw/model/loader.hpp"
 #include "peftfw/model/report.hpp"
+#include "peftfw/train/device_memory.hpp"
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registry.hpp"
 #include "peftfw/recipe/recipe.hpp"
@@ -499,7 +500,8 @@ TrainSummary train(const recipe::Recipe& r) {
     auto now = std::chrono::steady_clock::now();
     const double secs = std::chrono::duration<double>(now - t_since).count();
     const double tps = secs > 0 ? static_cast<double>(tokens_since) / secs : 0.0;
-    metrics.step(state.step, state.position.epoch, step_loss, cur_lr, grad_norm, tps);
+    const double gpu_peak = train::gpu_peak_gib(device);
+    metrics.step(state.step, state.position.epoch, step_loss, cur_lr, grad_norm, tps, gpu_peak);
     if (state.step % log_every == 0 || state.step == total || tty) {
       const double elapsed = std::chrono::duration<double>(now - t_start).count();
       const double eta = elapsed / static_cast<double>(state.step) * static_cast<double>(total - state.step);
@@ -508,6 +510,7 @@ TrainSummary train(const recipe::Recipe& r) {
            << step_loss << "  lr " << std::scientific << std::setprecision(2) << cur_lr << std::fixed
            << std::setprecision(0) << "  " << tps << " tok/s  ETA " << eta << "s  host mem "
            << resident_mib() << " MiB";
+      if (gpu_peak >= 0) line << std::setprecision(1) << "  GPU peak " << gpu_peak << " GiB";
       if (tty) log << "\r" << line.str() << "   " << std::flush;
       else log << line.str() << "\n";
       tokens_since = 0;

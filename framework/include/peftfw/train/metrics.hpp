@@ -14,7 +14,9 @@ class MetricsLog {
  public:
   // Appends to existing files when resuming.
   MetricsLog(const std::filesystem::path& run_dir, bool resuming);
-  void step(int64_t step, int64_t epoch, double loss, double lr, double grad_norm, double tokens_per_s);
+  // gpu_peak_gib < 0: not on a GPU (left out of the record)
+  void step(int64_t step, int64_t epoch, double loss, double lr, double grad_norm, double tokens_per_s,
+            double gpu_peak_gib = -1.0);
   void eval(int64_t step, double loss);
   void finish() { write_svg(); }
 

@@ -82,7 +82,12 @@ torch::Tensor causal_conv1d_step(torch::Tensor& conv_state, const torch::Tensor&
                                  const torch::Tensor& weight, const torch::Tensor& bias, bool silu);
 }  // namespace reference
 
-// Which implementation the dispatcher picks for tensors on `device`.
+// Which implementation the dispatcher picks for tensors on `device`:
+// "cuda" (kernels built, CUDA tensor) or "reference".
 const char* implementation_for(const torch::Device& device);
+
+// Forces the reference everywhere (comparisons, bisecting). Also set by the
+// environment variable PEFTFW_KERNELS=reference.
+void set_force_reference(bool on);
 
 }  // namespace peftfw::kernels::mamba2

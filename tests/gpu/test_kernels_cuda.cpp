@@ -1,0 +1,273 @@
+// CUDA kernels against the LibTorch reference ops on the same GPU (float32 and
+// bfloat16): outputs, final states and every input gradient; then a whole
+// model forward+backward with the kernels against the reference path.
+// Built only with a CUDA LibTorch; ctest label "gpu".
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/ssd_fused.hpp"
+#include "peftfw/model/causal_lm.hpp"
+#include "peftfw/model/loader.hpp"
+
+namespace ops = peftfw::kernels::mamba2;
+using torch::Tensor;
+
+namespace {
+
+const torch::Device kCuda(torch::kCUDA);
+
+// max |a - b| / max |b|, in float64
+double rel(const Tensor& a, const Tensor& b) {
+  auto a64 = a.to(torch::kFloat64), b64 = b.to(torch::kFloat64);
+  return (a64 - b64).abs().max().item<double>() / std::max(b64.abs().max().item<double>(), 1e-30);
+}
+
+// Observed errors go to stdout so the log records them next to the tolerance.
+void expect_close(const Tensor& got, const Tensor& want, double tol, const std::string& what) {
+  ASSERT_EQ(got.sizes(), want.sizes()) << what;
+  ASSERT_FALSE(torch::isnan(got).any().item<bool>()) << what << " has NaN";
+  const double e = rel(got, want);
+  std::printf("  %-34s rel err %.2e (tol %.0e)\n", what.c_str(), e, tol);
+  EXPECT_LE(e, tol) << what;
+}
+
+struct SsdShape {
+  int64_t B, T, H, P, G, N;
+  bool ids, init;
+  torch::ScalarType dtype;
+};
+
+std::string describe(const SsdShape& s) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "B%ld T%ld H%ld P%ld G%ld N%ld%s%s %s", s.B, s.T, s.H, s.P, s.G, s.N,
+                s.ids ? " ids" : "", s.init ? " init" : "", s.dtype == torch::kBFloat16 ? "bf16" : "fp32");
+  return buf;
+}
+
+class SsdCuda : public ::testing::TestWithParam<SsdShape> {};
+
+TEST_P(SsdCuda, FusedEqualsReference) {
+  const auto s = GetParam();
+  std::printf("%s\n", describe(s).c_str());
+  torch::manual_seed(5);
+  auto o = torch::TensorOptions().device(kCuda);
+  auto in = [&](Tensor t) { return t.to(s.dtype).detach().requires_grad_(true); };
+  auto x = in(torch::randn({s.B, s.T, s.H, s.P}, o));
+  auto dt = in(torch::randn({s.B, s.T, s.H}, o) * 0.5 - 1.0);
+  auto Bm = in(torch::randn({s.B, s.T, s.G, s.N}, o));
+  auto Cm = in(torch::randn({s.B, s.T, s.G, s.N}, o));
+  auto A_log = (torch::log(torch::linspace(1.0, 16.0, s.H, o))).requires_grad_(true);
+  auto D = torch::randn({s.H}, o).requires_grad_(true);
+  auto dt_bias = (torch::randn({s.H}, o) * 0.3).requires_grad_(true);
+  Tensor init = s.init ? torch::randn({s.B, s.H, s.P, s.N}, o).requires_grad_(true) : Tensor();
+  Tensor seq;
+  if (s.ids) {  // several packed sequences per row, boundaries at and off chunk edges
+    seq = torch::zeros({s.B, s.T}, o.dtype(torch::kLong));
+    for (int64_t cut : {s.T / 5, s.T / 2, 128L, s.T - 7})
+      if (cut > 0 && cut < s.T) seq.narrow(1, cut, s.T - cut).add_(1);
+  }
+  ops::SsdArgs a;
+  a.x = x, a.dt = dt, a.A_log = A_log, a.B = Bm, a.C = Cm, a.D = D, a.dt_bias = dt_bias;
+  a.initial_state = init, a.seq_ids = seq, a.chunk_size = 256;
+  a.dt_min = 0.001, a.dt_max = 5.0;
+  auto ref = ops::reference::ssd_chunk_scan(a);
+  auto got = ops::fused::ssd_chunk_scan(a);
+
+  const bool bf16 = s.dtype == torch::kBFloat16;
+  const double tol_out = bf16 ? 2e-2 : 1e-4, tol_grad = bf16 ? 5e-2 : 1e-3;
+  expect_close(got.y, ref.y, tol_out, "y");
+  expect_close(got.final_state, ref.final_state, tol_out, "final_state");
+
+  auto wy = torch::randn(ref.y.sizes(), o), wh = torch::randn(ref.final_state.sizes(), o);
+  std::vector<Tensor> wrt = {x, dt, A_log, Bm, Cm, D, dt_bias};
+  std::vector<std::string> names = {"dx", "ddt", "dA_log", "dB", "dC", "dD", "ddt_bias"};
+  if (s.init) wrt.push_back(init), names.push_back("dinitial_state");
+  auto g_ref = torch::autograd::grad({(ref.y * wy).sum() + (ref.final_state * wh).sum()}, wrt);
+  auto g_got = torch::autograd::grad({(got.y * wy).sum() + (got.final_state * wh).sum()}, wrt);
+  for (size_t i = 0; i < wrt.size(); ++i) expect_close(g_got[i], g_ref[i], tol_grad, names[i]);
+}
+
+const auto f32 = torch::kFloat32;
+const auto bf16 = torch::kBFloat16;
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, SsdCuda,
+    ::testing::Values(SsdShape{2, 1000, 8, 64, 1, 128, false, false, f32},   // T not a chunk multiple
+                      SsdShape{2, 50, 8, 32, 2, 64, false, true, f32},       // T < chunk, groups
+                      SsdShape{2, 300, 4, 128, 1, 64, true, true, f32},      // packed ids, P 128
+                      SsdShape{1, 512, 8, 64, 4, 128, true, false, f32},     // ids at chunk edges
+                      SsdShape{2, 1000, 8, 64, 1, 128, false, false, bf16},
+                      SsdShape{2, 50, 8, 32, 2, 64, false, true, bf16},
+                      SsdShape{2, 300, 4, 128, 1, 64, true, true, bf16},
+                      SsdShape{1, 512, 8, 64, 4, 128, true, false, bf16}));
+
+struct ConvShape {
+  int64_t B, T, C, K;
+  bool ids, bias, silu;
+  torch::ScalarType dtype;
+};
+
+class ConvCuda : public ::testing::TestWithParam<ConvShape> {};
+
+TEST_P(ConvCuda, EqualsReference) {
+  const auto s = GetParam();
+  torch::manual_seed(6);
+  auto o = torch::TensorOptions().device(kCuda).dtype(s.dtype);
+  auto x = torch::randn({s.B, s.T, s.C}, o).requires_grad_(true);
+  auto w = (torch::randn({s.C, s.K}, o) * 0.5).requires_grad_(true);
+  Tensor b = s.bias ? torch::randn({s.C}, o).requires_grad_(true) : Tensor();
+  Tensor seq;
+  if (s.ids) {
+    seq = torch::zeros({s.B, s.T}, o.dtype(torch::kLong));
+    seq.narrow(1, s.T / 3, s.T - s.T / 3).add_(1);
+    seq.narrow(1, s.T / 3 + 1, s.T - s.T / 3 - 1).add_(1);  // a one-token sequence
+  }
+  ops::set_force_reference(true);
+  auto ref = ops::causal_conv1d(x, w, b, seq, s.silu);
+  ops::set_force_reference(false);
+  auto got = ops::causal_conv1d(x, w, b, seq, s.silu);
+  const bool lowp = s.dtype != torch::kFloat32;
+  expect_close(got, ref, lowp ? 1e-2 : 1e-5, "conv out");
+  auto wo = torch::randn(ref.sizes(), o);
+  std::vector<Tensor> wrt = {x, w};
+  if (s.bias) wrt.push_back(b);
+  auto g_ref = torch::autograd::grad({(ref.to(f32) * wo).sum()}, wrt);
+  auto g_got = torch::autograd::grad({(got.to(f32) * wo).sum()}, wrt);
+  const char* names[] = {"conv dx", "conv dweight", "conv dbias"};
+  for (size_t i = 0; i < wrt.size(); ++i) expect_close(g_got[i], g_ref[i], lowp ? 2e-2 : 1e-5, names[i]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ConvCuda,
+                         ::testing::Values(ConvShape{2, 77, 96, 4, false, true, true, f32},
+                                           ConvShape{2, 77, 96, 4, true, true, true, f32},
+                                           ConvShape{3, 40, 130, 2, true, false, false, f32},
+                                           ConvShape{2, 1280, 4352, 4, true, true, true, f32},
+                                           ConvShape{2, 77, 96, 4, false, true, true, bf16},
+                                           ConvShape{2, 1280, 4352, 4, true, true, true, bf16},
+                                           ConvShape{3, 40, 130, 3, true, false, false, bf16}));
+
+struct NormShape {
+  int64_t R, D;
+  bool gate;
+  torch::ScalarType dtype;
+};
+
+class NormCuda : public ::testing::TestWithParam<NormShape> {};
+
+TEST_P(NormCuda, EqualsReference) {
+  const auto s = GetParam();
+  torch::manual_seed(8);
+  auto o = torch::TensorOptions().device(kCuda).dtype(s.dtype);
+  auto y = torch::randn({s.R, s.D}, o).requires_grad_(true);
+  Tensor z = s.gate ? torch::randn({s.R, s.D}, o).requires_grad_(true) : Tensor();
+  auto w = (1.0 + 0.1 * torch::randn({s.D}, o)).requires_grad_(true);
+  ops::set_force_reference(true);
+  auto ref = ops::gated_rms_norm(y, z, w, 1e-5);
+  ops::set_force_reference(false);
+  auto got = ops::gated_rms_norm(y, z, w, 1e-5);
+  const bool lowp = s.dtype != torch::kFloat32;
+  expect_close(got, ref, lowp ? 1e-2 : 1e-5, "norm out");
+  auto wo = torch::randn(ref.sizes(), o);
+  std::vector<Tensor> wrt = {y, w};
+  if (s.gate) wrt.push_back(z);
+  auto g_ref = torch::autograd::grad({(ref.to(f32) * wo).sum()}, wrt);
+  auto g_got = torch::autograd::grad({(got.to(f32) * wo).sum()}, wrt);
+  const char* names[] = {"norm dy", "norm dweight", "norm dz"};
+  for (size_t i = 0; i < wrt.size(); ++i) expect_close(g_got[i], g_ref[i], lowp ? 2e-2 : 1e-4, names[i]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, NormCuda,
+                         ::testing::Values(NormShape{154, 4096, true, f32}, NormShape{33, 96, false, f32},
+                                           NormShape{154, 4096, true, bf16}, NormShape{7, 333, true, bf16}));
+
+TEST(StepCuda, SsdAndConvStepsEqualReference) {
+  torch::manual_seed(9);
+  for (auto dtype : {f32, bf16}) {
+    auto o = torch::TensorOptions().device(kCuda);
+    const int64_t B = 3, H = 8, P = 64, G = 2, N = 128, C = 640, K = 4;
+    torch::NoGradGuard ng;
+    ops::SsdStepArgs a;
+    a.state = torch::randn({B, H, P, N}, o);
+    a.x = torch::randn({B, H, P}, o).to(dtype);
+    a.dt = torch::randn({B, H}, o).to(dtype);
+    a.A_log = torch::randn({H}, o);
+    a.B = torch::randn({B, G, N}, o).to(dtype);
+    a.C = torch::randn({B, G, N}, o).to(dtype);
+    a.D = torch::randn({H}, o);
+    a.dt_bias = torch::randn({H}, o);
+    a.dt_min = 0.001, a.dt_max = 2.0;
+    auto b = a;
+    b.state = a.state.clone();
+    auto y_ref = ops::reference::ssd_step(b);
+    auto y_got = ops::ssd_step(a);
+    expect_close(y_got, y_ref, 1e-5, "ssd_step y");
+    expect_close(a.state, b.state, 1e-5, "ssd_step state");
+
+    auto cs = torch::randn({B, C, K}, o).to(dtype), cs_ref = cs.clone();
+    auto xt = torch::randn({B, C}, o).to(dtype);
+    auto w = torch::randn({C, K}, o).to(dtype), bias = torch::randn({C}, o).to(dtype);
+    auto c_ref = ops::reference::causal_conv1d_step(cs_ref, xt, w, bias, true);
+    auto c_got = ops::causal_conv1d_step(cs, xt, w, bias, true);
+    expect_close(c_got, c_ref, dtype == f32 ? 1e-5 : 1e-2, "conv step out");
+    expect_close(cs, cs_ref, 0.0, "conv step state");
+  }
+}
+
+// A small hybrid model (4 Mamba-2 layers + 1 attention, groups 2, chunk 64):
+// loss and every parameter gradient with the kernels equal the reference path.
+TEST(ModelCuda, ForwardBackwardEqualsReferencePath) {
+  std::ifstream f(PEFTFW_MICRO_CONFIG);
+  auto cfg = nlohmann::json::parse(f);
+  cfg["hidden_size"] = 256, cfg["intermediate_size"] = 512, cfg["shared_intermediate_size"] = 512;
+  cfg["num_hidden_layers"] = 5, cfg["layer_types"] = {"mamba", "mamba", "attention", "mamba", "mamba"};
+  cfg["vocab_size"] = 1000, cfg["mamba_n_heads"] = 8, cfg["mamba_d_head"] = 64, cfg["mamba_d_state"] = 64;
+  cfg["mamba_n_groups"] = 2, cfg["mamba_chunk_size"] = 64, cfg["num_attention_heads"] = 4;
+  cfg["num_key_value_heads"] = 2, cfg["bos_token_id"] = 1, cfg["eos_token_id"] = 2, cfg["pad_token_id"] = 0;
+  peftfw::ModelSource src;
+  src.inline_config = cfg;
+  src.random_init = true;
+  src.seed = 3;
+  src.device = "cuda";
+  auto model = peftfw::load_model(src).model;
+  model->train();
+  torch::manual_seed(1);
+  peftfw::ModelBatch batch;
+  const int64_t B = 2, T = 200;
+  batch.input_ids = torch::randint(3, 1000, {B, T}, torch::TensorOptions().dtype(torch::kLong).device(kCuda));
+  batch.labels = batch.input_ids.clone();
+  batch.seq_ids = torch::zeros({B, T}, batch.input_ids.options());
+  batch.seq_ids.narrow(1, 90, T - 90).fill_(1);  // two packed sequences per row
+  batch.want_logits = false;
+
+  auto run = [&](bool reference) {
+    ops::set_force_reference(reference);
+    for (auto& p : model->parameters()) p.mutable_grad() = Tensor();
+    auto loss = model->forward(batch).loss;
+    loss.backward();
+    std::map<std::string, Tensor> grads;
+    for (auto& p : model->named_parameters())
+      if (p.value().grad().defined()) grads[p.key()] = p.value().grad().clone();
+    ops::set_force_reference(false);
+    return std::make_pair(loss.item<double>(), grads);
+  };
+  for (auto& p : model->parameters()) p.set_requires_grad(true);
+  auto [loss_ref, g_ref] = run(true);
+  auto [loss_got, g_got] = run(false);
+  std::printf("  loss reference %.8f kernels %.8f\n", loss_ref, loss_got);
+  EXPECT_NEAR(loss_got, loss_ref, 1e-5 * std::abs(loss_ref));
+  ASSERT_EQ(g_got.size(), g_ref.size());
+  double worst = 0;
+  std::string worst_name;
+  for (auto& [name, g] : g_ref) {
+    const double e = rel(g_got.at(name), g);
+    if (e > worst) worst = e, worst_name = name;
+    EXPECT_LE(e, 2e-3) << name;
+  }
+  std::printf("  worst parameter gradient: %s rel err %.2e over %zu tensors\n", worst_name.c_str(), worst,
+              g_ref.size());
+}
+
+}  // namespace
