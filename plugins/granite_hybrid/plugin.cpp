@@ -2,6 +2,7 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
+#include "gguf_layout.hpp"
 #include "inventory.hpp"
 #include "model.hpp"
 #include "peftfw/io/json_config.hpp"
@@ -31,6 +32,10 @@ class GranitePlugin final : public ArchitecturePlugin {
                                                       : torch::kFloat32;
     model->to(torch::Device(options.device), dtype);
     return model;
+  }
+
+  std::optional<GgufLayout> gguf_layout(const io::JsonConfig& json) const override {
+    return gguf_layout_of(json);
   }
 };
 

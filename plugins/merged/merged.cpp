@@ -5,13 +5,10 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
-#include <map>
-
 #include "peftfw/error.hpp"
 #include "peftfw/io/safetensors.hpp"
 #include "peftfw/io/tensor_bridge.hpp"
-#include "peftfw/model/causal_lm.hpp"
-#include "peftfw/nn/linear.hpp"
+#include "peftfw/model/merge.hpp"
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registrar.hpp"
 
@@ -26,20 +23,7 @@ class MergedFormat final : public PersistencePlugin {
 
   void save(const SaveRequest& req, const fs::path& dir) const override {
     TORCH_CHECK(req.model, "merged save needs a model");
-    auto& model = *req.model;
-    torch::NoGradGuard no_grad;
-    const auto base_dtype = model.named_parameters().front().value().scalar_type();
-    std::map<std::string, torch::Tensor> merged;
-    for (auto& [name, lin] : nn::named_linears(model))
-      if (lin->adapter()) merged[name + ".weight"] = lin->adapter()->merged_weight(*lin);
-    std::map<std::string, torch::Tensor> tensors;
-    for (auto& p : model.named_parameters()) {
-      const auto& name = p.key();
-      if (name.find(".lora_") != std::string::npos) continue;  // adapter tensors are folded in
-      auto it = merged.find(name);
-      auto value = it != merged.end() ? it->second : p.value().detach();
-      tensors[name] = value.to(torch::kCPU, base_dtype).contiguous();
-    }
+    auto tensors = merged_state_dict(*req.model);
     if (req.config_json.empty()) throw RuntimeError("merged save needs the model's config.json text");
     write_folder_atomic(dir, [&](const fs::path& tmp) {
       io::save_checkpoint_tensors(tmp.string(), tensors, {{"format", "pt"}});

@@ -170,6 +170,11 @@ KeySpec flag(std::string name, bool def, std::string doc) {
                       std::optional<bool>(def));
 }
 
+KeySpec with_choices(KeySpec k, Strings choices) {
+  k.choices = std::move(choices);
+  return k;
+}
+
 KeySpec strings(std::string name, std::optional<Strings> def, std::string doc) {
   return with_default(declare(std::move(name), ValueType::kStringArray, std::move(doc)),
                       std::move(def));
@@ -265,6 +270,8 @@ Schema make_builtin_schema() {
       text   ("dir", "runs/default", "Run folder (logs, checkpoints, resolved recipe, exports); a relative path is relative to the working directory, like HF's output_dir."),
       strings("formats", Strings{"peft"}, "Exports, by output plugin name (\"peft\": adapter_model.safetensors + adapter_config.json)."),
       flag   ("overwrite", false, "Allow replacing the contents of an existing output.dir."),
+      with_choices(strings("gguf_types", Strings{"f16"}, "With the \"gguf\" format: one llama.cpp file per type, gguf/model-<type>.gguf (norms and SSM tensors stay f32)."),
+                   {"f32", "f16", "bf16", "q8_0"}),
     }},
     {"eval", "Evaluation tasks run on the trained model.", {
       strings("tasks", Strings{}, "Evaluation tasks, by name."),

@@ -548,6 +548,7 @@ TrainSummary train(const recipe::Recipe& r) {
   save.base_model_dir = source.dir;
   save.base_model_name = source.dir.empty() ? std::string("random-init:") + inv.model_type : source.dir.string();
   save.config_json = loaded.config_json;
+  save.gguf_types = r.get_strings("output", "gguf_types");
   for (const auto& format : r.get_strings("output", "formats")) {
     const auto dir = run_dir / format;
     PluginRegistry::instance().persistence(format)->save(save, dir);

@@ -4,8 +4,12 @@
 // model_types() contains the config's "model_type".
 #pragma once
 
+#include <torch/types.h>
+
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,6 +29,34 @@ struct BuildOptions {
   uint64_t seed = 0;              // random init seed
 };
 
+// How a model family is laid out in a GGUF file for llama.cpp: the arch name,
+// its hyperparameter keys, and every tensor's GGUF name, shape and how it is
+// made from the merged HF tensors. Persistence plugins write it; only the
+// architecture plugin knows it.
+struct GgufValue {
+  enum class Type { u32, f32, boolean, string, i32_array };
+  std::string key;  // full key, e.g. "granitehybrid.ssm.state_size"
+  Type type = Type::u32;
+  double number = 0;               // u32, f32, boolean
+  std::string text;                // string
+  std::vector<int32_t> integers;   // i32_array
+};
+
+struct GgufTensor {
+  std::string name;            // e.g. "blk.0.ssm_in.weight"
+  std::vector<int64_t> shape;  // row-major (outermost first), as numpy sees it
+  bool keep_f32 = false;       // norms, SSM core tensors, router: float32 in every file type
+  // Makes the float32 CPU tensor of `shape` from merged HF tensors, looked up
+  // by checkpoint name through `hf`.
+  std::function<torch::Tensor(const std::function<torch::Tensor(const std::string&)>& hf)> make;
+};
+
+struct GgufLayout {
+  std::string arch;  // general.architecture
+  std::vector<GgufValue> metadata;
+  std::vector<GgufTensor> tensors;
+};
+
 class ArchitecturePlugin {
  public:
   virtual ~ArchitecturePlugin() = default;
@@ -37,6 +69,12 @@ class ArchitecturePlugin {
   // Builds the module tree with checkpoint-identical parameter names.
   virtual std::shared_ptr<CausalLM> build(const io::JsonConfig& config,
                                           const BuildOptions& options) const = 0;
+  // The GGUF layout of this config, or nullopt when the family has none.
+  // Throws InputError for a config llama.cpp cannot run, naming the field.
+  virtual std::optional<GgufLayout> gguf_layout(const io::JsonConfig& config) const {
+    (void)config;
+    return std::nullopt;
+  }
 };
 
 }  // namespace peftfw

@@ -20,6 +20,7 @@ struct SaveRequest {
   std::filesystem::path base_model_dir;      // source checkpoint folder, if any
   std::string base_model_name;               // for adapter_config.json base_model_name_or_path
   std::string config_json;                   // the model's config.json text
+  std::vector<std::string> gguf_types = {"f16"};  // [output] gguf_types: one .gguf file per type
 };
 
 struct LoadedAdapter {

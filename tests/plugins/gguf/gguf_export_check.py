@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""GGUF export checks (the "gguf" persistence plugin).
+
+1. transformers writes two tiny Granite-4.0-H checkpoints with a BPE tokenizer (dense with 1 SSM
+   group, tied; MoE with 2 groups, untied, RoPE); peftfw trains LoRA + SSM tensors for a few steps and
+   exports "merged" and "gguf" in f32, f16, bf16 and q8_0.
+2. The `gguf` package reads every file back: architecture, every hyperparameter key (names from
+   gguf.Keys, values from config.json), tokenizer arrays (from tokenizer.json), tensor names, shapes,
+   types and values. Expected tensors are computed here from the merged safetensors with the layout
+   rules of llama.cpp's converter (A = -exp(A_log), conv squeezed, norm [G, Im/G], gate/up split,
+   q/k RoPE permutation); F16/BF16 values must equal numpy's conversion, Q8_0 values equal
+   gguf.quants' dequantised reference.
+3. When llama-cpp-python is installed: llama.cpp loads the dense f32 file and its logits for a
+   token sequence match `peftfw forward` on the merged checkpoint (bf16 tolerance). Skipped otherwise.
+Usage: gguf_export_check.py --peftfw BIN --workdir DIR
+"""
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+passed = failed = skipped = 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    passed += bool(ok)
+    failed += not ok
+    print(("ok    " if ok else "FAIL  ") + name + ("" if ok else "\n      " + str(detail)[-3000:]))
+
+
+def make_checkpoint(dirpath, moe):
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|end_of_text|>", "<|pad|>", "<|start_of_role|>", "<|end_of_role|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [f"Classify the ticket {i}: the printer on floor {i % 7} is {w}." for i, w in
+              enumerate(["broken", "fine", "slow", "jammed", "offline"] * 40)]
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end_of_text|>", pad_token="<|pad|>",
+                                   bos_token="<|end_of_text|>")
+    fast.save_pretrained(dirpath)
+    n_tok = tok.get_vocab_size()
+    cfg = dict(vocab_size=320, hidden_size=64, intermediate_size=32, shared_intermediate_size=96,
+               num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"],
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+               initializer_range=0.1, embedding_multiplier=12.0, attention_multiplier=0.0625,
+               residual_multiplier=0.22, logits_scaling=4.0, num_local_experts=4 if moe else 0,
+               num_experts_per_tok=2 if moe else 0, position_embedding_type="rope" if moe else "nope",
+               tie_word_embeddings=not moe, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2 if moe else 1,
+               mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, mamba_conv_bias=True,
+               mamba_proj_bias=False, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
+               pad_token_id=fast.pad_token_id)
+    torch.manual_seed(1 if moe else 0)
+    model = GraniteMoeHybridForCausalLM(GraniteMoeHybridConfig(**cfg))
+    model.save_pretrained(dirpath)
+    return n_tok
+
+
+def train_and_export(args, case, ckpt):
+    run = Path(args.workdir) / f"run_{case}"
+    recipe = Path(args.workdir) / f"{case}.toml"
+    recipe.write_text(f"""
+[model]
+path = "{ckpt}"
+dtype = "float32"
+[adapter]
+method = "lora"
+r = 8
+alpha = 16.0
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "shared_mlp.input_linear",
+                  "shared_mlp.output_linear"]
+[ssm]
+train = ["A_log", "D", "dt_bias"]
+[data]
+synth_task = "classification"
+synth_n = 64
+max_length = 96
+eval_fraction = 0.0
+[train]
+max_steps = 4
+batch_size = 4
+lr = 0.01
+eval_every = 0
+save_every = 0
+load_best = false
+[output]
+dir = "{run}"
+formats = ["merged", "gguf"]
+gguf_types = ["f32", "f16", "bf16", "q8_0"]
+overwrite = true
+""")
+    r = subprocess.run([args.peftfw, "run", str(recipe)], capture_output=True, text=True)
+    check(f"{case}: peftfw run exports merged + gguf", r.returncode == 0, r.stderr)
+    return run
+
+
+def permute(w, heads):  # llama.cpp converter's LlamaModel.permute (undo_permute)
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def expected_layout(cfg, sd):
+    """name -> float32 array, from merged HF tensors, written independently of the C++ code."""
+    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if not cfg["tie_word_embeddings"]:
+        out["output.weight"] = sd["lm_head.weight"]
+    moe = cfg["num_local_experts"] > 0
+    types = [t for t in cfg["layer_types"]]
+    for i, t in enumerate(types):
+        b, p = f"blk.{i}.", f"model.layers.{i}."
+        out[b + "attn_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[b + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        if t in ("mamba", "linear_attention"):
+            m = p + "mamba."
+            G = cfg["mamba_n_groups"]
+            out[b + "ssm_in.weight"] = sd[m + "in_proj.weight"]
+            out[b + "ssm_conv1d.weight"] = sd[m + "conv1d.weight"][:, 0, :]
+            out[b + "ssm_conv1d.bias"] = sd[m + "conv1d.bias"]
+            out[b + "ssm_dt.bias"] = sd[m + "dt_bias"]
+            out[b + "ssm_a"] = (-np.exp(sd[m + "A_log"].astype(np.float64))).astype(np.float32)[:, None]
+            out[b + "ssm_d"] = sd[m + "D"][:, None]
+            out[b + "ssm_norm.weight"] = sd[m + "norm.weight"].reshape(G, -1)
+            out[b + "ssm_out.weight"] = sd[m + "out_proj.weight"]
+        else:
+            a = p + "self_attn."
+            out[b + "attn_q.weight"] = permute(sd[a + "q_proj.weight"], cfg["num_attention_heads"])
+            out[b + "attn_k.weight"] = permute(sd[a + "k_proj.weight"], cfg["num_key_value_heads"])
+            out[b + "attn_v.weight"] = sd[a + "v_proj.weight"]
+            out[b + "attn_output.weight"] = sd[a + "o_proj.weight"]
+        sfx = "_shexp" if moe else ""
+        gate, up = np.split(sd[p + "shared_mlp.input_linear.weight"], 2, axis=-2)
+        out[b + f"ffn_gate{sfx}.weight"], out[b + f"ffn_up{sfx}.weight"] = gate, up
+        out[b + f"ffn_down{sfx}.weight"] = sd[p + "shared_mlp.output_linear.weight"]
+        if moe:
+            e = p + "block_sparse_moe."
+            out[b + "ffn_gate_inp.weight"] = sd[e + "router.layer.weight"]
+            g, u = np.split(sd[e + "input_linear.weight"], 2, axis=-2)
+            out[b + "ffn_gate_exps.weight"], out[b + "ffn_up_exps.weight"] = g, u
+            out[b + "ffn_down_exps.weight"] = sd[e + "output_linear.weight"]
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def check_file(case, path, ftype, cfg, sd, tokjson):
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    r = gguf.GGUFReader(str(path))
+    fields = {k: f for k, f in r.fields.items()}
+
+    def val(key):
+        f = fields.get(key)
+        return None if f is None else f.contents()
+
+    arch = val("general.architecture")
+    check(f"{case}/{ftype}: architecture granitehybrid", arch == "granitehybrid", arch)
+    K, A = gguf.Keys, "granitehybrid"
+    moe = cfg["num_local_experts"] > 0
+    rope = cfg["position_embedding_type"] == "rope"
+    expect = {
+        K.LLM.VOCAB_SIZE: cfg["vocab_size"], K.LLM.CONTEXT_LENGTH: cfg["max_position_embeddings"] if rope else 2**20,
+        K.LLM.EMBEDDING_LENGTH: cfg["hidden_size"], K.LLM.BLOCK_COUNT: cfg["num_hidden_layers"],
+        K.LLM.FEED_FORWARD_LENGTH: cfg["intermediate_size"] if moe else cfg["shared_intermediate_size"],
+        K.Attention.HEAD_COUNT: cfg["num_attention_heads"],
+        K.Attention.HEAD_COUNT_KV: [cfg["num_key_value_heads"] if t in ("attention", "full_attention") else 0
+                                    for t in cfg["layer_types"]],
+        K.Rope.FREQ_BASE: cfg.get("rope_theta", cfg.get("rope_parameters", {}).get("rope_theta", 10000.0)),
+        K.Attention.LAYERNORM_RMS_EPS: cfg["rms_norm_eps"], K.LLM.EXPERT_COUNT: cfg["num_local_experts"],
+        K.LLM.EXPERT_USED_COUNT: cfg["num_experts_per_tok"],
+        K.Rope.DIMENSION_COUNT: cfg["hidden_size"] // cfg["num_attention_heads"],
+        K.Attention.SCALE: cfg["attention_multiplier"], K.LLM.EMBEDDING_SCALE: cfg["embedding_multiplier"],
+        K.LLM.RESIDUAL_SCALE: cfg["residual_multiplier"], K.LLM.LOGIT_SCALE: cfg["logits_scaling"],
+        K.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH: cfg["shared_intermediate_size"],
+        K.SSM.CONV_KERNEL: cfg["mamba_d_conv"], K.SSM.STATE_SIZE: cfg["mamba_d_state"],
+        K.SSM.GROUP_COUNT: cfg["mamba_n_groups"], K.SSM.INNER_SIZE: cfg["mamba_n_heads"] * cfg["mamba_d_head"],
+        K.SSM.TIME_STEP_RANK: cfg["mamba_n_heads"],
+        # Granite's "apply RoPE" flag. llama.cpp's converter writes false for every GraniteMoeHybrid with Mamba
+        # layers, which drops RoPE from a model configured with it; peftfw writes what the config says.
+        K.Rope.SCALING_FINETUNED: rope,
+    }
+    bad = []
+    for key, want in expect.items():
+        got = val(key.format(arch=A))
+        if isinstance(want, float):
+            ok = got is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
+        else:
+            ok = got == want
+        if not ok:
+            bad.append(f"{key.format(arch=A)}: {got!r} != {want!r}")
+    check(f"{case}/{ftype}: {len(expect)} hyperparameter keys", not bad, bad)
+    ftypes = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+    check(f"{case}/{ftype}: general.file_type", val(K.General.FILE_TYPE) == ftypes[ftype], val(K.General.FILE_TYPE))
+
+    vocab = tokjson["model"]["vocab"]
+    added = {t["id"]: t for t in tokjson.get("added_tokens", [])}
+    tokens = val(K.Tokenizer.LIST)
+    ttypes = val(K.Tokenizer.TOKEN_TYPE)
+    ok = len(tokens) == cfg["vocab_size"] and all(tokens[i] == s for s, i in vocab.items())
+    ok = ok and all(tokens[i] == t["content"] and ttypes[i] == (3 if t["special"] else 4) for i, t in added.items())
+    ok = ok and all(ttypes[i] == 5 for i in range(len(tokens)) if i not in added and i not in vocab.values())
+    check(f"{case}/{ftype}: tokenizer tokens + types (padded to vocab_size)", ok)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokjson["model"]["merges"]]
+    check(f"{case}/{ftype}: tokenizer merges", val(K.Tokenizer.MERGES) == merges)
+    check(f"{case}/{ftype}: bos/eos/pad ids", (val(K.Tokenizer.BOS_ID), val(K.Tokenizer.EOS_ID), val(K.Tokenizer.PAD_ID))
+          == (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]))
+
+    want = expected_layout(cfg, sd)
+    got = {t.name: t for t in r.tensors}
+    check(f"{case}/{ftype}: tensor names", set(got) == set(want),
+          f"missing {sorted(set(want) - set(got))} extra {sorted(set(got) - set(want))}")
+    target = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[ftype]
+    problems = []
+    for name, w in want.items():
+        t = got.get(name)
+        if t is None:
+            continue
+        keep = w.ndim <= 1 or name.endswith("_norm.weight") or any(
+            s in name for s in ("ssm_conv1d", "ssm_a", "ssm_d", "ffn_gate_inp"))
+        qt = Q.F32 if keep else target
+        if qt == Q.Q8_0 and w.shape[-1] % 32:
+            qt = Q.F16
+        if t.tensor_type != qt:
+            problems.append(f"{name}: type {t.tensor_type.name} != {qt.name}")
+            continue
+        if list(t.shape) != list(reversed(w.shape)):
+            problems.append(f"{name}: shape {list(t.shape)} != reversed {list(w.shape)}")
+            continue
+        if qt == Q.F32:
+            v, ref = np.asarray(t.data).reshape(w.shape), w
+            if name.endswith("ssm_a"):  # exp in float32 by another library: equal to 1 ulp
+                if np.allclose(v, ref, rtol=2.5e-7, atol=0):
+                    continue
+        elif qt == Q.F16:
+            v, ref = np.asarray(t.data).reshape(w.shape), w.astype(np.float16)
+        else:  # BF16 / Q8_0: raw bytes -> the package's own quantise of the expected values
+            v = np.asarray(t.data).reshape(-1)
+            ref = quants.quantize(w, qt).reshape(-1)
+        if not np.array_equal(v.view(np.uint8) if qt in (Q.BF16, Q.Q8_0) else v, ref.view(np.uint8)
+                              if qt in (Q.BF16, Q.Q8_0) else ref):
+            if qt == Q.Q8_0:  # one-step rounding ties may differ; values must still dequantise within d/2
+                dq = quants.dequantize(np.asarray(t.data), qt).reshape(w.shape)
+                d = np.repeat(np.abs(w.reshape(-1, 32)).max(1) / 127, 32).reshape(w.shape)
+                if np.all(np.abs(dq - w) <= 0.5 * d + 1e-6 * np.abs(w) + 1e-12):
+                    continue
+            problems.append(f"{name}: values differ (max |diff| "
+                            f"{np.max(np.abs(np.asarray(v, np.float64).reshape(-1)[:ref.size] - np.asarray(ref, np.float64).reshape(-1))) if qt in (Q.F32, Q.F16) else 'raw bytes'})")
+    check(f"{case}/{ftype}: {len(want)} tensors: type, shape, values", not problems, problems[:8])
+
+
+def llama_cpp_logits(args, run, cfg):
+    global skipped
+    try:
+        import llama_cpp
+    except ImportError:
+        skipped += 1
+        print("skip  llama.cpp logits check: llama-cpp-python is not installed (see docs/export.md)")
+        return
+    ids = [5, 77, 190, 12, 250, 33, 101, 9, 64, 200, 17, 3]
+    out = Path(args.workdir) / "peftfw_logits.safetensors"
+    r = subprocess.run([args.peftfw, "forward", "--model", str(run / "merged"), "--ids", " ".join(map(str, ids)),
+                        "--out", str(out)], capture_output=True, text=True)
+    check("llama.cpp: peftfw forward on the merged model", r.returncode == 0, r.stderr)
+    if r.returncode != 0:
+        return
+    from safetensors.numpy import load_file
+    ours = load_file(str(out))["logits.0"]
+    llm = llama_cpp.Llama(model_path=str(run / "gguf" / "model-f32.gguf"), n_ctx=64, logits_all=True,
+                          verbose=False, n_threads=2)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)], dtype=np.float32)[:, : cfg["vocab_size"]]
+    err = float(np.max(np.abs(theirs - ours)) / np.max(np.abs(ours)))
+    print(f"      llama.cpp vs peftfw logits: max |diff| / max |logit| = {err:.2e} over {len(ids)} positions")
+    check("llama.cpp loads the f32 GGUF and its logits match peftfw's (bf16 tolerance 1e-2)", err <= 1e-2, err)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--peftfw", required=True)
+    p.add_argument("--workdir", required=True)
+    args = p.parse_args()
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    from safetensors.numpy import load_file
+    runs = {}
+    for case, moe in (("dense", False), ("moe", True)):
+        ckpt = work / f"ckpt_{case}"
+        make_checkpoint(ckpt, moe)
+        run = train_and_export(args, case, ckpt)
+        runs[case] = run
+        if not (run / "gguf").is_dir():
+            continue
+        cfg = json.loads((run / "merged" / "config.json").read_text())
+        sd = {k: v.astype(np.float32) for k, v in load_file(str(run / "merged" / "model.safetensors")).items()}
+        base = load_file(str(ckpt / "model.safetensors"))
+        changed = [k for k in ("model.layers.0.mamba.A_log", "model.layers.0.mamba.in_proj.weight")
+                   if not np.array_equal(base[k], sd[k])]
+        check(f"{case}: training changed the merged SSM and LoRA-target tensors", len(changed) == 2, changed)
+        tokjson = json.loads((ckpt / "tokenizer.json").read_text())
+        for ftype in ("f32", "f16", "bf16", "q8_0"):
+            check_file(case, run / "gguf" / f"model-{ftype}.gguf", ftype, cfg, sd, tokjson)
+    if (runs["dense"] / "gguf").is_dir():
+        llama_cpp_logits(args, runs["dense"], json.loads((runs["dense"] / "merged" / "config.json").read_text()))
+    # A random-init model has no tokenizer.json: the export refuses with the reason, exit 2.
+    r = subprocess.run([args.peftfw, "run", "output.formats=[\"gguf\"]", f"output.dir={work / 'no_tok'}",
+                        "train.max_steps=1"], capture_output=True, text=True)
+    check("gguf of a model without tokenizer.json: exit 2 naming tokenizer.json",
+          r.returncode == 2 and "tokenizer.json" in r.stderr, r.stderr)
+    print(f"gguf export: {passed} passed, {failed} failed, {skipped} skipped")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
