@@ -7,7 +7,8 @@
 //  - the heavy products are batched GEMMs in the input's 16-bit dtype with
 //    float32 accumulation (float32 inputs stay float32 throughout);
 //  - heads of one group share B and C, so B/C products are done once per
-//    group, with the group's heads stacked into one larger GEMM;
+//    group, with the group's heads side by side as the columns of one larger
+//    GEMM;
 //  - sequence resets are segment ids within a chunk (two positions interact
 //    only inside the same segment), so no -inf enters any sum and
 //    exp(cum_l - cum_s) <= 1 always;
@@ -21,6 +22,19 @@
 //   y_l = sum_s M[l,s] u_s + E_l (C_l . H_c)     E_l = exp(cum_l) if seg_l == 0
 //   S_c = sum_s Ld_s u_s B_s^T                    Ld_s = exp(cum_last - cum_s) if seg_s == seg_last
 //   H_{c+1} = dec_c H_c + S_c                     dec_c = exp(cum_last) if the chunk has no reset
+//
+// Memory traffic is what costs here (x, the chunk states and M are each of
+// the order of B*T*H*P elements), so the large tensors live in two layouts
+// chosen so that every GEMM reads and writes them in place, through strided
+// views, without permute copies:
+//  - "time-major" [B,nc,Lc,H,P] (x's own layout): the group GEMMs, whose
+//    operands are a group's heads side by side, [Lc, Hg*P], with row stride
+//    H*P: states, y_off, and their backward;
+//  - "head-major" [B,nc,H,Lc,P]: the per-head [Lc,Lc] products with M.
+// Each large intermediate is written once, in the GEMM dtype, by the
+// elementwise pass that has to touch it anyway (u = dt x is written straight
+// into head-major order, u*Ld into time-major order, y in float32 by one
+// final pass that adds the two halves).
 #include <torch/torch.h>
 
 #include "peftfw/kernels/mamba2.hpp"
@@ -39,11 +53,11 @@ MaskKernels g_mask_kernels;  // CUDA implementations, registered when built
 struct Prep {
   int64_t Bsz, T, H, P, G, N, Hg, Lc, nc, Tp;
   torch::ScalarType cdt;  // GEMM dtype: the input's 16-bit type, else float32
+  Tensor xc;              // [B,nc,Lc,H,P] x (input dtype), zero padded (a view when no padding)
   Tensor dtp;             // [B,nc,Lc,H] float32, zero padded
   Tensor cum;             // [B,nc,H,Lc] float32 within-chunk cumulative log-decay
   Tensor seg;             // [B,nc,Lc] int32 segment index within the chunk
-  Tensor u;               // [B,nc,H,Lc,P] cdt: dt * x
-  Tensor Bg, Cg;          // [B,nc,G,Lc,N] cdt
+  Tensor Bt, Ct;          // [B,nc,Lc,G,N] cdt, contiguous (time-major)
   Tensor Bg32, Cg32;      // [B,nc,G,Lc,N] float32
   Tensor CB;              // [B,nc,G,Lc,Lc] float32
   Tensor Ld, E;           // [B,nc,H,Lc] float32
@@ -65,18 +79,44 @@ Tensor chunked(const Tensor& t, int64_t nc, int64_t Lc) {
   return t.reshape(sizes);
 }
 
-// Per-head [B,nc,H,Lc,P] <-> group-stacked [B,nc,G,Lc,Hg*P].
-Tensor heads_to_group_rows(const Tensor& t, int64_t G) {
-  const auto s = t.sizes();
-  return t.view({s[0], s[1], G, s[2] / G, s[3], s[4]})
-      .permute({0, 1, 2, 4, 3, 5})
-      .reshape({s[0], s[1], G, s[3], s[2] / G * s[4]});
+// [B,nc,H,Lc] -> [B,nc,Lc,H,1] view, to scale time-major [B,nc,Lc,H,P] rows.
+Tensor per_row(const Tensor& t) { return t.permute({0, 1, 3, 2}).unsqueeze(-1); }
+
+// [B,nc,H,Lc,...] <-> [B,nc,Lc,H,...] views.
+Tensor swap_hl(const Tensor& t) { return t.transpose(2, 3); }
+
+// The unpadded positions [0,T) as (first chunk, number of chunks, length of
+// each): the full chunks, then the partial last one. f(c0, n, len).
+template <class Fn>
+void over_time(const Prep& p, Fn&& f) {
+  const int64_t nfull = p.T / p.Lc, rem = p.T - nfull * p.Lc;
+  if (nfull) f(int64_t{0}, nfull, p.Lc);
+  if (rem) f(nfull, int64_t{1}, rem);
 }
-Tensor group_rows_to_heads(const Tensor& t, int64_t Hg) {
-  const auto s = t.sizes();  // [B,nc,G,Lc,Hg*P]
-  return t.view({s[0], s[1], s[2], s[3], Hg, s[4] / Hg})
-      .permute({0, 1, 2, 4, 3, 5})
-      .reshape({s[0], s[1], s[2] * Hg, s[3], s[4] / Hg});
+// Positions of chunks [c0, c0+n) (each `len` long) of an unpadded [B,T,...] tensor: [B,n,len,...].
+Tensor time_part(const Tensor& t, const Prep& p, int64_t c0, int64_t n, int64_t len) {
+  auto v = t.narrow(1, c0 * p.Lc, n * len);
+  auto sizes = v.sizes().vec();
+  sizes[1] = len;
+  sizes.insert(sizes.begin() + 1, n);
+  return v.view(sizes);
+}
+// The same positions of a chunked time-major [B,nc,Lc,...] tensor.
+Tensor chunk_part(const Tensor& t, int64_t c0, int64_t n, int64_t len) {
+  return t.narrow(1, c0, n).narrow(2, 0, len);
+}
+
+// Group g's columns of a time-major [B,nc,Lc,H,P] tensor: [B*nc, Lc, Hg*P] (row stride H*P).
+Tensor group_cols(const Tensor& t, const Prep& p, int64_t g) {
+  return t.view({p.Bsz * p.nc, p.Lc, p.H * p.P}).narrow(2, g * p.Hg * p.P, p.Hg * p.P);
+}
+// Group g's B or C, from [B,nc,Lc,G,N]: [B*nc, Lc, N] (row stride G*N).
+Tensor group_bc(const Tensor& t, const Prep& p, int64_t g) {
+  return t.view({p.Bsz * p.nc, p.Lc, p.G * p.N}).narrow(2, g * p.N, p.N);
+}
+// Group g's heads of a [B,nc,H,P,N] state tensor: [B*nc, Hg*P, N].
+Tensor group_states(const Tensor& t, const Prep& p, int64_t g) {
+  return t.view({p.Bsz * p.nc, p.H * p.P, p.N}).narrow(1, g * p.Hg * p.P, p.Hg * p.P);
 }
 
 Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
@@ -91,6 +131,7 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
   p.cdt = (st == torch::kBFloat16 || st == torch::kHalf) ? st : torch::kFloat32;
   const auto f32 = torch::kFloat32;
 
+  p.xc = chunked(pad_time(x, pad), p.nc, p.Lc);           // [B,nc,Lc,H,P]
   p.dtp = chunked(pad_time(dt.to(f32), pad), p.nc, p.Lc);  // [B,nc,Lc,H]
   p.cum = torch::cumsum(p.dtp * A.to(f32), 2).permute({0, 1, 3, 2}).contiguous();
 
@@ -103,15 +144,16 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
   }
   p.seg = torch::cumsum(chunked(reset, p.nc, p.Lc), 2, torch::kInt32);  // [B,nc,Lc]
 
-  auto xc = chunked(pad_time(x, pad), p.nc, p.Lc);  // [B,nc,Lc,H,P]
-  p.u = (xc.to(f32) * p.dtp.unsqueeze(-1)).to(p.cdt).permute({0, 1, 3, 2, 4}).contiguous();
-  auto group_major = [&](const Tensor& t) {
-    return chunked(pad_time(t, pad), p.nc, p.Lc).permute({0, 1, 3, 2, 4}).contiguous();
+  auto time_major = [&](const Tensor& t) {
+    return chunked(pad_time(t.to(p.cdt), pad), p.nc, p.Lc).contiguous();
   };
-  p.Bg32 = group_major(B.to(f32));
-  p.Cg32 = group_major(C.to(f32));
-  p.Bg = p.Bg32.to(p.cdt);
-  p.Cg = p.Cg32.to(p.cdt);
+  p.Bt = time_major(B);
+  p.Ct = time_major(C);
+  auto group_major = [&](const Tensor& t) {
+    return chunked(pad_time(t.to(f32), pad), p.nc, p.Lc).permute({0, 1, 3, 2, 4}).contiguous();
+  };
+  p.Bg32 = group_major(B);
+  p.Cg32 = group_major(C);
   p.CB = torch::matmul(p.Cg32, p.Bg32.transpose(-1, -2));  // [B,nc,G,Lc,Lc]
 
   auto seg_h = p.seg.unsqueeze(2);  // [B,nc,1,Lc]
@@ -122,6 +164,31 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
   p.E = torch::where(seg_h.eq(0), torch::exp(p.cum), zero);
   p.dec = torch::where(seg_last.squeeze(-1).eq(0), torch::exp(cum_last.squeeze(-1)), zero);
   return p;
+}
+
+// u = dt x, head-major [B,nc,H,Lc,P] cdt, written in one pass from x.
+Tensor make_u_heads(const Prep& p) {
+  auto u = torch::empty({p.Bsz, p.nc, p.H, p.Lc, p.P}, p.xc.options().dtype(p.cdt));
+  auto out = swap_hl(u);
+  at::mul_out(out, p.xc, p.dtp.unsqueeze(-1));
+  return u;
+}
+
+// u * Ld = x (dt Ld), time-major [B,nc,Lc,H,P] cdt, in one pass from x.
+Tensor make_uL(const Prep& p) {
+  auto uL = torch::empty({p.Bsz, p.nc, p.Lc, p.H, p.P}, p.xc.options().dtype(p.cdt));
+  at::mul_out(uL, p.xc, (p.dtp * p.Ld.permute({0, 1, 3, 2})).unsqueeze(-1));
+  return uL;
+}
+
+// y_off_raw = C . H_c per head, time-major [B,nc,Lc,H,P] cdt. prev: [B,nc,H,P,N] cdt.
+Tensor incoming_term(const Prep& p, const Tensor& prev) {
+  auto y_off = torch::empty({p.Bsz, p.nc, p.Lc, p.H, p.P}, prev.options());
+  for (int64_t g = 0; g < p.G; ++g) {
+    auto out = group_cols(y_off, p, g);
+    at::bmm_out(out, group_bc(p.Ct, p, g), group_states(prev, p, g).transpose(1, 2));
+  }
+  return y_off;
 }
 
 // exp(cum_l - cum_s) where l >= s and seg_l == seg_s, else 0: [B,nc,H,Lc,Lc] float32.
@@ -150,11 +217,16 @@ std::pair<Tensor, Tensor> build_M_backward(const Prep& p, const Tensor& dM) {
   if (g_mask_kernels.backward && use_kernels(p))
     return g_mask_kernels.backward(dM, p.CB, p.cum, p.seg, p.Hg);
   auto L = decay_matrix(p);
-  auto dMf = dM.to(torch::kFloat32);
-  auto dCB = (dMf * L).view({p.Bsz, p.nc, p.G, p.Hg, p.Lc, p.Lc}).sum(3);
-  auto W = (dMf * L).view({p.Bsz, p.nc, p.G, p.Hg, p.Lc, p.Lc}) * p.CB.unsqueeze(3);
+  auto dML = dM.to(torch::kFloat32).mul_(L);
+  auto dCB = dML.view({p.Bsz, p.nc, p.G, p.Hg, p.Lc, p.Lc}).sum(3);
+  auto W = dML.view({p.Bsz, p.nc, p.G, p.Hg, p.Lc, p.Lc}).mul_(p.CB.unsqueeze(3));
   W = W.view({p.Bsz, p.nc, p.H, p.Lc, p.Lc});
   return {dCB, W.sum(-1) - W.sum(-2)};
+}
+
+// Rowwise dot over P of two time-major [B,nc,Lc,H,P] tensors, float32 [B,nc,H,Lc].
+Tensor dot_p(const Tensor& a, const Tensor& b) {
+  return at::mul(a, b).sum(-1, false, torch::kFloat32).permute({0, 1, 3, 2});
 }
 
 class SsdFunction : public torch::autograd::Function<SsdFunction> {
@@ -170,107 +242,186 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
     const Tensor seq_ids = seq_in.numel() ? seq_in : Tensor();
     const Prep p = prepare(x, dt, A, B, C, seq_ids, chunk);
     const auto f32 = torch::kFloat32;
-    auto M = build_M(p);
-    auto y = torch::matmul(M, p.u).to(f32);  // [B,nc,H,Lc,P]
+    const auto opt = x.options().dtype(p.cdt);
 
-    // Chunk states from each chunk's own inputs, group heads stacked.
-    auto uL = (p.u * p.Ld.unsqueeze(-1).to(p.cdt));
-    auto S = torch::matmul(heads_to_group_rows(uL, p.G).transpose(-1, -2), p.Bg)
-                 .view({p.Bsz, p.nc, p.H, p.P, p.N});
-    auto h = init.defined() ? init.to(f32) : torch::zeros({p.Bsz, p.H, p.P, p.N}, x.options().dtype(f32));
-    std::vector<Tensor> prev;
-    prev.reserve(p.nc);
-    for (int64_t c = 0; c < p.nc; ++c) {
-      prev.push_back(h);
-      h = h * p.dec.select(1, c).unsqueeze(-1).unsqueeze(-1) + S.select(1, c).to(f32);
+    // Within-chunk term, head-major [B,nc,H,Lc,P] cdt.
+    Tensor y_diag;
+    {
+      auto u = make_u_heads(p);
+      auto M = build_M(p);
+      y_diag = at::bmm(M.view({-1, p.Lc, p.Lc}), u.view({-1, p.Lc, p.P}))
+                   .view({p.Bsz, p.nc, p.H, p.Lc, p.P});
     }
-    auto prev_states = torch::stack(prev, 1);  // [B,nc,H,P,N]
-    auto prev_g = prev_states.to(p.cdt).view({p.Bsz, p.nc, p.G, p.Hg * p.P, p.N});
-    auto y_off = group_rows_to_heads(torch::matmul(p.Cg, prev_g.transpose(-1, -2)), p.Hg);
-    y = y + p.E.unsqueeze(-1) * y_off.to(f32);
-    y = y.permute({0, 1, 3, 2, 4}).reshape({p.Bsz, p.Tp, p.H, p.P}).narrow(1, 0, p.T);
 
-    ctx->save_for_backward({x, dt, A, B, C, seq_in, prev_states});
+    // Chunk states from each chunk's own inputs: [Hg*P, Lc] @ [Lc, N] per group.
+    auto S = torch::empty({p.Bsz, p.nc, p.H, p.P, p.N}, opt);
+    {
+      auto uL = make_uL(p);
+      for (int64_t g = 0; g < p.G; ++g) {
+        auto out = group_states(S, p, g);
+        at::bmm_out(out, group_cols(uL, p, g).transpose(1, 2), group_bc(p.Bt, p, g));
+      }
+    }
+
+    // State passing in float32; the states entering each chunk are kept in cdt.
+    // (With float32 inputs the running state lives in `prev` itself, no copies.)
+    auto prev = torch::empty({p.Bsz, p.nc, p.H, p.P, p.N}, opt);
+    const bool in_place = p.cdt == f32;
+    auto h = in_place ? prev.select(1, 0) : torch::empty({p.Bsz, p.H, p.P, p.N}, x.options().dtype(f32));
+    if (init.defined()) h.copy_(init); else h.zero_();
+    for (int64_t c = 0; c < p.nc; ++c) {
+      auto dec_c = p.dec.select(1, c).unsqueeze(-1).unsqueeze(-1);
+      if (in_place) {
+        auto next = c + 1 < p.nc ? prev.select(1, c + 1) : torch::empty_like(h);
+        at::addcmul_out(next, S.select(1, c), h, dec_c);
+        h = next;
+      } else {
+        prev.select(1, c).copy_(h);
+        at::addcmul_out(h, S.select(1, c), h, dec_c);
+      }
+    }
+    S = Tensor();
+
+    // y = y_diag + E * (C . H_c), float32 [B,T,H,P], in one pass.
+    auto y_off = incoming_term(p, prev);
+    auto y = torch::empty({p.Bsz, p.T, p.H, p.P}, x.options().dtype(f32));
+    auto y_diag_t = swap_hl(y_diag), E_t = per_row(p.E);
+    over_time(p, [&](int64_t c0, int64_t n, int64_t len) {
+      auto out = time_part(y, p, c0, n, len);
+      at::addcmul_out(out, chunk_part(y_diag_t, c0, n, len), chunk_part(y_off, c0, n, len),
+                      chunk_part(E_t, c0, n, len));
+    });
+
+    ctx->save_for_backward({x, dt, A, B, C, seq_in, prev});
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["has_init"] = init.defined();
-    return {y.contiguous(), h};
+    return {y, h};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &dt = saved[1], &A = saved[2], &B = saved[3], &C = saved[4],
-                 &prev_states = saved[6];
+                 &prev = saved[6];
     const Tensor seq_ids = saved[5].numel() ? saved[5] : Tensor();
     const bool has_init = ctx->saved_data["has_init"].toBool();
     const Prep p = prepare(x, dt, A, B, C, seq_ids, ctx->saved_data["chunk"].toInt());
     const auto f32 = torch::kFloat32;
+    const auto opt = x.options().dtype(p.cdt);
+    const bool padded = p.Tp != p.T;
+    auto alloc = [&](at::IntArrayRef sizes) {  // padded positions must read as zero
+      return padded ? torch::zeros(sizes, opt) : torch::empty(sizes, opt);
+    };
 
     Tensor dy = grads[0].defined() ? grads[0] : torch::zeros({p.Bsz, p.T, p.H, p.P}, x.options().dtype(f32));
-    auto dyh = chunked(pad_time(dy.to(p.cdt), p.Tp - p.T), p.nc, p.Lc)
-                   .permute({0, 1, 3, 2, 4})
-                   .contiguous();  // [B,nc,H,Lc,P]
-    auto prev_g = prev_states.to(p.cdt).view({p.Bsz, p.nc, p.G, p.Hg * p.P, p.N});
+    auto E_t = per_row(p.E);
 
-    // Incoming-state term y_off = E * (C . H_c).
-    auto dyE = heads_to_group_rows(dyh * p.E.unsqueeze(-1).to(p.cdt), p.G);  // [B,nc,G,Lc,Hg*P]
-    auto dC = torch::matmul(dyE, prev_g).to(f32);                            // [B,nc,G,Lc,N]
-    auto dH_off = torch::matmul(dyE.transpose(-1, -2), p.Cg).to(f32).view({p.Bsz, p.nc, p.H, p.P, p.N});
-    auto y_off = torch::matmul(p.Cg, prev_g.transpose(-1, -2));  // [B,nc,G,Lc,Hg*P]
-    auto dE = (heads_to_group_rows(dyh, p.G).to(f32) * y_off.to(f32))
-                  .view({p.Bsz, p.nc, p.G, p.Lc, p.Hg, p.P})
-                  .sum(-1)
-                  .permute({0, 1, 2, 4, 3})
-                  .reshape({p.Bsz, p.nc, p.H, p.Lc});
-    auto dcum = dE * p.E;  // [B,nc,H,Lc]
-
-    // State passing, in reverse.
-    Tensor g = grads[1].defined() ? grads[1].to(f32) : torch::zeros({p.Bsz, p.H, p.P, p.N}, dcum.options());
-    std::vector<Tensor> dS(p.nc), ddec(p.nc);
-    for (int64_t c = p.nc - 1; c >= 0; --c) {
-      dS[c] = g;
-      ddec[c] = (g * prev_states.select(1, c)).sum({-1, -2});  // [B,H]
-      g = dH_off.select(1, c) + p.dec.select(1, c).unsqueeze(-1).unsqueeze(-1) * g;
+    // Incoming-state term y_off = E * (C . H_c), with dyE = dy * E (time-major, cdt).
+    auto dyE = alloc({p.Bsz, p.nc, p.Lc, p.H, p.P});
+    over_time(p, [&](int64_t c0, int64_t n, int64_t len) {
+      auto out = chunk_part(dyE, c0, n, len);
+      at::mul_out(out, time_part(dy, p, c0, n, len), chunk_part(E_t, c0, n, len));
+    });
+    auto dcum = dot_p(dyE, incoming_term(p, prev));  // d/d(cum) through E: [B,nc,H,Lc]
+    auto dC = torch::empty({p.Bsz, p.nc, p.G, p.Lc, p.N}, x.options().dtype(f32));
+    auto dH_off = torch::empty({p.Bsz, p.nc, p.H, p.P, p.N}, opt);
+    for (int64_t g = 0; g < p.G; ++g) {
+      auto dyE_g = group_cols(dyE, p, g);
+      auto out = group_states(dH_off, p, g);
+      at::bmm_out(out, dyE_g.transpose(1, 2), group_bc(p.Ct, p, g));
+      dC.select(2, g).copy_(at::bmm(dyE_g, group_states(prev, p, g)).view({p.Bsz, p.nc, p.Lc, p.N}));
     }
-    auto dS_all = torch::stack(dS, 1);                          // [B,nc,H,P,N]
-    auto dlast = torch::stack(ddec, 1) * p.dec;                 // [B,nc,H]
+    dyE = Tensor();
 
-    // Chunk states S_c = sum_s Ld_s u_s B_s^T.
-    auto dS_g = dS_all.to(p.cdt).view({p.Bsz, p.nc, p.G, p.Hg * p.P, p.N});
-    auto Q = group_rows_to_heads(torch::matmul(p.Bg, dS_g.transpose(-1, -2)), p.Hg).to(f32);  // [B,nc,H,Lc,P]
-    auto du = p.Ld.unsqueeze(-1) * Q;
-    auto dLd = (p.u.to(f32) * Q).sum(-1) * p.Ld;  // d/d(log Ld)
-    dlast = dlast + dLd.sum(-1);
-    dcum = dcum - dLd;
-    auto uL = p.u * p.Ld.unsqueeze(-1).to(p.cdt);
-    auto dB = torch::matmul(heads_to_group_rows(uL, p.G), dS_g).to(f32);  // [B,nc,G,Lc,N]
+    // State passing, in reverse: dS_c = dL/dH_{c+1} (kept in cdt for the GEMMs).
+    // With float32 inputs the running gradient lives in dS itself.
+    auto dS = torch::empty({p.Bsz, p.nc, p.H, p.P, p.N}, opt);
+    const bool in_place = p.cdt == f32;
+    Tensor gs = in_place ? dS.select(1, p.nc - 1) : torch::empty({p.Bsz, p.H, p.P, p.N}, dcum.options());
+    if (grads[1].defined()) gs.copy_(grads[1]); else gs.zero_();
+    for (int64_t c = p.nc - 1; c >= 0; --c) {
+      auto dec_c = p.dec.select(1, c).unsqueeze(-1).unsqueeze(-1);
+      if (in_place) {
+        auto next = c > 0 ? dS.select(1, c - 1) : torch::empty_like(gs);
+        at::addcmul_out(next, dH_off.select(1, c), gs, dec_c);
+        gs = next;
+      } else {
+        dS.select(1, c).copy_(gs);
+        at::addcmul_out(gs, dH_off.select(1, c), gs, dec_c);
+      }
+    }
+    dH_off = Tensor();
+    // d/d(dec_c) = <dS_c, H_c>, all chunks at once (products in cdt, sums in float32).
+    auto ddec = at::mul(dS, prev).sum({-1, -2}, false, f32);  // [B,nc,H]
+    auto dlast = ddec * p.dec;
 
-    // Within-chunk term y = M u.
-    auto M = build_M(p);
-    auto dM = torch::matmul(dyh, p.u.transpose(-1, -2));  // [B,nc,H,Lc,Lc]
-    du = du + torch::matmul(M.transpose(-1, -2), dyh).to(f32);
+    // Chunk states S_c = sum_s Ld_s u_s B_s^T: Q = B dS^T (time-major), du = Ld Q.
+    auto Q = torch::empty({p.Bsz, p.nc, p.Lc, p.H, p.P}, opt);
+    auto dB = torch::empty({p.Bsz, p.nc, p.G, p.Lc, p.N}, x.options().dtype(f32));
+    {
+      auto uL = make_uL(p);
+      for (int64_t g = 0; g < p.G; ++g) {
+        auto dS_g = group_states(dS, p, g);
+        auto out = group_cols(Q, p, g);
+        at::bmm_out(out, group_bc(p.Bt, p, g), dS_g.transpose(1, 2));
+        dB.select(2, g).copy_(at::bmm(group_cols(uL, p, g), dS_g).view({p.Bsz, p.nc, p.Lc, p.N}));
+      }
+      auto dLd = dot_p(uL, Q);  // d/d(log Ld) = Ld * sum_p u Q
+      dlast = dlast + dLd.sum(-1);
+      dcum = dcum - dLd;
+    }
+    dS = Tensor();
+
+    // Within-chunk term y = M u (head-major).
+    Tensor du_diag, dM;
+    {
+      auto dyh = alloc({p.Bsz, p.nc, p.H, p.Lc, p.P});
+      auto dyh_t = swap_hl(dyh);
+      over_time(p, [&](int64_t c0, int64_t n, int64_t len) {
+        chunk_part(dyh_t, c0, n, len).copy_(time_part(dy, p, c0, n, len));
+      });
+      auto dyh3 = dyh.view({-1, p.Lc, p.P});
+      {
+        auto M = build_M(p);
+        du_diag = at::bmm(M.view({-1, p.Lc, p.Lc}).transpose(1, 2), dyh3)
+                      .view({p.Bsz, p.nc, p.H, p.Lc, p.P});
+      }
+      auto u = make_u_heads(p);
+      dM = at::bmm(dyh3, u.view({-1, p.Lc, p.P}).transpose(1, 2)).view({p.Bsz, p.nc, p.H, p.Lc, p.Lc});
+    }
     auto [dCB, dcum_diag] = build_M_backward(p, dM);
+    dM = Tensor();
     dcum = dcum + dcum_diag;
-    dC = dC + torch::matmul(dCB, p.Bg32);
-    dB = dB + torch::matmul(dCB.transpose(-1, -2), p.Cg32);
+    dC.add_(torch::matmul(dCB, p.Bg32));
+    dB.add_(torch::matmul(dCB.transpose(-1, -2), p.Cg32));
     dcum.select(-1, p.Lc - 1).add_(dlast);
 
-    // Back to the inputs: u = dt x, cum = cumsum(A dt).
-    auto du_t = du.permute({0, 1, 3, 2, 4});  // [B,nc,Lc,H,P]
-    auto xc = chunked(pad_time(x, p.Tp - p.T), p.nc, p.Lc).to(f32);
-    auto dx = (du_t * p.dtp.unsqueeze(-1)).reshape({p.Bsz, p.Tp, p.H, p.P}).narrow(1, 0, p.T);
+    // du = Ld Q + M^T dy (time-major, cdt), then back to the inputs: u = dt x.
+    auto du = torch::empty({p.Bsz, p.nc, p.Lc, p.H, p.P}, opt);
+    at::addcmul_out(du, swap_hl(du_diag), Q, per_row(p.Ld));
+    du_diag = Tensor();
+    Q = Tensor();
+    auto dx = torch::empty({p.Bsz, p.T, p.H, p.P}, x.options());
+    over_time(p, [&](int64_t c0, int64_t n, int64_t len) {
+      auto out = time_part(dx, p, c0, n, len);
+      at::mul_out(out, chunk_part(du, c0, n, len), chunk_part(p.dtp, c0, n, len).unsqueeze(-1));
+    });
+    auto ddt_u = at::mul(du, p.xc).sum(-1, false, f32);  // [B,nc,Lc,H]
+    du = Tensor();
+
+    // cum = cumsum(A dt).
     auto da = (dcum.sum(-1, true) - dcum.cumsum(-1) + dcum).permute({0, 1, 3, 2});  // [B,nc,Lc,H]
-    auto ddt = (du_t * xc).sum(-1) + da * A.to(f32);
+    auto ddt = ddt_u + da * A.to(f32);
     auto dA = (da * p.dtp).sum({0, 1, 2});
     auto to_input = [&](const Tensor& t, const Tensor& like) {  // [B,nc,G,Lc,N] -> [B,T,G,N]
       return t.permute({0, 1, 3, 2, 4}).reshape({p.Bsz, p.Tp, p.G, p.N}).narrow(1, 0, p.T).to(like.scalar_type());
     };
-    return {dx.to(x.scalar_type()),
+    return {dx,
             ddt.reshape({p.Bsz, p.Tp, p.H}).narrow(1, 0, p.T).to(dt.scalar_type()),
             dA.to(A.scalar_type()),
             to_input(dB, B),
             to_input(dC, C),
-            has_init ? g : Tensor(),
+            has_init ? gs : Tensor(),
             Tensor(),
             Tensor()};
   }
@@ -292,7 +443,8 @@ SsdResult ssd_chunk_scan(const SsdArgs& a, int64_t chunk) {
   auto out = SsdFunction::apply(a.x, dt, A, a.B, a.C, a.initial_state.defined() ? a.initial_state : none,
                                 a.seq_ids.defined() ? a.seq_ids : none, chunk);
   auto y = out[0];
-  if (a.D.defined()) y = y + a.D.to(torch::kFloat32).unsqueeze(-1) * a.x.to(torch::kFloat32);
+  // y + D x in one pass (float32; x is promoted inside the kernel).
+  if (a.D.defined()) y = torch::addcmul(y, a.D.to(torch::kFloat32).unsqueeze(-1), a.x);
   return {y, out[1]};
 }
 
