@@ -2,6 +2,7 @@
 // forward (embedding, masks, RoPE tables, layers, head, loss).
 #include "model.hpp"
 
+#include "peftfw/kernels/mamba2.hpp"
 #include "peftfw/nn/checkpoint.hpp"
 
 
@@ -13,10 +14,11 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
+// weight * (x * rsqrt(mean(x^2) + eps)) in float32, rounded to x's dtype before
+// the weight (transformers' RMSNorm): the gated norm without a gate, so CUDA
+// tensors get its fused kernel.
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  auto x32 = x.to(torch::kFloat32);
-  auto r = x32 * torch::rsqrt(x32.pow(2).mean(-1, true) + eps);
-  return weight * r.to(x.scalar_type());
+  return kernels::mamba2::gated_rms_norm(x, torch::Tensor(), weight, eps);
 }
 
 WeightsImpl::WeightsImpl(std::vector<int64_t> weight_shape, std::vector<int64_t> bias_shape) {

@@ -52,8 +52,17 @@ torch::Tensor LoraAdapter::weight_norm(const nn::LinearImpl& base) const {
 torch::Tensor LoraAdapter::forward(const torch::Tensor& x, const torch::Tensor& base_out,
                                    const nn::LinearImpl& base) {
   const bool training = A_->is_training();
-  auto xa = x.to(torch::kFloat32);  // PEFT casts the input to the adapter's dtype
   const bool drop = training && options_.dropout > 0.0;
+  if (!options_.dora && !options_.float32_math && base_out.scalar_type() != torch::kFloat32) {
+    // 16-bit model: the adapter's math in the model's dtype (tensor-core GEMMs, half the
+    // traffic); the float32 A and B are cast, so their gradients arrive in float32.
+    const auto dt = base_out.scalar_type();
+    auto xd = x.to(dt);
+    if (drop) xd = F::dropout(xd, F::DropoutFuncOptions().p(options_.dropout).training(true));
+    auto lora = F::linear(F::linear(xd, A_->weight.to(dt)), (B_->weight * scaling_).to(dt));
+    return base_out + lora;
+  }
+  auto xa = x.to(torch::kFloat32);  // PEFT casts the input to the adapter's dtype
   if (drop) xa = F::dropout(xa, F::DropoutFuncOptions().p(options_.dropout).training(true));
   auto lora = B_(A_(xa));
   if (!options_.dora) return base_out + (lora * scaling_).to(base_out.scalar_type());

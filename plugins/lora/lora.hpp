@@ -16,6 +16,7 @@ struct LoraOptions {
   double dropout = 0.0;
   bool use_rslora = false;
   bool dora = false;
+  bool float32_math = false;  // PEFT's behaviour; otherwise the base output's dtype
 };
 
 class LoraAdapter final : public nn::LinearAdapter {

@@ -45,6 +45,7 @@ class LoraPlugin final : public AdapterPlugin {
     options.dropout = spec.dropout;
     options.use_rslora = spec.use_rslora;
     options.dora = spec.method == "dora";
+    options.float32_math = spec.compute_dtype == "float32";
     torch::manual_seed(spec.seed);  // adapter init is reproducible from [adapter] init_seed
     for (const auto& name : modules) {
       auto it = linears.find(name);

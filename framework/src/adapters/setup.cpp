@@ -19,6 +19,7 @@ AdapterRequest adapter_request_from_recipe(const recipe::Recipe& r) {
   req.spec.alpha = r.get_float("adapter", "alpha");
   req.spec.dropout = r.get_float("adapter", "dropout");
   req.spec.use_rslora = r.get_bool("adapter", "use_rslora");
+  req.spec.compute_dtype = r.get_string("adapter", "compute_dtype");
   req.spec.seed = static_cast<uint64_t>(r.get_int("adapter", "init_seed"));
   if (r.has_value("adapter", "target_modules"))
     req.targets.target_modules = r.get_pattern("adapter", "target_modules");

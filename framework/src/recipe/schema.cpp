@@ -215,6 +215,7 @@ Schema make_builtin_schema() {
       real   ("alpha", 32, "LoRA scale numerator: scale = alpha / r (alpha / sqrt(r) with use_rslora)."),
       real   ("dropout", 0.05, "Dropout on the adapter's input while training.").between(0, 1),
       flag   ("use_rslora", false, "Rank-stabilized LoRA: scale by alpha / sqrt(r)."),
+      choice ("compute_dtype", "model", {"model", "float32"}, "LoRA forward math in the base model's dtype (16-bit GEMMs on GPU; weights stay float32), or float32 as PEFT does."),
       pattern("target_modules", "Modules to wrap, as PEFT: a string is a regex over full module names; a list holds names (exact or '.'-suffix)."),
       pattern("exclude_modules", "Modules never to wrap; same forms as target_modules."),
       strings("roles", kUnset, "Modules to wrap by role, as the architecture plugin names its modules' roles."),

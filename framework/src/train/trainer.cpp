@@ -30,6 +30,8 @@
 #include "peftfw/model/loader.hpp"
 #include "peftfw/model/report.hpp"
 #include "peftfw/train/device_memory.hpp"
+
+#include <torch/csrc/autograd/profiler_kineto.h>
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registry.hpp"
 #include "peftfw/recipe/recipe.hpp"
@@ -470,6 +472,20 @@ TrainSummary train(const recipe::Recipe& r) {
       static_cast<torch::optim::AdamWOptions&>(optimizer.param_groups()[g].options())
           .lr(peak_lr[g] * lr_factor(schedule, state.step, total, warmup));
     optimizer.zero_grad();
+    // PEFTFW_PROFILE_TRACE=FILE: a Kineto (chrome://tracing) trace of one optimizer step,
+    // PEFTFW_PROFILE_STEP (default 3); bench/profile_summary.py sums it by kernel.
+    static const char* profile_trace = std::getenv("PEFTFW_PROFILE_TRACE");
+    static const int64_t profile_step =
+        profile_trace ? std::atoll(std::getenv("PEFTFW_PROFILE_STEP") ? std::getenv("PEFTFW_PROFILE_STEP") : "3") : -1;
+    namespace prof = torch::autograd::profiler;
+    const std::set<torch::profiler::impl::ActivityType> activities = {
+        torch::profiler::impl::ActivityType::CPU, torch::profiler::impl::ActivityType::CUDA};
+    const prof::ProfilerConfig profile_config(torch::profiler::impl::ProfilerState::KINETO);
+    if (state.step + 1 == profile_step) {
+      if (device.is_cuda()) torch::cuda::synchronize();
+      prof::prepareProfiler(profile_config, activities);
+      prof::enableProfiler(profile_config, activities);
+    }
     double step_loss = 0.0;
     for (int64_t a = 0; a < d.accumulation; ++a) {
       auto batch = d.train->batch(state.position);
@@ -496,6 +512,10 @@ TrainSummary train(const recipe::Recipe& r) {
     optimizer.step();
     if (device.is_cuda()) torch::cuda::synchronize();  // so the step's time is its own
     ++state.step;
+    if (state.step == profile_step) {
+      prof::disableProfiler()->save(profile_trace);
+      log << "profile: step " << state.step << " -> " << profile_trace << "\n";
+    }
     const double cur_lr = peak_lr[0] * lr_factor(schedule, state.step - 1, total, warmup);
     auto now = std::chrono::steady_clock::now();
     const double secs = std::chrono::duration<double>(now - t_since).count();

@@ -16,6 +16,10 @@ struct AdapterSpec {
   double dropout = 0.0;
   bool use_rslora = false;
   uint64_t seed = 0;
+  // Dtype of the adapter's forward math: "float32" (PEFT: the input is cast to the
+  // float32 adapter weights) or "model" (the base model's dtype; the float32
+  // adapter weights are cast, gradients still reach them in float32).
+  std::string compute_dtype = "model";
 };
 
 struct AdapterResult {
