@@ -37,6 +37,8 @@
 // final pass that adds the two halves).
 #include <torch/torch.h>
 
+#include <tuple>
+
 #include "peftfw/kernels/mamba2.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 
@@ -265,19 +267,24 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
 
     // State passing in float32; the states entering each chunk are kept in cdt.
     // (With float32 inputs the running state lives in `prev` itself, no copies.)
-    auto prev = torch::empty({p.Bsz, p.nc, p.H, p.P, p.N}, opt);
-    const bool in_place = p.cdt == f32;
-    auto h = in_place ? prev.select(1, 0) : torch::empty({p.Bsz, p.H, p.P, p.N}, x.options().dtype(f32));
-    if (init.defined()) h.copy_(init); else h.zero_();
-    for (int64_t c = 0; c < p.nc; ++c) {
-      auto dec_c = p.dec.select(1, c).unsqueeze(-1).unsqueeze(-1);
-      if (in_place) {
-        auto next = c + 1 < p.nc ? prev.select(1, c + 1) : torch::empty_like(h);
-        at::addcmul_out(next, S.select(1, c), h, dec_c);
-        h = next;
-      } else {
-        prev.select(1, c).copy_(h);
-        at::addcmul_out(h, S.select(1, c), h, dec_c);
+    Tensor prev, h;
+    if (g_mask_kernels.states && S.is_cuda()) {
+      std::tie(prev, h) = g_mask_kernels.states(S, p.dec, init);
+    } else {
+      prev = torch::empty({p.Bsz, p.nc, p.H, p.P, p.N}, opt);
+      const bool in_place = p.cdt == f32;
+      h = in_place ? prev.select(1, 0) : torch::empty({p.Bsz, p.H, p.P, p.N}, x.options().dtype(f32));
+      if (init.defined()) h.copy_(init); else h.zero_();
+      for (int64_t c = 0; c < p.nc; ++c) {
+        auto dec_c = p.dec.select(1, c).unsqueeze(-1).unsqueeze(-1);
+        if (in_place) {
+          auto next = c + 1 < p.nc ? prev.select(1, c + 1) : torch::empty_like(h);
+          at::addcmul_out(next, S.select(1, c), h, dec_c);
+          h = next;
+        } else {
+          prev.select(1, c).copy_(h);
+          at::addcmul_out(h, S.select(1, c), h, dec_c);
+        }
       }
     }
     S = Tensor();
@@ -335,24 +342,30 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
 
     // State passing, in reverse: dS_c = dL/dH_{c+1} (kept in cdt for the GEMMs).
     // With float32 inputs the running gradient lives in dS itself.
-    auto dS = torch::empty({p.Bsz, p.nc, p.H, p.P, p.N}, opt);
-    const bool in_place = p.cdt == f32;
-    Tensor gs = in_place ? dS.select(1, p.nc - 1) : torch::empty({p.Bsz, p.H, p.P, p.N}, dcum.options());
-    if (grads[1].defined()) gs.copy_(grads[1]); else gs.zero_();
-    for (int64_t c = p.nc - 1; c >= 0; --c) {
-      auto dec_c = p.dec.select(1, c).unsqueeze(-1).unsqueeze(-1);
-      if (in_place) {
-        auto next = c > 0 ? dS.select(1, c - 1) : torch::empty_like(gs);
-        at::addcmul_out(next, dH_off.select(1, c), gs, dec_c);
-        gs = next;
-      } else {
-        dS.select(1, c).copy_(gs);
-        at::addcmul_out(gs, dH_off.select(1, c), gs, dec_c);
+    Tensor dS, gs, ddec;
+    if (g_mask_kernels.states_backward && dH_off.is_cuda()) {
+      std::tie(dS, ddec, gs) = g_mask_kernels.states_backward(dH_off, p.dec, grads[1], prev);
+      dH_off = Tensor();
+    } else {
+      dS = torch::empty({p.Bsz, p.nc, p.H, p.P, p.N}, opt);
+      const bool in_place = p.cdt == f32;
+      gs = in_place ? dS.select(1, p.nc - 1) : torch::empty({p.Bsz, p.H, p.P, p.N}, dcum.options());
+      if (grads[1].defined()) gs.copy_(grads[1]); else gs.zero_();
+      for (int64_t c = p.nc - 1; c >= 0; --c) {
+        auto dec_c = p.dec.select(1, c).unsqueeze(-1).unsqueeze(-1);
+        if (in_place) {
+          auto next = c > 0 ? dS.select(1, c - 1) : torch::empty_like(gs);
+          at::addcmul_out(next, dH_off.select(1, c), gs, dec_c);
+          gs = next;
+        } else {
+          dS.select(1, c).copy_(gs);
+          at::addcmul_out(gs, dH_off.select(1, c), gs, dec_c);
+        }
       }
+      dH_off = Tensor();
+      // d/d(dec_c) = <dS_c, H_c>, all chunks at once (products in cdt, sums in float32).
+      ddec = at::mul(dS, prev).sum({-1, -2}, false, f32);  // [B,nc,H]
     }
-    dH_off = Tensor();
-    // d/d(dec_c) = <dS_c, H_c>, all chunks at once (products in cdt, sums in float32).
-    auto ddec = at::mul(dS, prev).sum({-1, -2}, false, f32);  // [B,nc,H]
     auto dlast = ddec * p.dec;
 
     // Chunk states S_c = sum_s Ld_s u_s B_s^T: Q = B dS^T (time-major), du = Ld Q.

@@ -123,6 +123,55 @@ __global__ void backward_kernel(const T* __restrict__ dM, const float* __restric
     }
 }
 
+// grid: (ceil(PN / kThreads), B * H); one thread per state element, looping over chunks.
+template <typename T>
+__global__ void state_passing_kernel(const T* __restrict__ S, const float* __restrict__ dec,
+                                     const float* __restrict__ init, T* __restrict__ prev,
+                                     float* __restrict__ final_state, int64_t nc, int64_t H, int64_t PN) {
+  const int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x;
+  if (i >= PN) return;
+  const int64_t bh = blockIdx.y, b = bh / H, h = bh % H;
+  float state = init ? init[bh * PN + i] : 0.f;
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t at = ((b * nc + c) * H + h) * PN + i;
+    prev[at] = from_float<T>(state);
+    state = dec[(b * nc + c) * H + h] * state + to_float(S[at]);
+  }
+  final_state[bh * PN + i] = state;
+}
+
+template <typename T>
+__global__ void state_passing_backward_kernel(const T* __restrict__ dH_off, const float* __restrict__ dec,
+                                              const float* __restrict__ dfinal, const T* __restrict__ prev,
+                                              T* __restrict__ dS, float* __restrict__ ddec,
+                                              float* __restrict__ dinit, int64_t nc, int64_t H, int64_t PN) {
+  __shared__ float s_part[kWarps];
+  const int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x;
+  const bool live = i < PN;
+  const int64_t bh = blockIdx.y, b = bh / H, h = bh % H;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float g = (live && dfinal) ? dfinal[bh * PN + i] : 0.f;
+  for (int64_t c = nc - 1; c >= 0; --c) {
+    const int64_t at = ((b * nc + c) * H + h) * PN + i;
+    float part = 0.f;
+    if (live) {
+      dS[at] = from_float<T>(g);
+      part = g * to_float(prev[at]);
+    }
+    for (int off = 16; off > 0; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
+    if (lane == 0) s_part[warp] = part;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float sum = 0.f;
+      for (int w = 0; w < kWarps; ++w) sum += s_part[w];
+      atomicAdd(&ddec[(b * nc + c) * H + h], sum);
+    }
+    __syncthreads();
+    if (live) g = to_float(dH_off[at]) + dec[(b * nc + c) * H + h] * g;
+  }
+  if (live && dinit) dinit[bh * PN + i] = g;
+}
+
 template <template <typename, int> class Launch, typename... Args>
 cudaError_t by_type_and_size(int dtype, int64_t Lc, Args&&... args) {
   auto go = [&](auto tag) -> cudaError_t {
@@ -163,7 +212,43 @@ struct BackwardLaunch {
   }
 };
 
+template <typename F>
+cudaError_t by_type(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: return f(float{});
+    case 1: return f(__half{});
+    case 2: return f(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace
+
+cudaError_t ssd_state_passing(int dtype, const void* S, const float* dec, const float* init, void* prev,
+                              float* final_state, int64_t B, int64_t nc, int64_t H, int64_t PN,
+                              cudaStream_t stream) {
+  const dim3 grid((PN + kThreads - 1) / kThreads, B * H);
+  return by_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    state_passing_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(S), dec, init,
+                                                           static_cast<T*>(prev), final_state, nc, H, PN);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t ssd_state_passing_backward(int dtype, const void* dH_off, const float* dec,
+                                       const float* dfinal, const void* prev, void* dS, float* ddec,
+                                       float* dinit, int64_t B, int64_t nc, int64_t H, int64_t PN,
+                                       cudaStream_t stream) {
+  const dim3 grid((PN + kThreads - 1) / kThreads, B * H);
+  return by_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    state_passing_backward_kernel<T><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(dH_off), dec, dfinal, static_cast<const T*>(prev), static_cast<T*>(dS), ddec,
+        dinit, nc, H, PN);
+    return cudaGetLastError();
+  });
+}
 
 cudaError_t ssd_build_decay_cb(int out_dtype, const float* CB, const float* cum, const int32_t* seg,
                                void* M, int64_t BC, int64_t G, int64_t Hg, int64_t Lc,

@@ -30,6 +30,15 @@ struct MaskKernels {
                                                         const torch::Tensor&, const torch::Tensor&,
                                                         int64_t)>
       backward;
+  // The chunk-state recurrence: (S [B,nc,H,P,N], dec [B,nc,H] f32, init [B,H,P,N] f32 or undefined)
+  //   -> (prev [B,nc,H,P,N] in S's dtype, final [B,H,P,N] f32)
+  std::function<std::pair<torch::Tensor, torch::Tensor>(const torch::Tensor&, const torch::Tensor&,
+                                                        const torch::Tensor&)>
+      states;
+  // Its backward: (dH_off, dec, dfinal or undefined, prev) -> (dS, ddec [B,nc,H] f32, dinit f32)
+  std::function<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>(
+      const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>
+      states_backward;
 };
 void register_mask_kernels(MaskKernels kernels);
 
