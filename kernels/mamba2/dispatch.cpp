@@ -27,23 +27,25 @@ std::atomic<bool> g_force_reference{[] {
   return v != nullptr && std::strcmp(v, "reference") == 0;
 }()};
 
-bool fast(const torch::Tensor& t) {
+bool fast(const torch::Device& device) {
 #ifdef PEFTFW_HAVE_CUDA
   static std::once_flag once;
   std::call_once(once, [] { cuda_ops::register_ssd_kernels(); });
-  return t.is_cuda() && !g_force_reference.load();
+  return device.is_cuda() && !g_force_reference.load();
 #else
-  (void)t;
+  (void)device;
   return false;
 #endif
 }
+
+bool fast(const torch::Tensor& t) { return fast(t.device()); }
 
 }  // namespace
 
 void set_force_reference(bool on) { g_force_reference.store(on); }
 
 const char* implementation_for(const torch::Device& device) {
-  return fast(torch::empty({0}, torch::TensorOptions().device(device))) ? "cuda" : "reference";
+  return fast(device) ? "cuda" : "reference";
 }
 
 torch::Tensor causal_conv1d(const torch::Tensor& x, const torch::Tensor& weight,

@@ -43,7 +43,26 @@ std::string pre_tokenizer_name(const json& tok) {
   return "default";
 }
 
-void add_tokenizer(gguf::Writer& w, const fs::path& dir, int64_t vocab_size, const io::JsonConfig& config) {
+// The tokenizer's GGUF keys, read once and added to every file.
+struct TokenizerKeys {
+  std::string pre;
+  std::vector<std::string> tokens, merges;
+  std::vector<int32_t> types;
+  std::vector<std::pair<std::string, uint32_t>> ids;
+  bool add_bos = false;
+
+  void add_to(gguf::Writer& w) const {
+    w.add_string("tokenizer.ggml.model", "gpt2");
+    w.add_string("tokenizer.ggml.pre", pre);
+    w.add_array("tokenizer.ggml.tokens", tokens);
+    w.add_array("tokenizer.ggml.token_type", types);
+    w.add_array("tokenizer.ggml.merges", merges);
+    for (const auto& [key, id] : ids) w.add_u32(key, id);
+    w.add_bool("tokenizer.ggml.add_bos_token", add_bos);
+  }
+};
+
+TokenizerKeys read_tokenizer(const fs::path& dir, int64_t vocab_size, const io::JsonConfig& config) {
   const fs::path file = dir / "tokenizer.json";
   if (dir.empty() || !fs::exists(file))
     throw InputError("gguf export needs the model's tokenizer.json (llama.cpp embeds the vocabulary); " +
@@ -61,8 +80,11 @@ void add_tokenizer(gguf::Writer& w, const fs::path& dir, int64_t vocab_size, con
   if (model.value("type", "") != "BPE")
     throw InputError(file.string() + ": model.type is \"" + model.value("type", "") +
                      "\"; the gguf export supports BPE tokenizers");
-  std::vector<std::string> tokens(static_cast<size_t>(vocab_size));
-  std::vector<int32_t> types(static_cast<size_t>(vocab_size), kUnused);
+  TokenizerKeys k;
+  auto& tokens = k.tokens;
+  auto& types = k.types;
+  tokens.resize(static_cast<size_t>(vocab_size));
+  types.assign(static_cast<size_t>(vocab_size), kUnused);
   auto place = [&](int64_t id, const std::string& text, int32_t type) {
     if (id < 0 || id >= vocab_size)
       throw InputError(file.string() + ": token id " + std::to_string(id) + " (" + text +
@@ -76,29 +98,22 @@ void add_tokenizer(gguf::Writer& w, const fs::path& dir, int64_t vocab_size, con
       place(t["id"].get<int64_t>(), t["content"].get<std::string>(), t.value("special", false) ? kControl : kUserDefined);
   for (size_t i = 0; i < tokens.size(); ++i)  // rows beyond the tokenizer: padding, as the converter names them
     if (types[i] == kUnused) tokens[i] = "[PAD" + std::to_string(i) + "]";
-  std::vector<std::string> merges;
   for (const auto& m : model["merges"])
-    merges.push_back(m.is_string() ? m.get<std::string>() : m[0].get<std::string>() + " " + m[1].get<std::string>());
-
-  w.add_string("tokenizer.ggml.model", "gpt2");
-  w.add_string("tokenizer.ggml.pre", pre_tokenizer_name(tok));
-  w.add_array("tokenizer.ggml.tokens", tokens);
-  w.add_array("tokenizer.ggml.token_type", types);
-  w.add_array("tokenizer.ggml.merges", merges);
+    k.merges.push_back(m.is_string() ? m.get<std::string>() : m[0].get<std::string>() + " " + m[1].get<std::string>());
+  k.pre = pre_tokenizer_name(tok);
   for (const auto& [key, field] : std::vector<std::pair<std::string, std::string>>{
            {"bos_token_id", "tokenizer.ggml.bos_token_id"},
            {"eos_token_id", "tokenizer.ggml.eos_token_id"},
            {"pad_token_id", "tokenizer.ggml.padding_token_id"}}) {
     const int64_t id = config.get_int(key, -1);
-    if (id >= 0 && id < vocab_size) w.add_u32(field, static_cast<uint32_t>(id));
+    if (id >= 0 && id < vocab_size) k.ids.emplace_back(field, static_cast<uint32_t>(id));
   }
-  bool add_bos = false;
   if (fs::exists(dir / "tokenizer_config.json")) {
     std::ifstream tc(dir / "tokenizer_config.json");
     auto j = json::parse(tc, nullptr, false);
-    if (j.is_object() && j.contains("add_bos_token") && j["add_bos_token"].is_boolean()) add_bos = j["add_bos_token"];
+    if (j.is_object() && j.contains("add_bos_token") && j["add_bos_token"].is_boolean()) k.add_bos = j["add_bos_token"];
   }
-  w.add_bool("tokenizer.ggml.add_bos_token", add_bos);
+  return k;
 }
 
 uint32_t file_type_code(gguf::TensorType t) {  // llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_BF16
@@ -138,7 +153,7 @@ class GgufFormat final : public PersistencePlugin {
       if (it == tensors.end()) throw RuntimeError("gguf export: the model has no tensor " + name);
       return it->second;
     };
-    int64_t vocab = config.get_int("vocab_size", 0);
+    const TokenizerKeys tokenizer = read_tokenizer(req.base_model_dir, config.get_int("vocab_size", 0), config);
     write_folder_atomic(dir, [&](const fs::path& tmp) {
       for (const auto type : types) {
         gguf::Writer w;
@@ -155,7 +170,7 @@ class GgufFormat final : public PersistencePlugin {
             case GgufValue::Type::i32_array: w.add_array(v.key, v.integers); break;
           }
         }
-        add_tokenizer(w, req.base_model_dir, vocab, config);
+        tokenizer.add_to(w);
         for (const auto& t : layout->tensors) {
           // 1-D tensors and the plugin's float32 list stay F32 (as llama.cpp's converter);
           // Q8_0 needs rows of a multiple of 32, else the tensor falls back to F16.

@@ -478,10 +478,10 @@ TrainSummary train(const recipe::Recipe& r) {
     static const int64_t profile_step =
         profile_trace ? std::atoll(std::getenv("PEFTFW_PROFILE_STEP") ? std::getenv("PEFTFW_PROFILE_STEP") : "3") : -1;
     namespace prof = torch::autograd::profiler;
-    const std::set<torch::profiler::impl::ActivityType> activities = {
-        torch::profiler::impl::ActivityType::CPU, torch::profiler::impl::ActivityType::CUDA};
-    const prof::ProfilerConfig profile_config(torch::profiler::impl::ProfilerState::KINETO);
     if (state.step + 1 == profile_step) {
+      const std::set<torch::profiler::impl::ActivityType> activities = {
+          torch::profiler::impl::ActivityType::CPU, torch::profiler::impl::ActivityType::CUDA};
+      const prof::ProfilerConfig profile_config(torch::profiler::impl::ProfilerState::KINETO);
       if (device.is_cuda()) torch::cuda::synchronize();
       prof::prepareProfiler(profile_config, activities);
       prof::enableProfiler(profile_config, activities);

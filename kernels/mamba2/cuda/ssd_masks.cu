@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "element.cuh"
 #include "ssd_masks.hpp"
 
 namespace peftfw::kernels::mamba2::cuda {
@@ -12,16 +13,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kHeadsPerBlock = 8;  // backward: heads of one group handled by one block
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // grid: (BC, H)
 template <typename T, int Lc>
@@ -42,7 +33,7 @@ __global__ void build_kernel(const float* __restrict__ CB, const float* __restri
     const int l = i / Lc, s = i % Lc;
     float v = 0.f;
     if (l >= s && s_seg[l] == s_seg[s]) v = cb[i] * __expf(s_cum[l] - s_cum[s]);
-    out[i] = from_float<T>(v);
+    out[i] = Num<T>::from_f(v);
   }
 }
 
@@ -92,7 +83,7 @@ __global__ void backward_kernel(const T* __restrict__ dM, const float* __restric
       for (int c = 0; c < S; ++c) {
         const int s = lane + c * 32;
         if (l >= s && s_seg[l] == s_seg[s]) {
-          const float dl = to_float(dm[l * Lc + s]) * __expf(s_cum[l] - s_cum[s]);
+          const float dl = Num<T>::to_f(dm[l * Lc + s]) * __expf(s_cum[l] - s_cum[s]);
           acc[r][c] += dl;
           const float w = dl * cbv[r][c];
           row += w;
@@ -134,8 +125,8 @@ __global__ void state_passing_kernel(const T* __restrict__ S, const float* __res
   float state = init ? init[bh * PN + i] : 0.f;
   for (int64_t c = 0; c < nc; ++c) {
     const int64_t at = ((b * nc + c) * H + h) * PN + i;
-    prev[at] = from_float<T>(state);
-    state = dec[(b * nc + c) * H + h] * state + to_float(S[at]);
+    prev[at] = Num<T>::from_f(state);
+    state = dec[(b * nc + c) * H + h] * state + Num<T>::to_f(S[at]);
   }
   final_state[bh * PN + i] = state;
 }
@@ -155,8 +146,8 @@ __global__ void state_passing_backward_kernel(const T* __restrict__ dH_off, cons
     const int64_t at = ((b * nc + c) * H + h) * PN + i;
     float part = 0.f;
     if (live) {
-      dS[at] = from_float<T>(g);
-      part = g * to_float(prev[at]);
+      dS[at] = Num<T>::from_f(g);
+      part = g * Num<T>::to_f(prev[at]);
     }
     for (int off = 16; off > 0; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
     if (lane == 0) s_part[warp] = part;
@@ -167,7 +158,7 @@ __global__ void state_passing_backward_kernel(const T* __restrict__ dH_off, cons
       atomicAdd(&ddec[(b * nc + c) * H + h], sum);
     }
     __syncthreads();
-    if (live) g = to_float(dH_off[at]) + dec[(b * nc + c) * H + h] * g;
+    if (live) g = Num<T>::to_f(dH_off[at]) + dec[(b * nc + c) * H + h] * g;
   }
   if (live && dinit) dinit[bh * PN + i] = g;
 }

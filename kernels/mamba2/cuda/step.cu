@@ -19,34 +19,12 @@
 #include <climits>
 #include <cstdint>
 
+#include "element.cuh"
 #include "launch.hpp"
 
 namespace peftfw::kernels::mamba2::cuda {
 namespace {
 
-// ---- element type helpers -------------------------------------------------
-template <typename T>
-struct Num;
-template <>
-struct Num<float> {
-  static __device__ __forceinline__ float to_f(float v) { return v; }
-  static __device__ __forceinline__ float from_f(float v) { return v; }
-};
-template <>
-struct Num<__half> {
-  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Num<__nv_bfloat16> {
-  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
-};
-
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return Num<T>::to_f(Num<T>::from_f(v));
-}
 
 // ---- SSD state update -------------------------------------------------------
 constexpr int kStepWarps = 4;    // warps per block
