@@ -3,12 +3,15 @@
 // SSD forward and forward+backward (the fast path and, where it fits, the
 // LibTorch reference), conv1d+SiLU and gated RMSNorm forward+backward.
 //   build/bin/peftfw_bench_kernels [OUT.json]     (CUDA machine)
+// With PEFTFW_PROFILE_TRACE=PREFIX, one SSD forward+backward per shape is also
+// recorded as a Kineto trace, PREFIX-<batch>x<length>.json (bench/profile_summary.py).
 // Each figure is the median of 20 timed runs after 3 warm-ups (CUDA-synchronised wall time).
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <fstream>
 #include <functional>
@@ -17,6 +20,7 @@
 
 #include "peftfw/kernels/mamba2.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
+#include "peftfw/train/device_memory.hpp"
 
 namespace ops = peftfw::kernels::mamba2;
 using torch::Tensor;
@@ -53,6 +57,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "peftfw_bench_kernels: no CUDA device\n");
     return 1;
   }
+  if (std::string(ops::implementation_for(torch::kCUDA)) != "cuda") {  // also registers the kernels
+    std::fprintf(stderr, "peftfw_bench_kernels: the CUDA kernels are not in use (PEFTFW_KERNELS=reference?)\n");
+    return 1;
+  }
   const int64_t H = 64, P = 64, N = 128, G = 1, Cc = H * P + 2 * G * N, K = 4;
   const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}, {8, 1280}, {32, 1280}};
   auto o = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
@@ -75,12 +83,19 @@ int main(int argc, char** argv) {
     auto dy = torch::randn({Bsz, T, H, P}, f32);
     const double fwd = median_ms([&] {
       torch::NoGradGuard ng;
-      ops::fused::ssd_chunk_scan(a);
+      ops::ssd_chunk_scan(a);
     });
     const double fb = median_ms([&] {
-      auto r = ops::fused::ssd_chunk_scan(a);
+      auto r = ops::ssd_chunk_scan(a);
       torch::autograd::grad({r.y}, {x, dt, A_log, Bm, Cm, D, dt_bias}, {dy});
     });
+    if (const char* trace = std::getenv("PEFTFW_PROFILE_TRACE")) {
+      peftfw::train::start_trace(x.device());
+      auto r = ops::ssd_chunk_scan(a);
+      torch::autograd::grad({r.y}, {x, dt, A_log, Bm, Cm, D, dt_bias}, {dy});
+      torch::cuda::synchronize();
+      peftfw::train::save_trace(std::string(trace) + "-" + std::to_string(Bsz) + "x" + std::to_string(T) + ".json");
+    }
     const double ref = timed_or_oom([&] {
       auto r = ops::reference::ssd_chunk_scan(a);
       torch::autograd::grad({r.y}, {x, dt, A_log, Bm, Cm, D, dt_bias}, {dy});

@@ -54,6 +54,7 @@ MaskKernels g_mask_kernels;  // CUDA implementations, registered when built
 // Everything the forward and the backward both derive from the inputs.
 struct Prep {
   int64_t Bsz, T, H, P, G, N, Hg, Lc, nc, Tp;
+  bool fused;             // the per-chunk CUDA kernels do the heavy work (Lc = 128; xc, Bt, Ct unused)
   torch::ScalarType cdt;  // GEMM dtype: the input's 16-bit type, else float32
   Tensor xc;              // [B,nc,Lc,H,P] x (input dtype), zero padded (a view when no padding)
   Tensor dtp;             // [B,nc,Lc,H] float32, zero padded
@@ -121,19 +122,25 @@ Tensor group_states(const Tensor& t, const Prep& p, int64_t g) {
   return t.view({p.Bsz * p.nc, p.H * p.P, p.N}).narrow(1, g * p.Hg * p.P, p.Hg * p.P);
 }
 
+// Whether the fused per-chunk CUDA kernels take this call.
+bool chunk_kernels_for(const Tensor& x, const Tensor& B, int64_t chunk) {
+  return x.is_cuda() && chunk == 128 && g_mask_kernels.chunk_supported && g_mask_kernels.chunk_supported(x, B);
+}
+
 Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
              const Tensor& seq_ids, int64_t chunk) {
   Prep p;
   p.Bsz = x.size(0), p.T = x.size(1), p.H = x.size(2), p.P = x.size(3);
   p.G = B.size(2), p.N = B.size(3), p.Hg = p.H / p.G;
-  p.Lc = std::min<int64_t>(chunk, std::max<int64_t>(32, (p.T + 31) / 32 * 32));
+  p.fused = chunk_kernels_for(x, B, chunk);
+  p.Lc = p.fused ? chunk : std::min<int64_t>(chunk, std::max<int64_t>(32, (p.T + 31) / 32 * 32));
   p.nc = (p.T + p.Lc - 1) / p.Lc, p.Tp = p.nc * p.Lc;
   const int64_t pad = p.Tp - p.T;
   const auto st = x.scalar_type();
   p.cdt = (st == torch::kBFloat16 || st == torch::kHalf) ? st : torch::kFloat32;
   const auto f32 = torch::kFloat32;
 
-  p.xc = chunked(pad_time(x, pad), p.nc, p.Lc);           // [B,nc,Lc,H,P]
+  if (!p.fused) p.xc = chunked(pad_time(x, pad), p.nc, p.Lc);  // [B,nc,Lc,H,P]
   p.dtp = chunked(pad_time(dt.to(f32), pad), p.nc, p.Lc);  // [B,nc,Lc,H]
   p.cum = torch::cumsum(p.dtp * A.to(f32), 2).permute({0, 1, 3, 2}).contiguous();
 
@@ -149,8 +156,10 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
   auto time_major = [&](const Tensor& t) {
     return chunked(pad_time(t.to(p.cdt), pad), p.nc, p.Lc).contiguous();
   };
-  p.Bt = time_major(B);
-  p.Ct = time_major(C);
+  if (!p.fused) {
+    p.Bt = time_major(B);
+    p.Ct = time_major(C);
+  }
   auto group_major = [&](const Tensor& t) {
     return chunked(pad_time(t.to(f32), pad), p.nc, p.Lc).permute({0, 1, 3, 2, 4}).contiguous();
   };
@@ -231,20 +240,64 @@ Tensor dot_p(const Tensor& a, const Tensor& b) {
   return at::mul(a, b).sum(-1, false, torch::kFloat32).permute({0, 1, 3, 2});
 }
 
+ChunkInputs chunk_inputs(const Prep& p, const Tensor& x, const Tensor& dt, const Tensor& B, const Tensor& C,
+                         const Tensor& D) {
+  ChunkInputs in;
+  in.x = x, in.dt = dt, in.B = B, in.C = C, in.D = D;
+  in.cum = p.cum, in.seg = p.seg, in.CB = p.CB, in.Ld = p.Ld, in.E = p.E;
+  in.nc = p.nc;
+  return in;
+}
+
+// Gradients of the fused path's cross-head sums and of the log-decay chain:
+// dC, dB ([B,nc,G,Lc,N] float32) and dcum -> (ddt, dA).
+struct TailGrads {
+  Tensor ddt, dA, dB, dC;
+};
+TailGrads finish_grads(const Prep& p, const Tensor& A, const Tensor& dyE, const Tensor& prev, const Tensor& uL,
+                       const Tensor& dS, const Tensor& dCB, Tensor dcum, const Tensor& dlast,
+                       const Tensor& ddt_u) {
+  const auto f32 = torch::kFloat32;
+  auto dC = torch::empty({p.Bsz, p.nc, p.G, p.Lc, p.N}, dcum.options());
+  auto dB = torch::empty_like(dC);
+  for (int64_t g = 0; g < p.G; ++g) {
+    dC.select(2, g).copy_(at::bmm(group_cols(dyE, p, g), group_states(prev, p, g)).view({p.Bsz, p.nc, p.Lc, p.N}));
+    dB.select(2, g).copy_(at::bmm(group_cols(uL, p, g), group_states(dS, p, g)).view({p.Bsz, p.nc, p.Lc, p.N}));
+  }
+  dC.add_(torch::matmul(dCB, p.Bg32));
+  dB.add_(torch::matmul(dCB.transpose(-1, -2), p.Cg32));
+  dcum.select(-1, p.Lc - 1).add_(dlast);
+  auto da = dcum.sum(-1, true) - dcum.cumsum(-1) + dcum;  // [B,nc,H,Lc]
+  auto dtp_h = p.dtp.permute({0, 1, 3, 2});
+  auto ddt = ddt_u + da * A.to(f32).view({1, 1, p.H, 1});
+  return {ddt.permute({0, 1, 3, 2}), (da * dtp_h).sum({0, 1, 3}), dB, dC};
+}
+
 class SsdFunction : public torch::autograd::Function<SsdFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
                                                 const Tensor& x, const Tensor& dt, const Tensor& A,
                                                 const Tensor& B, const Tensor& C,
                                                 const Tensor& init_in, const Tensor& seq_in,
-                                                int64_t chunk) {
+                                                const Tensor& D_in, int64_t chunk) {
     torch::NoGradGuard no_grad;
     // Absent optional inputs arrive as empty tensors (autograd needs defined ones).
     const Tensor init = init_in.numel() ? init_in : Tensor();
     const Tensor seq_ids = seq_in.numel() ? seq_in : Tensor();
+    const Tensor D = D_in.numel() ? D_in : Tensor();
     const Prep p = prepare(x, dt, A, B, C, seq_ids, chunk);
     const auto f32 = torch::kFloat32;
     const auto opt = x.options().dtype(p.cdt);
+    ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["has_init"] = init.defined();
+
+    if (p.fused) {
+      const auto in = chunk_inputs(p, x, dt, B, C, D);
+      auto [prev, h] = g_mask_kernels.states(g_mask_kernels.chunk_states(in), p.dec, init);
+      auto y = g_mask_kernels.chunk_scan(in, prev);
+      ctx->save_for_backward({x, dt, A, B, C, seq_in, prev, D_in});
+      return {y, h};
+    }
 
     // Within-chunk term, head-major [B,nc,H,Lc,P] cdt.
     Tensor y_diag;
@@ -299,9 +352,8 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
                       chunk_part(E_t, c0, n, len));
     });
 
-    ctx->save_for_backward({x, dt, A, B, C, seq_in, prev});
-    ctx->saved_data["chunk"] = chunk;
-    ctx->saved_data["has_init"] = init.defined();
+    if (D.defined()) y.addcmul_(D.unsqueeze(-1), x);
+    ctx->save_for_backward({x, dt, A, B, C, seq_in, prev, D_in});
     return {y, h};
   }
 
@@ -311,6 +363,7 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
     const Tensor &x = saved[0], &dt = saved[1], &A = saved[2], &B = saved[3], &C = saved[4],
                  &prev = saved[6];
     const Tensor seq_ids = saved[5].numel() ? saved[5] : Tensor();
+    const Tensor D = saved[7].numel() ? saved[7] : Tensor();
     const bool has_init = ctx->saved_data["has_init"].toBool();
     const Prep p = prepare(x, dt, A, B, C, seq_ids, ctx->saved_data["chunk"].toInt());
     const auto f32 = torch::kFloat32;
@@ -321,6 +374,31 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
     };
 
     Tensor dy = grads[0].defined() ? grads[0] : torch::zeros({p.Bsz, p.T, p.H, p.P}, x.options().dtype(f32));
+    auto to_input = [&](const Tensor& t, const Tensor& like) {  // [B,nc,G,Lc,N] -> [B,T,G,N]
+      return t.permute({0, 1, 3, 2, 4}).reshape({p.Bsz, p.Tp, p.G, p.N}).narrow(1, 0, p.T).to(like.scalar_type());
+    };
+    auto to_time = [&](const Tensor& t) {  // [B,nc,Lc,H] -> [B,T,H]
+      return t.reshape({p.Bsz, p.Tp, p.H}).narrow(1, 0, p.T);
+    };
+
+    if (p.fused) {
+      const auto in = chunk_inputs(p, x, dt, B, C, D);
+      auto [dyE, dH_off, dcum_E] = g_mask_kernels.chunk_bwd_off(in, dy, prev);
+      auto [dS, ddec, dinit] = g_mask_kernels.states_backward(dH_off, p.dec, grads[1], prev);
+      dH_off = Tensor();
+      auto gr = g_mask_kernels.chunk_bwd_diag(in, dy, dS);
+      auto dlast = ddec * p.dec + gr.dLd.sum(-1);
+      auto t = finish_grads(p, A, dyE, prev, gr.uL, dS, gr.dCB, dcum_E + gr.dcum, dlast, gr.ddt_u);
+      return {gr.dx,
+              to_time(t.ddt).to(dt.scalar_type()),
+              t.dA.to(A.scalar_type()),
+              to_input(t.dB, B),
+              to_input(t.dC, C),
+              has_init ? dinit : Tensor(),
+              Tensor(),
+              D.defined() ? gr.dD : Tensor(),
+              Tensor()};
+    }
     auto E_t = per_row(p.E);
 
     // Incoming-state term y_off = E * (C . H_c), with dyE = dy * E (time-major, cdt).
@@ -419,6 +497,11 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
       auto out = time_part(dx, p, c0, n, len);
       at::mul_out(out, chunk_part(du, c0, n, len), chunk_part(p.dtp, c0, n, len).unsqueeze(-1));
     });
+    Tensor dD;
+    if (D.defined()) {
+      dx.add_(dy * D.unsqueeze(-1));
+      dD = at::mul(dy, x).sum({0, 1, 3}, false, f32);
+    }
     auto ddt_u = at::mul(du, p.xc).sum(-1, false, f32);  // [B,nc,Lc,H]
     du = Tensor();
 
@@ -426,16 +509,14 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
     auto da = (dcum.sum(-1, true) - dcum.cumsum(-1) + dcum).permute({0, 1, 3, 2});  // [B,nc,Lc,H]
     auto ddt = ddt_u + da * A.to(f32);
     auto dA = (da * p.dtp).sum({0, 1, 2});
-    auto to_input = [&](const Tensor& t, const Tensor& like) {  // [B,nc,G,Lc,N] -> [B,T,G,N]
-      return t.permute({0, 1, 3, 2, 4}).reshape({p.Bsz, p.Tp, p.G, p.N}).narrow(1, 0, p.T).to(like.scalar_type());
-    };
     return {dx,
-            ddt.reshape({p.Bsz, p.Tp, p.H}).narrow(1, 0, p.T).to(dt.scalar_type()),
+            to_time(ddt).to(dt.scalar_type()),
             dA.to(A.scalar_type()),
             to_input(dB, B),
             to_input(dC, C),
             has_init ? gs : Tensor(),
             Tensor(),
+            dD,
             Tensor()};
   }
 };
@@ -454,11 +535,9 @@ SsdResult ssd_chunk_scan(const SsdArgs& a, int64_t chunk) {
   auto A = -torch::exp(a.A_log.to(torch::kFloat32));
   auto none = torch::empty({0}, a.x.options());
   auto out = SsdFunction::apply(a.x, dt, A, a.B, a.C, a.initial_state.defined() ? a.initial_state : none,
-                                a.seq_ids.defined() ? a.seq_ids : none, chunk);
-  auto y = out[0];
-  // y + D x in one pass (float32; x is promoted inside the kernel).
-  if (a.D.defined()) y = torch::addcmul(y, a.D.to(torch::kFloat32).unsqueeze(-1), a.x);
-  return {y, out[1]};
+                                a.seq_ids.defined() ? a.seq_ids : none,
+                                a.D.defined() ? a.D.to(torch::kFloat32) : none, chunk);
+  return {out[0], out[1]};
 }
 
 }  // namespace peftfw::kernels::mamba2::fused

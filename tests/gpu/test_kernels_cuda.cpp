@@ -39,12 +39,14 @@ struct SsdShape {
   int64_t B, T, H, P, G, N;
   bool ids, init;
   torch::ScalarType dtype;
+  bool strided = false;  // x, B and C as views into one [B,T,H*P+2*G*N] tensor, as in the model
 };
 
 std::string describe(const SsdShape& s) {
   char buf[160];
-  std::snprintf(buf, sizeof buf, "B%ld T%ld H%ld P%ld G%ld N%ld%s%s %s", s.B, s.T, s.H, s.P, s.G, s.N,
-                s.ids ? " ids" : "", s.init ? " init" : "", s.dtype == torch::kBFloat16 ? "bf16" : "fp32");
+  std::snprintf(buf, sizeof buf, "B%ld T%ld H%ld P%ld G%ld N%ld%s%s%s %s", s.B, s.T, s.H, s.P, s.G, s.N,
+                s.ids ? " ids" : "", s.init ? " init" : "", s.strided ? " strided" : "",
+                s.dtype == torch::kBFloat16 ? "bf16" : s.dtype == torch::kHalf ? "fp16" : "fp32");
   return buf;
 }
 
@@ -56,10 +58,19 @@ TEST_P(SsdCuda, FusedEqualsReference) {
   torch::manual_seed(5);
   auto o = torch::TensorOptions().device(kCuda);
   auto in = [&](Tensor t) { return t.to(s.dtype).detach().requires_grad_(true); };
-  auto x = in(torch::randn({s.B, s.T, s.H, s.P}, o));
+  Tensor x, Bm, Cm;
+  if (s.strided) {
+    const int64_t HP = s.H * s.P, GN = s.G * s.N;
+    auto xbc = in(torch::randn({s.B, s.T, HP + 2 * GN}, o));
+    x = xbc.narrow(2, 0, HP).view({s.B, s.T, s.H, s.P});
+    Bm = xbc.narrow(2, HP, GN).view({s.B, s.T, s.G, s.N});
+    Cm = xbc.narrow(2, HP + GN, GN).view({s.B, s.T, s.G, s.N});
+  } else {
+    x = in(torch::randn({s.B, s.T, s.H, s.P}, o));
+    Bm = in(torch::randn({s.B, s.T, s.G, s.N}, o));
+    Cm = in(torch::randn({s.B, s.T, s.G, s.N}, o));
+  }
   auto dt = in(torch::randn({s.B, s.T, s.H}, o) * 0.5 - 1.0);
-  auto Bm = in(torch::randn({s.B, s.T, s.G, s.N}, o));
-  auto Cm = in(torch::randn({s.B, s.T, s.G, s.N}, o));
   auto A_log = (torch::log(torch::linspace(1.0, 16.0, s.H, o))).requires_grad_(true);
   auto D = torch::randn({s.H}, o).requires_grad_(true);
   auto dt_bias = (torch::randn({s.H}, o) * 0.3).requires_grad_(true);
@@ -75,10 +86,11 @@ TEST_P(SsdCuda, FusedEqualsReference) {
   a.initial_state = init, a.seq_ids = seq, a.chunk_size = 256;
   a.dt_min = 0.001, a.dt_max = 5.0;
   auto ref = ops::reference::ssd_chunk_scan(a);
-  auto got = ops::fused::ssd_chunk_scan(a);
+  ASSERT_STREQ(ops::implementation_for(kCuda), "cuda");
+  auto got = ops::ssd_chunk_scan(a);  // the dispatch point: CUDA tensors take the fast path
 
-  const bool bf16 = s.dtype == torch::kBFloat16;
-  const double tol_out = bf16 ? 2e-2 : 1e-4, tol_grad = bf16 ? 5e-2 : 1e-3;
+  const bool low = s.dtype != torch::kFloat32;
+  const double tol_out = low ? 2e-2 : 1e-4, tol_grad = low ? 5e-2 : 1e-3;
   expect_close(got.y, ref.y, tol_out, "y");
   expect_close(got.final_state, ref.final_state, tol_out, "final_state");
 
@@ -93,6 +105,7 @@ TEST_P(SsdCuda, FusedEqualsReference) {
 
 const auto f32 = torch::kFloat32;
 const auto bf16 = torch::kBFloat16;
+const auto fp16 = torch::kHalf;
 INSTANTIATE_TEST_SUITE_P(
     Shapes, SsdCuda,
     ::testing::Values(SsdShape{2, 1000, 8, 64, 1, 128, false, false, f32},   // T not a chunk multiple
@@ -102,7 +115,12 @@ INSTANTIATE_TEST_SUITE_P(
                       SsdShape{2, 1000, 8, 64, 1, 128, false, false, bf16},
                       SsdShape{2, 50, 8, 32, 2, 64, false, true, bf16},
                       SsdShape{2, 300, 4, 128, 1, 64, true, true, bf16},
-                      SsdShape{1, 512, 8, 64, 4, 128, true, false, bf16}));
+                      SsdShape{1, 512, 8, 64, 4, 128, true, false, bf16},
+                      // 16-bit P 32/64 with N 64/128 take the fused per-chunk kernels (cuda/ssd_chunk.cu):
+                      SsdShape{2, 700, 24, 64, 2, 128, true, true, bf16, true},  // 12 heads/group: 2 head blocks
+                      SsdShape{1, 256, 4, 64, 1, 64, false, false, bf16, true},  // T a chunk multiple
+                      SsdShape{2, 1000, 8, 64, 1, 128, false, false, fp16},
+                      SsdShape{2, 300, 4, 32, 1, 64, true, true, fp16, true}));
 
 struct ConvShape {
   int64_t B, T, C, K;

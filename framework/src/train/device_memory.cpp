@@ -1,5 +1,10 @@
 #include "peftfw/train/device_memory.hpp"
 
+#include <torch/csrc/autograd/profiler_kineto.h>
+#include <torch/cuda.h>
+
+#include <set>
+
 #ifdef PEFTFW_HAVE_CUDA
 #include <c10/cuda/CUDACachingAllocator.h>
 #endif
@@ -18,5 +23,17 @@ double gpu_peak_gib(const torch::Device& device) {
   (void)device;
   return -1.0;
 }
+
+void start_trace(const torch::Device& device) {
+  namespace prof = torch::autograd::profiler;
+  const std::set<torch::profiler::impl::ActivityType> activities = {torch::profiler::impl::ActivityType::CPU,
+                                                                    torch::profiler::impl::ActivityType::CUDA};
+  const prof::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  if (device.is_cuda()) torch::cuda::synchronize();
+  prof::prepareProfiler(config, activities);
+  prof::enableProfiler(config, activities);
+}
+
+void save_trace(const std::string& path) { torch::autograd::profiler::disableProfiler()->save(path); }
 
 }  // namespace peftfw::train

@@ -31,7 +31,6 @@
 #include "peftfw/model/report.hpp"
 #include "peftfw/train/device_memory.hpp"
 
-#include <torch/csrc/autograd/profiler_kineto.h>
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registry.hpp"
 #include "peftfw/recipe/recipe.hpp"
@@ -477,15 +476,7 @@ TrainSummary train(const recipe::Recipe& r) {
     static const char* profile_trace = std::getenv("PEFTFW_PROFILE_TRACE");
     static const int64_t profile_step =
         profile_trace ? std::atoll(std::getenv("PEFTFW_PROFILE_STEP") ? std::getenv("PEFTFW_PROFILE_STEP") : "3") : -1;
-    namespace prof = torch::autograd::profiler;
-    if (state.step + 1 == profile_step) {
-      const std::set<torch::profiler::impl::ActivityType> activities = {
-          torch::profiler::impl::ActivityType::CPU, torch::profiler::impl::ActivityType::CUDA};
-      const prof::ProfilerConfig profile_config(torch::profiler::impl::ProfilerState::KINETO);
-      if (device.is_cuda()) torch::cuda::synchronize();
-      prof::prepareProfiler(profile_config, activities);
-      prof::enableProfiler(profile_config, activities);
-    }
+    if (state.step + 1 == profile_step) train::start_trace(device);
     double step_loss = 0.0;
     for (int64_t a = 0; a < d.accumulation; ++a) {
       auto batch = d.train->batch(state.position);
@@ -513,7 +504,7 @@ TrainSummary train(const recipe::Recipe& r) {
     if (device.is_cuda()) torch::cuda::synchronize();  // so the step's time is its own
     ++state.step;
     if (state.step == profile_step) {
-      prof::disableProfiler()->save(profile_trace);
+      train::save_trace(profile_trace);
       log << "profile: step " << state.step << " -> " << profile_trace << "\n";
     }
     const double cur_lr = peak_lr[0] * lr_factor(schedule, state.step - 1, total, warmup);

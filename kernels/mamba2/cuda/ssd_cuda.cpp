@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "peftfw/kernels/ssd_fused.hpp"
+#include "ssd_chunk.hpp"
 #include "ssd_masks.hpp"
 
 namespace peftfw::kernels::mamba2::cuda_ops {
@@ -87,6 +88,118 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> states_backward(const to
   return {dS, ddec, dinit};
 }
 
+// A [B,T,K,W] tensor the chunk kernels can read in place: unit stride in W,
+// K stride W, 16-byte aligned rows. Anything else is copied.
+torch::Tensor rows(const torch::Tensor& t, torch::ScalarType dtype) {
+  auto u = t.to(dtype);
+  const int64_t el = u.element_size();
+  const bool ok = u.stride(3) == 1 && u.stride(2) == u.size(3) && (u.stride(1) * el) % 16 == 0 &&
+                  (u.stride(0) * el) % 16 == 0 && reinterpret_cast<uintptr_t>(u.data_ptr()) % 16 == 0;
+  return ok ? u : u.contiguous();
+}
+
+struct Chunk {
+  torch::Tensor x, B, C, dt, cum, seg, CB, Ld, E, D;
+  cuda::SsdChunkDims d;
+  int dtype;
+};
+
+Chunk chunk_of(const fused::ChunkInputs& in) {
+  Chunk k;
+  const auto st = in.x.scalar_type();
+  k.dtype = dtype_code(st);
+  k.x = rows(in.x, st);
+  k.B = rows(in.B, st);
+  k.C = rows(in.C, st);
+  auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat32).contiguous(); };
+  k.dt = f32(in.dt);
+  k.cum = f32(in.cum);
+  k.CB = f32(in.CB);
+  k.Ld = f32(in.Ld);
+  k.E = f32(in.E);
+  k.seg = in.seg.to(torch::kInt32).contiguous();
+  if (in.D.defined()) k.D = f32(in.D);
+  k.d = {k.x.size(0), k.x.size(1), k.x.size(2), k.x.size(3), k.B.size(2), k.B.size(3), in.nc,
+         k.x.stride(0), k.x.stride(1), k.B.stride(0), k.B.stride(1), k.C.stride(0), k.C.stride(1)};
+  return k;
+}
+
+const float* ptr_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+bool chunk_supported(const torch::Tensor& x, const torch::Tensor& B) {
+  const auto st = x.scalar_type();
+  if (st != torch::kBFloat16 && st != torch::kHalf) return false;
+  return cuda::ssd_chunk_supported(x.size(3), B.size(3), dtype_code(st));
+}
+
+torch::Tensor chunk_states(const fused::ChunkInputs& in) {
+  c10::cuda::CUDAGuard guard(in.x.device());
+  auto k = chunk_of(in);
+  auto S = torch::empty({k.d.B, k.d.nc, k.d.H, k.d.P, k.d.N}, k.x.options());
+  check(cuda::ssd_chunk_states_fwd(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.Ld.data_ptr<float>(),
+                                   k.B.data_ptr(), S.data_ptr(), at::cuda::getCurrentCUDAStream()),
+        "ssd_chunk_states_fwd");
+  return S;
+}
+
+torch::Tensor chunk_scan(const fused::ChunkInputs& in, const torch::Tensor& prev_in) {
+  c10::cuda::CUDAGuard guard(in.x.device());
+  auto k = chunk_of(in);
+  auto prev = prev_in.to(k.x.scalar_type()).contiguous();
+  auto y = torch::empty({k.d.B, k.d.T, k.d.H, k.d.P}, k.x.options().dtype(torch::kFloat32));
+  check(cuda::ssd_chunk_scan_fwd(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.cum.data_ptr<float>(),
+                                 k.seg.data_ptr<int32_t>(), k.CB.data_ptr<float>(), k.E.data_ptr<float>(),
+                                 k.C.data_ptr(), prev.data_ptr(), ptr_or_null(k.D), y.data_ptr<float>(),
+                                 at::cuda::getCurrentCUDAStream()),
+        "ssd_chunk_scan_fwd");
+  return y;
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> chunk_bwd_off(const fused::ChunkInputs& in,
+                                                                      const torch::Tensor& dy_in,
+                                                                      const torch::Tensor& prev_in) {
+  c10::cuda::CUDAGuard guard(in.x.device());
+  auto k = chunk_of(in);
+  auto dy = dy_in.to(torch::kFloat32).contiguous();
+  auto prev = prev_in.to(k.x.scalar_type()).contiguous();
+  const auto& d = k.d;
+  auto dyE = torch::empty({d.B, d.nc, cuda::kSsdChunk, d.H, d.P}, k.x.options());
+  auto dH_off = torch::empty({d.B, d.nc, d.H, d.P, d.N}, k.x.options());
+  auto dcum_E = torch::empty({d.B, d.nc, d.H, cuda::kSsdChunk}, dy.options());
+  check(cuda::ssd_chunk_bwd_off(k.dtype, d, dy.data_ptr<float>(), k.E.data_ptr<float>(), k.C.data_ptr(),
+                                prev.data_ptr(), dyE.data_ptr(), dH_off.data_ptr(), dcum_E.data_ptr<float>(),
+                                at::cuda::getCurrentCUDAStream()),
+        "ssd_chunk_bwd_off");
+  return {dyE, dH_off, dcum_E};
+}
+
+fused::ChunkGrads chunk_bwd_diag(const fused::ChunkInputs& in, const torch::Tensor& dy_in,
+                                 const torch::Tensor& dS_in) {
+  c10::cuda::CUDAGuard guard(in.x.device());
+  auto k = chunk_of(in);
+  auto dy = dy_in.to(torch::kFloat32).contiguous();
+  auto dS = dS_in.to(k.x.scalar_type()).contiguous();
+  const auto& d = k.d;
+  const auto f32 = dy.options();
+  fused::ChunkGrads gr;
+  gr.dx = torch::empty({d.B, d.T, d.H, d.P}, k.x.options());
+  gr.uL = torch::empty({d.B, d.nc, cuda::kSsdChunk, d.H, d.P}, k.x.options());
+  gr.ddt_u = torch::empty({d.B, d.nc, d.H, cuda::kSsdChunk}, f32);
+  gr.dcum = torch::empty_like(gr.ddt_u);
+  gr.dLd = torch::empty_like(gr.ddt_u);
+  gr.dCB = torch::zeros({d.B, d.nc, d.G, cuda::kSsdChunk, cuda::kSsdChunk}, f32);
+  if (k.D.defined()) gr.dD = torch::zeros({d.H}, f32);
+  check(cuda::ssd_chunk_bwd_diag(k.dtype, d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.cum.data_ptr<float>(),
+                                 k.seg.data_ptr<int32_t>(), k.CB.data_ptr<float>(), k.Ld.data_ptr<float>(),
+                                 k.B.data_ptr(), dy.data_ptr<float>(), dS.data_ptr(), ptr_or_null(k.D),
+                                 gr.dx.data_ptr(), gr.uL.data_ptr(), gr.ddt_u.data_ptr<float>(),
+                                 gr.dcum.data_ptr<float>(), gr.dLd.data_ptr<float>(), gr.dCB.data_ptr<float>(),
+                                 gr.dD.defined() ? gr.dD.data_ptr<float>() : nullptr,
+                                 at::cuda::getCurrentCUDAStream()),
+        "ssd_chunk_bwd_diag");
+  return gr;
+}
+
 }  // namespace
 
 void register_ssd_kernels() {
@@ -95,6 +208,11 @@ void register_ssd_kernels() {
   k.backward = backward;
   k.states = states;
   k.states_backward = states_backward;
+  k.chunk_supported = chunk_supported;
+  k.chunk_states = chunk_states;
+  k.chunk_scan = chunk_scan;
+  k.chunk_bwd_off = chunk_bwd_off;
+  k.chunk_bwd_diag = chunk_bwd_diag;
   fused::register_mask_kernels(std::move(k));
 }
 

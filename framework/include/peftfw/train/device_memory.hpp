@@ -4,10 +4,18 @@
 
 #include <torch/types.h>
 
+#include <string>
+
 namespace peftfw::train {
 
 // GiB, or a negative value when `device` is not a CUDA device (or the build
 // has no CUDA LibTorch).
 double gpu_peak_gib(const torch::Device& device);
+
+// A Kineto trace (chrome://tracing JSON) of the CPU ops and GPU kernels run
+// between start_trace and save_trace; bench/profile_summary.py sums it by
+// kernel. start_trace synchronises `device` first when it is a GPU.
+void start_trace(const torch::Device& device);
+void save_trace(const std::string& path);
 
 }  // namespace peftfw::train

@@ -6,6 +6,7 @@
 #include <torch/types.h>
 
 #include <functional>
+#include <tuple>
 #include <utility>
 
 #include "peftfw/kernels/mamba2.hpp"
@@ -18,6 +19,18 @@ namespace peftfw::kernels::mamba2::fused {
 constexpr int64_t kDefaultChunk = 128;
 
 SsdResult ssd_chunk_scan(const SsdArgs& args, int64_t chunk = kDefaultChunk);
+
+// Inputs of the fused per-chunk kernels (chunk length 128). x [B,T,H,P] and
+// B, C [B,T,G,N] in one 16-bit dtype; dt [B,T,H] float32 after softplus;
+// D [H] float32 or undefined; the rest as prepared in ssd_fused.cpp.
+struct ChunkInputs {
+  torch::Tensor x, dt, B, C, D;
+  torch::Tensor cum, seg, CB, Ld, E;
+  int64_t nc = 0;
+};
+struct ChunkGrads {
+  torch::Tensor dx, uL, ddt_u, dcum, dLd, dCB, dD;
+};
 
 struct MaskKernels {
   // (CB [B,nc,G,Lc,Lc] f32, cum [B,nc,H,Lc] f32, seg [B,nc,Lc] i32, heads per group, out dtype)
@@ -39,6 +52,17 @@ struct MaskKernels {
   std::function<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>(
       const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>
       states_backward;
+
+  // Fused per-chunk kernels (cuda/ssd_chunk.hpp). chunk_supported(x, B): whether they cover
+  // these shapes and dtypes; the others compute S, y (incl. D x), the incoming-state backward
+  // (dyE, dH_off, dcum_E) and the within-chunk backward.
+  std::function<bool(const torch::Tensor&, const torch::Tensor&)> chunk_supported;
+  std::function<torch::Tensor(const ChunkInputs&)> chunk_states;
+  std::function<torch::Tensor(const ChunkInputs&, const torch::Tensor&)> chunk_scan;
+  std::function<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>(const ChunkInputs&, const torch::Tensor&,
+                                                                        const torch::Tensor&)>
+      chunk_bwd_off;
+  std::function<ChunkGrads(const ChunkInputs&, const torch::Tensor&, const torch::Tensor&)> chunk_bwd_diag;
 };
 void register_mask_kernels(MaskKernels kernels);
 

@@ -1,0 +1,674 @@
+// See ssd_chunk.hpp. Every kernel runs 8 warps on one (batch*chunk, head)
+// pair; 16-bit tiles live in shared memory with rows padded by 8 elements
+// (16 bytes) against bank conflicts, and the WMMA products accumulate in
+// float32. The notation follows ssd_fused.cpp.
+#include <mma.h>
+
+#include <type_traits>
+
+#include "element.cuh"
+#include "ssd_chunk.hpp"
+
+namespace peftfw::kernels::mamba2::cuda {
+namespace {
+
+using namespace nvcuda;
+constexpr int Lc = static_cast<int>(kSsdChunk);
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kHeadsPerBlock = 8;  // bwd_diag: heads of one group that share a block (and its dCB sum)
+static_assert(Lc == 16 * kWarps, "one 16-row tile per warp");
+
+template <typename T>
+using FragARow = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+template <typename T>
+using FragACol = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;
+template <typename T>
+using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
+template <typename T>
+using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
+using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// Row length of a shared 16-bit tile W wide, and of a float32 one.
+template <int W>
+__host__ __device__ constexpr int ld16() { return W + 8; }
+template <int W>
+__host__ __device__ constexpr int ld32() { return W + 4; }
+
+struct Block {
+  int64_t bc, b, c, t0;
+  int valid;  // positions of this chunk inside [0, T)
+};
+__device__ __forceinline__ Block block_of(const SsdChunkDims& d) {
+  Block k;
+  k.bc = blockIdx.x;
+  k.b = k.bc / d.nc;
+  k.c = k.bc % d.nc;
+  k.t0 = k.c * Lc;
+  k.valid = static_cast<int>(min(static_cast<int64_t>(Lc), d.T - k.t0));
+  return k;
+}
+
+// dst[r][0..W) = src[r*stride + 0..W) (times scale[r] when given) for r < valid,
+// zero for valid <= r < ROWS. 16-byte vectors; src rows must be 16-byte aligned.
+// All of a thread's loads are issued before its first store (latency hiding).
+template <typename T, int W, int ROWS = Lc>
+__device__ void load_tile(T* dst, const T* src, int64_t stride, int valid, const float* scale) {
+  constexpr int V = W / 8, IT = (ROWS * V + kThreads - 1) / kThreads;
+  Pack<T, 8> in[IT];
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    const int i = threadIdx.x + it * kThreads, r = i / V, v = i % V;
+    if (i < ROWS * V && r < valid) in[it] = *reinterpret_cast<const Pack<T, 8>*>(src + r * stride + v * 8);
+  }
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    const int i = threadIdx.x + it * kThreads, r = i / V, v = i % V;
+    if (i >= ROWS * V) break;
+    Pack<T, 8> out;
+    if (r < valid) {
+      if (scale) {
+        const float sc = scale[r];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) out.v[k] = Num<T>::from_f(Num<T>::to_f(in[it].v[k]) * sc);
+      } else {
+        out = in[it];
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) out.v[k] = Num<T>::from_f(0.f);
+    }
+    *reinterpret_cast<Pack<T, 8>*>(dst + r * ld16<W>() + v * 8) = out;
+  }
+}
+
+// The same from a float32 source (rounded to T).
+template <typename T, int W>
+__device__ void load_tile_f32(T* dst, const float* src, int64_t stride, int valid, const float* scale) {
+  constexpr int V = W / 4, IT = Lc * V / kThreads;
+  float4 in[IT];
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    const int i = threadIdx.x + it * kThreads, r = i / V, v = i % V;
+    in[it] = r < valid ? *reinterpret_cast<const float4*>(src + r * stride + v * 4) : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    const int i = threadIdx.x + it * kThreads, r = i / V, v = i % V;
+    const float sc = scale ? scale[r] : 1.f;
+    const float o[4] = {in[it].x * sc, in[it].y * sc, in[it].z * sc, in[it].w * sc};
+    store_pack<T, 4>(dst + r * ld16<W>() + v * 4, o);
+  }
+}
+
+// M[l][s] = CB[l,s] exp(cum_l - cum_s) for s <= l in one segment, else 0 (T, shared).
+// BATCH float4 loads of CB in flight per thread.
+template <typename T, int BATCH>
+__device__ void build_decay(T* Ms, const float* cb, const float* s_cum, const int32_t* s_seg) {
+  constexpr int V = Lc / 4, IT = Lc * V / kThreads;
+  static_assert(IT % BATCH == 0, "batches must tile the matrix");
+#pragma unroll 1
+  for (int b0 = 0; b0 < IT; b0 += BATCH) {
+    float4 v[BATCH];
+#pragma unroll
+    for (int it = 0; it < BATCH; ++it) {
+      const int i = threadIdx.x + (b0 + it) * kThreads, l = i / V, s0 = (i % V) * 4;
+      v[it] = s0 <= l ? *reinterpret_cast<const float4*>(cb + l * Lc + s0) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int it = 0; it < BATCH; ++it) {
+      const int i = threadIdx.x + (b0 + it) * kThreads, l = i / V, s0 = (i % V) * 4;
+      const float cl = s_cum[l];
+      const int32_t sl = s_seg[l];
+      float o[4] = {v[it].x, v[it].y, v[it].z, v[it].w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int s = s0 + k;
+        o[k] = (s <= l && s_seg[s] == sl) ? o[k] * __expf(cl - s_cum[s]) : 0.f;
+      }
+      store_pack<T, 4>(Ms + l * ld16<Lc>() + s0, o);
+    }
+  }
+}
+
+// Writes a 16x16 accumulator to a row-major T matrix in global memory through
+// the warp's 16x16 float32 staging area.
+template <typename T>
+__device__ void store_acc(const Acc& acc, float* stage, T* dst, int64_t ld) {
+  wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
+  __syncwarp();
+  const int lane = threadIdx.x % 32, r = lane / 2, c0 = (lane % 2) * 8;
+  float o[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) o[k] = stage[r * 16 + c0 + k];
+  store_pack<T, 8>(dst + r * ld + c0, o);
+  __syncwarp();
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// ---------------------------------------------------------------- forward
+
+template <typename T, int P, int N>
+struct StatesFwd {
+  static constexpr size_t smem() {
+    return sizeof(T) * (Lc * ld16<P>() + Lc * ld16<N>()) + sizeof(float) * (kWarps * 256 + Lc);
+  }
+};
+
+template <typename T, int P, int N>
+__global__ void __launch_bounds__(kThreads, 2) states_fwd_kernel(SsdChunkDims d, const T* __restrict__ x,
+                                                              const float* __restrict__ dt,
+                                                              const float* __restrict__ Ld,
+                                                              const T* __restrict__ Bm, T* __restrict__ S) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* stage = reinterpret_cast<float*>(smem);  // [8][256]
+  T* us = reinterpret_cast<T*>(stage + kWarps * 256);  // [Lc][P+8]  dt Ld x
+  T* bs = us + Lc * ld16<P>();                         // [Lc][N+8]
+  float* scale = reinterpret_cast<float*>(bs + Lc * ld16<N>());  // [Lc]
+  const Block k = block_of(d);
+  const int64_t h = blockIdx.y, g = h / (d.H / d.G);
+  for (int l = threadIdx.x; l < Lc; l += kThreads)
+    scale[l] = l < k.valid ? dt[(k.b * d.T + k.t0 + l) * d.H + h] * Ld[(k.bc * d.H + h) * Lc + l] : 0.f;
+  __syncthreads();
+  load_tile<T, P>(us, x + k.b * d.x_sb + k.t0 * d.x_st + h * P, d.x_st, k.valid, scale);
+  load_tile<T, N>(bs, Bm + k.b * d.b_sb + k.t0 * d.b_st + g * N, d.b_st, k.valid, nullptr);
+  __syncthreads();
+  const int warp = threadIdx.x / 32;
+  constexpr int TP = P / 16, TN = N / 16;
+  T* out = S + (k.bc * d.H + h) * P * N;
+  for (int tile = warp; tile < TP * TN; tile += kWarps) {
+    const int i = tile / TN, j = tile % TN;
+    Acc acc;
+    wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int kk = 0; kk < Lc / 16; ++kk) {
+      FragACol<T> a;  // (p, s) = us[s][p]
+      FragBRow<T> bf;
+      wmma::load_matrix_sync(a, us + kk * 16 * ld16<P>() + i * 16, ld16<P>());
+      wmma::load_matrix_sync(bf, bs + kk * 16 * ld16<N>() + j * 16, ld16<N>());
+      wmma::mma_sync(acc, a, bf, acc);
+    }
+    store_acc(acc, stage + warp * 256, out + i * 16 * N + j * 16, N);
+  }
+}
+
+template <typename T, int P, int N>
+struct ScanFwd {
+  static_assert((Lc + 8) * sizeof(T) >= (P + 4) * sizeof(float), "y staging aliases the M tile");
+  static constexpr size_t smem() {
+    return sizeof(float) * 4 * Lc + sizeof(T) * (Lc * ld16<Lc>() + Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
+  }
+};
+
+template <typename T, int P, int N>
+__global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, const T* __restrict__ x,
+                                                            const float* __restrict__ dt,
+                                                            const float* __restrict__ cum,
+                                                            const int32_t* __restrict__ seg,
+                                                            const float* __restrict__ CB,
+                                                            const float* __restrict__ E,
+                                                            const T* __restrict__ Cm,
+                                                            const T* __restrict__ prev,
+                                                            const float* __restrict__ D, float* __restrict__ y) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Ms = reinterpret_cast<T*>(smem);         // [Lc][Lc+8]
+  T* us = Ms + Lc * ld16<Lc>();               // [Lc][P+8]  dt x
+  T* cs = us + Lc * ld16<P>();                // [Lc][N+8]  E C
+  T* ps = cs + Lc * ld16<N>();                // [P][N+8]   prev
+  float* ys = reinterpret_cast<float*>(Ms);   // [Lc][P+4], after the products
+  float* s_cum = reinterpret_cast<float*>(ps + P * ld16<N>());
+  float* s_dt = s_cum + Lc;
+  float* s_E = s_dt + Lc;
+  int32_t* s_seg = reinterpret_cast<int32_t*>(s_E + Lc);
+  const Block k = block_of(d);
+  const int64_t h = blockIdx.y, g = h / (d.H / d.G);
+  for (int l = threadIdx.x; l < Lc; l += kThreads) {
+    s_cum[l] = cum[(k.bc * d.H + h) * Lc + l];
+    s_E[l] = E[(k.bc * d.H + h) * Lc + l];
+    s_seg[l] = seg[k.bc * Lc + l];
+    s_dt[l] = l < k.valid ? dt[(k.b * d.T + k.t0 + l) * d.H + h] : 0.f;
+  }
+  __syncthreads();
+  const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
+  load_tile<T, P>(us, xb, d.x_st, k.valid, s_dt);
+  load_tile<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid, s_E);
+  load_tile<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P, nullptr);
+  build_decay<T, 8>(Ms, CB + (k.bc * d.G + g) * Lc * Lc, s_cum, s_seg);
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32;
+  constexpr int TP = P / 16;
+  Acc acc[TP];
+#pragma unroll
+  for (int j = 0; j < TP; ++j) wmma::fill_fragment(acc[j], 0.f);
+  for (int kk = 0; kk <= warp; ++kk) {  // M is lower triangular
+    FragARow<T> a;
+    wmma::load_matrix_sync(a, Ms + warp * 16 * ld16<Lc>() + kk * 16, ld16<Lc>());
+#pragma unroll
+    for (int j = 0; j < TP; ++j) {
+      FragBRow<T> bf;
+      wmma::load_matrix_sync(bf, us + kk * 16 * ld16<P>() + j * 16, ld16<P>());
+      wmma::mma_sync(acc[j], a, bf, acc[j]);
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    FragARow<T> a;
+    wmma::load_matrix_sync(a, cs + warp * 16 * ld16<N>() + kk * 16, ld16<N>());
+#pragma unroll
+    for (int j = 0; j < TP; ++j) {
+      FragBCol<T> bf;  // (n, p) = prev[p][n]
+      wmma::load_matrix_sync(bf, ps + j * 16 * ld16<N>() + kk * 16, ld16<N>());
+      wmma::mma_sync(acc[j], a, bf, acc[j]);
+    }
+  }
+  __syncthreads();  // everyone is done with Ms before ys overwrites it
+#pragma unroll
+  for (int j = 0; j < TP; ++j)
+    wmma::store_matrix_sync(ys + warp * 16 * ld32<P>() + j * 16, acc[j], ld32<P>(), wmma::mem_row_major);
+  __syncthreads();
+  const float Dh = D ? D[h] : 0.f;
+  constexpr int V = P / 4, IT = Lc * V / kThreads;
+  Pack<T, 4> xs[IT];
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    const int i = threadIdx.x + it * kThreads, l = i / V, p = (i % V) * 4;
+    if (l < k.valid) xs[it] = *reinterpret_cast<const Pack<T, 4>*>(xb + l * d.x_st + p);
+  }
+#pragma unroll
+  for (int it = 0; it < IT; ++it) {
+    const int i = threadIdx.x + it * kThreads, l = i / V, p = (i % V) * 4;
+    if (l >= k.valid) continue;
+    float4 v = *reinterpret_cast<const float4*>(ys + l * ld32<P>() + p);
+    v.x += Dh * Num<T>::to_f(xs[it].v[0]);
+    v.y += Dh * Num<T>::to_f(xs[it].v[1]);
+    v.z += Dh * Num<T>::to_f(xs[it].v[2]);
+    v.w += Dh * Num<T>::to_f(xs[it].v[3]);
+    *reinterpret_cast<float4*>(y + ((k.b * d.T + k.t0 + l) * d.H + h) * P + p) = v;
+  }
+}
+
+// --------------------------------------------------------------- backward
+
+template <typename T, int P, int N>
+struct BwdOff {
+  static constexpr size_t smem() {
+    return sizeof(float) * (kWarps * 256 + Lc + Lc * ld32<P>()) +
+           sizeof(T) * (Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
+  }
+};
+
+template <typename T, int P, int N>
+__global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, const float* __restrict__ dy,
+                                                           const float* __restrict__ E,
+                                                           const T* __restrict__ Cm,
+                                                           const T* __restrict__ prev, T* __restrict__ dyE,
+                                                           T* __restrict__ dH_off, float* __restrict__ dcum_E) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* stage = reinterpret_cast<float*>(smem);  // [8][256]
+  float* ys = stage + kWarps * 256;               // [Lc][P+4]  C prev^T
+  T* dys = reinterpret_cast<T*>(ys + Lc * ld32<P>());  // [Lc][P+8]  dy E
+  T* cs = dys + Lc * ld16<P>();                        // [Lc][N+8]
+  T* ps = cs + Lc * ld16<N>();                         // [P][N+8]
+  float* s_E = reinterpret_cast<float*>(ps + P * ld16<N>());
+  const Block k = block_of(d);
+  const int64_t h = blockIdx.y, g = h / (d.H / d.G);
+  for (int l = threadIdx.x; l < Lc; l += kThreads) s_E[l] = E[(k.bc * d.H + h) * Lc + l];
+  __syncthreads();
+  load_tile_f32<T, P>(dys, dy + ((k.b * d.T + k.t0) * d.H + h) * P, d.H * P, k.valid, s_E);
+  load_tile<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid, nullptr);
+  load_tile<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P, nullptr);
+  __syncthreads();
+  {  // dyE out, time-major, zero past T
+    constexpr int V = P / 8;
+    for (int i = threadIdx.x; i < Lc * V; i += kThreads) {
+      const int l = i / V, v = i % V;
+      *reinterpret_cast<Pack<T, 8>*>(dyE + ((k.bc * Lc + l) * d.H + h) * P + v * 8) =
+          *reinterpret_cast<const Pack<T, 8>*>(dys + l * ld16<P>() + v * 8);
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int TP = P / 16, TN = N / 16;
+  T* out = dH_off + (k.bc * d.H + h) * P * N;
+  for (int tile = warp; tile < TP * TN; tile += kWarps) {  // dH_off = dyE^T C
+    const int i = tile / TN, j = tile % TN;
+    Acc acc;
+    wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+    for (int kk = 0; kk < Lc / 16; ++kk) {
+      FragACol<T> a;
+      FragBRow<T> bf;
+      wmma::load_matrix_sync(a, dys + kk * 16 * ld16<P>() + i * 16, ld16<P>());
+      wmma::load_matrix_sync(bf, cs + kk * 16 * ld16<N>() + j * 16, ld16<N>());
+      wmma::mma_sync(acc, a, bf, acc);
+    }
+    store_acc(acc, stage + warp * 256, out + i * 16 * N + j * 16, N);
+  }
+  {  // C prev^T, this warp's 16 rows
+    Acc acc[TP];
+#pragma unroll
+    for (int j = 0; j < TP; ++j) wmma::fill_fragment(acc[j], 0.f);
+#pragma unroll
+    for (int kk = 0; kk < TN; ++kk) {
+      FragARow<T> a;
+      wmma::load_matrix_sync(a, cs + warp * 16 * ld16<N>() + kk * 16, ld16<N>());
+#pragma unroll
+      for (int j = 0; j < TP; ++j) {
+        FragBCol<T> bf;
+        wmma::load_matrix_sync(bf, ps + j * 16 * ld16<N>() + kk * 16, ld16<N>());
+        wmma::mma_sync(acc[j], a, bf, acc[j]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < TP; ++j)
+      wmma::store_matrix_sync(ys + warp * 16 * ld32<P>() + j * 16, acc[j], ld32<P>(), wmma::mem_row_major);
+  }
+  __syncwarp();
+  for (int r = 0; r < 16; ++r) {  // the warp's own rows: no block barrier needed
+    const int l = warp * 16 + r;
+    float part = 0.f;
+    for (int p = lane; p < P; p += 32) part += Num<T>::to_f(dys[l * ld16<P>() + p]) * ys[l * ld32<P>() + p];
+    part = warp_sum(part);
+    if (lane == 0) dcum_E[(k.bc * d.H + h) * Lc + l] = part;
+  }
+}
+
+template <typename T, int P, int N>
+struct BwdDiag {
+  static constexpr int kBig = Lc * ld32<Lc>() > 2 * Lc * ld32<P>() ? Lc * ld32<Lc>() : 2 * Lc * ld32<P>();
+  static constexpr size_t smem() {
+    return sizeof(float) * (kBig + 4 * Lc + kWarps * Lc) + sizeof(int32_t) * Lc +
+           sizeof(T) * (Lc * ld16<Lc>() + 2 * Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
+  }
+};
+
+// grid: (B*nc, G * ceil(Hg / kHeadsPerBlock)); the block loops over its heads.
+template <typename T, int P, int N>
+__global__ void __launch_bounds__(kThreads, 1)
+    bwd_diag_kernel(SsdChunkDims d, const T* __restrict__ x, const float* __restrict__ dt,
+                    const float* __restrict__ cum, const int32_t* __restrict__ seg,
+                    const float* __restrict__ CB, const float* __restrict__ Ld, const T* __restrict__ Bm,
+                    const float* __restrict__ dy, const T* __restrict__ dS, const float* __restrict__ D,
+                    T* __restrict__ dx, T* __restrict__ uL, float* __restrict__ ddt_u,
+                    float* __restrict__ dcum, float* __restrict__ dLd, float* __restrict__ dCB,
+                    float* __restrict__ dD) {
+  using K = BwdDiag<T, P, N>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Ms = reinterpret_cast<T*>(smem);  // [Lc][Lc+8]
+  T* us = Ms + Lc * ld16<Lc>();        // [Lc][P+8]  dt x
+  T* dys = us + Lc * ld16<P>();        // [Lc][P+8]
+  T* bs = dys + Lc * ld16<P>();        // [Lc][N+8]
+  T* dss = bs + Lc * ld16<N>();        // [P][N+8]
+  float* big = reinterpret_cast<float*>(dss + P * ld16<N>());  // dM [Lc][Lc+4]; later du and Q [Lc][P+4]
+  float* dus = big;
+  float* qs = big + Lc * ld32<P>();
+  float* s_cum = big + K::kBig;
+  float* s_dt = s_cum + Lc;
+  float* s_Ld = s_dt + Lc;
+  float* s_dcum = s_Ld + Lc;
+  float* s_col = s_dcum + Lc;  // [8][Lc]
+  int32_t* s_seg = reinterpret_cast<int32_t*>(s_col + kWarps * Lc);
+
+  const Block k = block_of(d);
+  const int64_t Hg = d.H / d.G, splits = (Hg + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  const int64_t g = blockIdx.y / splits;
+  const int64_t h0 = g * Hg + (blockIdx.y % splits) * kHeadsPerBlock;
+  const int64_t h1 = min(h0 + kHeadsPerBlock, (g + 1) * Hg);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int R = Lc / kWarps, S = Lc / 32, TP = P / 16;
+  const float* cb = CB + (k.bc * d.G + g) * Lc * Lc;
+
+  for (int l = threadIdx.x; l < Lc; l += kThreads) s_seg[l] = seg[k.bc * Lc + l];
+  load_tile<T, N>(bs, Bm + k.b * d.b_sb + k.t0 * d.b_st + g * N, d.b_st, k.valid, nullptr);
+
+  float acc_cb[R][S];  // this thread's share of dCB, summed over the block's heads
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < S; ++c) acc_cb[r][c] = 0.f;
+
+  for (int64_t h = h0; h < h1; ++h) {
+    const int64_t row = (k.bc * d.H + h) * Lc;
+    __syncthreads();  // the previous head is done with every shared buffer
+    for (int l = threadIdx.x; l < Lc; l += kThreads) {
+      s_cum[l] = cum[row + l];
+      s_Ld[l] = Ld[row + l];
+      s_dt[l] = l < k.valid ? dt[(k.b * d.T + k.t0 + l) * d.H + h] : 0.f;
+    }
+    __syncthreads();
+    const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
+    const float* dyb = dy + ((k.b * d.T + k.t0) * d.H + h) * P;
+    load_tile<T, P>(us, xb, d.x_st, k.valid, s_dt);
+    load_tile_f32<T, P>(dys, dyb, d.H * P, k.valid, nullptr);
+    load_tile<T, N, P>(dss, dS + (k.bc * d.H + h) * P * N, N, P, nullptr);
+    build_decay<T, 4>(Ms, cb, s_cum, s_seg);
+    __syncthreads();
+
+    // dM = dy u^T, lower tiles only (the rest is masked out below).
+    for (int j = 0; j <= warp; ++j) {
+      Acc acc;
+      wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < TP; ++kk) {
+        FragARow<T> a;
+        FragBCol<T> bf;  // (p, s) = u[s][p]
+        wmma::load_matrix_sync(a, dys + warp * 16 * ld16<P>() + kk * 16, ld16<P>());
+        wmma::load_matrix_sync(bf, us + j * 16 * ld16<P>() + kk * 16, ld16<P>());
+        wmma::mma_sync(acc, a, bf, acc);
+      }
+      wmma::store_matrix_sync(big + warp * 16 * ld32<Lc>() + j * 16, acc, ld32<Lc>(), wmma::mem_row_major);
+    }
+    __syncthreads();
+
+    // dML = dM * L (into dCB), W = dML * CB: rowsum - colsum is the log-decay gradient.
+    float col[S];
+#pragma unroll
+    for (int c = 0; c < S; ++c) col[c] = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int l = warp + r * kWarps;
+      float rsum = 0.f;
+#pragma unroll
+      for (int c = 0; c < S; ++c) {
+        const int s = lane + c * 32;
+        if (l >= s && s_seg[l] == s_seg[s]) {
+          const float dl = big[l * ld32<Lc>() + s] * __expf(s_cum[l] - s_cum[s]);
+          acc_cb[r][c] += dl;
+          const float w = dl * cb[l * Lc + s];
+          rsum += w;
+          col[c] += w;
+        }
+      }
+      rsum = warp_sum(rsum);
+      if (lane == 0) s_dcum[l] = rsum;
+    }
+#pragma unroll
+    for (int c = 0; c < S; ++c) s_col[warp * Lc + lane + c * 32] = col[c];
+    __syncthreads();  // dM fully read; s_col complete
+    for (int s = threadIdx.x; s < Lc; s += kThreads) {
+      float sum = 0.f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) sum += s_col[w * Lc + s];
+      s_dcum[s] -= sum;
+    }
+
+    // du_diag = M^T dy and Q = B dS^T, this warp's 16 rows (positions s).
+    {
+      Acc accD[TP], accQ[TP];
+#pragma unroll
+      for (int j = 0; j < TP; ++j) {
+        wmma::fill_fragment(accD[j], 0.f);
+        wmma::fill_fragment(accQ[j], 0.f);
+      }
+      for (int kk = warp; kk < Lc / 16; ++kk) {
+        FragACol<T> a;  // (s, l) = M[l][s]
+        wmma::load_matrix_sync(a, Ms + kk * 16 * ld16<Lc>() + warp * 16, ld16<Lc>());
+#pragma unroll
+        for (int j = 0; j < TP; ++j) {
+          FragBRow<T> bf;
+          wmma::load_matrix_sync(bf, dys + kk * 16 * ld16<P>() + j * 16, ld16<P>());
+          wmma::mma_sync(accD[j], a, bf, accD[j]);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < N / 16; ++kk) {
+        FragARow<T> a;
+        wmma::load_matrix_sync(a, bs + warp * 16 * ld16<N>() + kk * 16, ld16<N>());
+#pragma unroll
+        for (int j = 0; j < TP; ++j) {
+          FragBCol<T> bf;  // (n, p) = dS[p][n]
+          wmma::load_matrix_sync(bf, dss + j * 16 * ld16<N>() + kk * 16, ld16<N>());
+          wmma::mma_sync(accQ[j], a, bf, accQ[j]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < TP; ++j) {
+        wmma::store_matrix_sync(dus + warp * 16 * ld32<P>() + j * 16, accD[j], ld32<P>(), wmma::mem_row_major);
+        wmma::store_matrix_sync(qs + warp * 16 * ld32<P>() + j * 16, accQ[j], ld32<P>(), wmma::mem_row_major);
+      }
+    }
+    __syncthreads();  // s_dcum complete (written above by all threads)
+
+    // Per position s (a warp per row): du = du_diag + Ld Q, dx = dt du + D dy, and the row sums.
+    const float Dh = D ? D[h] : 0.f;
+    float dD_part = 0.f;
+#pragma unroll 4
+    for (int s = warp; s < Lc; s += kWarps) {
+      const bool live = s < k.valid;
+      const float dts = s_dt[s], Lds = s_Ld[s];
+      float p_ddt = 0.f, p_uq = 0.f;
+      for (int p = lane; p < P; p += 32) {
+        const float q = qs[s * ld32<P>() + p];
+        const float du = dus[s * ld32<P>() + p] + Lds * q;
+        const float u = Num<T>::to_f(us[s * ld16<P>() + p]);
+        float xv = 0.f, dyv = 0.f;
+        if (live) {
+          xv = Num<T>::to_f(xb[s * d.x_st + p]);
+          dyv = dyb[s * d.H * P + p];
+          dx[((k.b * d.T + k.t0 + s) * d.H + h) * P + p] = Num<T>::from_f(dts * du + Dh * dyv);
+        }
+        p_ddt += du * xv;
+        p_uq += u * q;
+        dD_part += dyv * xv;
+        uL[((k.bc * Lc + s) * d.H + h) * P + p] = Num<T>::from_f(u * Lds);
+      }
+      p_ddt = warp_sum(p_ddt);
+      p_uq = warp_sum(p_uq);
+      if (lane == 0) {
+        const float dld = Lds * p_uq;
+        ddt_u[row + s] = p_ddt;
+        dLd[row + s] = dld;
+        dcum[row + s] = s_dcum[s] - dld;
+      }
+    }
+    if (dD) {
+      dD_part = warp_sum(dD_part);
+      if (lane == 0) atomicAdd(&dD[h], dD_part);
+    }
+  }
+
+  float* out = dCB + (k.bc * d.G + g) * Lc * Lc;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < S; ++c) {
+      const int l = warp + r * kWarps, s = lane + c * 32;
+      if (l >= s) atomicAdd(&out[l * Lc + s], acc_cb[r][c]);
+    }
+}
+
+// ---------------------------------------------------------------- launch
+
+// Calls f(T{}, P, N) with P and N as std::integral_constant.
+template <typename F>
+cudaError_t by_shape(int dtype, int64_t P, int64_t N, F&& f) {
+  auto with_type = [&](auto tag) -> cudaError_t {
+    using I32 = std::integral_constant<int, 32>;
+    using I64 = std::integral_constant<int, 64>;
+    using I128 = std::integral_constant<int, 128>;
+    if (P == 32 && N == 64) return f(tag, I32{}, I64{});
+    if (P == 32 && N == 128) return f(tag, I32{}, I128{});
+    if (P == 64 && N == 64) return f(tag, I64{}, I64{});
+    if (P == 64 && N == 128) return f(tag, I64{}, I128{});
+    return cudaErrorInvalidValue;
+  };
+  switch (dtype) {
+    case 1: return with_type(__half{});
+    case 2: return with_type(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// Every 16-bit tile is a multiple of 32 bytes long, so the float32 areas that
+// follow them keep the 256-bit alignment WMMA needs.
+template <typename Kernel, typename... Args>
+cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, Args... args) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool ssd_chunk_supported(int64_t P, int64_t N, int dtype) {
+  return (dtype == 1 || dtype == 2) && (P == 32 || P == 64) && (N == 64 || N == 128);
+}
+
+cudaError_t ssd_chunk_states_fwd(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
+                                 const float* Ld, const void* B, void* S, cudaStream_t stream) {
+  return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
+    using T = decltype(tag);
+    constexpr int P = decltype(p)::value, N = decltype(n)::value;
+    return launch(states_fwd_kernel<T, P, N>, dim3(d.B * d.nc, d.H), StatesFwd<T, P, N>::smem(), stream, d,
+                  static_cast<const T*>(x), dt, Ld, static_cast<const T*>(B), static_cast<T*>(S));
+  });
+}
+
+cudaError_t ssd_chunk_scan_fwd(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
+                               const float* cum, const int32_t* seg, const float* CB, const float* E,
+                               const void* C, const void* prev, const float* D, float* y,
+                               cudaStream_t stream) {
+  return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
+    using T = decltype(tag);
+    constexpr int P = decltype(p)::value, N = decltype(n)::value;
+    return launch(scan_fwd_kernel<T, P, N>, dim3(d.B * d.nc, d.H), ScanFwd<T, P, N>::smem(), stream, d,
+                  static_cast<const T*>(x), dt, cum, seg, CB, E, static_cast<const T*>(C),
+                  static_cast<const T*>(prev), D, y);
+  });
+}
+
+cudaError_t ssd_chunk_bwd_off(int dtype, const SsdChunkDims& d, const float* dy, const float* E,
+                              const void* C, const void* prev, void* dyE, void* dH_off,
+                              float* dcum_E, cudaStream_t stream) {
+  return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
+    using T = decltype(tag);
+    constexpr int P = decltype(p)::value, N = decltype(n)::value;
+    return launch(bwd_off_kernel<T, P, N>, dim3(d.B * d.nc, d.H), BwdOff<T, P, N>::smem(), stream, d, dy, E,
+                  static_cast<const T*>(C), static_cast<const T*>(prev), static_cast<T*>(dyE),
+                  static_cast<T*>(dH_off), dcum_E);
+  });
+}
+
+cudaError_t ssd_chunk_bwd_diag(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
+                               const float* cum, const int32_t* seg, const float* CB, const float* Ld,
+                               const void* B, const float* dy, const void* dS, const float* D, void* dx,
+                               void* uL, float* ddt_u, float* dcum, float* dLd, float* dCB, float* dD,
+                               cudaStream_t stream) {
+  const int64_t Hg = d.H / d.G, splits = (Hg + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
+    using T = decltype(tag);
+    constexpr int P = decltype(p)::value, N = decltype(n)::value;
+    return launch(bwd_diag_kernel<T, P, N>, dim3(d.B * d.nc, d.G * splits), BwdDiag<T, P, N>::smem(), stream, d,
+                  static_cast<const T*>(x), dt, cum, seg, CB, Ld, static_cast<const T*>(B), dy,
+                  static_cast<const T*>(dS), D, static_cast<T*>(dx), static_cast<T*>(uL), ddt_u, dcum, dLd, dCB,
+                  dD);
+  });
+}
+
+}  // namespace peftfw::kernels::mamba2::cuda

@@ -1,0 +1,62 @@
+// Fused per-chunk SSD kernels (tensor-core WMMA, 16-bit inputs, float32
+// accumulation). One thread block per (batch, chunk, head) keeps a chunk's
+// operands in shared memory, so the [Lc,Lc] decay-weighted matrices and the
+// [Lc,P] partial products of the unfused scan (ssd_fused.cpp) never reach
+// global memory. Chunk length Lc = 128, head dim P in {32, 64}, state N in
+// {64, 128}, dtype code 1 (float16) or 2 (bfloat16). Torch-free, so CI
+// compiles it with nvcc on a machine without a GPU.
+//
+// Layouts (float32 unless said otherwise; T = the 16-bit input type):
+//   x [B,T,H,P] T: element (b,t,h,p) at x + b*x_sb + t*x_st + h*P + p
+//   B, C [B,T,G,N] T: likewise with (b_sb, b_st) and (c_sb, c_st)
+//   dt [B,T,H] (after softplus / bias / limit), dy [B,T,H,P], y [B,T,H,P], dx [B,T,H,P] T: contiguous
+//   cum, Ld, E, ddt_u, dcum, dLd, dcum_E: [B,nc,H,Lc]; seg [B,nc,Lc] int32
+//   CB, dCB: [B,nc,G,Lc,Lc]; S, prev, dS, dH_off: [B,nc,H,P,N] T
+//   dyE, uL: [B,nc,Lc,H,P] T (time-major, for the cross-head GEMMs done by cuBLAS)
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace peftfw::kernels::mamba2::cuda {
+
+constexpr int64_t kSsdChunk = 128;
+
+struct SsdChunkDims {
+  int64_t B, T, H, P, G, N, nc;
+  int64_t x_sb, x_st, b_sb, b_st, c_sb, c_st;
+};
+
+// Whether the fused kernels cover this head dim, state size and dtype code.
+bool ssd_chunk_supported(int64_t P, int64_t N, int dtype);
+
+// S[b,c,h] = sum_s (dt_s Ld_s x_s)^T B_s   (the chunk's own contribution to its end state)
+cudaError_t ssd_chunk_states_fwd(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
+                                 const float* Ld, const void* B, void* S, cudaStream_t stream);
+
+// y_l = sum_{s<=l, same segment} CB[l,s] exp(cum_l - cum_s) dt_s x_s + E_l C_l prev^T + D x_l
+// D may be null.
+cudaError_t ssd_chunk_scan_fwd(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
+                               const float* cum, const int32_t* seg, const float* CB, const float* E,
+                               const void* C, const void* prev, const float* D, float* y,
+                               cudaStream_t stream);
+
+// Backward of the incoming-state term: dyE = dy * E, dH_off = dyE^T C,
+// dcum_E_l = dyE_l . (C_l prev^T).
+cudaError_t ssd_chunk_bwd_off(int dtype, const SsdChunkDims& d, const float* dy, const float* E,
+                              const void* C, const void* prev, void* dyE, void* dH_off,
+                              float* dcum_E, cudaStream_t stream);
+
+// Backward of the within-chunk term and of the chunk states, given dS (the
+// gradient of the state leaving each chunk). Writes dx (incl. D dy), uL =
+// dt x Ld, ddt_u = du . x, dLd = Ld (u . B dS^T), dcum = rowsum(W) -
+// colsum(W) - dLd with W = dM * M; adds into dCB (zeroed by the caller) and
+// dD (zeroed, may be null together with D).
+cudaError_t ssd_chunk_bwd_diag(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
+                               const float* cum, const int32_t* seg, const float* CB, const float* Ld,
+                               const void* B, const float* dy, const void* dS, const float* D, void* dx,
+                               void* uL, float* ddt_u, float* dcum, float* dLd, float* dCB, float* dD,
+                               cudaStream_t stream);
+
+}  // namespace peftfw::kernels::mamba2::cuda
