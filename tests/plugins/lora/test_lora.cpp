@@ -162,4 +162,49 @@ TEST(GraniteAdapters, LoraForwardEqualsMergedWeightAndStartsAtIdentity) {
   }
 }
 
+// A bf16 model does the adapter math in bf16, adding h B^T into the base output in place.
+// Output and the gradients of x, lora_A and lora_B against float32 autograd through the merged
+// weight W + (alpha / r) B A.
+TEST(GraniteAdapters, Bf16LoraForwardAndGradientsMatchFloat32) {
+  auto model = tiny_model("bfloat16");
+  auto req = request({"in_proj", "out_proj", "q_proj", "o_proj"});
+  auto plan = plan_adapters(model->inventory(), req);
+  apply_adapters(*model, req, plan);
+  model->eval();  // no dropout
+  torch::manual_seed(4);
+  int checked = 0;
+  for (auto& [name, lin] : nn::named_linears(*model)) {
+    if (!lin->adapter()) continue;
+    auto params = lin->named_parameters();
+    auto A = params["lora_A.weight"], B = params["lora_B.weight"];
+    { torch::NoGradGuard ng; B.normal_(0.0, 0.1); }
+    auto x = torch::randn({2, 3, lin->in_features()}).to(torch::kBFloat16).requires_grad_(true);
+    auto wy = torch::randn({2, 3, lin->out_features()});
+    auto y = lin->forward(x);
+    ASSERT_EQ(y.scalar_type(), torch::kBFloat16) << name;
+    (y.to(torch::kFloat32) * wy).sum().backward();
+    auto gx = x.grad().to(torch::kFloat32), gA = A.grad().clone(), gB = B.grad().clone();
+    A.mutable_grad() = torch::Tensor();
+    B.mutable_grad() = torch::Tensor();
+
+    auto xf = x.detach().to(torch::kFloat32).requires_grad_(true);
+    auto bias = lin->bias.defined() ? lin->bias.to(torch::kFloat32) : torch::Tensor();
+    const double scaling = req.spec.alpha / static_cast<double>(req.spec.r);
+    auto merged = lin->weight.to(torch::kFloat32) + scaling * torch::matmul(B, A);
+    auto yf = torch::nn::functional::linear(xf, merged, bias);
+    (yf * wy).sum().backward();
+    auto rel = [](const torch::Tensor& a, const torch::Tensor& b) {
+      return (a - b).abs().max().item<double>() / b.abs().max().item<double>();
+    };
+    EXPECT_LE(rel(y.to(torch::kFloat32), yf), 2e-2) << name;
+    EXPECT_LE(rel(gx, xf.grad()), 2e-2) << name;
+    EXPECT_LE(rel(gA, A.grad()), 3e-2) << name;
+    EXPECT_LE(rel(gB, B.grad()), 3e-2) << name;
+    A.mutable_grad() = torch::Tensor();
+    B.mutable_grad() = torch::Tensor();
+    ++checked;
+  }
+  EXPECT_GE(checked, 4);
+}
+
 }  // namespace
