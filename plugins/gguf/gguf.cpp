@@ -62,13 +62,19 @@ struct TokenizerKeys {
   }
 };
 
-TokenizerKeys read_tokenizer(const fs::path& dir, int64_t vocab_size, const io::JsonConfig& config) {
+// The tokenizer file llama.cpp needs; throws InputError when it is missing.
+fs::path require_tokenizer(const fs::path& dir) {
   const fs::path file = dir / "tokenizer.json";
   if (dir.empty() || !fs::exists(file))
     throw InputError("gguf export needs the model's tokenizer.json (llama.cpp embeds the vocabulary); " +
                      (dir.empty() ? std::string("this model has no checkpoint folder (random init)")
                                   : "none in " + dir.string()) +
                      ". Export [output] formats = [\"merged\"] instead, or train from a checkpoint with a tokenizer.");
+  return file;
+}
+
+TokenizerKeys read_tokenizer(const fs::path& dir, int64_t vocab_size, const io::JsonConfig& config) {
+  const fs::path file = require_tokenizer(dir);
   std::ifstream in(file);
   json tok;
   try {
@@ -129,6 +135,8 @@ uint32_t file_type_code(gguf::TensorType t) {  // llama_ftype: ALL_F32, MOSTLY_F
 class GgufFormat final : public PersistencePlugin {
  public:
   std::string id() const override { return "gguf"; }
+
+  void preflight(const fs::path& base_model_dir) const override { require_tokenizer(base_model_dir); }
 
   void save(const SaveRequest& req, const fs::path& dir) const override {
     TORCH_CHECK(req.model, "gguf save needs a model");

@@ -308,6 +308,11 @@ TrainSummary train(const recipe::Recipe& r) {
   const fs::path run_dir = fs::absolute(r.get_string("output", "dir")).lexically_normal();
   summary.run_dir = run_dir;
 
+  // --- what the exports will need, checked before anything is trained or cleared ----------
+  auto source = model_source_from_recipe(r);
+  for (const auto& format : r.get_strings("output", "formats"))
+    PluginRegistry::instance().persistence(format)->preflight(source.dir);
+
   // --- the run folder: fresh, resumed, or refused ------------------------------------------
   const bool has_checkpoints = !list_checkpoints(run_dir).empty();
   bool resuming = false;
@@ -328,7 +333,6 @@ TrainSummary train(const recipe::Recipe& r) {
   io::write_file_atomic((run_dir / "recipe.resolved.toml").string(), r.to_toml());
 
   // --- model and adapter -------------------------------------------------------------------
-  auto source = model_source_from_recipe(r);
   auto loaded = load_model(source);
   auto& model = *loaded.model;
   const auto& inv = model.inventory();

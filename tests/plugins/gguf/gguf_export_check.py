@@ -311,11 +311,14 @@ def main():
             check_file(case, run / "gguf" / f"model-{ftype}.gguf", ftype, cfg, sd, tokjson)
     if (runs["dense"] / "gguf").is_dir():
         llama_cpp_logits(args, runs["dense"], json.loads((runs["dense"] / "merged" / "config.json").read_text()))
-    # A random-init model has no tokenizer.json: the export refuses with the reason, exit 2.
-    r = subprocess.run([args.peftfw, "run", "output.formats=[\"gguf\"]", f"output.dir={work / 'no_tok'}",
-                        "train.max_steps=1"], capture_output=True, text=True)
+    # A random-init model has no tokenizer.json: the run refuses with the reason, exit 2, before
+    # it trains or creates its output folder.
+    r = subprocess.run([args.peftfw, "run", "output.formats=[\"merged\", \"gguf\"]",
+                        f"output.dir={work / 'no_tok'}", "train.max_steps=1"], capture_output=True, text=True)
     check("gguf of a model without tokenizer.json: exit 2 naming tokenizer.json",
           r.returncode == 2 and "tokenizer.json" in r.stderr, r.stderr)
+    check("... refused before training: no step logged, no output folder",
+          "step 1/" not in r.stderr and not (work / "no_tok").exists(), r.stderr)
     print(f"gguf export: {passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 

@@ -35,6 +35,10 @@ class PersistencePlugin {
   virtual std::string id() const = 0;  // value used in [output] formats
   // Writes `dir` atomically: a reader sees the old folder or the complete new one.
   virtual void save(const SaveRequest& request, const std::filesystem::path& dir) const = 0;
+  // Called before training: checks what save() will need besides the trained model (files in
+  // the source checkpoint folder `base_model_dir`, empty for a random init) and throws
+  // InputError naming what is missing, so a long run cannot end in a failed export.
+  virtual void preflight(const std::filesystem::path& base_model_dir) const { (void)base_model_dir; }
   // Whether load() is implemented (adapter formats).
   virtual bool can_load() const { return false; }
   // Attaches the adapter stored in `dir` to `model` and loads its tensors.
