@@ -44,4 +44,24 @@ __device__ __forceinline__ void store_pack(T* p, const float (&o)[N]) {
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
+// Sum over the 32 lanes of a warp (every lane gets the result).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// Adds a thread's share acc[r][c] of an [Lc,Lc] matrix (rows warp + r*WARPS, columns
+// lane + c*32) into out, lower triangle (l >= s) only; several blocks may add into one out.
+template <int WARPS, int R, int S>
+__device__ __forceinline__ void atomic_add_lower(float* out, int Lc, const float (&acc)[R][S], int warp, int lane) {
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int c = 0; c < S; ++c) {
+      const int l = warp + r * WARPS, s = lane + c * 32;
+      if (l >= s) atomicAdd(&out[l * Lc + s], acc[r][c]);
+    }
+}
+
 }  // namespace peftfw::kernels::mamba2::cuda

@@ -145,12 +145,6 @@ __device__ void store_acc(const Acc& acc, float* stage, T* dst, int64_t ld) {
   __syncwarp();
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 // ---------------------------------------------------------------- forward
 
 template <typename T, int P, int N>
@@ -572,14 +566,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   }
 
-  float* out = dCB + (k.bc * d.G + g) * Lc * Lc;
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int c = 0; c < S; ++c) {
-      const int l = warp + r * kWarps, s = lane + c * 32;
-      if (l >= s) atomicAdd(&out[l * Lc + s], acc_cb[r][c]);
-    }
+  atomic_add_lower<kWarps>(dCB + (k.bc * d.G + g) * Lc * Lc, Lc, acc_cb, warp, lane);
 }
 
 // ---------------------------------------------------------------- launch

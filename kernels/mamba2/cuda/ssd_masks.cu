@@ -90,8 +90,7 @@ __global__ void backward_kernel(const T* __restrict__ dM, const float* __restric
           col[c] += w;
         }
       }
-#pragma unroll
-      for (int off = 16; off > 0; off /= 2) row += __shfl_xor_sync(0xffffffffu, row, off);
+      row = warp_sum(row);
       if (lane == 0) dcum[(bc * H + h) * Lc + l] = row;  // row sums first, column sums below
     }
 #pragma unroll
@@ -104,14 +103,7 @@ __global__ void backward_kernel(const T* __restrict__ dM, const float* __restric
       dcum[(bc * H + h) * Lc + s] -= sum;  // the row sum of s was written above by warp s % 8
     }
   }
-  float* out = dCB + (bc * G + g) * Lc * Lc;
-#pragma unroll
-  for (int r = 0; r < R; ++r)
-#pragma unroll
-    for (int c = 0; c < S; ++c) {
-      const int l = warp + r * kWarps, s = lane + c * 32;
-      if (l >= s) atomicAdd(&out[l * Lc + s], acc[r][c]);
-    }
+  atomic_add_lower<kWarps>(dCB + (bc * G + g) * Lc * Lc, static_cast<int>(Lc), acc, warp, lane);
 }
 
 // grid: (ceil(PN / kThreads), B * H); one thread per state element, looping over chunks.
@@ -149,7 +141,7 @@ __global__ void state_passing_backward_kernel(const T* __restrict__ dH_off, cons
       dS[at] = Num<T>::from_f(g);
       part = g * Num<T>::to_f(prev[at]);
     }
-    for (int off = 16; off > 0; off /= 2) part += __shfl_xor_sync(0xffffffffu, part, off);
+    part = warp_sum(part);
     if (lane == 0) s_part[warp] = part;
     __syncthreads();
     if (threadIdx.x == 0) {
