@@ -62,11 +62,19 @@ SsdResult ssd_chunk_scan(const SsdArgs& args) {
 }
 
 torch::Tensor gated_rms_norm(const torch::Tensor& y, const torch::Tensor& z,
-                             const torch::Tensor& weight, double eps) {
+                             const torch::Tensor& weight, double eps,
+                             std::optional<torch::ScalarType> out_dtype) {
 #ifdef PEFTFW_HAVE_CUDA
-  if (fast(y)) return cuda_ops::gated_rms_norm(y, z, weight, eps);
+  if (fast(y)) return cuda_ops::gated_rms_norm(y, z, weight, eps, out_dtype);
 #endif
-  return reference::gated_rms_norm(y, z, weight, eps);
+  return reference::gated_rms_norm(y, z, weight, eps, out_dtype);
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+#ifdef PEFTFW_HAVE_CUDA
+  if (fast(gu)) return cuda_ops::silu_mul(gu);
+#endif
+  return reference::silu_mul(gu);
 }
 
 torch::Tensor ssd_step(SsdStepArgs& args) {

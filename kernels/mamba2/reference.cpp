@@ -153,12 +153,21 @@ SsdResult ssd_chunk_scan(const SsdArgs& a) {
 }
 
 torch::Tensor gated_rms_norm(const torch::Tensor& y, const torch::Tensor& z,
-                             const torch::Tensor& weight, double eps) {
+                             const torch::Tensor& weight, double eps,
+                             std::optional<torch::ScalarType> out_dtype) {
   auto g = y.to(torch::kFloat32);
   if (z.defined()) g = g * F::silu(z.to(torch::kFloat32));
   auto var = g.pow(2).mean(-1, /*keepdim=*/true);
   g = g * torch::rsqrt(var + eps);
-  return weight * g.to(y.scalar_type());
+  auto out = weight * g.to(y.scalar_type());
+  return out_dtype ? out.to(*out_dtype) : out;
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+  TORCH_CHECK(gu.dim() >= 1 && gu.size(-1) % 2 == 0,
+              "silu_mul: the last dim must hold two equal halves, got ", gu.sizes());
+  auto u = gu.chunk(2, -1);
+  return F::silu(u[0]) * u[1];
 }
 
 torch::Tensor ssd_step(SsdStepArgs& a) {

@@ -35,9 +35,12 @@ torch::Tensor MambaMixerImpl::forward(const torch::Tensor& h, const ForwardConte
                 P = c_.mamba_head_dim, G = c_.mamba_groups, N = c_.mamba_state,
                 K = c_.mamba_conv_kernel;
   auto proj = in_proj(mask_padding(h, ctx.mamba_mask));  // [B,T, Im + CD + H]
-  auto z = proj.narrow(-1, 0, Im);
-  auto xBC = proj.narrow(-1, Im, CD);
-  auto dt = proj.narrow(-1, Im + CD, H);
+  // One split node (its backward writes the three gradients into one buffer), not three
+  // narrows (each of whose backwards would zero-fill and add a full-width buffer).
+  auto parts = proj.split_with_sizes({Im, CD, H}, -1);
+  auto z = parts[0];
+  auto xBC = parts[1];
+  auto dt = parts[2];
   // Co-trained SSM tensors are float32 master copies even in a bf16 model: compute in h's dtype.
   auto conv_w = conv1d->weight.squeeze(1).to(h.scalar_type());  // [CD,K]
   auto conv_b = conv1d->bias.defined() ? conv1d->bias.to(h.scalar_type()) : torch::Tensor();
@@ -63,10 +66,11 @@ torch::Tensor MambaMixerImpl::forward(const torch::Tensor& h, const ForwardConte
   } else {
     auto xBC_act = ops::causal_conv1d(xBC, conv_w, conv_b, ctx.seq_ids, /*silu=*/true);
     xBC_act = mask_padding(xBC_act, ctx.mamba_mask);
+    auto xs = xBC_act.split_with_sizes({Im, G * N, G * N}, -1);
     ops::SsdArgs s;
-    s.x = xBC_act.narrow(-1, 0, Im).reshape({B, T, H, P});
-    s.B = xBC_act.narrow(-1, Im, G * N).reshape({B, T, G, N});
-    s.C = xBC_act.narrow(-1, Im + G * N, G * N).reshape({B, T, G, N});
+    s.x = xs[0].reshape({B, T, H, P});
+    s.B = xs[1].reshape({B, T, G, N});
+    s.C = xs[2].reshape({B, T, G, N});
     s.dt = dt;
     s.A_log = A_log;
     s.D = D;
@@ -86,8 +90,9 @@ torch::Tensor MambaMixerImpl::forward(const torch::Tensor& h, const ForwardConte
       cache->ssm_state = res.final_state;
     }
   }
-  auto n = ops::gated_rms_norm(y, z, norm->weight, c_.rms_norm_eps);
-  return out_proj(n.to(h.scalar_type()));
+  // y is float32: the norm's float32 result is rounded to h's dtype once, in the kernel.
+  auto n = ops::gated_rms_norm(y, z, norm->weight, c_.rms_norm_eps, h.scalar_type());
+  return out_proj(n);
 }
 
 }  // namespace peftfw::granite

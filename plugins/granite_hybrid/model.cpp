@@ -87,8 +87,8 @@ SharedMlpImpl::SharedMlpImpl(const GraniteConfig& c) {
 }
 
 torch::Tensor SharedMlpImpl::forward(const torch::Tensor& h) {
-  auto u = input_linear(h).chunk(2, -1);  // first half gate, second half up
-  return output_linear(F::silu(u[0]) * u[1]);
+  // silu(gate) * up, the first half of input_linear's output being the gate.
+  return output_linear(kernels::mamba2::silu_mul(input_linear(h)));
 }
 
 RouterImpl::RouterImpl(const GraniteConfig& c) {
@@ -147,10 +147,11 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& h_in, const Forward
   auto x = input_layernorm(h_in);
   x = kind == LayerKind::Mamba ? mamba->forward(x, ctx, cache, decode_step)
                                : self_attn->forward(x, ctx, cache);
-  auto h = h_in + x * c_.residual_multiplier;
+  // h + m * x in one kernel (transformers rounds m * x to the model dtype first).
+  auto h = torch::add(h_in, x, c_.residual_multiplier);
   x = post_attention_layernorm(h);
   x = block_sparse_moe ? block_sparse_moe->forward(x) + shared_mlp(x) : shared_mlp(x);
-  return h + x * c_.residual_multiplier;
+  return torch::add(h, x, c_.residual_multiplier);
 }
 
 GraniteBackboneImpl::GraniteBackboneImpl(const GraniteConfig& c) {

@@ -9,6 +9,82 @@ namespace peftfw::lora {
 
 namespace F = torch::nn::functional;
 
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+bool is_16bit(torch::ScalarType t) { return t == torch::kBFloat16 || t == torch::kHalf; }
+
+// A frozen 16-bit linear with its LoRA branch in one autograd node:
+//   out = x W^T (+ bias) + (drop(x) A^T) (s B)^T
+// The branch joins the base product inside cuBLAS (no [M, out] temporary, no separate
+// add), and the backward writes dx = dy W + drop'(dy (s B) A) with a beta = 1 GEMM. W and
+// the bias get no gradient. A and B are float32 parameters used in the model's dtype (as
+// the unfused path does), so their gradients arrive in float32.
+struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& A,
+                               const torch::Tensor& B, const torch::Tensor& weight,
+                               const std::optional<torch::Tensor>& bias, double scaling,
+                               double dropout) {
+    const auto dt = x.scalar_type();
+    const int64_t K = weight.size(1), N = weight.size(0);
+    auto x2 = x.reshape({-1, K});
+    auto a = A.to(dt);
+    auto bs = (B * scaling).to(dt);
+    torch::Tensor xd = x2, mask;
+    if (dropout > 0.0) std::tie(xd, mask) = at::native_dropout(x2, dropout, true);
+    auto h = torch::mm(xd, a.t());  // [M, r]
+    torch::Tensor out;
+    const bool has_bias = bias && bias->defined();
+    if (N > K) {
+      // Wide output: the branch rides along the base GEMM's reduction, [x | h] [W | s B]^T,
+      // which costs a copy of x instead of a read and a write of the wider output.
+      const int64_t M = x2.size(0), r = h.size(1);
+      auto xh = torch::empty({M, K + r}, x2.options());
+      xh.narrow(1, 0, K).copy_(x2);
+      xh.narrow(1, K, r).copy_(h);
+      auto wb = torch::cat({weight, bs}, 1);  // [N, K + r]
+      out = has_bias ? torch::addmm(*bias, xh, wb.t()) : torch::mm(xh, wb.t());
+    } else {
+      out = has_bias ? torch::addmm(*bias, x2, weight.t()) : torch::mm(x2, weight.t());
+      out.addmm_(h, bs.t());
+    }
+    ctx->save_for_backward({xd, mask.defined() ? mask : torch::Tensor(), h, a, bs, weight});
+    ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["scaling"] = scaling;
+    auto sizes = x.sizes().vec();
+    sizes.back() = N;
+    return out.view(sizes);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &xd = saved[0], &mask = saved[1], &h = saved[2], &a = saved[3], &bs = saved[4],
+               &weight = saved[5];
+    const double dropout = ctx->saved_data["dropout"].toDouble();
+    const double scaling = ctx->saved_data["scaling"].toDouble();
+    variable_list result(7);
+    if (!grads[0].defined()) return result;
+    const int64_t N = weight.size(0), K = weight.size(1);
+    auto dy = grads[0].reshape({-1, N}).to(xd.scalar_type());
+    auto dh = torch::mm(dy, bs);  // [M, r]
+    if (ctx->needs_input_grad(1)) result[1] = torch::mm(dh.t(), xd).to(torch::kFloat32);
+    if (ctx->needs_input_grad(2)) result[2] = torch::mm(dy.t(), h).to(torch::kFloat32) * scaling;
+    if (ctx->needs_input_grad(0)) {
+      auto dx = torch::mm(dh, a);  // [M, K]
+      if (mask.defined()) dx = at::native_dropout_backward(dx, mask, 1.0 / (1.0 - dropout));
+      dx.addmm_(dy, weight);
+      auto sizes = grads[0].sizes().vec();
+      sizes.back() = K;
+      result[0] = dx.view(sizes);
+    }
+    return result;
+  }
+};
+
+}  // namespace
+
 LoraAdapter::LoraAdapter(const LoraOptions& options, torch::nn::Linear A, torch::nn::Linear B)
     : options_(options),
       scaling_(options.use_rslora ? options.alpha / std::sqrt(static_cast<double>(options.r))
@@ -47,6 +123,20 @@ std::shared_ptr<LoraAdapter> LoraAdapter::attach(nn::LinearImpl& host, const Lor
 torch::Tensor LoraAdapter::weight_norm(const nn::LinearImpl& base) const {
   auto w = base.weight.to(torch::kFloat32) + scaling_ * torch::matmul(B_->weight, A_->weight);
   return w.norm(2, /*dim=*/1);
+}
+
+torch::Tensor LoraAdapter::forward_from_input(const torch::Tensor& x, const nn::LinearImpl& base) {
+  // The fused node covers plain LoRA in a 16-bit model on a frozen base; everything else
+  // (DoRA, float32 math, a trainable base) takes the composed path below.
+  const auto wt = base.weight.scalar_type();
+  const bool fused = !options_.dora && !options_.float32_math && is_16bit(wt) &&
+                     x.scalar_type() == wt && !base.weight.requires_grad() &&
+                     (!base.bias.defined() || (!base.bias.requires_grad() && base.bias.scalar_type() == wt));
+  if (!fused) return forward(x, base.base_forward(x), base);
+  const double p = A_->is_training() ? options_.dropout : 0.0;
+  std::optional<torch::Tensor> bias;
+  if (base.bias.defined()) bias = base.bias;
+  return LoraLinearFn::apply(x, A_->weight, B_->weight, base.weight, bias, scaling_, p);
 }
 
 torch::Tensor LoraAdapter::forward(const torch::Tensor& x, const torch::Tensor& base_out,

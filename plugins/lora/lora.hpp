@@ -26,6 +26,7 @@ class LoraAdapter final : public nn::LinearAdapter {
 
   torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base_out,
                         const nn::LinearImpl& base) override;
+  torch::Tensor forward_from_input(const torch::Tensor& x, const nn::LinearImpl& base) override;
   torch::Tensor merged_weight(const nn::LinearImpl& base) const override;
 
   double scaling() const { return scaling_; }

@@ -171,7 +171,13 @@ struct NormShape {
   int64_t R, D;
   bool gate;
   torch::ScalarType dtype;
+  bool y_f32 = false;  // y float32, z / weight / output in dtype (the Mamba mixer's case)
 };
+
+// The autograd node's name says which implementation ran.
+bool ran_kernel(const Tensor& out, const char* fn) {
+  return out.grad_fn() && out.grad_fn()->name().find(fn) != std::string::npos;
+}
 
 class NormCuda : public ::testing::TestWithParam<NormShape> {};
 
@@ -179,27 +185,60 @@ TEST_P(NormCuda, EqualsReference) {
   const auto s = GetParam();
   torch::manual_seed(8);
   auto o = torch::TensorOptions().device(kCuda).dtype(s.dtype);
-  auto y = torch::randn({s.R, s.D}, o).requires_grad_(true);
+  auto y = torch::randn({s.R, s.D}, o.dtype(s.y_f32 ? f32 : s.dtype)).requires_grad_(true);
   Tensor z = s.gate ? torch::randn({s.R, s.D}, o).requires_grad_(true) : Tensor();
   auto w = (1.0 + 0.1 * torch::randn({s.D}, o)).requires_grad_(true);
+  std::optional<torch::ScalarType> out_dtype;
+  if (s.y_f32) out_dtype = s.dtype;
   ops::set_force_reference(true);
-  auto ref = ops::gated_rms_norm(y, z, w, 1e-5);
+  auto ref = ops::gated_rms_norm(y, z, w, 1e-5, out_dtype);
   ops::set_force_reference(false);
-  auto got = ops::gated_rms_norm(y, z, w, 1e-5);
+  auto got = ops::gated_rms_norm(y, z, w, 1e-5, out_dtype);
+  ASSERT_TRUE(ran_kernel(got, "GatedRmsNormFn")) << got.grad_fn()->name();
+  ASSERT_EQ(got.scalar_type(), ref.scalar_type());
   const bool lowp = s.dtype != torch::kFloat32;
   expect_close(got, ref, lowp ? 1e-2 : 1e-5, "norm out");
-  auto wo = torch::randn(ref.sizes(), o);
+  auto wo = torch::randn(ref.sizes(), o.dtype(f32));
   std::vector<Tensor> wrt = {y, w};
   if (s.gate) wrt.push_back(z);
   auto g_ref = torch::autograd::grad({(ref.to(f32) * wo).sum()}, wrt);
   auto g_got = torch::autograd::grad({(got.to(f32) * wo).sum()}, wrt);
   const char* names[] = {"norm dy", "norm dweight", "norm dz"};
-  for (size_t i = 0; i < wrt.size(); ++i) expect_close(g_got[i], g_ref[i], lowp ? 2e-2 : 1e-4, names[i]);
+  for (size_t i = 0; i < wrt.size(); ++i) {
+    ASSERT_EQ(g_got[i].scalar_type(), g_ref[i].scalar_type()) << names[i];
+    expect_close(g_got[i], g_ref[i], lowp ? 2e-2 : 1e-4, names[i]);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, NormCuda,
                          ::testing::Values(NormShape{154, 4096, true, f32}, NormShape{33, 96, false, f32},
-                                           NormShape{154, 4096, true, bf16}, NormShape{7, 333, true, bf16}));
+                                           NormShape{154, 4096, true, bf16}, NormShape{7, 333, true, bf16},
+                                           NormShape{154, 4096, true, bf16, true},
+                                           NormShape{9, 200, true, torch::kFloat16, true},
+                                           NormShape{5, 333, false, bf16, true}));
+
+// The shared MLP's activation silu(gate) * up over [R, 2I], against the LibTorch
+// composition (chunk, silu, mul), forward and the gradient of both halves.
+TEST(SiluMulCuda, EqualsReference) {
+  torch::manual_seed(12);
+  struct Case { int64_t R, I; torch::ScalarType dtype; };
+  for (const auto& c : {Case{300, 1024, bf16}, Case{17, 100, bf16}, Case{64, 256, f32},
+                        Case{33, 40, torch::kFloat16}}) {
+    auto o = torch::TensorOptions().device(kCuda).dtype(c.dtype);
+    auto gu = (2.0 * torch::randn({c.R, 2 * c.I}, o)).requires_grad_(true);
+    ops::set_force_reference(true);
+    auto ref = ops::silu_mul(gu);
+    ops::set_force_reference(false);
+    auto got = ops::silu_mul(gu);
+    ASSERT_TRUE(ran_kernel(got, "SiluMulFn")) << got.grad_fn()->name();
+    const bool lowp = c.dtype != f32;
+    expect_close(got, ref, lowp ? 1e-2 : 1e-5, "silu_mul out");
+    auto wo = torch::randn(ref.sizes(), o);
+    auto g_ref = torch::autograd::grad({(ref * wo).sum()}, {gu})[0];
+    auto g_got = torch::autograd::grad({(got * wo).sum()}, {gu})[0];
+    expect_close(g_got, g_ref, lowp ? 1e-2 : 1e-5, "silu_mul dgu");
+  }
+}
 
 TEST(StepCuda, SsdAndConvStepsEqualReference) {
   torch::manual_seed(9);
@@ -236,7 +275,8 @@ TEST(StepCuda, SsdAndConvStepsEqualReference) {
 
 // A small hybrid model (4 Mamba-2 layers + 1 attention, groups 2, chunk 64):
 // loss and every parameter gradient with the kernels equal the reference path.
-TEST(ModelCuda, ForwardBackwardEqualsReferencePath) {
+// A small hybrid model (random init) in `dtype` on the GPU.
+std::shared_ptr<peftfw::CausalLM> small_model(const std::string& dtype) {
   std::ifstream f(PEFTFW_MICRO_CONFIG);
   auto cfg = nlohmann::json::parse(f);
   cfg["hidden_size"] = 256, cfg["intermediate_size"] = 512, cfg["shared_intermediate_size"] = 512;
@@ -249,8 +289,14 @@ TEST(ModelCuda, ForwardBackwardEqualsReferencePath) {
   src.random_init = true;
   src.seed = 3;
   src.device = "cuda";
+  src.dtype = dtype;
   auto model = peftfw::load_model(src).model;
   model->train();
+  for (auto& p : model->parameters()) p.set_requires_grad(true);
+  return model;
+}
+
+peftfw::ModelBatch packed_batch() {
   torch::manual_seed(1);
   peftfw::ModelBatch batch;
   const int64_t B = 2, T = 200;
@@ -259,21 +305,29 @@ TEST(ModelCuda, ForwardBackwardEqualsReferencePath) {
   batch.seq_ids = torch::zeros({B, T}, batch.input_ids.options());
   batch.seq_ids.narrow(1, 90, T - 90).fill_(1);  // two packed sequences per row
   batch.want_logits = false;
+  return batch;
+}
 
-  auto run = [&](bool reference) {
-    ops::set_force_reference(reference);
-    for (auto& p : model->parameters()) p.mutable_grad() = Tensor();
-    auto loss = model->forward(batch).loss;
-    loss.backward();
-    std::map<std::string, Tensor> grads;
-    for (auto& p : model->named_parameters())
-      if (p.value().grad().defined()) grads[p.key()] = p.value().grad().clone();
-    ops::set_force_reference(false);
-    return std::make_pair(loss.item<double>(), grads);
-  };
-  for (auto& p : model->parameters()) p.set_requires_grad(true);
-  auto [loss_ref, g_ref] = run(true);
-  auto [loss_got, g_got] = run(false);
+// Loss and every parameter gradient (float32 copies), with the CUDA kernels or the reference ops.
+std::pair<double, std::map<std::string, Tensor>> loss_and_grads(peftfw::CausalLM& model,
+                                                                const peftfw::ModelBatch& batch,
+                                                                bool reference) {
+  ops::set_force_reference(reference);
+  for (auto& p : model.parameters()) p.mutable_grad() = Tensor();
+  auto loss = model.forward(batch).loss;
+  loss.backward();
+  std::map<std::string, Tensor> grads;
+  for (auto& p : model.named_parameters())
+    if (p.value().grad().defined()) grads[p.key()] = p.value().grad().to(f32);
+  ops::set_force_reference(false);
+  return {loss.item<double>(), grads};
+}
+
+TEST(ModelCuda, ForwardBackwardEqualsReferencePath) {
+  auto model = small_model("float32");
+  const auto batch = packed_batch();
+  auto [loss_ref, g_ref] = loss_and_grads(*model, batch, true);
+  auto [loss_got, g_got] = loss_and_grads(*model, batch, false);
   std::printf("  loss reference %.8f kernels %.8f\n", loss_ref, loss_got);
   EXPECT_NEAR(loss_got, loss_ref, 1e-5 * std::abs(loss_ref));
   ASSERT_EQ(g_got.size(), g_ref.size());
@@ -286,6 +340,37 @@ TEST(ModelCuda, ForwardBackwardEqualsReferencePath) {
   }
   std::printf("  worst parameter gradient: %s rel err %.2e over %zu tensors\n", worst_name.c_str(), worst,
               g_ref.size());
+}
+
+// bf16: the mixer's float32 scan output meets a bf16 gate and weight in the gated norm
+// kernel (its mixed-dtype path), and the shared MLP uses the silu_mul kernel. The truth is
+// the same weights in float32; the kernel path must be about as close to it as the bf16
+// reference path is (within 2x its error plus 1e-2 of the gradient's scale).
+TEST(ModelCuda, Bf16KernelsAsAccurateAsBf16Reference) {
+  auto model16 = small_model("bfloat16");
+  auto model32 = small_model("float32");
+  {
+    torch::NoGradGuard ng;
+    auto p16 = model16->named_parameters();
+    for (auto& p : model32->named_parameters()) p.value().copy_(p16[p.key()].to(f32));
+  }
+  const auto batch = packed_batch();
+  auto [loss_true, g_true] = loss_and_grads(*model32, batch, false);
+  auto [loss_ref, g_ref] = loss_and_grads(*model16, batch, true);
+  auto [loss_got, g_got] = loss_and_grads(*model16, batch, false);
+  std::printf("  loss float32 %.6f, bf16 reference %.6f, bf16 kernels %.6f\n", loss_true, loss_ref, loss_got);
+  EXPECT_LE(std::abs(loss_got - loss_true), 2 * std::abs(loss_ref - loss_true) + 1e-3 * std::abs(loss_true));
+  ASSERT_EQ(g_got.size(), g_true.size());
+  double worst_ratio = 0;
+  std::string worst_name;
+  for (auto& [name, g] : g_true) {
+    const double e_ref = rel(g_ref.at(name), g), e_got = rel(g_got.at(name), g);
+    const double ratio = e_got / std::max(e_ref, 1e-6);
+    if (ratio > worst_ratio) worst_ratio = ratio, worst_name = name;
+    EXPECT_LE(e_got, 2 * e_ref + 1e-2) << name << ": kernels " << e_got << ", reference " << e_ref;
+  }
+  std::printf("  largest kernel/reference error ratio: %s %.2f over %zu tensors\n", worst_name.c_str(),
+              worst_ratio, g_true.size());
 }
 
 }  // namespace

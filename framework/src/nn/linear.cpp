@@ -15,9 +15,12 @@ torch::Tensor LinearImpl::base_forward(const torch::Tensor& x) const {
   return torch::nn::functional::linear(x, weight, bias);
 }
 
+torch::Tensor LinearAdapter::forward_from_input(const torch::Tensor& x, const LinearImpl& base) {
+  return forward(x, base.base_forward(x), base);
+}
+
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
-  auto out = base_forward(x);
-  return adapter_ ? adapter_->forward(x, out, *this) : out;
+  return adapter_ ? adapter_->forward_from_input(x, *this) : base_forward(x);
 }
 
 std::vector<std::pair<std::string, std::shared_ptr<LinearImpl>>> named_linears(

@@ -2,8 +2,13 @@
 //
 //   g    = float(y) * silu(float(z))          (g = float(y) without z)
 //   rstd = rsqrt(mean(g^2) + eps)
-//   out  = weight * T(g * rstd)               (normalised value rounded to T,
-//                                              then multiplied in T's arithmetic)
+//   out  = weight * Y(g * rstd)               (normalised value rounded to y's
+//                                              type Y, then multiplied and
+//                                              rounded to T)
+//
+// y (and dy) is either of the element type T of z, weight and out, or float32
+// with T 16-bit (the Mamba mixer's float32 scan output gated by a 16-bit z:
+// the norm then writes the 16-bit projection input directly).
 //
 // One block per row (the backward strides blocks over rows so that the weight
 // gradient needs one atomicAdd per block per column). A thread owns NV vectors
@@ -13,7 +18,7 @@
 // Backward (the rounding of the normalised value is treated as identity):
 //   n = g * rstd, dn = dout * weight
 //   dg = rstd * (dn - n * mean(dn * n))
-//   dy = dg * silu(z), dz = dg * y * silu'(z), dweight = sum_rows dout * T(n)
+//   dy = dg * silu(z), dz = dg * y * silu'(z), dweight = sum_rows dout * Y(n)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -54,9 +59,9 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 }
 
 // ---- forward ----------------------------------------------------------------
-template <typename T, int VEC, int NV>
+template <typename Y, typename T, int VEC, int NV>
 __global__ void __launch_bounds__(kMaxThreads)
-    rms_fwd_kernel(const T* __restrict__ y, const T* __restrict__ z, const T* __restrict__ w,
+    rms_fwd_kernel(const Y* __restrict__ y, const T* __restrict__ z, const T* __restrict__ w,
                    T* __restrict__ out, float* __restrict__ rstd, int64_t R, int D, float eps) {
   __shared__ float red[33];
   const int Dv = D / VEC;
@@ -69,9 +74,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int k = 0; k < NV; ++k) {
       const int iv = threadIdx.x + k * blockDim.x;
       if (iv < Dv) {
-        const auto yp = load_raw<T, VEC>(y + base + iv * VEC);
+        const auto yp = load_raw<Y, VEC>(y + base + iv * VEC);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) g[k][i] = Num<T>::to_f(yp.v[i]);
+        for (int i = 0; i < VEC; ++i) g[k][i] = Num<Y>::to_f(yp.v[i]);
         if (z != nullptr) {
           const auto zp = load_raw<T, VEC>(z + base + iv * VEC);
 #pragma unroll
@@ -98,7 +103,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         float o[VEC];
 #pragma unroll
         for (int i = 0; i < VEC; ++i)
-          o[i] = Num<T>::to_f(wp.v[i]) * round_to<T>(g[k][i] * r);  // rounded to T by the store
+          o[i] = Num<T>::to_f(wp.v[i]) * round_to<Y>(g[k][i] * r);  // rounded to T by the store
         store_pack<T, VEC>(out + base + iv * VEC, o);
       }
     }
@@ -106,10 +111,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // ---- backward ---------------------------------------------------------------
-template <typename T, int VEC, int NV>
+template <typename Y, typename T, int VEC, int NV>
 __global__ void __launch_bounds__(kMaxThreads)
-    rms_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ y, const T* __restrict__ z,
-                   const T* __restrict__ w, const float* __restrict__ rstd, T* __restrict__ dy,
+    rms_bwd_kernel(const T* __restrict__ dout, const Y* __restrict__ y, const T* __restrict__ z,
+                   const T* __restrict__ w, const float* __restrict__ rstd, Y* __restrict__ dy,
                    T* __restrict__ dz, float* __restrict__ dweight, int64_t R, int D) {
   __shared__ float red[33];
   const int Dv = D / VEC;
@@ -134,18 +139,19 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t row = blockIdx.x; row < R; row += gridDim.x) {
     const int64_t base = row * D;
     const float r = rstd[row];
-    Pack<T, VEC> yk[NV], zk[NV], gk[NV];
+    Pack<Y, VEC> yk[NV];
+    Pack<T, VEC> zk[NV], gk[NV];
     float dot = 0.f;  // sum(dn * g)
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
       const int iv = threadIdx.x + k * blockDim.x;
       if (iv < Dv) {
-        yk[k] = load_raw<T, VEC>(y + base + iv * VEC);
+        yk[k] = load_raw<Y, VEC>(y + base + iv * VEC);
         gk[k] = load_raw<T, VEC>(dout + base + iv * VEC);
         if (z != nullptr) zk[k] = load_raw<T, VEC>(z + base + iv * VEC);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          float g = Num<T>::to_f(yk[k].v[i]);
+          float g = Num<Y>::to_f(yk[k].v[i]);
           if (z != nullptr) {
             const float zf = Num<T>::to_f(zk[k].v[i]);
             g = g * (zf / (1.f + expf(-zf)));
@@ -162,7 +168,7 @@ __global__ void __launch_bounds__(kMaxThreads)
         float oy[VEC], oz[VEC];
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
-          const float yf = Num<T>::to_f(yk[k].v[i]);
+          const float yf = Num<Y>::to_f(yk[k].v[i]);
           const float go = Num<T>::to_f(gk[k].v[i]);
           float sz = 1.f, dsz = 0.f;  // silu(z), silu'(z)
           if (z != nullptr) {
@@ -174,11 +180,11 @@ __global__ void __launch_bounds__(kMaxThreads)
           }
           const float n = (yf * sz) * r;
           const float dg = r * (go * wv[k][i] - n * c);
-          dw[k][i] = fmaf(go, round_to<T>(n), dw[k][i]);
+          dw[k][i] = fmaf(go, round_to<Y>(n), dw[k][i]);
           oy[i] = dg * sz;
           oz[i] = dg * yf * dsz;
         }
-        if (dy != nullptr) store_pack<T, VEC>(dy + base + iv * VEC, oy);
+        if (dy != nullptr) store_pack<Y, VEC>(dy + base + iv * VEC, oy);
         if (dz != nullptr && z != nullptr) store_pack<T, VEC>(dz + base + iv * VEC, oz);
       }
     }
@@ -216,7 +222,7 @@ Shape shape_for(int dv) {
   return {threads, nv};
 }
 
-template <typename T, int VEC, int NV>
+template <typename Y, typename T, int VEC, int NV>
 cudaError_t launch_nv(bool backward, const void* dout, const void* y, const void* z,
                       const void* w, void* out, float* rstd_out, const float* rstd_in, void* dy,
                       void* dz, float* dweight, int64_t R, int D, float eps, int threads,
@@ -224,16 +230,16 @@ cudaError_t launch_nv(bool backward, const void* dout, const void* y, const void
   if constexpr (NV * VEC > kMaxPerThread) {
     return cudaErrorInvalidValue;  // not reachable for D <= kMaxDim
   } else {
-    auto* yp = static_cast<const T*>(y);
+    auto* yp = static_cast<const Y*>(y);
     auto* zp = static_cast<const T*>(z);
     auto* wp = static_cast<const T*>(w);
     if (!backward) {
       const int64_t grid = R < (1LL << 30) ? R : (1LL << 30);
-      rms_fwd_kernel<T, VEC, NV><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+      rms_fwd_kernel<Y, T, VEC, NV><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
           yp, zp, wp, static_cast<T*>(out), rstd_out, R, D, eps);
       return cudaGetLastError();
     }
-    auto kernel = rms_bwd_kernel<T, VEC, NV>;
+    auto kernel = rms_bwd_kernel<Y, T, VEC, NV>;
     int64_t grid = R < (1LL << 30) ? R : (1LL << 30);
     if (dweight != nullptr) {
       // One wave of blocks: each strides over rows, keeping its weight
@@ -249,13 +255,13 @@ cudaError_t launch_nv(bool backward, const void* dout, const void* y, const void
       if (wave < grid) grid = wave;
     }
     kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-        static_cast<const T*>(dout), yp, zp, wp, rstd_in, static_cast<T*>(dy), static_cast<T*>(dz),
+        static_cast<const T*>(dout), yp, zp, wp, rstd_in, static_cast<Y*>(dy), static_cast<T*>(dz),
         dweight, R, D);
     return cudaGetLastError();
   }
 }
 
-template <typename T, int VEC>
+template <typename Y, typename T, int VEC>
 cudaError_t launch_vec(bool backward, const void* dout, const void* y, const void* z,
                        const void* w, void* out, float* rstd_out, const float* rstd_in, void* dy,
                        void* dz, float* dweight, int64_t R, int D, float eps,
@@ -263,8 +269,8 @@ cudaError_t launch_vec(bool backward, const void* dout, const void* y, const voi
   const Shape s = shape_for(D / VEC);
 #define PEFTFW_RMS_NV(N)                                                                       \
   case N:                                                                                      \
-    return launch_nv<T, VEC, N>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,       \
-                                dweight, R, D, eps, s.threads, stream);
+    return launch_nv<Y, T, VEC, N>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,    \
+                                   dweight, R, D, eps, s.threads, stream);
   switch (s.nv) {
     PEFTFW_RMS_NV(1)
     PEFTFW_RMS_NV(2)
@@ -276,62 +282,72 @@ cudaError_t launch_vec(bool backward, const void* dout, const void* y, const voi
 #undef PEFTFW_RMS_NV
 }
 
-template <typename T>
+template <typename Y, typename T>
 cudaError_t launch_typed(bool backward, const void* dout, const void* y, const void* z,
                          const void* w, void* out, float* rstd_out, const float* rstd_in,
                          void* dy, void* dz, float* dweight, int64_t R, int D, float eps,
                          cudaStream_t stream) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   constexpr int bytes = V * static_cast<int>(sizeof(T));
-  const bool vec = D % V == 0 && aligned(y, bytes) && aligned(z, bytes) && aligned(w, bytes) &&
-                   aligned(out, bytes) && aligned(dout, bytes) && aligned(dy, bytes) &&
+  constexpr int ybytes = V * static_cast<int>(sizeof(Y));
+  const bool vec = D % V == 0 && aligned(y, ybytes) && aligned(z, bytes) && aligned(w, bytes) &&
+                   aligned(out, bytes) && aligned(dout, bytes) && aligned(dy, ybytes) &&
                    aligned(dz, bytes);
   if (vec)
-    return launch_vec<T, V>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz, dweight, R,
-                            D, eps, stream);
-  return launch_vec<T, 1>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz, dweight, R, D,
-                          eps, stream);
+    return launch_vec<Y, T, V>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz, dweight,
+                               R, D, eps, stream);
+  return launch_vec<Y, T, 1>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz, dweight, R,
+                             D, eps, stream);
 }
 
-cudaError_t dispatch(DType dtype, bool backward, const void* dout, const void* y, const void* z,
-                     const void* w, void* out, float* rstd_out, const float* rstd_in, void* dy,
-                     void* dz, float* dweight, int64_t R, int D, float eps, cudaStream_t stream) {
+cudaError_t dispatch(DType dtype, bool y_f32, bool backward, const void* dout, const void* y,
+                     const void* z, const void* w, void* out, float* rstd_out,
+                     const float* rstd_in, void* dy, void* dz, float* dweight, int64_t R, int D,
+                     float eps, cudaStream_t stream) {
   switch (dtype) {
     case DType::f32:
-      return launch_typed<float>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz, dweight,
-                                 R, D, eps, stream);
+      return launch_typed<float, float>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,
+                                        dweight, R, D, eps, stream);
     case DType::f16:
-      return launch_typed<__half>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,
-                                  dweight, R, D, eps, stream);
+      if (y_f32)
+        return launch_typed<float, __half>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy,
+                                           dz, dweight, R, D, eps, stream);
+      return launch_typed<__half, __half>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,
+                                          dweight, R, D, eps, stream);
     case DType::bf16:
-      return launch_typed<__nv_bfloat16>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,
-                                         dweight, R, D, eps, stream);
+      if (y_f32)
+        return launch_typed<float, __nv_bfloat16>(backward, dout, y, z, w, out, rstd_out,
+                                                  rstd_in, dy, dz, dweight, R, D, eps, stream);
+      return launch_typed<__nv_bfloat16, __nv_bfloat16>(backward, dout, y, z, w, out, rstd_out,
+                                                        rstd_in, dy, dz, dweight, R, D, eps,
+                                                        stream);
   }
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t gated_rms_norm_fwd(DType dtype, const void* y, const void* z, const void* weight,
-                               void* out, float* rstd, int64_t rows, int64_t dim, float eps,
-                               cudaStream_t stream) {
+cudaError_t gated_rms_norm_fwd(DType dtype, bool y_f32, const void* y, const void* z,
+                               const void* weight, void* out, float* rstd, int64_t rows,
+                               int64_t dim, float eps, cudaStream_t stream) {
   if (rows < 0 || dim < 1 || dim > kMaxDim) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   if (y == nullptr || weight == nullptr || out == nullptr || rstd == nullptr)
     return cudaErrorInvalidValue;
-  return dispatch(dtype, false, nullptr, y, z, weight, out, rstd, nullptr, nullptr, nullptr,
+  return dispatch(dtype, y_f32, false, nullptr, y, z, weight, out, rstd, nullptr, nullptr, nullptr,
                   nullptr, rows, static_cast<int>(dim), eps, stream);
 }
 
-cudaError_t gated_rms_norm_bwd(DType dtype, const void* dout, const void* y, const void* z,
-                               const void* weight, const float* rstd, void* dy, void* dz,
-                               float* dweight, int64_t rows, int64_t dim, cudaStream_t stream) {
+cudaError_t gated_rms_norm_bwd(DType dtype, bool y_f32, const void* dout, const void* y,
+                               const void* z, const void* weight, const float* rstd, void* dy,
+                               void* dz, float* dweight, int64_t rows, int64_t dim,
+                               cudaStream_t stream) {
   if (rows < 0 || dim < 1 || dim > kMaxDim) return cudaErrorInvalidValue;
   if (z == nullptr) dz = nullptr;
   if (rows == 0 || (dy == nullptr && dz == nullptr && dweight == nullptr)) return cudaSuccess;
   if (dout == nullptr || y == nullptr || weight == nullptr || rstd == nullptr)
     return cudaErrorInvalidValue;
-  return dispatch(dtype, true, dout, y, z, weight, nullptr, nullptr, rstd, dy, dz, dweight, rows,
+  return dispatch(dtype, y_f32, true, dout, y, z, weight, nullptr, nullptr, rstd, dy, dz, dweight, rows,
                   static_cast<int>(dim), 0.f, stream);
 }
 

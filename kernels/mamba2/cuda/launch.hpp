@@ -37,18 +37,29 @@ cudaError_t causal_conv1d_bwd(DType dtype, const void* dout, const void* x, cons
 
 // Gated RMSNorm forward over the last dim: y [R,D], z [R,D] (nullable),
 // weight [D], out [R,D], rstd [R] float32 (written, for the backward).
-//   g = y * silu(z); rstd = rsqrt(mean(g^2) + eps); out = weight * dtype(g * rstd).
+//   g = y * silu(z); rstd = rsqrt(mean(g^2) + eps); out = weight * Y(g * rstd),
+// Y being y's type. With y_f32, y (and the backward's dy) is float32 while z,
+// weight and out are dtype (16-bit): out is the float32 result rounded once.
 // D must be 1..8192.
-cudaError_t gated_rms_norm_fwd(DType dtype, const void* y, const void* z, const void* weight,
-                               void* out, float* rstd, int64_t rows, int64_t dim, float eps,
-                               cudaStream_t stream);
+cudaError_t gated_rms_norm_fwd(DType dtype, bool y_f32, const void* y, const void* z,
+                               const void* weight, void* out, float* rstd, int64_t rows,
+                               int64_t dim, float eps, cudaStream_t stream);
 
 // Gated RMSNorm backward. dy [R,D] (nullable), dz [R,D] (nullable; ignored
 // when z is null), dweight [D] float32 (nullable; zero-filled by the caller,
 // accumulated with atomicAdd). rstd is the forward's output.
-cudaError_t gated_rms_norm_bwd(DType dtype, const void* dout, const void* y, const void* z,
-                               const void* weight, const float* rstd, void* dy, void* dz,
-                               float* dweight, int64_t rows, int64_t dim, cudaStream_t stream);
+cudaError_t gated_rms_norm_bwd(DType dtype, bool y_f32, const void* dout, const void* y,
+                               const void* z, const void* weight, const float* rstd, void* dy,
+                               void* dz, float* dweight, int64_t rows, int64_t dim,
+                               cudaStream_t stream);
+
+// Gated MLP activation: gu [R, 2I], out [R, I] = silu(gu[:, :I]) * gu[:, I:],
+// rounded as the LibTorch composition is. Backward: dout [R, I] -> dgu [R, 2I]
+// (both halves written).
+cudaError_t silu_mul_fwd(DType dtype, const void* gu, void* out, int64_t rows, int64_t inner,
+                         cudaStream_t stream);
+cudaError_t silu_mul_bwd(DType dtype, const void* dout, const void* gu, void* dgu, int64_t rows,
+                         int64_t inner, cudaStream_t stream);
 
 // One decoding step of the SSD recurrence.
 //   state [B,H,P,N] float32 (updated in place), x [B,H,P], dt [B,H] (raw),

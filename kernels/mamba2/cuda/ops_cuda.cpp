@@ -131,6 +131,7 @@ struct CausalConv1dFn : public torch::autograd::Function<CausalConv1dFn> {
 struct GatedRmsNormFn : public torch::autograd::Function<GatedRmsNormFn> {
   // Arguments ordered (y, weight, z) so that needs_input_grad indices are
   // y: 0, weight: 1, z: 2 (z is an optional, absent from the edges when unset).
+  // The output has weight's dtype; y is either of that dtype or float32.
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& y,
                                const torch::Tensor& weight, const std::optional<torch::Tensor>& z,
                                double eps) {
@@ -138,11 +139,12 @@ struct GatedRmsNormFn : public torch::autograd::Function<GatedRmsNormFn> {
     auto zc = z.has_value() && z->defined() ? z->contiguous() : torch::Tensor();
     auto wc = weight.contiguous();
     const int64_t D = yc.size(-1), R = yc.numel() / D;
+    const bool y_f32 = yc.scalar_type() != wc.scalar_type();
 
     c10::cuda::CUDAGuard guard(yc.device());
-    auto out = torch::empty_like(yc);
+    auto out = torch::empty(yc.sizes(), yc.options().dtype(wc.scalar_type()));
     auto rstd = torch::empty({R}, yc.options().dtype(torch::kFloat32));
-    const auto err = kc::gated_rms_norm_fwd(dtype_of(yc), yc.data_ptr(), ptr_or_null(zc),
+    const auto err = kc::gated_rms_norm_fwd(dtype_of(wc), y_f32, yc.data_ptr(), ptr_or_null(zc),
                                             wc.data_ptr(), out.data_ptr(), rstd.data_ptr<float>(),
                                             R, D, static_cast<float>(eps), current_stream());
     check_launch(err, "gated_rms_norm");
@@ -163,14 +165,15 @@ struct GatedRmsNormFn : public torch::autograd::Function<GatedRmsNormFn> {
     if (!grads[0].defined() || !(need_y || need_z || need_w)) return result;
 
     c10::cuda::CUDAGuard guard(y.device());
-    auto dout = grads[0].to(y.scalar_type()).contiguous();
+    auto dout = grads[0].to(w.scalar_type()).contiguous();
     const int64_t D = y.size(-1), R = y.numel() / D;
+    const bool y_f32 = y.scalar_type() != w.scalar_type();
     torch::Tensor dy = need_y ? torch::empty_like(y) : torch::Tensor();
     torch::Tensor dz = need_z ? torch::empty_like(z) : torch::Tensor();
     torch::Tensor dw =
         need_w ? torch::zeros({D}, y.options().dtype(torch::kFloat32)) : torch::Tensor();
     const auto err = kc::gated_rms_norm_bwd(
-        dtype_of(y), dout.data_ptr(), y.data_ptr(), ptr_or_null(z), w.data_ptr(),
+        dtype_of(w), y_f32, dout.data_ptr(), y.data_ptr(), ptr_or_null(z), w.data_ptr(),
         rstd.data_ptr<float>(), need_y ? dy.data_ptr() : nullptr, need_z ? dz.data_ptr() : nullptr,
         need_w ? dw.data_ptr<float>() : nullptr, R, D, current_stream());
     check_launch(err, "gated_rms_norm backward");
@@ -181,7 +184,44 @@ struct GatedRmsNormFn : public torch::autograd::Function<GatedRmsNormFn> {
   }
 };
 
+// ---- gated MLP activation ---------------------------------------------------------
+
+struct SiluMulFn : public torch::autograd::Function<SiluMulFn> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& gu) {
+    auto g = gu.contiguous();
+    const int64_t I = g.size(-1) / 2, R = g.numel() / g.size(-1);
+    auto sizes = g.sizes().vec();
+    sizes.back() = I;
+    c10::cuda::CUDAGuard guard(g.device());
+    auto out = torch::empty(sizes, g.options());
+    check_launch(kc::silu_mul_fwd(dtype_of(g), g.data_ptr(), out.data_ptr(), R, I, current_stream()),
+                 "silu_mul");
+    ctx->save_for_backward({g});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto g = ctx->get_saved_variables()[0];
+    if (!grads[0].defined()) return {torch::Tensor()};
+    const int64_t I = g.size(-1) / 2, R = g.numel() / g.size(-1);
+    c10::cuda::CUDAGuard guard(g.device());
+    auto dout = grads[0].to(g.scalar_type()).contiguous();
+    auto dg = torch::empty_like(g);
+    check_launch(kc::silu_mul_bwd(dtype_of(g), dout.data_ptr(), g.data_ptr(), dg.data_ptr(), R, I,
+                                  current_stream()),
+                 "silu_mul backward");
+    return {dg};
+  }
+};
+
 }  // namespace
+
+torch::Tensor silu_mul(const torch::Tensor& gu) {
+  const bool supported = gu.is_cuda() && gu.dim() >= 1 && gu.numel() > 0 &&
+                         gu.size(-1) % 2 == 0 && kernel_dtype(gu.scalar_type()).has_value();
+  if (!supported) return reference::silu_mul(gu);
+  return SiluMulFn::apply(gu);
+}
 
 torch::Tensor causal_conv1d(const torch::Tensor& x, const torch::Tensor& weight,
                             const torch::Tensor& bias, const torch::Tensor& seq_ids, bool silu) {
@@ -215,13 +255,19 @@ torch::Tensor causal_conv1d(const torch::Tensor& x, const torch::Tensor& weight,
 }
 
 torch::Tensor gated_rms_norm(const torch::Tensor& y, const torch::Tensor& z,
-                             const torch::Tensor& weight, double eps) {
+                             const torch::Tensor& weight, double eps,
+                             std::optional<torch::ScalarType> out_dtype) {
+  // Two supported layouts: everything in one dtype (out too), or a float32 y with z,
+  // weight and the requested output in one 16-bit dtype (the float32 result rounded once).
+  const auto wt = weight.scalar_type();
+  const bool same = y.scalar_type() == wt && (!out_dtype || *out_dtype == wt);
+  const bool mixed = y.scalar_type() == torch::kFloat32 && wt != torch::kFloat32 &&
+                     out_dtype && *out_dtype == wt;
   const bool supported =
-      y.is_cuda() && y.dim() >= 1 && kernel_dtype(y.scalar_type()).has_value() &&
+      y.is_cuda() && y.dim() >= 1 && kernel_dtype(wt).has_value() && (same || mixed) &&
       y.numel() > 0 && y.size(-1) >= 1 && y.size(-1) <= kMaxNormDim && weight.dim() == 1 &&
-      weight.size(0) == y.size(-1) && weight.scalar_type() == y.scalar_type() &&
-      (!z.defined() || (z.sizes() == y.sizes() && z.scalar_type() == y.scalar_type()));
-  if (!supported) return reference::gated_rms_norm(y, z, weight, eps);
+      weight.size(0) == y.size(-1) && (!z.defined() || (z.sizes() == y.sizes() && z.scalar_type() == wt));
+  if (!supported) return reference::gated_rms_norm(y, z, weight, eps, out_dtype);
 
   const char* op = "gated_rms_norm";
   check_device(z, y.device(), op, "z");

@@ -19,7 +19,10 @@ torch::Tensor causal_conv1d(const torch::Tensor& x, const torch::Tensor& weight,
                             const torch::Tensor& bias, const torch::Tensor& seq_ids, bool silu);
 
 torch::Tensor gated_rms_norm(const torch::Tensor& y, const torch::Tensor& z,
-                             const torch::Tensor& weight, double eps);
+                             const torch::Tensor& weight, double eps,
+                             std::optional<torch::ScalarType> out_dtype);
+
+torch::Tensor silu_mul(const torch::Tensor& gu);
 
 // Updates args.state in place when it is a contiguous float32 tensor on the
 // device (otherwise args.state is replaced by the updated float32 copy, as the

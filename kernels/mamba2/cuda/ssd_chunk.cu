@@ -235,36 +235,47 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
   build_decay<T, 8>(Ms, CB + (k.bc * d.G + g) * Lc * Lc, s_cum, s_seg);
   __syncthreads();
 
+  // M is lower triangular, so row tile i of M u costs i + 1 steps. Each warp takes two jobs
+  // of half the columns, row tiles w and 7 - w: 9 steps per warp in place of 1..8.
   const int warp = threadIdx.x / 32;
-  constexpr int TP = P / 16;
-  Acc acc[TP];
+  constexpr int TP = P / 16, HP = TP / 2;
+  Acc acc[2][HP];
 #pragma unroll
-  for (int j = 0; j < TP; ++j) wmma::fill_fragment(acc[j], 0.f);
-  for (int kk = 0; kk <= warp; ++kk) {  // M is lower triangular
-    FragARow<T> a;
-    wmma::load_matrix_sync(a, Ms + warp * 16 * ld16<Lc>() + kk * 16, ld16<Lc>());
+  for (int job = 0; job < 2; ++job) {
+    const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
 #pragma unroll
-    for (int j = 0; j < TP; ++j) {
-      FragBRow<T> bf;
-      wmma::load_matrix_sync(bf, us + kk * 16 * ld16<P>() + j * 16, ld16<P>());
-      wmma::mma_sync(acc[j], a, bf, acc[j]);
+    for (int j = 0; j < HP; ++j) wmma::fill_fragment(acc[job][j], 0.f);
+    for (int kk = 0; kk <= rt; ++kk) {
+      FragARow<T> a;
+      wmma::load_matrix_sync(a, Ms + rt * 16 * ld16<Lc>() + kk * 16, ld16<Lc>());
+#pragma unroll
+      for (int j = 0; j < HP; ++j) {
+        FragBRow<T> bf;
+        wmma::load_matrix_sync(bf, us + kk * 16 * ld16<P>() + (j0 + j) * 16, ld16<P>());
+        wmma::mma_sync(acc[job][j], a, bf, acc[job][j]);
+      }
     }
-  }
 #pragma unroll
-  for (int kk = 0; kk < N / 16; ++kk) {
-    FragARow<T> a;
-    wmma::load_matrix_sync(a, cs + warp * 16 * ld16<N>() + kk * 16, ld16<N>());
+    for (int kk = 0; kk < N / 16; ++kk) {
+      FragARow<T> a;
+      wmma::load_matrix_sync(a, cs + rt * 16 * ld16<N>() + kk * 16, ld16<N>());
 #pragma unroll
-    for (int j = 0; j < TP; ++j) {
-      FragBCol<T> bf;  // (n, p) = prev[p][n]
-      wmma::load_matrix_sync(bf, ps + j * 16 * ld16<N>() + kk * 16, ld16<N>());
-      wmma::mma_sync(acc[j], a, bf, acc[j]);
+      for (int j = 0; j < HP; ++j) {
+        FragBCol<T> bf;  // (n, p) = prev[p][n]
+        wmma::load_matrix_sync(bf, ps + (j0 + j) * 16 * ld16<N>() + kk * 16, ld16<N>());
+        wmma::mma_sync(acc[job][j], a, bf, acc[job][j]);
+      }
     }
   }
   __syncthreads();  // everyone is done with Ms before ys overwrites it
 #pragma unroll
-  for (int j = 0; j < TP; ++j)
-    wmma::store_matrix_sync(ys + warp * 16 * ld32<P>() + j * 16, acc[j], ld32<P>(), wmma::mem_row_major);
+  for (int job = 0; job < 2; ++job) {
+    const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
+#pragma unroll
+    for (int j = 0; j < HP; ++j)
+      wmma::store_matrix_sync(ys + rt * 16 * ld32<P>() + (j0 + j) * 16, acc[job][j], ld32<P>(),
+                              wmma::mem_row_major);
+  }
   __syncthreads();
   const float Dh = D ? D[h] : 0.f;
   constexpr int V = P / 4, IT = Lc * V / kThreads;
@@ -443,19 +454,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     build_decay<T, 4>(Ms, cb, s_cum, s_seg);
     __syncthreads();
 
-    // dM = dy u^T, lower tiles only (the rest is masked out below).
-    for (int j = 0; j <= warp; ++j) {
+    // dM = dy u^T, lower tiles only (the rest is masked out below): the 36 tiles (i, j <= i)
+    // dealt round-robin, 4 or 5 per warp.
+    constexpr int kTriTiles = (Lc / 16) * (Lc / 16 + 1) / 2;
+    for (int t = warp; t < kTriTiles; t += kWarps) {
+      int i = 0;
+      while ((i + 1) * (i + 2) / 2 <= t) ++i;
+      const int j = t - i * (i + 1) / 2;
       Acc acc;
       wmma::fill_fragment(acc, 0.f);
 #pragma unroll
       for (int kk = 0; kk < TP; ++kk) {
         FragARow<T> a;
         FragBCol<T> bf;  // (p, s) = u[s][p]
-        wmma::load_matrix_sync(a, dys + warp * 16 * ld16<P>() + kk * 16, ld16<P>());
+        wmma::load_matrix_sync(a, dys + i * 16 * ld16<P>() + kk * 16, ld16<P>());
         wmma::load_matrix_sync(bf, us + j * 16 * ld16<P>() + kk * 16, ld16<P>());
         wmma::mma_sync(acc, a, bf, acc);
       }
-      wmma::store_matrix_sync(big + warp * 16 * ld32<Lc>() + j * 16, acc, ld32<Lc>(), wmma::mem_row_major);
+      wmma::store_matrix_sync(big + i * 16 * ld32<Lc>() + j * 16, acc, ld32<Lc>(), wmma::mem_row_major);
     }
     __syncthreads();
 
@@ -491,22 +507,27 @@ __global__ void __launch_bounds__(kThreads, 1)
       s_dcum[s] -= sum;
     }
 
-    // du_diag = M^T dy and Q = B dS^T, this warp's 16 rows (positions s).
+    // du_diag = M^T dy and Q = B dS^T. Row tile i of du_diag costs 8 - i steps (M^T is upper
+    // triangular): each warp takes half the columns of row tiles w and 7 - w. Q: row tile w.
     {
-      Acc accD[TP], accQ[TP];
+      constexpr int HP = TP / 2;
+      Acc accD[2][HP], accQ[TP];
 #pragma unroll
-      for (int j = 0; j < TP; ++j) {
-        wmma::fill_fragment(accD[j], 0.f);
-        wmma::fill_fragment(accQ[j], 0.f);
-      }
-      for (int kk = warp; kk < Lc / 16; ++kk) {
-        FragACol<T> a;  // (s, l) = M[l][s]
-        wmma::load_matrix_sync(a, Ms + kk * 16 * ld16<Lc>() + warp * 16, ld16<Lc>());
+      for (int j = 0; j < TP; ++j) wmma::fill_fragment(accQ[j], 0.f);
 #pragma unroll
-        for (int j = 0; j < TP; ++j) {
-          FragBRow<T> bf;
-          wmma::load_matrix_sync(bf, dys + kk * 16 * ld16<P>() + j * 16, ld16<P>());
-          wmma::mma_sync(accD[j], a, bf, accD[j]);
+      for (int job = 0; job < 2; ++job) {
+        const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
+#pragma unroll
+        for (int j = 0; j < HP; ++j) wmma::fill_fragment(accD[job][j], 0.f);
+        for (int kk = rt; kk < Lc / 16; ++kk) {
+          FragACol<T> a;  // (s, l) = M[l][s]
+          wmma::load_matrix_sync(a, Ms + kk * 16 * ld16<Lc>() + rt * 16, ld16<Lc>());
+#pragma unroll
+          for (int j = 0; j < HP; ++j) {
+            FragBRow<T> bf;
+            wmma::load_matrix_sync(bf, dys + kk * 16 * ld16<P>() + (j0 + j) * 16, ld16<P>());
+            wmma::mma_sync(accD[job][j], a, bf, accD[job][j]);
+          }
         }
       }
 #pragma unroll
@@ -521,10 +542,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
 #pragma unroll
-      for (int j = 0; j < TP; ++j) {
-        wmma::store_matrix_sync(dus + warp * 16 * ld32<P>() + j * 16, accD[j], ld32<P>(), wmma::mem_row_major);
-        wmma::store_matrix_sync(qs + warp * 16 * ld32<P>() + j * 16, accQ[j], ld32<P>(), wmma::mem_row_major);
+      for (int job = 0; job < 2; ++job) {
+        const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
+#pragma unroll
+        for (int j = 0; j < HP; ++j)
+          wmma::store_matrix_sync(dus + rt * 16 * ld32<P>() + (j0 + j) * 16, accD[job][j], ld32<P>(),
+                                  wmma::mem_row_major);
       }
+#pragma unroll
+      for (int j = 0; j < TP; ++j)
+        wmma::store_matrix_sync(qs + warp * 16 * ld32<P>() + j * 16, accQ[j], ld32<P>(), wmma::mem_row_major);
     }
     __syncthreads();  // s_dcum complete (written above by all threads)
 

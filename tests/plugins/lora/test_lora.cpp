@@ -207,4 +207,55 @@ TEST(GraniteAdapters, Bf16LoraForwardAndGradientsMatchFloat32) {
   EXPECT_GE(checked, 4);
 }
 
+// Training mode with dropout: the fused 16-bit LoRA node draws its mask with
+// at::native_dropout on the [tokens, in] input, so the same seed and shape reproduce it
+// here; the float32 oracle is x W^T + b + s ((x * mask / (1 - p)) A^T) B^T.
+TEST(GraniteAdapters, Bf16LoraWithDropoutMatchesFloat32Oracle) {
+  auto model = tiny_model("bfloat16");
+  auto req = request({"in_proj", "out_proj", "o_proj", "input_linear"});
+  req.spec.dropout = 0.3;
+  auto plan = plan_adapters(model->inventory(), req);
+  apply_adapters(*model, req, plan);
+  model->train();
+  int checked = 0;
+  for (auto& [name, lin] : nn::named_linears(*model)) {
+    if (!lin->adapter()) continue;
+    auto params = lin->named_parameters();
+    auto A = params["lora_A.weight"], B = params["lora_B.weight"];
+    { torch::NoGradGuard ng; B.normal_(0.0, 0.1); }
+    const int64_t K = lin->in_features();
+    auto x = torch::randn({2, 5, K}).to(torch::kBFloat16).requires_grad_(true);
+    auto wy = torch::randn({2, 5, lin->out_features()});
+    torch::manual_seed(11);
+    auto y = lin->forward(x);
+    (y.to(torch::kFloat32) * wy).sum().backward();
+    auto gx = x.grad().to(torch::kFloat32), gA = A.grad().clone(), gB = B.grad().clone();
+    A.mutable_grad() = torch::Tensor();
+    B.mutable_grad() = torch::Tensor();
+
+    torch::manual_seed(11);
+    auto keep = std::get<0>(at::native_dropout(torch::ones({10, K}, torch::kBFloat16), 0.3, true))
+                    .to(torch::kFloat32)
+                    .view({2, 5, K});  // mask / (1 - p)
+    ASSERT_GT(keep.eq(0).sum().item<int64_t>(), 0) << "the mask drops something";
+    auto xf = x.detach().to(torch::kFloat32).requires_grad_(true);
+    const double scaling = req.spec.alpha / static_cast<double>(req.spec.r);
+    auto bias = lin->bias.defined() ? lin->bias.to(torch::kFloat32) : torch::Tensor();
+    auto yf = torch::nn::functional::linear(xf, lin->weight.to(torch::kFloat32), bias) +
+              scaling * torch::matmul(torch::matmul(xf * keep, A.t()), B.t());
+    (yf * wy).sum().backward();
+    auto rel = [](const torch::Tensor& a, const torch::Tensor& b) {
+      return (a - b).abs().max().item<double>() / b.abs().max().item<double>();
+    };
+    EXPECT_LE(rel(y.to(torch::kFloat32), yf), 2e-2) << name;
+    EXPECT_LE(rel(gx, xf.grad()), 2e-2) << name;
+    EXPECT_LE(rel(gA, A.grad()), 3e-2) << name;
+    EXPECT_LE(rel(gB, B.grad()), 3e-2) << name;
+    A.mutable_grad() = torch::Tensor();
+    B.mutable_grad() = torch::Tensor();
+    ++checked;
+  }
+  EXPECT_GE(checked, 4);
+}
+
 }  // namespace

@@ -21,6 +21,10 @@ class LinearAdapter {
   // Output of the adapted layer given its input and the frozen base output.
   virtual torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& base_out,
                                 const LinearImpl& base) = 0;
+  // Output of the adapted layer from its input alone; what LinearImpl::forward calls.
+  // The default computes the frozen base output and hands it to forward(); an adapter
+  // may override this to fuse its branch into the base product.
+  virtual torch::Tensor forward_from_input(const torch::Tensor& x, const LinearImpl& base);
   // The single weight matrix equivalent to base + adapter (float32 math, base dtype).
   virtual torch::Tensor merged_weight(const LinearImpl& base) const = 0;
 };

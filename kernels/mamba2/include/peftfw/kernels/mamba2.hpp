@@ -10,6 +10,7 @@
 #include <torch/types.h>
 
 #include <limits>
+#include <optional>
 
 namespace peftfw::kernels::mamba2 {
 
@@ -46,9 +47,16 @@ SsdResult ssd_chunk_scan(const SsdArgs& args);
 torch::Tensor ssd_dt(const torch::Tensor& dt, const torch::Tensor& dt_bias, double dt_min,
                      double dt_max);
 
-// Gated RMSNorm: w * rmsnorm(y * silu(z)) over the last dim, float32 math.
+// Gated RMSNorm: w * rmsnorm(y * silu(z)) over the last dim, float32 math; the
+// normalised value is rounded to y's dtype before the weight (transformers'
+// MambaRMSNormGated). With out_dtype the result is cast to it (once).
 torch::Tensor gated_rms_norm(const torch::Tensor& y, const torch::Tensor& z,
-                             const torch::Tensor& weight, double eps);
+                             const torch::Tensor& weight, double eps,
+                             std::optional<torch::ScalarType> out_dtype = std::nullopt);
+
+// Gated MLP activation: silu(a) * b where gu = [a | b] along the last dim
+// (Granite's shared MLP: first half gate, second half up).
+torch::Tensor silu_mul(const torch::Tensor& gu);
 
 struct SsdStepArgs {
   torch::Tensor state;    // [B,H,P,N] float32, updated in place
@@ -76,7 +84,9 @@ torch::Tensor causal_conv1d(const torch::Tensor& x, const torch::Tensor& weight,
                             const torch::Tensor& bias, const torch::Tensor& seq_ids, bool silu);
 SsdResult ssd_chunk_scan(const SsdArgs& args);
 torch::Tensor gated_rms_norm(const torch::Tensor& y, const torch::Tensor& z,
-                             const torch::Tensor& weight, double eps);
+                             const torch::Tensor& weight, double eps,
+                             std::optional<torch::ScalarType> out_dtype = std::nullopt);
+torch::Tensor silu_mul(const torch::Tensor& gu);
 torch::Tensor ssd_step(SsdStepArgs& args);
 torch::Tensor causal_conv1d_step(torch::Tensor& conv_state, const torch::Tensor& x_t,
                                  const torch::Tensor& weight, const torch::Tensor& bias, bool silu);
