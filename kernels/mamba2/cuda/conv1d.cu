@@ -50,7 +50,7 @@ template <typename T, int K, int VEC, bool SEQ>
 __global__ void __launch_bounds__(32 * kWarps)
     conv_fwd_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                     const int64_t* __restrict__ seq, T* __restrict__ out, int B, int L, int C,
-                    int ntiles, bool silu) {
+                    int64_t xs, int ntiles, bool silu) {
   const int c0 = (blockIdx.x * 32 + threadIdx.x) * VEC;
   if (c0 >= C) return;
 
@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(32 * kWarps)
     const int t0 = static_cast<int>(unit % ntiles) * kFwdTile;
     const int t1 = min(t0 + kFwdTile, L);
     const int64_t row0 = static_cast<int64_t>(b) * L;  // flat (b, t=0) row index
-    const T* xb = x + row0 * C + c0;
+    const T* xb = x + row0 * xs + c0;
     T* ob = out + row0 * C + c0;
 
     // win[j] holds x[t-(K-1)+j]; sid[j] its seq id.
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(32 * kWarps)
     for (int j = 0; j < K - 1; ++j) {
       const int t = t0 - (K - 1) + j;
       if (t >= 0) {
-        load_pack<T, VEC>(xb + static_cast<int64_t>(t) * C, win[j]);
+        load_pack<T, VEC>(xb + static_cast<int64_t>(t) * xs, win[j]);
         sid[j] = SEQ ? seq[row0 + t] : 0;
       } else {
 #pragma unroll
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(32 * kWarps)
 
 #pragma unroll 4
     for (int t = t0; t < t1; ++t) {
-      load_pack<T, VEC>(xb + static_cast<int64_t>(t) * C, win[K - 1]);
+      load_pack<T, VEC>(xb + static_cast<int64_t>(t) * xs, win[K - 1]);
       if (SEQ) sid[K - 1] = seq[row0 + t];
       float acc[VEC];
 #pragma unroll
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(32 * kWarps)
     conv_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ x, const T* __restrict__ w,
                     const T* __restrict__ bias, const int64_t* __restrict__ seq, T* __restrict__ dx,
                     float* __restrict__ dweight, float* __restrict__ dbias, int B, int L, int C,
-                    int ntiles) {
+                    int64_t xs, int ntiles) {
   constexpr int NP = (K + 1) * VEC;  // partial sums per thread: K taps + bias
   __shared__ float red[kWarps - 1][NP][32];
 
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(32 * kWarps)
       const int t0 = static_cast<int>(unit % ntiles) * kBwdTile;
       const int t1 = min(t0 + kBwdTile, L);
       const int64_t row0 = static_cast<int64_t>(b) * L;
-      const T* xb = x + row0 * C + c0;
+      const T* xb = x + row0 * xs + c0;
       const T* gb = dout + row0 * C + c0;
 
       // At the top of step u: xw[j] = x[u-(K-1)+j], sw[j] its seq id,
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(32 * kWarps)
       for (int j = 0; j < K - 1; ++j) {
         const int t = t0 - (K - 1) + j;
         if (t >= 0) {
-          load_pack<T, VEC>(xb + static_cast<int64_t>(t) * C, xw[j]);
+          load_pack<T, VEC>(xb + static_cast<int64_t>(t) * xs, xw[j]);
           sw[j] = SEQ ? seq[row0 + t] : 0;
         } else {
 #pragma unroll
@@ -186,7 +186,7 @@ __global__ void __launch_bounds__(32 * kWarps)
         const bool in = u < L;
         float g[VEC];
         if (in) {
-          load_pack<T, VEC>(xb + static_cast<int64_t>(u) * C, xw[K - 1]);
+          load_pack<T, VEC>(xb + static_cast<int64_t>(u) * xs, xw[K - 1]);
           load_pack<T, VEC>(gb + static_cast<int64_t>(u) * C, g);
           if (SEQ) sw[K - 1] = seq[row0 + u];
         } else {
@@ -304,48 +304,50 @@ int grid_rows(int64_t units) {  // gridDim.y covering `units` (batch, tile) pair
 
 template <typename T, int K, int VEC>
 void fwd_launch(const T* x, const T* w, const T* bias, const int64_t* seq, T* out, int B, int L,
-                int C, bool silu, cudaStream_t stream) {
+                int C, int64_t xs, bool silu, cudaStream_t stream) {
   const int ntiles = (L + kFwdTile - 1) / kFwdTile;
   const int cvec = C / VEC;
   const dim3 block(32, kWarps);
   const dim3 grid((cvec + 31) / 32, grid_rows(static_cast<int64_t>(B) * ntiles));
   if (seq != nullptr)
     conv_fwd_kernel<T, K, VEC, true><<<grid, block, 0, stream>>>(x, w, bias, seq, out, B, L, C,
-                                                                 ntiles, silu);
+                                                                 xs, ntiles, silu);
   else
     conv_fwd_kernel<T, K, VEC, false><<<grid, block, 0, stream>>>(x, w, bias, seq, out, B, L, C,
-                                                                  ntiles, silu);
+                                                                  xs, ntiles, silu);
 }
 
 template <typename T, int VEC>
 void fwd_dispatch_k(int K, const T* x, const T* w, const T* bias, const int64_t* seq, T* out,
-                    int B, int L, int C, bool silu, cudaStream_t stream) {
+                    int B, int L, int C, int64_t xs, bool silu, cudaStream_t stream) {
   switch (K) {
-    case 2: fwd_launch<T, 2, VEC>(x, w, bias, seq, out, B, L, C, silu, stream); break;
-    case 3: fwd_launch<T, 3, VEC>(x, w, bias, seq, out, B, L, C, silu, stream); break;
-    default: fwd_launch<T, 4, VEC>(x, w, bias, seq, out, B, L, C, silu, stream); break;
+    case 2: fwd_launch<T, 2, VEC>(x, w, bias, seq, out, B, L, C, xs, silu, stream); break;
+    case 3: fwd_launch<T, 3, VEC>(x, w, bias, seq, out, B, L, C, xs, silu, stream); break;
+    default: fwd_launch<T, 4, VEC>(x, w, bias, seq, out, B, L, C, xs, silu, stream); break;
   }
 }
 
 template <typename T>
 cudaError_t fwd_typed(const void* x, const void* w, const void* bias, const int64_t* seq,
-                      void* out, int B, int L, int C, int K, bool silu, cudaStream_t stream) {
+                      void* out, int B, int L, int C, int64_t xs, int K, bool silu,
+                      cudaStream_t stream) {
   constexpr int V = kFullVec<T>;
-  const bool vec = C % V == 0 && aligned(x, V * sizeof(T)) && aligned(out, V * sizeof(T));
+  const bool vec = C % V == 0 && xs % V == 0 && aligned(x, V * sizeof(T)) && aligned(out, V * sizeof(T));
   auto* xp = static_cast<const T*>(x);
   auto* wp = static_cast<const T*>(w);
   auto* bp = static_cast<const T*>(bias);
   auto* op = static_cast<T*>(out);
   if (vec)
-    fwd_dispatch_k<T, V>(K, xp, wp, bp, seq, op, B, L, C, silu, stream);
+    fwd_dispatch_k<T, V>(K, xp, wp, bp, seq, op, B, L, C, xs, silu, stream);
   else
-    fwd_dispatch_k<T, 1>(K, xp, wp, bp, seq, op, B, L, C, silu, stream);
+    fwd_dispatch_k<T, 1>(K, xp, wp, bp, seq, op, B, L, C, xs, silu, stream);
   return cudaGetLastError();
 }
 
 template <typename T, int K, int VEC, bool SEQ, bool SILU>
 cudaError_t bwd_launch(const T* dout, const T* x, const T* w, const T* bias, const int64_t* seq,
-                       T* dx, float* dw, float* db, int B, int L, int C, cudaStream_t stream) {
+                       T* dx, float* dw, float* db, int B, int L, int C, int64_t xs,
+                       cudaStream_t stream) {
   auto kernel = conv_bwd_kernel<T, K, VEC, SEQ, SILU>;
   const int ntiles = (L + kBwdTile - 1) / kBwdTile;
   const int cvec = C / VEC;
@@ -365,84 +367,86 @@ cudaError_t bwd_launch(const T* dout, const T* x, const T* w, const T* bias, con
     const int64_t want = (static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1) + gx - 1) / gx;
     if (want < gy) gy = static_cast<int>(want < 1 ? 1 : want);
   }
-  kernel<<<dim3(gx, gy), block, 0, stream>>>(dout, x, w, bias, seq, dx, dw, db, B, L, C, ntiles);
+  kernel<<<dim3(gx, gy), block, 0, stream>>>(dout, x, w, bias, seq, dx, dw, db, B, L, C, xs, ntiles);
   return cudaGetLastError();
 }
 
 template <typename T, int K, int VEC>
 cudaError_t bwd_dispatch_flags(const T* dout, const T* x, const T* w, const T* bias,
                                const int64_t* seq, T* dx, float* dw, float* db, int B, int L,
-                               int C, bool silu, cudaStream_t stream) {
+                               int C, int64_t xs, bool silu, cudaStream_t stream) {
   if (seq != nullptr) {
-    if (silu) return bwd_launch<T, K, VEC, true, true>(dout, x, w, bias, seq, dx, dw, db, B, L, C, stream);
-    return bwd_launch<T, K, VEC, true, false>(dout, x, w, bias, seq, dx, dw, db, B, L, C, stream);
+    if (silu) return bwd_launch<T, K, VEC, true, true>(dout, x, w, bias, seq, dx, dw, db, B, L, C, xs, stream);
+    return bwd_launch<T, K, VEC, true, false>(dout, x, w, bias, seq, dx, dw, db, B, L, C, xs, stream);
   }
-  if (silu) return bwd_launch<T, K, VEC, false, true>(dout, x, w, bias, seq, dx, dw, db, B, L, C, stream);
-  return bwd_launch<T, K, VEC, false, false>(dout, x, w, bias, seq, dx, dw, db, B, L, C, stream);
+  if (silu) return bwd_launch<T, K, VEC, false, true>(dout, x, w, bias, seq, dx, dw, db, B, L, C, xs, stream);
+  return bwd_launch<T, K, VEC, false, false>(dout, x, w, bias, seq, dx, dw, db, B, L, C, xs, stream);
 }
 
 template <typename T, int VEC>
 cudaError_t bwd_dispatch_k(int K, const T* dout, const T* x, const T* w, const T* bias,
                            const int64_t* seq, T* dx, float* dw, float* db, int B, int L, int C,
-                           bool silu, cudaStream_t stream) {
+                           int64_t xs, bool silu, cudaStream_t stream) {
   switch (K) {
-    case 2: return bwd_dispatch_flags<T, 2, VEC>(dout, x, w, bias, seq, dx, dw, db, B, L, C, silu, stream);
-    case 3: return bwd_dispatch_flags<T, 3, VEC>(dout, x, w, bias, seq, dx, dw, db, B, L, C, silu, stream);
-    default: return bwd_dispatch_flags<T, 4, VEC>(dout, x, w, bias, seq, dx, dw, db, B, L, C, silu, stream);
+    case 2: return bwd_dispatch_flags<T, 2, VEC>(dout, x, w, bias, seq, dx, dw, db, B, L, C, xs, silu, stream);
+    case 3: return bwd_dispatch_flags<T, 3, VEC>(dout, x, w, bias, seq, dx, dw, db, B, L, C, xs, silu, stream);
+    default: return bwd_dispatch_flags<T, 4, VEC>(dout, x, w, bias, seq, dx, dw, db, B, L, C, xs, silu, stream);
   }
 }
 
 template <typename T>
 cudaError_t bwd_typed(const void* dout, const void* x, const void* w, const void* bias,
                       const int64_t* seq, void* dx, float* dw, float* db, int B, int L, int C,
-                      int K, bool silu, cudaStream_t stream) {
+                      int64_t xs, int K, bool silu, cudaStream_t stream) {
   // 4 channels per thread (8- or 16-byte accesses) keeps the register
   // footprint (windows of x and da plus the weight partials) moderate.
   constexpr int V = 4;
   const int bytes = V * static_cast<int>(sizeof(T));
-  const bool vec = C % V == 0 && aligned(dout, bytes) && aligned(x, bytes) && aligned(dx, bytes);
+  const bool vec = C % V == 0 && xs % V == 0 && aligned(dout, bytes) && aligned(x, bytes) &&
+                   aligned(dx, bytes);
   auto* gp = static_cast<const T*>(dout);
   auto* xp = static_cast<const T*>(x);
   auto* wp = static_cast<const T*>(w);
   auto* bp = static_cast<const T*>(bias);
   auto* dxp = static_cast<T*>(dx);
-  if (vec) return bwd_dispatch_k<T, V>(K, gp, xp, wp, bp, seq, dxp, dw, db, B, L, C, silu, stream);
-  return bwd_dispatch_k<T, 1>(K, gp, xp, wp, bp, seq, dxp, dw, db, B, L, C, silu, stream);
+  if (vec) return bwd_dispatch_k<T, V>(K, gp, xp, wp, bp, seq, dxp, dw, db, B, L, C, xs, silu, stream);
+  return bwd_dispatch_k<T, 1>(K, gp, xp, wp, bp, seq, dxp, dw, db, B, L, C, xs, silu, stream);
 }
 
 }  // namespace
 
-cudaError_t causal_conv1d_fwd(DType dtype, const void* x, const void* weight, const void* bias,
-                              const int64_t* seq_ids, void* out, int64_t batch, int64_t seqlen,
-                              int64_t channels, int kernel_size, bool silu, cudaStream_t stream) {
-  if (!sizes_ok(batch, seqlen, channels, kernel_size)) return cudaErrorInvalidValue;
+cudaError_t causal_conv1d_fwd(DType dtype, const void* x, int64_t x_ld, const void* weight,
+                              const void* bias, const int64_t* seq_ids, void* out, int64_t batch,
+                              int64_t seqlen, int64_t channels, int kernel_size, bool silu,
+                              cudaStream_t stream) {
+  if (!sizes_ok(batch, seqlen, channels, kernel_size) || x_ld < channels) return cudaErrorInvalidValue;
   if (batch == 0 || seqlen == 0 || channels == 0) return cudaSuccess;
   if (x == nullptr || weight == nullptr || out == nullptr) return cudaErrorInvalidValue;
   const int B = static_cast<int>(batch), L = static_cast<int>(seqlen), C = static_cast<int>(channels);
   switch (dtype) {
-    case DType::f32: return fwd_typed<float>(x, weight, bias, seq_ids, out, B, L, C, kernel_size, silu, stream);
-    case DType::f16: return fwd_typed<__half>(x, weight, bias, seq_ids, out, B, L, C, kernel_size, silu, stream);
-    case DType::bf16: return fwd_typed<__nv_bfloat16>(x, weight, bias, seq_ids, out, B, L, C, kernel_size, silu, stream);
+    case DType::f32: return fwd_typed<float>(x, weight, bias, seq_ids, out, B, L, C, x_ld, kernel_size, silu, stream);
+    case DType::f16: return fwd_typed<__half>(x, weight, bias, seq_ids, out, B, L, C, x_ld, kernel_size, silu, stream);
+    case DType::bf16: return fwd_typed<__nv_bfloat16>(x, weight, bias, seq_ids, out, B, L, C, x_ld, kernel_size, silu, stream);
   }
   return cudaErrorInvalidValue;
 }
 
-cudaError_t causal_conv1d_bwd(DType dtype, const void* dout, const void* x, const void* weight,
-                              const void* bias, const int64_t* seq_ids, void* dx, float* dweight,
-                              float* dbias, int64_t batch, int64_t seqlen, int64_t channels,
-                              int kernel_size, bool silu, cudaStream_t stream) {
-  if (!sizes_ok(batch, seqlen, channels, kernel_size)) return cudaErrorInvalidValue;
+cudaError_t causal_conv1d_bwd(DType dtype, const void* dout, const void* x, int64_t x_ld,
+                              const void* weight, const void* bias, const int64_t* seq_ids, void* dx,
+                              float* dweight, float* dbias, int64_t batch, int64_t seqlen,
+                              int64_t channels, int kernel_size, bool silu, cudaStream_t stream) {
+  if (!sizes_ok(batch, seqlen, channels, kernel_size) || x_ld < channels) return cudaErrorInvalidValue;
   if (batch == 0 || seqlen == 0 || channels == 0) return cudaSuccess;
   if (dx == nullptr && dweight == nullptr && dbias == nullptr) return cudaSuccess;
   if (dout == nullptr || x == nullptr || weight == nullptr) return cudaErrorInvalidValue;
   const int B = static_cast<int>(batch), L = static_cast<int>(seqlen), C = static_cast<int>(channels);
   switch (dtype) {
     case DType::f32:
-      return bwd_typed<float>(dout, x, weight, bias, seq_ids, dx, dweight, dbias, B, L, C, kernel_size, silu, stream);
+      return bwd_typed<float>(dout, x, weight, bias, seq_ids, dx, dweight, dbias, B, L, C, x_ld, kernel_size, silu, stream);
     case DType::f16:
-      return bwd_typed<__half>(dout, x, weight, bias, seq_ids, dx, dweight, dbias, B, L, C, kernel_size, silu, stream);
+      return bwd_typed<__half>(dout, x, weight, bias, seq_ids, dx, dweight, dbias, B, L, C, x_ld, kernel_size, silu, stream);
     case DType::bf16:
-      return bwd_typed<__nv_bfloat16>(dout, x, weight, bias, seq_ids, dx, dweight, dbias, B, L, C, kernel_size, silu, stream);
+      return bwd_typed<__nv_bfloat16>(dout, x, weight, bias, seq_ids, dx, dweight, dbias, B, L, C, x_ld, kernel_size, silu, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -6,7 +6,8 @@
 //                                              type Y, then multiplied and
 //                                              rounded to T)
 //
-// y (and dy) is either of the element type T of z, weight and out, or float32
+// z's rows may be strided (z_ld elements apart: a view into the mixer's projection);
+// y, out, dy and dz are contiguous. y (and dy) is either of the element type T of z, weight and out, or float32
 // with T 16-bit (the Mamba mixer's float32 scan output gated by a 16-bit z:
 // the norm then writes the 16-bit projection input directly).
 //
@@ -62,7 +63,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 template <typename Y, typename T, int VEC, int NV>
 __global__ void __launch_bounds__(kMaxThreads)
     rms_fwd_kernel(const Y* __restrict__ y, const T* __restrict__ z, const T* __restrict__ w,
-                   T* __restrict__ out, float* __restrict__ rstd, int64_t R, int D, float eps) {
+                   T* __restrict__ out, float* __restrict__ rstd, int64_t R, int D, int64_t z_ld, float eps) {
   __shared__ float red[33];
   const int Dv = D / VEC;
   const float inv_d = 1.f / static_cast<float>(D);
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
         for (int i = 0; i < VEC; ++i) g[k][i] = Num<Y>::to_f(yp.v[i]);
         if (z != nullptr) {
-          const auto zp = load_raw<T, VEC>(z + base + iv * VEC);
+          const auto zp = load_raw<T, VEC>(z + row * z_ld + iv * VEC);
 #pragma unroll
           for (int i = 0; i < VEC; ++i) {
             const float zf = Num<T>::to_f(zp.v[i]);
@@ -115,7 +116,7 @@ template <typename Y, typename T, int VEC, int NV>
 __global__ void __launch_bounds__(kMaxThreads)
     rms_bwd_kernel(const T* __restrict__ dout, const Y* __restrict__ y, const T* __restrict__ z,
                    const T* __restrict__ w, const float* __restrict__ rstd, Y* __restrict__ dy,
-                   T* __restrict__ dz, float* __restrict__ dweight, int64_t R, int D) {
+                   T* __restrict__ dz, float* __restrict__ dweight, int64_t R, int D, int64_t z_ld) {
   __shared__ float red[33];
   const int Dv = D / VEC;
   const float inv_d = 1.f / static_cast<float>(D);
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (iv < Dv) {
         yk[k] = load_raw<Y, VEC>(y + base + iv * VEC);
         gk[k] = load_raw<T, VEC>(dout + base + iv * VEC);
-        if (z != nullptr) zk[k] = load_raw<T, VEC>(z + base + iv * VEC);
+        if (z != nullptr) zk[k] = load_raw<T, VEC>(z + row * z_ld + iv * VEC);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           float g = Num<Y>::to_f(yk[k].v[i]);
@@ -225,7 +226,7 @@ Shape shape_for(int dv) {
 template <typename Y, typename T, int VEC, int NV>
 cudaError_t launch_nv(bool backward, const void* dout, const void* y, const void* z,
                       const void* w, void* out, float* rstd_out, const float* rstd_in, void* dy,
-                      void* dz, float* dweight, int64_t R, int D, float eps, int threads,
+                      void* dz, float* dweight, int64_t R, int D, int64_t z_ld, float eps, int threads,
                       cudaStream_t stream) {
   if constexpr (NV * VEC > kMaxPerThread) {
     return cudaErrorInvalidValue;  // not reachable for D <= kMaxDim
@@ -236,7 +237,7 @@ cudaError_t launch_nv(bool backward, const void* dout, const void* y, const void
     if (!backward) {
       const int64_t grid = R < (1LL << 30) ? R : (1LL << 30);
       rms_fwd_kernel<Y, T, VEC, NV><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-          yp, zp, wp, static_cast<T*>(out), rstd_out, R, D, eps);
+          yp, zp, wp, static_cast<T*>(out), rstd_out, R, D, z_ld, eps);
       return cudaGetLastError();
     }
     auto kernel = rms_bwd_kernel<Y, T, VEC, NV>;
@@ -256,7 +257,7 @@ cudaError_t launch_nv(bool backward, const void* dout, const void* y, const void
     }
     kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(
         static_cast<const T*>(dout), yp, zp, wp, rstd_in, static_cast<Y*>(dy), static_cast<T*>(dz),
-        dweight, R, D);
+        dweight, R, D, z_ld);
     return cudaGetLastError();
   }
 }
@@ -264,13 +265,13 @@ cudaError_t launch_nv(bool backward, const void* dout, const void* y, const void
 template <typename Y, typename T, int VEC>
 cudaError_t launch_vec(bool backward, const void* dout, const void* y, const void* z,
                        const void* w, void* out, float* rstd_out, const float* rstd_in, void* dy,
-                       void* dz, float* dweight, int64_t R, int D, float eps,
+                       void* dz, float* dweight, int64_t R, int D, int64_t z_ld, float eps,
                        cudaStream_t stream) {
   const Shape s = shape_for(D / VEC);
 #define PEFTFW_RMS_NV(N)                                                                       \
   case N:                                                                                      \
     return launch_nv<Y, T, VEC, N>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,    \
-                                   dweight, R, D, eps, s.threads, stream);
+                                   dweight, R, D, z_ld, eps, s.threads, stream);
   switch (s.nv) {
     PEFTFW_RMS_NV(1)
     PEFTFW_RMS_NV(2)
@@ -285,41 +286,41 @@ cudaError_t launch_vec(bool backward, const void* dout, const void* y, const voi
 template <typename Y, typename T>
 cudaError_t launch_typed(bool backward, const void* dout, const void* y, const void* z,
                          const void* w, void* out, float* rstd_out, const float* rstd_in,
-                         void* dy, void* dz, float* dweight, int64_t R, int D, float eps,
-                         cudaStream_t stream) {
+                         void* dy, void* dz, float* dweight, int64_t R, int D, int64_t z_ld,
+                         float eps, cudaStream_t stream) {
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   constexpr int bytes = V * static_cast<int>(sizeof(T));
   constexpr int ybytes = V * static_cast<int>(sizeof(Y));
   const bool vec = D % V == 0 && aligned(y, ybytes) && aligned(z, bytes) && aligned(w, bytes) &&
                    aligned(out, bytes) && aligned(dout, bytes) && aligned(dy, ybytes) &&
-                   aligned(dz, bytes);
+                   aligned(dz, bytes) && (z == nullptr || (z_ld * static_cast<int64_t>(sizeof(T))) % bytes == 0);
   if (vec)
     return launch_vec<Y, T, V>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz, dweight,
-                               R, D, eps, stream);
+                               R, D, z_ld, eps, stream);
   return launch_vec<Y, T, 1>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz, dweight, R,
-                             D, eps, stream);
+                             D, z_ld, eps, stream);
 }
 
 cudaError_t dispatch(DType dtype, bool y_f32, bool backward, const void* dout, const void* y,
                      const void* z, const void* w, void* out, float* rstd_out,
                      const float* rstd_in, void* dy, void* dz, float* dweight, int64_t R, int D,
-                     float eps, cudaStream_t stream) {
+                     int64_t z_ld, float eps, cudaStream_t stream) {
   switch (dtype) {
     case DType::f32:
       return launch_typed<float, float>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,
-                                        dweight, R, D, eps, stream);
+                                        dweight, R, D, z_ld, eps, stream);
     case DType::f16:
       if (y_f32)
         return launch_typed<float, __half>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy,
-                                           dz, dweight, R, D, eps, stream);
+                                           dz, dweight, R, D, z_ld, eps, stream);
       return launch_typed<__half, __half>(backward, dout, y, z, w, out, rstd_out, rstd_in, dy, dz,
-                                          dweight, R, D, eps, stream);
+                                          dweight, R, D, z_ld, eps, stream);
     case DType::bf16:
       if (y_f32)
         return launch_typed<float, __nv_bfloat16>(backward, dout, y, z, w, out, rstd_out,
-                                                  rstd_in, dy, dz, dweight, R, D, eps, stream);
+                                                  rstd_in, dy, dz, dweight, R, D, z_ld, eps, stream);
       return launch_typed<__nv_bfloat16, __nv_bfloat16>(backward, dout, y, z, w, out, rstd_out,
-                                                        rstd_in, dy, dz, dweight, R, D, eps,
+                                                        rstd_in, dy, dz, dweight, R, D, z_ld, eps,
                                                         stream);
   }
   return cudaErrorInvalidValue;
@@ -328,27 +329,27 @@ cudaError_t dispatch(DType dtype, bool y_f32, bool backward, const void* dout, c
 }  // namespace
 
 cudaError_t gated_rms_norm_fwd(DType dtype, bool y_f32, const void* y, const void* z,
-                               const void* weight, void* out, float* rstd, int64_t rows,
-                               int64_t dim, float eps, cudaStream_t stream) {
-  if (rows < 0 || dim < 1 || dim > kMaxDim) return cudaErrorInvalidValue;
+                               int64_t z_ld, const void* weight, void* out, float* rstd,
+                               int64_t rows, int64_t dim, float eps, cudaStream_t stream) {
+  if (rows < 0 || dim < 1 || dim > kMaxDim || (z != nullptr && z_ld < dim)) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
   if (y == nullptr || weight == nullptr || out == nullptr || rstd == nullptr)
     return cudaErrorInvalidValue;
   return dispatch(dtype, y_f32, false, nullptr, y, z, weight, out, rstd, nullptr, nullptr, nullptr,
-                  nullptr, rows, static_cast<int>(dim), eps, stream);
+                  nullptr, rows, static_cast<int>(dim), z_ld, eps, stream);
 }
 
 cudaError_t gated_rms_norm_bwd(DType dtype, bool y_f32, const void* dout, const void* y,
-                               const void* z, const void* weight, const float* rstd, void* dy,
-                               void* dz, float* dweight, int64_t rows, int64_t dim,
+                               const void* z, int64_t z_ld, const void* weight, const float* rstd,
+                               void* dy, void* dz, float* dweight, int64_t rows, int64_t dim,
                                cudaStream_t stream) {
-  if (rows < 0 || dim < 1 || dim > kMaxDim) return cudaErrorInvalidValue;
+  if (rows < 0 || dim < 1 || dim > kMaxDim || (z != nullptr && z_ld < dim)) return cudaErrorInvalidValue;
   if (z == nullptr) dz = nullptr;
   if (rows == 0 || (dy == nullptr && dz == nullptr && dweight == nullptr)) return cudaSuccess;
   if (dout == nullptr || y == nullptr || weight == nullptr || rstd == nullptr)
     return cudaErrorInvalidValue;
   return dispatch(dtype, y_f32, true, dout, y, z, weight, nullptr, nullptr, rstd, dy, dz, dweight, rows,
-                  static_cast<int>(dim), 0.f, stream);
+                  static_cast<int>(dim), z_ld, 0.f, stream);
 }
 
 }  // namespace peftfw::kernels::mamba2::cuda

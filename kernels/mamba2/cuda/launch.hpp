@@ -22,18 +22,21 @@ enum class DType { f32, f16, bf16 };
 //   only when seq_ids[b,t-j] == seq_ids[b,t]. The pre-activation is
 //   accumulated in float32 and rounded to dtype once (as conv1d does), then
 //   SiLU is applied to the rounded value and rounded again.
-cudaError_t causal_conv1d_fwd(DType dtype, const void* x, const void* weight, const void* bias,
-                              const int64_t* seq_ids, void* out, int64_t batch, int64_t seqlen,
-                              int64_t channels, int kernel_size, bool silu, cudaStream_t stream);
+//   x's rows (time steps) are x_ld elements apart (x_ld >= C; C when contiguous, more
+//   for a column slice of a wider tensor); out and dx are contiguous.
+cudaError_t causal_conv1d_fwd(DType dtype, const void* x, int64_t x_ld, const void* weight,
+                              const void* bias, const int64_t* seq_ids, void* out, int64_t batch,
+                              int64_t seqlen, int64_t channels, int kernel_size, bool silu,
+                              cudaStream_t stream);
 
 // Causal conv1d backward. dout/x/weight/bias/seq_ids as in the forward.
 //   dx [B,T,C] dtype (nullable: not computed), dweight [C,K] float32 and
 //   dbias [C] float32 (nullable; when given they must be zero-filled by the
 //   caller, the kernel accumulates into them with atomicAdd).
-cudaError_t causal_conv1d_bwd(DType dtype, const void* dout, const void* x, const void* weight,
-                              const void* bias, const int64_t* seq_ids, void* dx, float* dweight,
-                              float* dbias, int64_t batch, int64_t seqlen, int64_t channels,
-                              int kernel_size, bool silu, cudaStream_t stream);
+cudaError_t causal_conv1d_bwd(DType dtype, const void* dout, const void* x, int64_t x_ld,
+                              const void* weight, const void* bias, const int64_t* seq_ids, void* dx,
+                              float* dweight, float* dbias, int64_t batch, int64_t seqlen,
+                              int64_t channels, int kernel_size, bool silu, cudaStream_t stream);
 
 // Gated RMSNorm forward over the last dim: y [R,D], z [R,D] (nullable),
 // weight [D], out [R,D], rstd [R] float32 (written, for the backward).
@@ -41,16 +44,17 @@ cudaError_t causal_conv1d_bwd(DType dtype, const void* dout, const void* x, cons
 // Y being y's type. With y_f32, y (and the backward's dy) is float32 while z,
 // weight and out are dtype (16-bit): out is the float32 result rounded once.
 // D must be 1..8192.
+// z's rows are z_ld elements apart (z_ld >= D; D when contiguous); dz is contiguous.
 cudaError_t gated_rms_norm_fwd(DType dtype, bool y_f32, const void* y, const void* z,
-                               const void* weight, void* out, float* rstd, int64_t rows,
-                               int64_t dim, float eps, cudaStream_t stream);
+                               int64_t z_ld, const void* weight, void* out, float* rstd,
+                               int64_t rows, int64_t dim, float eps, cudaStream_t stream);
 
 // Gated RMSNorm backward. dy [R,D] (nullable), dz [R,D] (nullable; ignored
 // when z is null), dweight [D] float32 (nullable; zero-filled by the caller,
 // accumulated with atomicAdd). rstd is the forward's output.
 cudaError_t gated_rms_norm_bwd(DType dtype, bool y_f32, const void* dout, const void* y,
-                               const void* z, const void* weight, const float* rstd, void* dy,
-                               void* dz, float* dweight, int64_t rows, int64_t dim,
+                               const void* z, int64_t z_ld, const void* weight, const float* rstd,
+                               void* dy, void* dz, float* dweight, int64_t rows, int64_t dim,
                                cudaStream_t stream);
 
 // Gated MLP activation: gu [R, 2I], out [R, I] = silu(gu[:, :I]) * gu[:, I:],

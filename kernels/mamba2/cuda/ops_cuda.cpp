@@ -61,14 +61,33 @@ bool needs_grad(std::initializer_list<const torch::Tensor*> ts) {
 
 // ---- causal conv1d ------------------------------------------------------------
 
-// x [B,T,C], weight [C,K], bias [C] (x's dtype) and seq_ids [B,T] int64, all
-// contiguous on one device.
+// The distance in elements between consecutive rows of t seen as [numel / D, D] with a
+// unit column stride, or -1 when no single row stride describes it.
+int64_t row_stride(const torch::Tensor& t) {
+  if (t.dim() == 0 || t.stride(-1) != 1) return -1;
+  if (t.dim() == 1) return t.size(0);
+  int64_t ld = -1;
+  for (int64_t i = t.dim() - 2; i >= 0; --i) {
+    if (t.size(i) == 1) continue;
+    if (ld < 0) {
+      ld = t.stride(i);
+    } else {
+      int64_t inner = 1;  // rows spanned by one step of dim i
+      for (int64_t j = i + 1; j < t.dim() - 1; ++j) inner *= t.size(j);
+      if (t.stride(i) != ld * inner) return -1;
+    }
+  }
+  return ld < 0 ? t.size(-1) : ld;
+}
+
+// x [B,T,C] with evenly strided rows (row_stride), weight [C,K], bias [C] (x's dtype)
+// and seq_ids [B,T] int64 contiguous, all on one device.
 torch::Tensor conv_forward(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
                            const torch::Tensor& seq, bool silu) {
   c10::cuda::CUDAGuard guard(x.device());
-  auto out = torch::empty_like(x);
+  auto out = torch::empty(x.sizes(), x.options());
   const auto err = kc::causal_conv1d_fwd(
-      dtype_of(x), x.data_ptr(), w.data_ptr(), ptr_or_null(b),
+      dtype_of(x), x.data_ptr(), row_stride(x), w.data_ptr(), ptr_or_null(b),
       seq.defined() ? seq.data_ptr<int64_t>() : nullptr, out.data_ptr(), x.size(0), x.size(1),
       x.size(2), static_cast<int>(w.size(1)), silu, current_stream());
   check_launch(err, "causal_conv1d");
@@ -83,7 +102,8 @@ struct CausalConv1dFn : public torch::autograd::Function<CausalConv1dFn> {
                                const torch::Tensor& weight,
                                const std::optional<torch::Tensor>& bias,
                                const std::optional<torch::Tensor>& seq_ids, bool silu) {
-    auto xc = x.contiguous();
+    // x is read in place when its rows are evenly strided (a view into the projection).
+    auto xc = row_stride(x) >= x.size(-1) ? x : x.contiguous();
     auto wc = weight.contiguous();
     auto bc = bias.has_value() && bias->defined() ? bias->contiguous() : torch::Tensor();
     auto sc = seq_ids.has_value() && seq_ids->defined() ? seq_ids->contiguous() : torch::Tensor();
@@ -110,11 +130,11 @@ struct CausalConv1dFn : public torch::autograd::Function<CausalConv1dFn> {
     auto dout = grads[0].to(x.scalar_type()).contiguous();
     const int64_t C = x.size(2), K = w.size(1);
     const auto f32 = x.options().dtype(torch::kFloat32);
-    torch::Tensor dx = need_x ? torch::empty_like(x) : torch::Tensor();
+    torch::Tensor dx = need_x ? torch::empty(x.sizes(), x.options()) : torch::Tensor();
     torch::Tensor dw = need_w ? torch::zeros({C, K}, f32) : torch::Tensor();
     torch::Tensor db = need_b ? torch::zeros({C}, f32) : torch::Tensor();
     const auto err = kc::causal_conv1d_bwd(
-        dtype_of(x), dout.data_ptr(), x.data_ptr(), w.data_ptr(), ptr_or_null(b),
+        dtype_of(x), dout.data_ptr(), x.data_ptr(), row_stride(x), w.data_ptr(), ptr_or_null(b),
         seq.defined() ? seq.data_ptr<int64_t>() : nullptr, need_x ? dx.data_ptr() : nullptr,
         need_w ? dw.data_ptr<float>() : nullptr, need_b ? db.data_ptr<float>() : nullptr,
         x.size(0), x.size(1), C, static_cast<int>(K), silu, current_stream());
@@ -128,6 +148,7 @@ struct CausalConv1dFn : public torch::autograd::Function<CausalConv1dFn> {
 
 // ---- gated RMSNorm --------------------------------------------------------------
 
+
 struct GatedRmsNormFn : public torch::autograd::Function<GatedRmsNormFn> {
   // Arguments ordered (y, weight, z) so that needs_input_grad indices are
   // y: 0, weight: 1, z: 2 (z is an optional, absent from the edges when unset).
@@ -136,7 +157,10 @@ struct GatedRmsNormFn : public torch::autograd::Function<GatedRmsNormFn> {
                                const torch::Tensor& weight, const std::optional<torch::Tensor>& z,
                                double eps) {
     auto yc = y.contiguous();
-    auto zc = z.has_value() && z->defined() ? z->contiguous() : torch::Tensor();
+    // z is read in place when its rows are evenly strided (a view into the projection).
+    auto zc = z.has_value() && z->defined() ? (row_stride(*z) >= z->size(-1) ? *z : z->contiguous())
+                                            : torch::Tensor();
+    const int64_t z_ld = zc.defined() ? row_stride(zc) : 0;
     auto wc = weight.contiguous();
     const int64_t D = yc.size(-1), R = yc.numel() / D;
     const bool y_f32 = yc.scalar_type() != wc.scalar_type();
@@ -144,7 +168,7 @@ struct GatedRmsNormFn : public torch::autograd::Function<GatedRmsNormFn> {
     c10::cuda::CUDAGuard guard(yc.device());
     auto out = torch::empty(yc.sizes(), yc.options().dtype(wc.scalar_type()));
     auto rstd = torch::empty({R}, yc.options().dtype(torch::kFloat32));
-    const auto err = kc::gated_rms_norm_fwd(dtype_of(wc), y_f32, yc.data_ptr(), ptr_or_null(zc),
+    const auto err = kc::gated_rms_norm_fwd(dtype_of(wc), y_f32, yc.data_ptr(), ptr_or_null(zc), z_ld,
                                             wc.data_ptr(), out.data_ptr(), rstd.data_ptr<float>(),
                                             R, D, static_cast<float>(eps), current_stream());
     check_launch(err, "gated_rms_norm");
@@ -169,11 +193,12 @@ struct GatedRmsNormFn : public torch::autograd::Function<GatedRmsNormFn> {
     const int64_t D = y.size(-1), R = y.numel() / D;
     const bool y_f32 = y.scalar_type() != w.scalar_type();
     torch::Tensor dy = need_y ? torch::empty_like(y) : torch::Tensor();
-    torch::Tensor dz = need_z ? torch::empty_like(z) : torch::Tensor();
+    torch::Tensor dz = need_z ? torch::empty(z.sizes(), z.options()) : torch::Tensor();
+    const int64_t z_ld = z.defined() ? row_stride(z) : 0;
     torch::Tensor dw =
         need_w ? torch::zeros({D}, y.options().dtype(torch::kFloat32)) : torch::Tensor();
     const auto err = kc::gated_rms_norm_bwd(
-        dtype_of(w), y_f32, dout.data_ptr(), y.data_ptr(), ptr_or_null(z), w.data_ptr(),
+        dtype_of(w), y_f32, dout.data_ptr(), y.data_ptr(), ptr_or_null(z), z_ld, w.data_ptr(),
         rstd.data_ptr<float>(), need_y ? dy.data_ptr() : nullptr, need_z ? dz.data_ptr() : nullptr,
         need_w ? dw.data_ptr<float>() : nullptr, R, D, current_stream());
     check_launch(err, "gated_rms_norm backward");
