@@ -24,6 +24,13 @@ __device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
   return *reinterpret_cast<const Pack<T, V>*>(p);
 }
 
+// Vector i of the [R, I] output: its row r and first column c.
+template <int V>
+__device__ __forceinline__ void locate(int64_t i, int64_t per_row, int64_t& r, int64_t& c) {
+  r = i / per_row;
+  c = (i - r * per_row) * V;
+}
+
 __device__ __forceinline__ float sigmoid_f(float a) { return 1.f / (1.f + expf(-a)); }
 
 // One thread per V consecutive columns of one row; grid-strided.
@@ -33,9 +40,10 @@ __global__ void silu_mul_fwd_kernel(const T* __restrict__ gu, T* __restrict__ ou
   const int64_t per_row = I / V, total = R * per_row;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / per_row, c = (i - r * per_row) * V;
-    const auto a = load_pack<T, V>(gu + r * 2 * I + c);
-    const auto b = load_pack<T, V>(gu + r * 2 * I + I + c);
+    int64_t r, c;
+    locate<V>(i, per_row, r, c);
+    const T* row = gu + r * 2 * I;
+    const auto a = load_pack<T, V>(row + c), b = load_pack<T, V>(row + I + c);
     float o[V];
 #pragma unroll
     for (int k = 0; k < V; ++k) {
@@ -53,9 +61,10 @@ __global__ void silu_mul_bwd_kernel(const T* __restrict__ dout, const T* __restr
   const int64_t per_row = I / V, total = R * per_row;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / per_row, c = (i - r * per_row) * V;
-    const auto a = load_pack<T, V>(gu + r * 2 * I + c);
-    const auto b = load_pack<T, V>(gu + r * 2 * I + I + c);
+    int64_t r, c;
+    locate<V>(i, per_row, r, c);
+    const T* row = gu + r * 2 * I;
+    const auto a = load_pack<T, V>(row + c), b = load_pack<T, V>(row + I + c);
     const auto g = load_pack<T, V>(dout + r * I + c);
     float da[V], db[V];
 #pragma unroll
