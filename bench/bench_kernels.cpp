@@ -3,6 +3,7 @@
 // SSD forward and forward+backward (the fast path and, where it fits, the
 // LibTorch reference), conv1d+SiLU and gated RMSNorm forward+backward.
 //   build/bin/peftfw_bench_kernels [OUT.json]     (CUDA machine)
+// PEFTFW_BENCH_SHAPES=32x1280,1x4096 limits the run to those shapes.
 // With PEFTFW_PROFILE_TRACE=PREFIX, one SSD forward+backward per shape is also
 // recorded as a Kineto trace, PREFIX-<batch>x<length>.json (bench/profile_summary.py).
 // Each figure is the median of 20 timed runs after 3 warm-ups (CUDA-synchronised wall time).
@@ -62,7 +63,21 @@ int main(int argc, char** argv) {
     return 1;
   }
   const int64_t H = 64, P = 64, N = 128, G = 1, Cc = H * P + 2 * G * N, K = 4;
-  const std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}, {8, 1280}, {32, 1280}};
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{1, 4096}, {8, 1280}, {32, 1280}};
+  if (const char* only = std::getenv("PEFTFW_BENCH_SHAPES")) {  // e.g. "32x1280,1x4096" (for ncu runs)
+    shapes.clear();
+    for (std::string rest = only; !rest.empty();) {
+      const auto comma = rest.find(',');
+      const std::string item = rest.substr(0, comma);
+      rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+      long b = 0, t = 0;
+      if (std::sscanf(item.c_str(), "%ldx%ld", &b, &t) != 2 || b < 1 || t < 1) {
+        std::fprintf(stderr, "PEFTFW_BENCH_SHAPES: '%s' is not BATCHxLENGTH (e.g. 32x1280)\n", item.c_str());
+        return 2;
+      }
+      shapes.emplace_back(b, t);
+    }
+  }
   auto o = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kBFloat16);
   auto f32 = torch::TensorOptions().device(torch::kCUDA).dtype(torch::kFloat32);
   std::string json = "[";

@@ -3,6 +3,7 @@
 
 Usage (on a CUDA machine, from the repository root, after building):
     python3 bench/e2e_gpu.py [--peftfw build/bin/peftfw] [--shapes 8x1280,32x1280] [--out DIR]
+                             [--set train.checkpoint_keep=narrow_projections ...]
 
 For each batch x length it writes random-byte text examples (one full row each), runs
 recipes/bench/granite_micro_e2e.toml with train.batch_size / data.max_length set, and reports
@@ -37,7 +38,7 @@ def run_shape(args, batch, length, out):
             f.write(json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(length + 64))}) + "\n")
     cmd = [args.peftfw, "run", "recipes/bench/granite_micro_e2e.toml", f"data.path={data}",
            f"data.max_length={length}", f"train.batch_size={batch}", f"train.max_steps={args.steps}",
-           f"output.dir={work / 'run'}", "output.overwrite=true"]
+           f"output.dir={work / 'run'}", "output.overwrite=true"] + args.set
     log = work / "run.log"
     with open(log, "w") as f:
         r = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
@@ -60,6 +61,8 @@ def main():
     p.add_argument("--shapes", default="8x1280,32x1280")
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per shape (>= 7: 2 warm-up + 5 timed)")
     p.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra recipe override, e.g. train.checkpoint_keep=narrow_projections (repeatable)")
     args = p.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -71,13 +74,13 @@ def main():
         res = run_shape(args, b, l, out)
         if res:
             results.append(res)
-    print(f"GPU: {gpu}")
+    print(f"GPU: {gpu}" + (f"; overrides: {' '.join(args.set)}" if args.set else ""))
     print("| batch x length | tokens/s (median) | peak GPU memory | fraction of bf16 peak (4N) |")
     print("|---|---|---|---|")
     for r in results:
         print(f"| {r['batch']} x {r['length']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} GiB | "
               f"{100 * r['fraction_of_bf16_peak']:.1f}% |")
-    (out / "e2e.json").write_text(json.dumps({"gpu": gpu, "results": results}, indent=2))
+    (out / "e2e.json").write_text(json.dumps({"gpu": gpu, "overrides": args.set, "results": results}, indent=2))
     return 0 if len(results) == len(args.shapes.split(",")) else 1
 
 

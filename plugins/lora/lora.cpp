@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include "peftfw/nn/checkpoint.hpp"
+
 namespace peftfw::lora {
 
 namespace F = torch::nn::functional;
@@ -47,8 +49,15 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       auto wb = torch::cat({weight, bs}, 1);  // [N, K + r]
       out = has_bias ? torch::addmm(*bias, xh, wb.t()) : torch::mm(xh, wb.t());
     } else {
-      out = has_bias ? torch::addmm(*bias, x2, weight.t()) : torch::mm(x2, weight.t());
-      out.addmm_(h, bs.t());
+      // A narrow output may be kept from a checkpoint's first run (nn/checkpoint.hpp): the
+      // rerun then only redoes the dropout and h, which the backward needs.
+      const bool keep = nn::keeps_projection(K, N);
+      if (keep) out = nn::take_kept_output();
+      if (!out.defined()) {
+        out = has_bias ? torch::addmm(*bias, x2, weight.t()) : torch::mm(x2, weight.t());
+        out.addmm_(h, bs.t());
+        if (keep) nn::keep_output(out);
+      }
     }
     ctx->save_for_backward({xd, mask.defined() ? mask : torch::Tensor(), h, a, bs, weight});
     ctx->saved_data["dropout"] = dropout;

@@ -4,8 +4,10 @@
 #include <ATen/Context.h>
 #include <torch/torch.h>
 
+#include <atomic>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 namespace peftfw::nn {
 
@@ -13,6 +15,7 @@ namespace {
 
 struct Pending {
   CheckpointFn fn;
+  std::vector<torch::Tensor> kept;  // outputs kept by ops in the first run, in call order
   torch::Tensor rng_state;  // of the input's device default generator, before the forward
   c10::Device device = c10::kCPU;
 };
@@ -22,6 +25,31 @@ struct Pending {
 std::mutex g_mutex;
 std::unordered_map<int64_t, Pending> g_pending;
 int64_t g_next_id = 0;
+KeepPolicy g_policy = KeepPolicy::kNone;
+std::atomic<int64_t> g_kept{0}, g_taken{0};
+
+// What the running checkpointed function does with kept outputs: fills `kept` in its
+// first run, hands them back in order (from `next`) in its rerun.
+struct KeepScope {
+  enum Mode { kOff, kRecord, kReplay } mode = kOff;
+  std::vector<torch::Tensor>* kept = nullptr;
+  size_t next = 0;
+};
+thread_local KeepScope t_scope;
+
+// Installs a scope for one run of a checkpointed function, restoring the outer one after.
+class ScopeGuard {
+ public:
+  ScopeGuard(KeepScope::Mode mode, std::vector<torch::Tensor>* kept) : saved_(t_scope) {
+    t_scope = KeepScope{mode, kept, 0};
+  }
+  ~ScopeGuard() { t_scope = saved_; }
+  ScopeGuard(const ScopeGuard&) = delete;
+  ScopeGuard& operator=(const ScopeGuard&) = delete;
+
+ private:
+  KeepScope saved_;
+};
 
 at::Generator generator_for(const c10::Device& device) {
   return at::globalContext().defaultGenerator(device.is_cuda() ? c10::Device(c10::kCUDA, device.index() < 0 ? 0 : device.index())
@@ -46,11 +74,15 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     ctx->save_for_backward({input});
     ctx->saved_data["id"] = id;
     CheckpointFn fn;
+    std::vector<torch::Tensor>* kept;
     {
       std::lock_guard<std::mutex> lock(g_mutex);
-      fn = g_pending.at(id).fn;
+      auto& p = g_pending.at(id);
+      fn = p.fn;
+      kept = &p.kept;  // unordered_map entries stay put while others come and go
     }
     torch::NoGradGuard no_grad;
+    ScopeGuard scope(KeepScope::kRecord, kept);
     return fn(input);
   }
 
@@ -70,7 +102,10 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     torch::Tensor out;
     {
       torch::AutoGradMode enable(true);
+      ScopeGuard scope(KeepScope::kReplay, &p.kept);
       out = p.fn(x);
+      TORCH_CHECK(t_scope.next == p.kept.size(), "checkpoint rerun used ", t_scope.next, " of the ",
+                  p.kept.size(), " outputs kept by its first run (the two runs took different paths)");
     }
     set_rng_state(p.device, now);
     // Accumulates into the parameters' .grad and into x.grad.
@@ -81,6 +116,29 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
 
 }  // namespace
 
+void set_keep_policy(KeepPolicy policy) { g_policy = policy; }
+KeepPolicy keep_policy() { return g_policy; }
+
+bool keeps_projection(int64_t in_features, int64_t out_features) {
+  return g_policy == KeepPolicy::kNarrowProjections && in_features >= 2 * out_features;
+}
+
+torch::Tensor take_kept_output() {
+  if (t_scope.mode != KeepScope::kReplay) return {};
+  TORCH_CHECK(t_scope.next < t_scope.kept->size(), "checkpoint rerun asked for kept output ", t_scope.next,
+              " but the first run kept only ", t_scope.kept->size(), " (the two runs took different paths)");
+  ++g_taken;
+  return std::move((*t_scope.kept)[t_scope.next++]);
+}
+
+void keep_output(const torch::Tensor& out) {
+  if (t_scope.mode != KeepScope::kRecord) return;
+  t_scope.kept->push_back(out);
+  ++g_kept;
+}
+
+KeepStats keep_stats() { return {g_kept.load(), g_taken.load()}; }
+
 torch::Tensor checkpoint(CheckpointFn fn, const torch::Tensor& input) {
   if (!torch::GradMode::is_enabled()) return fn(input);
   // Like use_reentrant=True: the output only joins the graph through an input that requires
@@ -90,7 +148,7 @@ torch::Tensor checkpoint(CheckpointFn fn, const torch::Tensor& input) {
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     id = g_next_id++;
-    g_pending[id] = Pending{std::move(fn), rng_state(in.device()), in.device()};
+    g_pending[id] = Pending{std::move(fn), {}, rng_state(in.device()), in.device()};
   }
   return CheckpointFunction::apply(in, id);
 }

@@ -3,6 +3,8 @@
 
 #include <torch/torch.h>
 
+#include "peftfw/nn/checkpoint.hpp"
+
 namespace peftfw::nn {
 
 LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool has_bias)
@@ -19,8 +21,36 @@ torch::Tensor LinearAdapter::forward_from_input(const torch::Tensor& x, const Li
   return forward(x, base.base_forward(x), base);
 }
 
+namespace {
+
+// A frozen projection whose output is kept across a checkpoint's rerun (checkpoint.hpp):
+// the rerun takes the kept output, and the backward needs only the weight, dx = dy W.
+struct KeptLinearFn : public torch::autograd::Function<KeptLinearFn> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& weight, const std::optional<torch::Tensor>& bias) {
+    ctx->save_for_backward({weight});
+    if (auto kept = take_kept_output(); kept.defined()) return kept;
+    auto out = torch::nn::functional::linear(x, weight, bias ? *bias : torch::Tensor());
+    keep_output(out);
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto weight = ctx->get_saved_variables()[0];
+    return {grads[0].defined() ? torch::matmul(grads[0], weight) : torch::Tensor(), torch::Tensor(),
+            torch::Tensor()};
+  }
+};
+
+}  // namespace
+
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
-  return adapter_ ? adapter_->forward_from_input(x, *this) : base_forward(x);
+  if (adapter_) return adapter_->forward_from_input(x, *this);
+  const bool frozen = !weight.requires_grad() && (!bias.defined() || !bias.requires_grad());
+  if (!frozen || !keeps_projection(in_features_, out_features_)) return base_forward(x);
+  std::optional<torch::Tensor> b;
+  if (bias.defined()) b = bias;
+  return KeptLinearFn::apply(x, weight, b);
 }
 
 std::vector<std::pair<std::string, std::shared_ptr<LinearImpl>>> named_linears(

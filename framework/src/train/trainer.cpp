@@ -29,6 +29,7 @@
 #include "peftfw/model/causal_lm.hpp"
 #include "peftfw/model/loader.hpp"
 #include "peftfw/model/report.hpp"
+#include "peftfw/nn/checkpoint.hpp"
 #include "peftfw/train/device_memory.hpp"
 
 #include "peftfw/plugin/persistence.hpp"
@@ -351,6 +352,12 @@ TrainSummary train(const recipe::Recipe& r) {
   if (r.get_bool("train", "grad_checkpointing") && !model.set_gradient_checkpointing(true))
     throw InputError("[train] grad_checkpointing = true: architecture " + inv.architecture +
                      " does not support activation checkpointing; set it to false");
+  const bool keep_narrow = r.get_string("train", "checkpoint_keep") == "narrow_projections";
+  if (keep_narrow && !r.get_bool("train", "grad_checkpointing"))
+    throw InputError("[train] checkpoint_keep = \"narrow_projections\" only applies with activation "
+                     "checkpointing: set grad_checkpointing = true, or checkpoint_keep = \"none\"");
+  peftfw::nn::set_keep_policy(keep_narrow ? peftfw::nn::KeepPolicy::kNarrowProjections
+                                          : peftfw::nn::KeepPolicy::kNone);
   auto params = trainable(model);
   if (params.empty()) throw InputError("nothing to train: the adapter and [ssm] train select no parameters");
   if (r.has_value("adapter", "init_from")) {

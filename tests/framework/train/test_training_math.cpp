@@ -11,6 +11,7 @@
 #include "peftfw/data/batching.hpp"
 #include "peftfw/io/json_config.hpp"
 #include "peftfw/model/causal_lm.hpp"
+#include "peftfw/nn/checkpoint.hpp"
 #include "peftfw/plugin/architecture.hpp"
 #include "peftfw/plugin/registry.hpp"
 #include "peftfw/train/schedule.hpp"
@@ -32,16 +33,17 @@ TEST(Schedule, MatchesTransformersFormulas) {
   EXPECT_DOUBLE_EQ(train::lr_factor("constant", 100, 120, 20), 1.0);
 }
 
-std::shared_ptr<CausalLM> tiny_model() {
+std::shared_ptr<CausalLM> tiny_model(const std::string& dtype = "float32", int64_t intermediate = 48) {
   nlohmann::json c = {{"model_type", "granitemoehybrid"}, {"vocab_size", 300}, {"hidden_size", 32},
                       {"num_hidden_layers", 3}, {"layer_types", {"mamba", "attention", "mamba"}},
                       {"num_attention_heads", 2}, {"num_key_value_heads", 1},
-                      {"shared_intermediate_size", 48}, {"num_local_experts", 0},
+                      {"shared_intermediate_size", intermediate}, {"num_local_experts", 0},
                       {"mamba_n_heads", 4}, {"mamba_d_head", 16}, {"mamba_d_state", 8},
                       {"mamba_chunk_size", 4}, {"tie_word_embeddings", true},
                       {"embedding_multiplier", 12.0}, {"residual_multiplier", 0.5}};
   BuildOptions o;
   o.seed = 3;
+  o.dtype = dtype;
   auto m = PluginRegistry::instance().architecture_for_model_type("granitemoehybrid")->build(
       io::JsonConfig::parse(c.dump(), "tiny"), o);
   m->eval();
@@ -118,6 +120,65 @@ TEST(Checkpointing, SameLossAndGradientsAsWithout) {
     grads.push_back(g);
   }
   EXPECT_NEAR(losses[1], losses[0], 1e-6 * std::abs(losses[0]));
+  ASSERT_EQ(grads[0].size(), grads[1].size());
+  for (const auto& [name, g0] : grads[0]) {
+    const auto& g1 = grads[1].at(name);
+    EXPECT_LE((g1 - g0).abs().max().item<double>(), 1e-5 * std::max(1e-12, g0.abs().max().item<double>()))
+        << name;
+  }
+}
+
+// Selective recomputation in a bf16 model: the projections with out <= in / 2 keep their
+// outputs from the first run and the rerun takes them back: out_proj (64 -> 32) and the
+// attention layer's k_proj and v_proj (32 -> 16, one KV head), without adapters, and every
+// output_linear (128 -> 32, through the fused LoRA node). Loss and gradients are those of
+// the run without checkpointing.
+TEST(Checkpointing, KeptNarrowProjectionsGiveSameLossAndGradients) {
+  std::vector<double> losses;
+  std::vector<std::map<std::string, torch::Tensor>> grads;
+  nn::KeepStats taken_by_run[2];
+  for (bool on : {false, true}) {
+    auto model = tiny_model("bfloat16", 128);
+    model->train();
+    AdapterRequest req;
+    req.spec.r = 4;
+    req.spec.alpha = 8;
+    req.spec.dropout = 0.2;
+    recipe::TargetPattern p;
+    p.names = {"in_proj", "q_proj", "input_linear", "output_linear"};
+    req.targets.target_modules = p;
+    req.ssm_groups = {"A_log", "D", "dt_bias"};
+    auto plan = plan_adapters(model->inventory(), req);
+    apply_adapters(*model, req, plan);
+    {
+      torch::NoGradGuard ng;
+      for (auto& q : model->named_parameters())
+        if (q.key().find("lora_B") != std::string::npos) q.value().normal_(0.0, 0.1);
+    }
+    ASSERT_TRUE(model->set_gradient_checkpointing(on));
+    nn::set_keep_policy(on ? nn::KeepPolicy::kNarrowProjections : nn::KeepPolicy::kNone);
+    const auto before = nn::keep_stats();
+    torch::manual_seed(21);
+    ModelBatch b;
+    b.input_ids = torch::randint(0, 256, {2, 13}, torch::kLong);
+    b.labels = b.input_ids;
+    auto out = model->forward(b);
+    out.loss.backward();
+    nn::set_keep_policy(nn::KeepPolicy::kNone);
+    const auto after = nn::keep_stats();
+    taken_by_run[on] = {after.kept - before.kept, after.taken - before.taken};
+    losses.push_back(out.loss.item<double>());
+    std::map<std::string, torch::Tensor> g;
+    for (auto& q : model->named_parameters())
+      if (q.value().requires_grad()) g[q.key()] = q.value().grad().to(torch::kFloat32).clone();
+    grads.push_back(g);
+  }
+  // 2 Mamba layers x out_proj + k_proj + v_proj + 3 layers x output_linear = 7; none
+  // without checkpointing.
+  EXPECT_EQ(taken_by_run[0].kept, 0);
+  EXPECT_EQ(taken_by_run[1].kept, 7);
+  EXPECT_EQ(taken_by_run[1].taken, 7);
+  EXPECT_EQ(losses[1], losses[0]);
   ASSERT_EQ(grads[0].size(), grads[1].size());
   for (const auto& [name, g0] : grads[0]) {
     const auto& g1 = grads[1].at(name);
