@@ -385,16 +385,24 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
 
 template <typename T, int P, int N>
 struct BwdDiag {
-  static constexpr int kBig = Lc * ld32<Lc>() > 2 * Lc * ld32<P>() ? Lc * ld32<Lc>() : 2 * Lc * ld32<P>();
+  static constexpr int NH = N / 2;  // the state is read in two halves for Q
+  static constexpr int kStage = 16 * 20;  // a warp's 16x16 float32 staging tile, rows of 20 (16-byte multiple)
+  static constexpr int kTri = (Lc / 16) * (Lc / 16 + 1) / 2;  // lower-triangle 16x16 tiles of [Lc,Lc]
+  static constexpr int kHalf = sizeof(T) * (Lc * ld16<NH>() + P * ld16<NH>());
+  static constexpr int kShared = kHalf > int(sizeof(float)) * kWarps * kStage ? kHalf : int(sizeof(float)) * kWarps * kStage;
   static constexpr size_t smem() {
-    return sizeof(float) * (kBig + 4 * Lc + kWarps * Lc) + sizeof(int32_t) * Lc +
-           sizeof(T) * (Lc * ld16<Lc>() + 2 * Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
+    return sizeof(T) * (Lc * ld16<Lc>() + 2 * Lc * ld16<P>()) + kShared +
+           sizeof(float) * (3 * Lc + 2 * kTri * 16 + 4 * Lc) + sizeof(int32_t) * Lc;
   }
 };
 
-// grid: (B*nc, G * ceil(Hg / kHeadsPerBlock)); the block loops over its heads.
+// grid: (B*nc, G * ceil(Hg / kHeadsPerBlock)); the block loops over its heads. Shared memory
+// stays under half an SM (two blocks per SM): dM, du and Q never exist as whole float32
+// matrices, each warp passes its own 16x16 accumulator tiles through a small staging area.
+// All sums are in a fixed order (per-tile partial slots), so the result is deterministic
+// except for dCB and dD, whose per-block parts are added atomically.
 template <typename T, int P, int N>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 2)
     bwd_diag_kernel(SsdChunkDims d, const T* __restrict__ x, const float* __restrict__ dt,
                     const float* __restrict__ cum, const int32_t* __restrict__ seg,
                     const float* __restrict__ CB, const float* __restrict__ Ld, const T* __restrict__ Bm,
@@ -403,21 +411,23 @@ __global__ void __launch_bounds__(kThreads, 1)
                     float* __restrict__ dcum, float* __restrict__ dLd, float* __restrict__ dCB,
                     float* __restrict__ dD) {
   using K = BwdDiag<T, P, N>;
+  constexpr int NH = K::NH, TP = P / 16, HP = TP / 2, LS = 20;
+  constexpr int kOwn = (K::kTri + kWarps - 1) / kWarps;  // triangle tiles per warp, at most
   extern __shared__ __align__(128) unsigned char smem[];
   T* Ms = reinterpret_cast<T*>(smem);  // [Lc][Lc+8]
   T* us = Ms + Lc * ld16<Lc>();        // [Lc][P+8]  dt x
   T* dys = us + Lc * ld16<P>();        // [Lc][P+8]
-  T* bs = dys + Lc * ld16<P>();        // [Lc][N+8]
-  T* dss = bs + Lc * ld16<N>();        // [P][N+8]
-  float* big = reinterpret_cast<float*>(dss + P * ld16<N>());  // dM [Lc][Lc+4]; later du and Q [Lc][P+4]
-  float* dus = big;
-  float* qs = big + Lc * ld32<P>();
-  float* s_cum = big + K::kBig;
+  unsigned char* shared = reinterpret_cast<unsigned char*>(dys + Lc * ld16<P>());
+  T* bq = reinterpret_cast<T*>(shared);  // [Lc][NH+8]  Ld B, one half of the state
+  T* dq = bq + Lc * ld16<NH>();          // [P][NH+8]   dS, the same half
+  float* s_cum = reinterpret_cast<float*>(shared + K::kShared);
   float* s_dt = s_cum + Lc;
   float* s_Ld = s_dt + Lc;
-  float* s_dcum = s_Ld + Lc;
-  float* s_col = s_dcum + Lc;  // [8][Lc]
-  int32_t* s_seg = reinterpret_cast<int32_t*>(s_col + kWarps * Lc);
+  float* s_rows = s_Ld + Lc;           // [kTri][16] row sums of W = dM * M per tile
+  float* s_cols = s_rows + K::kTri * 16;  // [kTri][16] column sums
+  float* s_ddt = s_cols + K::kTri * 16;   // [2][Lc] du . x, per column half
+  float* s_uq = s_ddt + 2 * Lc;           // [2][Lc] u . (Ld Q), per column half
+  int32_t* s_seg = reinterpret_cast<int32_t*>(s_uq + 2 * Lc);
 
   const Block k = block_of(d);
   const int64_t Hg = d.H / d.G, splits = (Hg + kHeadsPerBlock - 1) / kHeadsPerBlock;
@@ -425,17 +435,20 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t h0 = g * Hg + (blockIdx.y % splits) * kHeadsPerBlock;
   const int64_t h1 = min(h0 + kHeadsPerBlock, (g + 1) * Hg);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  constexpr int R = Lc / kWarps, S = Lc / 32, TP = P / 16;
+  const int er = lane / 2, ec = (lane % 2) * 8;  // a lane's 8 elements of a 16x16 staging tile
+  float* stage = reinterpret_cast<float*>(shared) + warp * K::kStage;
   const float* cb = CB + (k.bc * d.G + g) * Lc * Lc;
+  const T* bsrc = Bm + k.b * d.b_sb + k.t0 * d.b_st + g * N;
 
   for (int l = threadIdx.x; l < Lc; l += kThreads) s_seg[l] = seg[k.bc * Lc + l];
-  load_tile<T, N>(bs, Bm + k.b * d.b_sb + k.t0 * d.b_st + g * N, d.b_st, k.valid, nullptr);
 
-  float acc_cb[R][S];  // this thread's share of dCB, summed over the block's heads
+  // This thread's share of dCB (its 8 elements of each triangle tile its warp owns), summed
+  // over the block's heads.
+  float acc_cb[kOwn][8];
 #pragma unroll
-  for (int r = 0; r < R; ++r)
+  for (int o = 0; o < kOwn; ++o)
 #pragma unroll
-    for (int c = 0; c < S; ++c) acc_cb[r][c] = 0.f;
+    for (int e = 0; e < 8; ++e) acc_cb[o][e] = 0.f;
 
   for (int64_t h = h0; h < h1; ++h) {
     const int64_t row = (k.bc * d.H + h) * Lc;
@@ -450,14 +463,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float* dyb = dy + ((k.b * d.T + k.t0) * d.H + h) * P;
     load_tile<T, P>(us, xb, d.x_st, k.valid, s_dt);
     load_tile_f32<T, P>(dys, dyb, d.H * P, k.valid, nullptr);
-    load_tile<T, N, P>(dss, dS + (k.bc * d.H + h) * P * N, N, P, nullptr);
     build_decay<T, 4>(Ms, cb, s_cum, s_seg);
     __syncthreads();
 
-    // dM = dy u^T, lower tiles only (the rest is masked out below): the 36 tiles (i, j <= i)
-    // dealt round-robin, 4 or 5 per warp.
-    constexpr int kTriTiles = (Lc / 16) * (Lc / 16 + 1) / 2;
-    for (int t = warp; t < kTriTiles; t += kWarps) {
+    // dM = dy u^T on the lower-triangle tiles; per element dML = dM * L goes into dCB and
+    // W = dML * CB into the row and column sums (the log-decay gradient is rowsum - colsum).
+#pragma unroll
+    for (int o = 0; o < kOwn; ++o) {
+      const int t = warp + o * kWarps;
+      if (t >= K::kTri) break;
       int i = 0;
       while ((i + 1) * (i + 2) / 2 <= t) ++i;
       const int j = t - i * (i + 1) / 2;
@@ -471,129 +485,166 @@ __global__ void __launch_bounds__(kThreads, 1)
         wmma::load_matrix_sync(bf, us + j * 16 * ld16<P>() + kk * 16, ld16<P>());
         wmma::mma_sync(acc, a, bf, acc);
       }
-      wmma::store_matrix_sync(big + i * 16 * ld32<Lc>() + j * 16, acc, ld32<Lc>(), wmma::mem_row_major);
-    }
-    __syncthreads();
-
-    // dML = dM * L (into dCB), W = dML * CB: rowsum - colsum is the log-decay gradient.
-    float col[S];
+      wmma::store_matrix_sync(stage, acc, LS, wmma::mem_row_major);
+      __syncwarp();
+      const int l = i * 16 + er, s0 = j * 16 + ec;
+      const float4 c0 = *reinterpret_cast<const float4*>(cb + l * Lc + s0);
+      const float4 c1 = *reinterpret_cast<const float4*>(cb + l * Lc + s0 + 4);
+      const float cbv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
+      const float cl = s_cum[l];
+      const int32_t sl = s_seg[l];
+      float* st = stage + er * LS + ec;
 #pragma unroll
-    for (int c = 0; c < S; ++c) col[c] = 0.f;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int l = warp + r * kWarps;
-      float rsum = 0.f;
-#pragma unroll
-      for (int c = 0; c < S; ++c) {
-        const int s = lane + c * 32;
-        if (l >= s && s_seg[l] == s_seg[s]) {
-          const float dl = big[l * ld32<Lc>() + s] * __expf(s_cum[l] - s_cum[s]);
-          acc_cb[r][c] += dl;
-          const float w = dl * cb[l * Lc + s];
-          rsum += w;
-          col[c] += w;
-        }
+      for (int e = 0; e < 8; ++e) {
+        const int s = s0 + e;
+        const float dl = (s <= l && s_seg[s] == sl) ? st[e] * __expf(cl - s_cum[s]) : 0.f;
+        acc_cb[o][e] += dl;
+        st[e] = dl * cbv[e];
       }
-      rsum = warp_sum(rsum);
-      if (lane == 0) s_dcum[l] = rsum;
-    }
-#pragma unroll
-    for (int c = 0; c < S; ++c) s_col[warp * Lc + lane + c * 32] = col[c];
-    __syncthreads();  // dM fully read; s_col complete
-    for (int s = threadIdx.x; s < Lc; s += kThreads) {
+      __syncwarp();
+      // Lanes 0-15 sum row `lane` of W, lanes 16-31 column `lane - 16`.
       float sum = 0.f;
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) sum += s_col[w * Lc + s];
-      s_dcum[s] -= sum;
+      for (int q = 0; q < 16; ++q) sum += lane < 16 ? stage[lane * LS + q] : stage[q * LS + lane - 16];
+      (lane < 16 ? s_rows : s_cols)[t * 16 + lane % 16] = sum;
+      __syncwarp();
     }
 
-    // du_diag = M^T dy and Q = B dS^T. Row tile i of du_diag costs 8 - i steps (M^T is upper
-    // triangular): each warp takes half the columns of row tiles w and 7 - w. Q: row tile w.
-    {
-      constexpr int HP = TP / 2;
-      Acc accD[2][HP], accQ[TP];
+    // du = M^T dy + Ld Q with Q = B dS^T. Row tile i of M^T dy costs 8 - i steps (M^T is upper
+    // triangular): each warp takes half the columns of row tiles w and 7 - w ("jobs"). The Q
+    // part goes first, through B scaled by Ld in two halves of the state, so that u . (Ld Q)
+    // (for dLd) is read off the accumulators before M^T dy joins them.
+    Acc accD[2][HP];
 #pragma unroll
-      for (int j = 0; j < TP; ++j) wmma::fill_fragment(accQ[j], 0.f);
+    for (int job = 0; job < 2; ++job)
+#pragma unroll
+      for (int j = 0; j < HP; ++j) wmma::fill_fragment(accD[job][j], 0.f);
+#pragma unroll 1
+    for (int half = 0; half < 2; ++half) {
+      __syncthreads();  // the shared area is free (staging, or the previous half)
+      load_tile<T, NH>(bq, bsrc + half * NH, d.b_st, k.valid, s_Ld);
+      load_tile<T, NH, P>(dq, dS + (k.bc * d.H + h) * P * N + half * NH, N, P, nullptr);
+      __syncthreads();
 #pragma unroll
       for (int job = 0; job < 2; ++job) {
         const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
 #pragma unroll
-        for (int j = 0; j < HP; ++j) wmma::fill_fragment(accD[job][j], 0.f);
-        for (int kk = rt; kk < Lc / 16; ++kk) {
-          FragACol<T> a;  // (s, l) = M[l][s]
-          wmma::load_matrix_sync(a, Ms + kk * 16 * ld16<Lc>() + rt * 16, ld16<Lc>());
+        for (int kk = 0; kk < NH / 16; ++kk) {
+          FragARow<T> a;
+          wmma::load_matrix_sync(a, bq + rt * 16 * ld16<NH>() + kk * 16, ld16<NH>());
 #pragma unroll
           for (int j = 0; j < HP; ++j) {
-            FragBRow<T> bf;
-            wmma::load_matrix_sync(bf, dys + kk * 16 * ld16<P>() + (j0 + j) * 16, ld16<P>());
+            FragBCol<T> bf;  // (n, p) = dS[p][n]
+            wmma::load_matrix_sync(bf, dq + (j0 + j) * 16 * ld16<NH>() + kk * 16, ld16<NH>());
             wmma::mma_sync(accD[job][j], a, bf, accD[job][j]);
           }
         }
       }
+    }
+    __syncthreads();  // the shared area becomes staging again
 #pragma unroll
-      for (int kk = 0; kk < N / 16; ++kk) {
-        FragARow<T> a;
-        wmma::load_matrix_sync(a, bs + warp * 16 * ld16<N>() + kk * 16, ld16<N>());
+    for (int job = 0; job < 2; ++job) {
+      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP, s = rt * 16 + er;
+      float uq = 0.f;
 #pragma unroll
-        for (int j = 0; j < TP; ++j) {
-          FragBCol<T> bf;  // (n, p) = dS[p][n]
-          wmma::load_matrix_sync(bf, dss + j * 16 * ld16<N>() + kk * 16, ld16<N>());
-          wmma::mma_sync(accQ[j], a, bf, accQ[j]);
+      for (int j = 0; j < HP; ++j) {
+        wmma::store_matrix_sync(stage, accD[job][j], LS, wmma::mem_row_major);
+        __syncwarp();
+        const Pack<T, 8> u = *reinterpret_cast<const Pack<T, 8>*>(us + s * ld16<P>() + (j0 + j) * 16 + ec);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) uq += Num<T>::to_f(u.v[e]) * stage[er * LS + ec + e];
+        __syncwarp();
+      }
+      uq += __shfl_xor_sync(0xffffffffu, uq, 1);
+      if (lane % 2 == 0) s_uq[job * Lc + s] = uq;
+#pragma unroll
+      for (int kk = rt; kk < Lc / 16; ++kk) {
+        FragACol<T> a;  // (s, l) = M[l][s]
+        wmma::load_matrix_sync(a, Ms + kk * 16 * ld16<Lc>() + rt * 16, ld16<Lc>());
+#pragma unroll
+        for (int j = 0; j < HP; ++j) {
+          FragBRow<T> bf;
+          wmma::load_matrix_sync(bf, dys + kk * 16 * ld16<P>() + (j0 + j) * 16, ld16<P>());
+          wmma::mma_sync(accD[job][j], a, bf, accD[job][j]);
         }
       }
-#pragma unroll
-      for (int job = 0; job < 2; ++job) {
-        const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
-#pragma unroll
-        for (int j = 0; j < HP; ++j)
-          wmma::store_matrix_sync(dus + rt * 16 * ld32<P>() + (j0 + j) * 16, accD[job][j], ld32<P>(),
-                                  wmma::mem_row_major);
-      }
-#pragma unroll
-      for (int j = 0; j < TP; ++j)
-        wmma::store_matrix_sync(qs + warp * 16 * ld32<P>() + j * 16, accQ[j], ld32<P>(), wmma::mem_row_major);
     }
-    __syncthreads();  // s_dcum complete (written above by all threads)
 
-    // Per position s (a warp per row): du = du_diag + Ld Q, dx = dt du + D dy, and the row sums.
+    // Per element: dx = dt du + D dy, uL = u Ld, and the row sums du . x (for ddt) and dy . x (dD).
     const float Dh = D ? D[h] : 0.f;
     float dD_part = 0.f;
-#pragma unroll 4
-    for (int s = warp; s < Lc; s += kWarps) {
+#pragma unroll
+    for (int job = 0; job < 2; ++job) {
+      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP, s = rt * 16 + er;
       const bool live = s < k.valid;
       const float dts = s_dt[s], Lds = s_Ld[s];
-      float p_ddt = 0.f, p_uq = 0.f;
-      for (int p = lane; p < P; p += 32) {
-        const float q = qs[s * ld32<P>() + p];
-        const float du = dus[s * ld32<P>() + p] + Lds * q;
-        const float u = Num<T>::to_f(us[s * ld16<P>() + p]);
-        float xv = 0.f, dyv = 0.f;
+      float ddt = 0.f;
+#pragma unroll
+      for (int j = 0; j < HP; ++j) {
+        const int p0 = (j0 + j) * 16 + ec;
+        wmma::store_matrix_sync(stage, accD[job][j], LS, wmma::mem_row_major);
+        __syncwarp();
+        const Pack<T, 8> u = *reinterpret_cast<const Pack<T, 8>*>(us + s * ld16<P>() + p0);
+        Pack<T, 8> xv;
+        float4 dy0 = make_float4(0.f, 0.f, 0.f, 0.f), dy1 = dy0;
         if (live) {
-          xv = Num<T>::to_f(xb[s * d.x_st + p]);
-          dyv = dyb[s * d.H * P + p];
-          dx[((k.b * d.T + k.t0 + s) * d.H + h) * P + p] = Num<T>::from_f(dts * du + Dh * dyv);
+          xv = *reinterpret_cast<const Pack<T, 8>*>(xb + s * d.x_st + p0);
+          dy0 = *reinterpret_cast<const float4*>(dyb + s * d.H * P + p0);
+          dy1 = *reinterpret_cast<const float4*>(dyb + s * d.H * P + p0 + 4);
         }
-        p_ddt += du * xv;
-        p_uq += u * q;
-        dD_part += dyv * xv;
-        uL[((k.bc * Lc + s) * d.H + h) * P + p] = Num<T>::from_f(u * Lds);
+        const float dyv[8] = {dy0.x, dy0.y, dy0.z, dy0.w, dy1.x, dy1.y, dy1.z, dy1.w};
+        float o_dx[8], o_uL[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const float du = stage[er * LS + ec + e];
+          const float xe = live ? Num<T>::to_f(xv.v[e]) : 0.f;
+          ddt += du * xe;
+          dD_part += dyv[e] * xe;
+          o_dx[e] = dts * du + Dh * dyv[e];
+          o_uL[e] = Num<T>::to_f(u.v[e]) * Lds;
+        }
+        if (live) store_pack<T, 8>(dx + ((k.b * d.T + k.t0 + s) * d.H + h) * P + p0, o_dx);
+        store_pack<T, 8>(uL + ((k.bc * Lc + s) * d.H + h) * P + p0, o_uL);
+        __syncwarp();
       }
-      p_ddt = warp_sum(p_ddt);
-      p_uq = warp_sum(p_uq);
-      if (lane == 0) {
-        const float dld = Lds * p_uq;
-        ddt_u[row + s] = p_ddt;
-        dLd[row + s] = dld;
-        dcum[row + s] = s_dcum[s] - dld;
-      }
+      ddt += __shfl_xor_sync(0xffffffffu, ddt, 1);
+      if (lane % 2 == 0) s_ddt[job * Lc + s] = ddt;
     }
     if (dD) {
       dD_part = warp_sum(dD_part);
       if (lane == 0) atomicAdd(&dD[h], dD_part);
     }
+    __syncthreads();  // every partial sum is in place
+
+    // Per position: the sums in a fixed order. Row sums of W come from the tiles (l/16, j <= l/16),
+    // column sums from (i >= s/16, s/16).
+    for (int l = threadIdx.x; l < Lc; l += kThreads) {
+      const int ti = l / 16, r = l % 16;
+      float w = 0.f;
+      for (int j = 0; j <= ti; ++j) w += s_rows[(ti * (ti + 1) / 2 + j) * 16 + r];
+      for (int i = ti; i < Lc / 16; ++i) w -= s_cols[(i * (i + 1) / 2 + ti) * 16 + r];
+      const float dld = s_uq[l] + s_uq[Lc + l];
+      ddt_u[row + l] = s_ddt[l] + s_ddt[Lc + l];
+      dLd[row + l] = dld;
+      dcum[row + l] = w - dld;
+    }
   }
 
-  atomic_add_lower<kWarps>(dCB + (k.bc * d.G + g) * Lc * Lc, Lc, acc_cb, warp, lane);
+  // dCB += this block's dML on its owned tiles, lower triangle only.
+  float* out = dCB + (k.bc * d.G + g) * Lc * Lc;
+#pragma unroll
+  for (int o = 0; o < kOwn; ++o) {
+    const int t = warp + o * kWarps;
+    if (t >= K::kTri) break;
+    int i = 0;
+    while ((i + 1) * (i + 2) / 2 <= t) ++i;
+    const int j = t - i * (i + 1) / 2, l = i * 16 + er;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int s = j * 16 + ec + e;
+      if (s <= l) atomicAdd(&out[l * Lc + s], acc_cb[o][e]);
+    }
+  }
 }
 
 // ---------------------------------------------------------------- launch
