@@ -16,7 +16,6 @@ using namespace nvcuda;
 constexpr int Lc = static_cast<int>(kSsdChunk);
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kHeadsPerBlock = 8;  // bwd_diag: heads of one group that share a block (and its dCB sum)
 static_assert(Lc == 16 * kWarps, "one 16-row tile per warp");
 
 template <typename T>
@@ -396,7 +395,7 @@ struct BwdDiag {
   }
 };
 
-// grid: (B*nc, G * ceil(Hg / kHeadsPerBlock)); the block loops over its heads. Shared memory
+// grid: (B*nc, G * ceil(Hg / hpb)); the block loops over its hpb heads. Shared memory
 // stays under half an SM (two blocks per SM): dM, du and Q never exist as whole float32
 // matrices, each warp passes its own 16x16 accumulator tiles through a small staging area.
 // All sums are in a fixed order (per-tile partial slots), so the result is deterministic
@@ -409,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                     const float* __restrict__ dy, const T* __restrict__ dS, const float* __restrict__ D,
                     T* __restrict__ dx, T* __restrict__ uL, float* __restrict__ ddt_u,
                     float* __restrict__ dcum, float* __restrict__ dLd, float* __restrict__ dCB,
-                    float* __restrict__ dD) {
+                    float* __restrict__ dD, int hpb) {
   using K = BwdDiag<T, P, N>;
   constexpr int NH = K::NH, TP = P / 16, HP = TP / 2, LS = 20;
   constexpr int kOwn = (K::kTri + kWarps - 1) / kWarps;  // triangle tiles per warp, at most
@@ -430,10 +429,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   int32_t* s_seg = reinterpret_cast<int32_t*>(s_uq + 2 * Lc);
 
   const Block k = block_of(d);
-  const int64_t Hg = d.H / d.G, splits = (Hg + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  const int64_t Hg = d.H / d.G, splits = (Hg + hpb - 1) / hpb;
   const int64_t g = blockIdx.y / splits;
-  const int64_t h0 = g * Hg + (blockIdx.y % splits) * kHeadsPerBlock;
-  const int64_t h1 = min(h0 + kHeadsPerBlock, (g + 1) * Hg);
+  const int64_t h0 = g * Hg + (blockIdx.y % splits) * hpb;
+  const int64_t h1 = min(h0 + hpb, (g + 1) * Hg);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int er = lane / 2, ec = (lane % 2) * 8;  // a lane's 8 elements of a 16x16 staging tile
   float* stage = reinterpret_cast<float*>(shared) + warp * K::kStage;
@@ -725,14 +724,20 @@ cudaError_t ssd_chunk_bwd_diag(int dtype, const SsdChunkDims& d, const void* x, 
                                const void* B, const float* dy, const void* dS, const float* D, void* dx,
                                void* uL, float* ddt_u, float* dcum, float* dLd, float* dCB, float* dD,
                                cudaStream_t stream) {
-  const int64_t Hg = d.H / d.G, splits = (Hg + kHeadsPerBlock - 1) / kHeadsPerBlock;
+  // Heads per block: 8 share one dCB accumulation (fewer atomics), unless that leaves fewer
+  // than 4 waves of 2 blocks per SM; then fewer, for balance.
+  const int64_t Hg = d.H / d.G;
+  int hpb = 8, dev = 0, sms = 132;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  while (hpb > 1 && d.B * d.nc * d.G * ((Hg + hpb - 1) / hpb) < 8 * sms) hpb /= 2;
+  const int64_t splits = (Hg + hpb - 1) / hpb;
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
     using T = decltype(tag);
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
     return launch(bwd_diag_kernel<T, P, N>, dim3(d.B * d.nc, d.G * splits), BwdDiag<T, P, N>::smem(), stream, d,
                   static_cast<const T*>(x), dt, cum, seg, CB, Ld, static_cast<const T*>(B), dy,
                   static_cast<const T*>(dS), D, static_cast<T*>(dx), static_cast<T*>(uL), ddt_u, dcum, dLd, dCB,
-                  dD);
+                  dD, hpb);
   });
 }
 
