@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/row_nll.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 #include "peftfw/model/causal_lm.hpp"
 #include "peftfw/model/loader.hpp"
@@ -255,6 +256,35 @@ TEST(SiluMulCuda, EqualsReference) {
     auto g_ref = torch::autograd::grad({(ref * wo).sum()}, {gu})[0];
     auto g_got = torch::autograd::grad({(got * wo).sum()}, {gu})[0];
     expect_close(g_got, g_ref, lowp ? 1e-2 : 1e-5, "silu_mul dgu");
+  }
+}
+
+// The loss's per-row cross-entropy against float64 arithmetic on the same logits:
+// lse = log sum exp(z), loss = lse - z[target], and the gradient (softmax - onehot) * scale
+// rounded once to the logits' dtype. V = 1003 takes the scalar path, the rest 8-wide loads.
+TEST(RowNllCuda, EqualsFloat64) {
+  torch::manual_seed(5);
+  struct Case { int64_t m, V; torch::ScalarType dtype; };
+  for (const auto& c : {Case{37, 100352, bf16}, Case{64, 1000, bf16}, Case{9, 1003, bf16},
+                        Case{20, 4096, torch::kFloat16}, Case{11, 1003, f32}}) {
+    const double divisor = 8.0;
+    auto o = torch::TensorOptions().device(kCuda).dtype(c.dtype);
+    auto logits = (30.0 * torch::randn({c.m, c.V}, o.dtype(f32))).to(c.dtype);
+    auto targets = torch::randint(0, c.V, {c.m}, o.dtype(torch::kInt64));
+    ASSERT_TRUE(peftfw::kernels::row_nll_kernel_applies(logits, targets));
+    auto r = peftfw::kernels::row_nll(logits, targets, divisor);
+    auto z = logits.to(torch::kFloat64) / divisor;
+    auto lse = torch::logsumexp(z, -1);
+    auto loss = lse - z.gather(1, targets.unsqueeze(1)).squeeze(1);
+    const std::string what = std::to_string(c.m) + "x" + std::to_string(c.V);
+    expect_close(r.lse, lse, 1e-5, "row_nll lse " + what);
+    expect_close(r.loss, loss, 1e-5, "row_nll loss " + what);
+    auto scale = torch::full({}, 0.37, o.dtype(f32));
+    auto d = peftfw::kernels::row_nll_backward(logits, targets, r.lse, divisor, scale);
+    ASSERT_EQ(d.scalar_type(), c.dtype);
+    auto p = torch::softmax(z, -1);
+    p.scatter_add_(1, targets.unsqueeze(1), -torch::ones({c.m, 1}, p.options()));
+    expect_close(d, p * 0.37, c.dtype == f32 ? 1e-5 : 8e-3, "row_nll dlogits " + what);
   }
 }
 

@@ -6,6 +6,7 @@
 
 #include <limits>
 
+#include "peftfw/kernels/row_nll.hpp"
 #include "peftfw/model/causal_lm.hpp"
 
 namespace peftfw {
@@ -21,14 +22,15 @@ class LeanCrossEntropy : public torch::autograd::Function<LeanCrossEntropy> {
     torch::NoGradGuard no_grad;
     const int64_t n = rows.size(0);
     auto total = torch::zeros({}, rows.options().dtype(torch::kFloat64));
+    auto lse = torch::empty({n}, rows.options().dtype(torch::kFloat32));  // kept for backward
     for (int64_t r = 0; r < n; r += block) {
       const int64_t m = std::min(block, n - r);
-      auto logits = torch::matmul(rows.narrow(0, r, m), weight.t()).to(torch::kFloat32) / divisor;
-      auto lse = torch::logsumexp(logits, -1);
-      auto tgt = logits.gather(1, targets.narrow(0, r, m).unsqueeze(1)).squeeze(1);
-      total += (lse - tgt).sum().to(torch::kFloat64);
+      auto logits = torch::matmul(rows.narrow(0, r, m), weight.t());
+      auto nll = kernels::row_nll(logits, targets.narrow(0, r, m), divisor);
+      lse.narrow(0, r, m).copy_(nll.lse);
+      total += nll.loss.sum(0, false, torch::kFloat64);
     }
-    ctx->save_for_backward({rows, weight, targets});
+    ctx->save_for_backward({rows, weight, targets, lse});
     ctx->saved_data["divisor"] = divisor;
     ctx->saved_data["block"] = block;
     return (total / static_cast<double>(n)).to(torch::kFloat32);
@@ -37,7 +39,7 @@ class LeanCrossEntropy : public torch::autograd::Function<LeanCrossEntropy> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
-    const Tensor &rows = saved[0], &weight = saved[1], &targets = saved[2];
+    const Tensor &rows = saved[0], &weight = saved[1], &targets = saved[2], &lse = saved[3];
     const double divisor = ctx->saved_data["divisor"].toDouble();
     const int64_t block = ctx->saved_data["block"].toInt(), n = rows.size(0);
     const bool want_w = ctx->needs_input_grad(1);
@@ -48,9 +50,8 @@ class LeanCrossEntropy : public torch::autograd::Function<LeanCrossEntropy> {
     for (int64_t r = 0; r < n; r += block) {
       const int64_t m = std::min(block, n - r);
       auto x = rows.narrow(0, r, m);
-      auto p = torch::softmax(torch::matmul(x, weight.t()).to(torch::kFloat32) / divisor, -1);
-      p.scatter_add_(1, targets.narrow(0, r, m).unsqueeze(1), torch::full({m, 1}, -1.0f, p.options()));
-      auto dlogits = (p * scale).to(rows.scalar_type());
+      auto dlogits = kernels::row_nll_backward(torch::matmul(x, weight.t()), targets.narrow(0, r, m),
+                                               lse.narrow(0, r, m), divisor, scale);
       drows.narrow(0, r, m).copy_(torch::matmul(dlogits, weight));
       if (want_w) dweight += torch::matmul(dlogits.t(), x).to(torch::kFloat32);
     }
