@@ -127,6 +127,13 @@ def main():
     check("on_bad_line = skip counts the skipped line", r.returncode == 0 and "skipped 1" in r.stderr, show(r))
     r = peftfw("run", tiny, "adapter.target_modules=[\"gate_proj\"]", f"output.dir={work / 'x'}")
     check("a target matching nothing stops before training", r.returncode == 2 and "gate_proj" in r.stderr, show(r))
+    r = peftfw("run", tiny, "train.grad_checkpointing=false", "train.checkpoint_keep=narrow_projections",
+               f"output.dir={work / 'keep'}")
+    check("checkpoint_keep without grad_checkpointing stops before training, naming both keys",
+          r.returncode == 2 and "checkpoint_keep" in r.stderr and "grad_checkpointing = true" in r.stderr, show(r))
+    r = peftfw("run", tiny, "train.max_steps=2", "train.grad_checkpointing=true",
+               "train.checkpoint_keep=narrow_projections", f"output.dir={work / 'kept'}", "output.overwrite=true")
+    check("a run with grad_checkpointing and checkpoint_keep trains", r.returncode == 0, show(r))
 
     print(f"train engine: {passed} passed, {failed} failed")
     return 1 if failed else 0
