@@ -99,22 +99,12 @@ bool vector_rows(const void* p, int64_t ld, int64_t vocab, int elem) {
   return vocab % kV == 0 && ld % kV == 0 && reinterpret_cast<uintptr_t>(p) % (kV * elem) == 0;
 }
 
-template <typename F>
-cudaError_t by_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case 0: return f(float{});
-    case 1: return f(__half{});
-    case 2: return f(__nv_bfloat16{});
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 cudaError_t row_nll_fwd(int dtype, const void* logits, int64_t ld, const int64_t* targets, int64_t rows,
                         int64_t vocab, float divisor, float* loss, float* lse, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto tag) {
+  return mamba2::cuda::by_dtype_code(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(logits);
     if (vector_rows(logits, ld, vocab, sizeof(T)))
@@ -129,7 +119,7 @@ cudaError_t row_nll_bwd(int dtype, const void* logits, int64_t ld, const int64_t
                         const float* scale, int64_t rows, int64_t vocab, float divisor, void* dlogits,
                         cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  return by_dtype(dtype, [&](auto tag) {
+  return mamba2::cuda::by_dtype_code(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(logits);
     T* out = static_cast<T*>(dlogits);

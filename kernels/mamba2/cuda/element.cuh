@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
 
 namespace peftfw::kernels::mamba2::cuda {
 
@@ -42,6 +43,18 @@ __device__ __forceinline__ void store_pack(T* p, const float (&o)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) pk.v[i] = Num<T>::from_f(o[i]);
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
+}
+
+// Calls f(T{}) for the dtype code (0 float32, 1 float16, 2 bfloat16) and returns its result;
+// cudaErrorInvalidValue for any other code.
+template <typename F>
+inline cudaError_t by_dtype_code(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: return f(float{});
+    case 1: return f(__half{});
+    case 2: return f(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 // Sum over the 32 lanes of a warp (every lane gets the result).

@@ -130,6 +130,14 @@ __device__ void build_decay(T* Ms, const float* cb, const float* s_cum, const in
   }
 }
 
+// Row i of lower-triangle tile t, with tiles numbered row by row: (0,0), (1,0), (1,1), (2,0), ...
+// (the tile's column is t - i (i + 1) / 2).
+__device__ __forceinline__ int tri_row(int t) {
+  int i = 0;
+  while ((i + 1) * (i + 2) / 2 <= t) ++i;
+  return i;
+}
+
 // Writes a 16x16 accumulator to a row-major T matrix in global memory through
 // the warp's 16x16 float32 staging area.
 template <typename T>
@@ -471,9 +479,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int o = 0; o < kOwn; ++o) {
       const int t = warp + o * kWarps;
       if (t >= K::kTri) break;
-      int i = 0;
-      while ((i + 1) * (i + 2) / 2 <= t) ++i;
-      const int j = t - i * (i + 1) / 2;
+      const int i = tri_row(t), j = t - i * (i + 1) / 2;
       Acc acc;
       wmma::fill_fragment(acc, 0.f);
 #pragma unroll
@@ -635,9 +641,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int o = 0; o < kOwn; ++o) {
     const int t = warp + o * kWarps;
     if (t >= K::kTri) break;
-    int i = 0;
-    while ((i + 1) * (i + 2) / 2 <= t) ++i;
-    const int j = t - i * (i + 1) / 2, l = i * 16 + er;
+    const int i = tri_row(t), j = t - i * (i + 1) / 2, l = i * 16 + er;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int s = j * 16 + ec + e;

@@ -195,23 +195,13 @@ struct BackwardLaunch {
   }
 };
 
-template <typename F>
-cudaError_t by_type(int dtype, F&& f) {
-  switch (dtype) {
-    case 0: return f(float{});
-    case 1: return f(__half{});
-    case 2: return f(__nv_bfloat16{});
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 }  // namespace
 
 cudaError_t ssd_state_passing(int dtype, const void* S, const float* dec, const float* init, void* prev,
                               float* final_state, int64_t B, int64_t nc, int64_t H, int64_t PN,
                               cudaStream_t stream) {
   const dim3 grid((PN + kThreads - 1) / kThreads, B * H);
-  return by_type(dtype, [&](auto tag) {
+  return by_dtype_code(dtype, [&](auto tag) {
     using T = decltype(tag);
     state_passing_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(S), dec, init,
                                                            static_cast<T*>(prev), final_state, nc, H, PN);
@@ -224,7 +214,7 @@ cudaError_t ssd_state_passing_backward(int dtype, const void* dH_off, const floa
                                        float* dinit, int64_t B, int64_t nc, int64_t H, int64_t PN,
                                        cudaStream_t stream) {
   const dim3 grid((PN + kThreads - 1) / kThreads, B * H);
-  return by_type(dtype, [&](auto tag) {
+  return by_dtype_code(dtype, [&](auto tag) {
     using T = decltype(tag);
     state_passing_backward_kernel<T><<<grid, kThreads, 0, stream>>>(
         static_cast<const T*>(dH_off), dec, dfinal, static_cast<const T*>(prev), static_cast<T*>(dS), ddec,

@@ -85,47 +85,66 @@ TEST(Packing, PackedLossEqualsPaddedLossOverTheSameExamples) {
   EXPECT_GT(std::abs(model->forward(leaky).loss.item<double>() - lp), 1e-4);
 }
 
-TEST(Checkpointing, SameLossAndGradientsAsWithout) {
-  std::vector<double> losses;
-  std::vector<std::map<std::string, torch::Tensor>> grads;
-  for (bool on : {false, true}) {
-    auto model = tiny_model();
-    model->train();
-    AdapterRequest req;
-    req.spec.r = 4;
-    req.spec.alpha = 8;
-    req.spec.dropout = 0.2;  // the rerun in backward must draw the same dropout masks
-    recipe::TargetPattern p;
-    p.names = {"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear"};
-    req.targets.target_modules = p;
-    req.ssm_groups = {"A_log", "D", "dt_bias"};
-    auto plan = plan_adapters(model->inventory(), req);
-    apply_adapters(*model, req, plan);
-    {
-      torch::NoGradGuard ng;  // non-zero B so every LoRA tensor gets a gradient
-      for (auto& q : model->named_parameters())
-        if (q.key().find("lora_B") != std::string::npos) q.value().normal_(0.0, 0.1);
-    }
-    ASSERT_TRUE(model->set_gradient_checkpointing(on));
-    torch::manual_seed(21);
-    ModelBatch b;
-    b.input_ids = torch::randint(0, 256, {2, 13}, torch::kLong);
-    b.labels = b.input_ids;
-    auto out = model->forward(b);
-    out.loss.backward();
-    losses.push_back(out.loss.item<double>());
-    std::map<std::string, torch::Tensor> g;
-    for (auto& q : model->named_parameters())
-      if (q.value().requires_grad()) g[q.key()] = q.value().grad().clone();
-    grads.push_back(g);
-  }
-  EXPECT_NEAR(losses[1], losses[0], 1e-6 * std::abs(losses[0]));
-  ASSERT_EQ(grads[0].size(), grads[1].size());
-  for (const auto& [name, g0] : grads[0]) {
-    const auto& g1 = grads[1].at(name);
+// The tiny model in training mode with LoRA (r 4, alpha 8, dropout 0.2: the rerun in backward
+// must draw the same masks) on `targets` and the SSM tensors, and a non-zero B so that every
+// LoRA tensor gets a gradient.
+std::shared_ptr<CausalLM> adapted_tiny_model(const std::vector<std::string>& targets,
+                                             const std::string& dtype = "float32", int64_t intermediate = 48) {
+  auto model = tiny_model(dtype, intermediate);
+  model->train();
+  AdapterRequest req;
+  req.spec.r = 4;
+  req.spec.alpha = 8;
+  req.spec.dropout = 0.2;
+  recipe::TargetPattern p;
+  p.names = targets;
+  req.targets.target_modules = p;
+  req.ssm_groups = {"A_log", "D", "dt_bias"};
+  auto plan = plan_adapters(model->inventory(), req);
+  apply_adapters(*model, req, plan);
+  torch::NoGradGuard ng;
+  for (auto& q : model->named_parameters())
+    if (q.key().find("lora_B") != std::string::npos) q.value().normal_(0.0, 0.1);
+  return model;
+}
+
+struct StepResult {
+  double loss;
+  std::map<std::string, torch::Tensor> grads;  // every trainable tensor's, float32
+};
+
+// One forward+backward on a fixed batch.
+StepResult loss_and_grads(CausalLM& model) {
+  torch::manual_seed(21);
+  ModelBatch b;
+  b.input_ids = torch::randint(0, 256, {2, 13}, torch::kLong);
+  b.labels = b.input_ids;
+  auto out = model.forward(b);
+  out.loss.backward();
+  StepResult r{out.loss.item<double>(), {}};
+  for (auto& q : model.named_parameters())
+    if (q.value().requires_grad()) r.grads[q.key()] = q.value().grad().to(torch::kFloat32).clone();
+  return r;
+}
+
+void expect_same_step(const StepResult& got, const StepResult& want) {
+  EXPECT_NEAR(got.loss, want.loss, 1e-6 * std::abs(want.loss));
+  ASSERT_EQ(got.grads.size(), want.grads.size());
+  for (const auto& [name, g0] : want.grads) {
+    const auto& g1 = got.grads.at(name);
     EXPECT_LE((g1 - g0).abs().max().item<double>(), 1e-5 * std::max(1e-12, g0.abs().max().item<double>()))
         << name;
   }
+}
+
+TEST(Checkpointing, SameLossAndGradientsAsWithout) {
+  const std::vector<std::string> all = {"in_proj", "out_proj", "q_proj", "k_proj",
+                                        "v_proj", "o_proj", "input_linear", "output_linear"};
+  auto plain = adapted_tiny_model(all);
+  const auto want = loss_and_grads(*plain);
+  auto model = adapted_tiny_model(all);
+  ASSERT_TRUE(model->set_gradient_checkpointing(true));
+  expect_same_step(loss_and_grads(*model), want);
 }
 
 // Selective recomputation in a bf16 model: the projections with out <= in / 2 keep their
@@ -134,57 +153,24 @@ TEST(Checkpointing, SameLossAndGradientsAsWithout) {
 // output_linear (128 -> 32, through the fused LoRA node). Loss and gradients are those of
 // the run without checkpointing.
 TEST(Checkpointing, KeptNarrowProjectionsGiveSameLossAndGradients) {
-  std::vector<double> losses;
-  std::vector<std::map<std::string, torch::Tensor>> grads;
-  nn::KeepStats taken_by_run[2];
-  for (bool on : {false, true}) {
-    auto model = tiny_model("bfloat16", 128);
-    model->train();
-    AdapterRequest req;
-    req.spec.r = 4;
-    req.spec.alpha = 8;
-    req.spec.dropout = 0.2;
-    recipe::TargetPattern p;
-    p.names = {"in_proj", "q_proj", "input_linear", "output_linear"};
-    req.targets.target_modules = p;
-    req.ssm_groups = {"A_log", "D", "dt_bias"};
-    auto plan = plan_adapters(model->inventory(), req);
-    apply_adapters(*model, req, plan);
-    {
-      torch::NoGradGuard ng;
-      for (auto& q : model->named_parameters())
-        if (q.key().find("lora_B") != std::string::npos) q.value().normal_(0.0, 0.1);
-    }
-    ASSERT_TRUE(model->set_gradient_checkpointing(on));
-    nn::set_keep_policy(on ? nn::KeepPolicy::kNarrowProjections : nn::KeepPolicy::kNone);
-    const auto before = nn::keep_stats();
-    torch::manual_seed(21);
-    ModelBatch b;
-    b.input_ids = torch::randint(0, 256, {2, 13}, torch::kLong);
-    b.labels = b.input_ids;
-    auto out = model->forward(b);
-    out.loss.backward();
-    nn::set_keep_policy(nn::KeepPolicy::kNone);
-    const auto after = nn::keep_stats();
-    taken_by_run[on] = {after.kept - before.kept, after.taken - before.taken};
-    losses.push_back(out.loss.item<double>());
-    std::map<std::string, torch::Tensor> g;
-    for (auto& q : model->named_parameters())
-      if (q.value().requires_grad()) g[q.key()] = q.value().grad().to(torch::kFloat32).clone();
-    grads.push_back(g);
-  }
-  // 2 Mamba layers x out_proj + k_proj + v_proj + 3 layers x output_linear = 7; none
-  // without checkpointing.
-  EXPECT_EQ(taken_by_run[0].kept, 0);
-  EXPECT_EQ(taken_by_run[1].kept, 7);
-  EXPECT_EQ(taken_by_run[1].taken, 7);
-  EXPECT_EQ(losses[1], losses[0]);
-  ASSERT_EQ(grads[0].size(), grads[1].size());
-  for (const auto& [name, g0] : grads[0]) {
-    const auto& g1 = grads[1].at(name);
-    EXPECT_LE((g1 - g0).abs().max().item<double>(), 1e-5 * std::max(1e-12, g0.abs().max().item<double>()))
-        << name;
-  }
+  const std::vector<std::string> targets = {"in_proj", "q_proj", "input_linear", "output_linear"};
+  auto plain = adapted_tiny_model(targets, "bfloat16", 128);
+  const auto before_plain = nn::keep_stats();
+  const auto want = loss_and_grads(*plain);
+  EXPECT_EQ(nn::keep_stats().kept, before_plain.kept) << "nothing is kept without checkpointing";
+
+  auto model = adapted_tiny_model(targets, "bfloat16", 128);
+  ASSERT_TRUE(model->set_gradient_checkpointing(true));
+  nn::set_keep_policy(nn::KeepPolicy::kNarrowProjections);
+  const auto before = nn::keep_stats();
+  const auto got = loss_and_grads(*model);
+  const auto after = nn::keep_stats();
+  nn::set_keep_policy(nn::KeepPolicy::kNone);
+  // 2 Mamba layers x out_proj + k_proj + v_proj + 3 layers x output_linear = 7.
+  EXPECT_EQ(after.kept - before.kept, 7);
+  EXPECT_EQ(after.taken - before.taken, 7);
+  EXPECT_EQ(got.loss, want.loss);
+  expect_same_step(got, want);
 }
 
 }  // namespace
