@@ -1,5 +1,6 @@
 // The memory-lean loss against LibTorch's cross_entropy over full logits
-// (causal_lm_loss), value and gradients, across row blocks and ignored labels.
+// (causal_lm_loss), value and gradients, across row blocks and ignored labels, with a frozen
+// weight (the rows' gradient is formed in the forward) and a trainable one.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -32,10 +33,11 @@ TEST_P(LeanLoss, EqualsFullLogitsCrossEntropy) {
   auto expected = peftfw::causal_lm_loss(torch::nn::functional::linear(hidden, weight) / divisor, labels);
   std::vector<torch::Tensor> wrt = {hidden};
   if (c.weight_grad) wrt.push_back(weight);
-  auto g_expected = torch::autograd::grad({expected}, wrt);
+  const auto g_out = torch::full({}, 0.37);  // an incoming gradient other than 1 (e.g. accumulation)
+  auto g_expected = torch::autograd::grad({expected}, wrt, {g_out});
 
   auto lean = peftfw::causal_lm_loss_from_hidden(hidden, weight, divisor, labels, c.max_elements);
-  auto g_lean = torch::autograd::grad({lean}, wrt);
+  auto g_lean = torch::autograd::grad({lean}, wrt, {g_out});
   EXPECT_NEAR(lean.item<double>(), expected.item<double>(), 1e-6 * expected.item<double>());
   for (size_t i = 0; i < wrt.size(); ++i) EXPECT_LE(rel_err(g_lean[i], g_expected[i]), 1e-5) << i;
   // The ignored positions and the last row get no gradient.
