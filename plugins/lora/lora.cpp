@@ -5,6 +5,7 @@
 
 #include <cmath>
 
+#include "peftfw/kernels/lora_down.hpp"
 #include "peftfw/nn/checkpoint.hpp"
 
 namespace peftfw::lora {
@@ -25,29 +26,48 @@ bool is_16bit(torch::ScalarType t) { return t == torch::kBFloat16 || t == torch:
 // the bias get no gradient. A and B are float32 parameters used in the model's dtype (as
 // the unfused path does), so their gradients arrive in float32.
 struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
+  // grad: whether a backward can follow (false in a checkpointed layer's first run, or in
+  // evaluation), so that nothing is kept for it.
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const torch::Tensor& A,
                                const torch::Tensor& B, const torch::Tensor& weight,
                                const std::optional<torch::Tensor>& bias, double scaling,
-                               double dropout) {
+                               double dropout, bool grad) {
     const auto dt = x.scalar_type();
     const int64_t K = weight.size(1), N = weight.size(0);
     auto x2 = x.reshape({-1, K});
     auto a = A.to(dt);
     auto bs = (B * scaling).to(dt);
-    torch::Tensor xd = x2, mask;
-    if (dropout > 0.0) std::tie(xd, mask) = at::native_dropout(x2, dropout, true);
-    auto h = torch::mm(xd, a.t());  // [M, r]
+    const int64_t M = x2.size(0), r = a.size(0);
+    const bool wide = N > K;
+    // The down projection: one CUDA pass over x with a counter-based mask (the backward
+    // redraws it), else LibTorch's dropout (a stored byte mask) and a GEMM.
+    const bool kernel = (dropout > 0.0 || wide) && kernels::lora_down_enabled() &&
+                        kernels::lora_down_kernel_applies(x2, a);
+    kernels::DropMask drawn;
+    torch::Tensor xd = x2, mask, h, xh;
+    if (wide) xh = torch::empty({M, K + r}, x2.options());
+    if (kernel) {
+      drawn = kernels::draw_drop_mask(x2.device(), dropout);
+      if (grad && dropout > 0.0) xd = torch::empty_like(x2);
+      h = wide ? xh.narrow(1, K, r) : torch::empty({M, r}, x2.options());
+      kernels::lora_down(x2, a, drawn, h, wide ? xh.narrow(1, 0, K) : torch::Tensor(),
+                         grad && dropout > 0.0 ? xd : torch::Tensor());
+    } else {
+      if (dropout > 0.0) std::tie(xd, mask) = at::native_dropout(x2, dropout, true);
+      h = torch::mm(xd, a.t());  // [M, r]
+      if (wide) {
+        xh.narrow(1, 0, K).copy_(x2);
+        xh.narrow(1, K, r).copy_(h);
+      }
+    }
     torch::Tensor out;
     const bool has_bias = bias && bias->defined();
-    if (N > K) {
+    if (wide) {
       // Wide output: the branch rides along the base GEMM's reduction, [x | h] [W | s B]^T,
       // which costs a copy of x instead of a read and a write of the wider output.
-      const int64_t M = x2.size(0), r = h.size(1);
-      auto xh = torch::empty({M, K + r}, x2.options());
-      xh.narrow(1, 0, K).copy_(x2);
-      xh.narrow(1, K, r).copy_(h);
       auto wb = torch::cat({weight, bs}, 1);  // [N, K + r]
       out = has_bias ? torch::addmm(*bias, xh, wb.t()) : torch::mm(xh, wb.t());
+      if (grad) h = h.clone();  // the backward needs h, not all of [x | h]
     } else {
       // A narrow output may be kept from a checkpoint's first run (nn/checkpoint.hpp): the
       // rerun then only redoes the dropout and h, which the backward needs.
@@ -59,9 +79,14 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
         if (keep) nn::keep_output(out);
       }
     }
-    ctx->save_for_backward({xd, mask.defined() ? mask : torch::Tensor(), h, a, bs, weight});
-    ctx->saved_data["dropout"] = dropout;
-    ctx->saved_data["scaling"] = scaling;
+    if (grad) {
+      ctx->save_for_backward({xd, mask.defined() ? mask : torch::Tensor(), h, a, bs, weight});
+      ctx->saved_data["dropout"] = dropout;
+      ctx->saved_data["scaling"] = scaling;
+      ctx->saved_data["redraw"] = kernel && dropout > 0.0;
+      ctx->saved_data["seed"] = static_cast<int64_t>(drawn.seed);
+      ctx->saved_data["offset"] = static_cast<int64_t>(drawn.offset);
+    }
     auto sizes = x.sizes().vec();
     sizes.back() = N;
     return out.view(sizes);
@@ -69,11 +94,12 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
+    TORCH_CHECK(saved.size() == 6, "LoRA: backward through a forward run without gradients");
     const auto &xd = saved[0], &mask = saved[1], &h = saved[2], &a = saved[3], &bs = saved[4],
                &weight = saved[5];
     const double dropout = ctx->saved_data["dropout"].toDouble();
     const double scaling = ctx->saved_data["scaling"].toDouble();
-    variable_list result(7);
+    variable_list result(8);
     if (!grads[0].defined()) return result;
     const int64_t N = weight.size(0), K = weight.size(1);
     auto dy = grads[0].reshape({-1, N}).to(xd.scalar_type());
@@ -82,7 +108,13 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     if (ctx->needs_input_grad(2)) result[2] = torch::mm(dy.t(), h).to(torch::kFloat32) * scaling;
     if (ctx->needs_input_grad(0)) {
       auto dx = torch::mm(dh, a);  // [M, K]
-      if (mask.defined()) dx = at::native_dropout_backward(dx, mask, 1.0 / (1.0 - dropout));
+      if (ctx->saved_data["redraw"].toBool()) {
+        kernels::DropMask m{dropout, static_cast<uint64_t>(ctx->saved_data["seed"].toInt()),
+                            static_cast<uint64_t>(ctx->saved_data["offset"].toInt())};
+        kernels::dropout_backward_(dx, m);
+      } else if (mask.defined()) {
+        dx = at::native_dropout_backward(dx, mask, 1.0 / (1.0 - dropout));
+      }
       dx.addmm_(dy, weight);
       auto sizes = grads[0].sizes().vec();
       sizes.back() = K;
@@ -145,7 +177,8 @@ torch::Tensor LoraAdapter::forward_from_input(const torch::Tensor& x, const nn::
   const double p = A_->is_training() ? options_.dropout : 0.0;
   std::optional<torch::Tensor> bias;
   if (base.bias.defined()) bias = base.bias;
-  return LoraLinearFn::apply(x, A_->weight, B_->weight, base.weight, bias, scaling_, p);
+  return LoraLinearFn::apply(x, A_->weight, B_->weight, base.weight, bias, scaling_, p,
+                             torch::GradMode::is_enabled());
 }
 
 torch::Tensor LoraAdapter::forward(const torch::Tensor& x, const torch::Tensor& base_out,

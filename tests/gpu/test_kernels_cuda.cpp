@@ -2,17 +2,21 @@
 // bfloat16): outputs, final states and every input gradient; then a whole
 // model forward+backward with the kernels against the reference path.
 // Built only with a CUDA LibTorch; ctest label "gpu".
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <cstdio>
 #include <fstream>
 
+#include "peftfw/adapters/setup.hpp"
+#include "peftfw/kernels/lora_down.hpp"
 #include "peftfw/kernels/mamba2.hpp"
 #include "peftfw/kernels/row_nll.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 #include "peftfw/model/causal_lm.hpp"
 #include "peftfw/model/loader.hpp"
+#include "peftfw/nn/linear.hpp"
 
 namespace ops = peftfw::kernels::mamba2;
 using torch::Tensor;
@@ -288,6 +292,67 @@ TEST(RowNllCuda, EqualsFloat64) {
   }
 }
 
+// lora_down against arithmetic on its own dropped output: x_dropped is 0 or x / (1 - p)
+// rounded once, about p of it is 0 (within 6 standard deviations, also for neighbouring
+// pairs, which catches a word reused across elements), h = x_dropped A^T, x_copy = x, and
+// the backward scales exactly the kept elements. Shapes cover a partial last warp (M % 16)
+// and a partial last 128-column step (K % 128).
+TEST(LoraDownCuda, MaskProductAndBackwardAgree) {
+  namespace k = peftfw::kernels;
+  torch::manual_seed(6);
+  struct Case { int64_t M, K, r; double p; torch::ScalarType dtype; };
+  for (const auto& c : {Case{4099, 2048, 16, 0.05, bf16}, Case{777, 208, 64, 0.5, bf16},
+                        Case{301, 1024, 32, 0.3, torch::kFloat16}, Case{64, 96, 48, 0.0, bf16}}) {
+    const std::string what = std::to_string(c.M) + "x" + std::to_string(c.K) + " r" + std::to_string(c.r) +
+                             " p" + std::to_string(c.p);
+    auto o = torch::TensorOptions().device(kCuda).dtype(c.dtype);
+    auto x = torch::randn({c.M, c.K}, o.dtype(f32)).add_(0.01).to(c.dtype);  // no exact zeros
+    ASSERT_FALSE(x.eq(0).any().item<bool>());
+    auto a = (0.1 * torch::randn({c.r, c.K}, o.dtype(f32))).to(c.dtype);
+    ASSERT_TRUE(k::lora_down_kernel_applies(x, a)) << what;
+    auto wide = torch::full({c.M, c.K + c.r}, 7.0, o);  // [x | h], as the K-concatenated GEMM reads it
+    auto xd = torch::empty_like(x);
+    at::Generator gen = at::cuda::detail::getDefaultCUDAGenerator();
+    const auto state = gen.get_state();
+    const auto mask = k::draw_drop_mask(x.device(), c.p);
+    k::lora_down(x, a, mask, wide.narrow(1, c.K, c.r), wide.narrow(1, 0, c.K), xd);
+    EXPECT_TRUE(torch::equal(wide.narrow(1, 0, c.K), x)) << what << ": x copy";
+    auto kept = xd.ne(0);
+    const double scale = 1.0 / (1.0 - c.p);
+    auto want = torch::where(kept, (x.to(f32) * scale).to(c.dtype), torch::zeros_like(x));
+    EXPECT_TRUE(torch::equal(xd, want)) << what << ": kept elements are x / (1 - p)";
+    const double n = static_cast<double>(c.M * c.K);
+    const double dropped = 1.0 - kept.to(torch::kFloat64).mean().item<double>();
+    const double sd = std::sqrt(std::max(c.p * (1 - c.p), 1e-12) / n);
+    std::printf("  %-28s dropped %.5f (p %.2f)\n", what.c_str(), dropped, c.p);
+    EXPECT_LE(std::abs(dropped - c.p), 6 * sd + 1e-12) << what;
+    if (c.p > 0) {
+      auto same = kept.narrow(1, 0, c.K - 1).eq(kept.narrow(1, 1, c.K - 1)).to(torch::kFloat64).mean().item<double>();
+      const double q = c.p * c.p + (1 - c.p) * (1 - c.p);
+      EXPECT_LE(std::abs(same - q), 6 * std::sqrt(q * (1 - q) / n)) << what << ": neighbours independent";
+    }
+    expect_close(wide.narrow(1, c.K, c.r), torch::matmul(xd.to(torch::kFloat64), a.to(torch::kFloat64).t()), 1e-2,
+                 "lora_down h " + what);
+    auto g = torch::randn({c.M, c.K}, o.dtype(f32)).to(c.dtype);
+    auto g_want = torch::where(kept, (g.to(f32) * scale).to(c.dtype), torch::zeros_like(g));
+    k::dropout_backward_(g, mask);
+    EXPECT_TRUE(torch::equal(g, g_want)) << what << ": backward redraws the mask";
+
+    // Restoring the generator state (as a checkpoint rerun does) redraws the same mask; the
+    // next draw is another one.
+    gen.set_state(state);
+    const auto again = k::draw_drop_mask(x.device(), c.p);
+    auto xd2 = torch::empty_like(x), h2 = torch::empty({c.M, c.r}, o);
+    k::lora_down(x, a, again, h2, {}, xd2);
+    EXPECT_TRUE(torch::equal(xd2, xd)) << what << ": same state, same mask";
+    if (c.p > 0) {
+      auto xd3 = torch::empty_like(x);
+      k::lora_down(x, a, k::draw_drop_mask(x.device(), c.p), h2, {}, xd3);
+      EXPECT_FALSE(torch::equal(xd3, xd)) << what << ": a new draw";
+    }
+  }
+}
+
 TEST(StepCuda, SsdAndConvStepsEqualReference) {
   torch::manual_seed(9);
   for (auto dtype : {f32, bf16}) {
@@ -422,6 +487,74 @@ TEST(ModelCuda, Bf16KernelsAsAccurateAsBf16Reference) {
   }
   std::printf("  largest kernel/reference error ratio: %s %.2f over %zu tensors\n", worst_name.c_str(),
               worst_ratio, g_true.size());
+}
+
+// The fused 16-bit LoRA node on the GPU, in training mode with dropout 0.3, on wide (in_proj,
+// input_linear: the K-concatenated GEMM) and narrow (out_proj, o_proj) projections: output
+// and gradients against a float32 oracle x W^T + b + s ((x * keep / (1 - p)) A^T) B^T, with
+// the mask redrawn from the same generator state by lora_down on ones (whose own arithmetic
+// LoraDownCuda checks).
+TEST(LoraCuda, FusedNodeWithDropoutMatchesFloat32Oracle) {
+  peftfw::kernels::set_lora_down_enabled(true);
+  auto model = small_model("bfloat16");
+  for (auto& p : model->parameters()) p.set_requires_grad(false);
+  peftfw::AdapterRequest req;
+  req.spec.r = 16;
+  req.spec.alpha = 32;
+  req.spec.dropout = 0.3;
+  peftfw::recipe::TargetPattern targets;
+  targets.names = {"in_proj", "out_proj", "o_proj", "input_linear"};
+  req.targets.target_modules = targets;
+  peftfw::apply_adapters(*model, req, peftfw::plan_adapters(model->inventory(), req));
+  model->train();
+  int checked = 0;
+  auto rel32 = [](const Tensor& a, const Tensor& b) { return rel(a.to(f32), b); };
+  for (auto& [name, lin] : peftfw::nn::named_linears(*model)) {
+    if (!lin->adapter()) continue;
+    auto params = lin->named_parameters();
+    auto A = params["lora_A.weight"], B = params["lora_B.weight"];
+    {
+      torch::NoGradGuard ng;
+      B.normal_(0.0, 0.1);
+    }
+    const int64_t K = lin->in_features(), M = 2 * 37;
+    auto o = torch::TensorOptions().device(kCuda);
+    auto x = torch::randn({2, 37, K}, o).to(bf16).requires_grad_(true);
+    auto wy = torch::randn({2, 37, lin->out_features()}, o);
+    at::Generator gen = at::cuda::detail::getDefaultCUDAGenerator();
+    const auto state = gen.get_state();
+    auto y = lin->forward(x);
+    (y.to(f32) * wy).sum().backward();
+    auto gx = x.grad().to(f32), gA = A.grad().clone(), gB = B.grad().clone();
+    A.mutable_grad() = Tensor();
+    B.mutable_grad() = Tensor();
+
+    gen.set_state(state);
+    auto ones = torch::ones({M, K}, o.dtype(bf16));
+    auto keep = torch::empty_like(ones);
+    auto a16 = A.detach().to(bf16);
+    ASSERT_TRUE(peftfw::kernels::lora_down_kernel_applies(ones, a16)) << name;
+    peftfw::kernels::lora_down(ones, a16, peftfw::kernels::draw_drop_mask(ones.device(), 0.3),
+                               torch::empty({M, 16}, o.dtype(bf16)), {}, keep);
+    ASSERT_GT(keep.eq(0).sum().item<int64_t>(), 0) << name << ": the mask drops something";
+    auto xf = x.detach().to(f32).requires_grad_(true);
+    const double scaling = 2.0;
+    auto bias = lin->bias.defined() ? lin->bias.to(f32) : Tensor();
+    auto yf = torch::nn::functional::linear(xf, lin->weight.to(f32), bias) +
+              scaling * torch::matmul(torch::matmul(xf * keep.to(f32).view({2, 37, K}), A.t()), B.t());
+    (yf * wy).sum().backward();
+    EXPECT_LE(rel32(y, yf), 2e-2) << name;
+    EXPECT_LE(rel32(gx, xf.grad()), 2e-2) << name;
+    EXPECT_LE(rel32(gA, A.grad()), 3e-2) << name;
+    EXPECT_LE(rel32(gB, B.grad()), 3e-2) << name;
+    std::printf("  %-40s y %.1e dx %.1e dA %.1e dB %.1e\n", name.c_str(), rel32(y, yf), rel32(gx, xf.grad()),
+                rel32(gA, A.grad()), rel32(gB, B.grad()));
+    A.mutable_grad() = Tensor();
+    B.mutable_grad() = Tensor();
+    ++checked;
+  }
+  peftfw::kernels::set_lora_down_enabled(false);
+  EXPECT_EQ(checked, 4 + 4 + 1 + 5);  // in/out_proj x 4, o_proj, input_linear x 5
 }
 
 }  // namespace

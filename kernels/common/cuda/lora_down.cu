@@ -1,0 +1,200 @@
+// See lora_down.hpp. One warp per 16 rows of x walks the whole width in steps of 128
+// columns: each lane loads eight 16-byte packs, applies the mask (one Philox call per 4
+// elements), writes the optional copies, and the warp multiplies its [16, 128] tile by
+// A^T on the tensor cores (A's fragments come straight from global memory, where all warps
+// read the same few KB). Warps never wait on each other, so there is no block barrier.
+#include <mma.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "../../mamba2/cuda/element.cuh"
+#include "lora_down.hpp"
+
+namespace peftfw::kernels::cuda {
+namespace {
+
+using mamba2::cuda::by_dtype_code;
+using mamba2::cuda::Num;
+using mamba2::cuda::Pack;
+namespace wmma = nvcuda::wmma;
+
+constexpr int kWarps = 4, kRows = 16, kStep = 128, kLd = kStep + 8, kPacks = kRows * kStep / 8 / 32;
+
+// The host-side form of a draw: Philox key and counter high words, keep threshold, scale.
+struct Mask {
+  uint32_t k0, k1, o0, o1, threshold;
+  float scale;
+  bool on;
+};
+
+Mask mask_of(const DropDraw& d) {
+  Mask m{};
+  m.on = d.p > 0.f;
+  m.k0 = static_cast<uint32_t>(d.seed), m.k1 = static_cast<uint32_t>(d.seed >> 32);
+  m.o0 = static_cast<uint32_t>(d.offset), m.o1 = static_cast<uint32_t>(d.offset >> 32);
+  m.threshold = static_cast<uint32_t>(std::min(4294967295.0, std::floor(static_cast<double>(d.p) * 4294967296.0)));
+  m.scale = m.on ? static_cast<float>(1.0 / (1.0 - static_cast<double>(d.p))) : 1.f;
+  return m;
+}
+
+// Philox4x32-10 (Salmon et al., SC'11).
+__device__ __forceinline__ uint4 philox(uint32_t k0, uint32_t k1, uint4 c) {
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi0 = __umulhi(0xD2511F53u, c.x), lo0 = 0xD2511F53u * c.x;
+    const uint32_t hi1 = __umulhi(0xCD9E8D57u, c.z), lo1 = 0xCD9E8D57u * c.z;
+    c = make_uint4(hi1 ^ c.y ^ k0, lo1, hi0 ^ c.w ^ k1, lo0);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c;
+}
+
+// Applies the mask to the 8 elements starting at flat index i (i % 8 == 0).
+template <typename T>
+__device__ __forceinline__ void apply_mask(const Mask& m, uint64_t i, Pack<T, 8>& p) {
+  const uint64_t q = i >> 2;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const uint64_t c = q + half;
+    const uint4 w = philox(m.k0, m.k1, make_uint4(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), m.o0, m.o1));
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      T& e = p.v[4 * half + j];
+      e = words[j] >= m.threshold ? Num<T>::from_f(Num<T>::to_f(e) * m.scale) : Num<T>::from_f(0.f);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const Pack<T, 8>& p) {
+  *reinterpret_cast<Pack<T, 8>*>(dst) = p;
+}
+
+template <typename T, int R>
+__global__ void __launch_bounds__(kWarps * 32) lora_down_kernel(const T* __restrict__ x, int64_t ld_x,
+                                                                const T* __restrict__ A, int64_t M, int64_t K,
+                                                                Mask mask, T* __restrict__ h, int64_t ld_h,
+                                                                T* __restrict__ x_copy, int64_t ld_c,
+                                                                T* __restrict__ x_dropped) {
+  __shared__ __align__(32) T tiles[kWarps][kRows * kLd];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kRows;
+  if (row0 >= M) return;  // whole warps only; nothing below synchronises the block
+  T* tile = tiles[warp];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[R / 16];
+#pragma unroll
+  for (int j = 0; j < R / 16; ++j) wmma::fill_fragment(acc[j], 0.f);
+
+  for (int64_t k0 = 0; k0 < K; k0 += kStep) {
+    Pack<T, 8> v[kPacks];
+#pragma unroll
+    for (int i = 0; i < kPacks; ++i) {  // lanes 0-15 and 16-31 each read one 256-byte row piece
+      const int e = lane + 32 * i, r = e / 16;
+      const int64_t row = row0 + r, col = k0 + (e % 16) * 8;
+      if (row < M && col < K) {
+        v[i] = *reinterpret_cast<const Pack<T, 8>*>(x + row * ld_x + col);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[i].v[j] = Num<T>::from_f(0.f);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPacks; ++i) {
+      const int e = lane + 32 * i, r = e / 16, c = (e % 16) * 8;
+      const int64_t row = row0 + r, col = k0 + c;
+      const bool inside = row < M && col < K;
+      if (inside && x_copy) store8(x_copy + row * ld_c + col, v[i]);
+      if (mask.on) apply_mask(mask, static_cast<uint64_t>(row * K + col), v[i]);
+      if (inside && x_dropped) store8(x_dropped + row * K + col, v[i]);
+      store8(tile + r * kLd + c, v[i]);
+    }
+    __syncwarp();
+    for (int kk = 0; kk < kStep && k0 + kk < K; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, tile + kk, kLd);
+#pragma unroll
+      for (int j = 0; j < R / 16; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // (k, n) = A[n, k]
+        wmma::load_matrix_sync(b, A + static_cast<int64_t>(j) * 16 * K + k0 + kk, static_cast<unsigned>(K));
+        wmma::mma_sync(acc[j], a, b, acc[j]);
+      }
+    }
+    __syncwarp();
+  }
+
+  float* out = reinterpret_cast<float*>(tile);  // [16, R] float32 fits in the tile (R <= 64)
+#pragma unroll
+  for (int j = 0; j < R / 16; ++j) wmma::store_matrix_sync(out + j * 16, acc[j], R, wmma::mem_row_major);
+  __syncwarp();
+  for (int e = lane; e < kRows * R; e += 32) {
+    const int64_t row = row0 + e / R;
+    if (row < M) h[row * ld_h + e % R] = Num<T>::from_f(out[e]);
+  }
+}
+
+template <typename T>
+__global__ void dropout_scale_kernel(T* __restrict__ g, int64_t packs, Mask mask) {
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs;
+       p += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    auto v = reinterpret_cast<Pack<T, 8>*>(g)[p];
+    apply_mask(mask, static_cast<uint64_t>(p) * 8, v);
+    reinterpret_cast<Pack<T, 8>*>(g)[p] = v;
+  }
+}
+
+template <typename T, int R>
+cudaError_t launch_down(const void* x, int64_t ld_x, const void* A, int64_t M, int64_t K, const Mask& m, void* h,
+                        int64_t ld_h, void* x_copy, int64_t ld_c, void* x_dropped, cudaStream_t stream) {
+  const int64_t blocks = (M + kWarps * kRows - 1) / (kWarps * kRows);
+  lora_down_kernel<T, R><<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(
+      static_cast<const T*>(x), ld_x, static_cast<const T*>(A), M, K, m, static_cast<T*>(h), ld_h,
+      static_cast<T*>(x_copy), ld_c, static_cast<T*>(x_dropped));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool lora_down_supported(int dtype, int64_t r, int64_t K) {
+  return (dtype == 1 || dtype == 2) && (r == 16 || r == 32 || r == 48 || r == 64) && K % 16 == 0 && K > 0;
+}
+
+cudaError_t lora_down(int dtype, const void* x, int64_t ld_x, const void* A, int64_t r, int64_t M, int64_t K,
+                      const DropDraw& drop, void* h, int64_t ld_h, void* x_copy, int64_t ld_c, void* x_dropped,
+                      cudaStream_t stream) {
+  if (dtype == 0 || !lora_down_supported(dtype, r, K)) return cudaErrorInvalidValue;
+  if (M == 0) return cudaSuccess;
+  const Mask m = mask_of(drop);
+  return by_dtype_code(dtype, [&](auto t) -> cudaError_t {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, float>) {
+      return cudaErrorInvalidValue;
+    } else {
+      switch (r) {
+        case 16: return launch_down<T, 16>(x, ld_x, A, M, K, m, h, ld_h, x_copy, ld_c, x_dropped, stream);
+        case 32: return launch_down<T, 32>(x, ld_x, A, M, K, m, h, ld_h, x_copy, ld_c, x_dropped, stream);
+        case 48: return launch_down<T, 48>(x, ld_x, A, M, K, m, h, ld_h, x_copy, ld_c, x_dropped, stream);
+        default: return launch_down<T, 64>(x, ld_x, A, M, K, m, h, ld_h, x_copy, ld_c, x_dropped, stream);
+      }
+    }
+  });
+}
+
+cudaError_t dropout_scale(int dtype, void* g, int64_t M, int64_t K, const DropDraw& drop, cudaStream_t stream) {
+  if ((dtype != 1 && dtype != 2) || K % 8 != 0) return cudaErrorInvalidValue;
+  const Mask m = mask_of(drop);
+  const int64_t packs = M * K / 8;
+  if (packs == 0 || !m.on) return cudaSuccess;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((packs + threads - 1) / threads, 132 * 16);
+  return by_dtype_code(dtype, [&](auto t) -> cudaError_t {
+    using T = decltype(t);
+    dropout_scale_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(static_cast<T*>(g), packs, m);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace peftfw::kernels::cuda
