@@ -5,10 +5,6 @@
 
 #include <torch/torch.h>
 
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
-
 #include "peftfw/kernels/mamba2.hpp"
 
 #ifdef PEFTFW_HAVE_CUDA
@@ -43,15 +39,7 @@ cuda::DropDraw draw_of(const DropMask& m) { return {static_cast<float>(m.p), m.s
 void check(cudaError_t err, const char* what) { TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err)); }
 #endif
 
-std::atomic<bool> g_enabled{[] {
-  const char* v = std::getenv("PEFTFW_LORA_DOWN");
-  return v != nullptr && std::strcmp(v, "1") == 0;
-}()};
-
 }  // namespace
-
-bool lora_down_enabled() { return g_enabled.load(); }
-void set_lora_down_enabled(bool on) { g_enabled.store(on); }
 
 bool lora_down_kernel_applies(const torch::Tensor& x, const torch::Tensor& a) {
 #ifdef PEFTFW_HAVE_CUDA

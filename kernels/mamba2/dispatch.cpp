@@ -10,6 +10,7 @@
 #include <mutex>
 
 #include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/pending.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 
 #ifdef PEFTFW_HAVE_CUDA
@@ -22,10 +23,12 @@ void register_ssd_kernels();
 namespace peftfw::kernels::mamba2 {
 namespace {
 
-std::atomic<bool> g_force_reference{[] {
-  const char* v = std::getenv("PEFTFW_KERNELS");
-  return v != nullptr && std::strcmp(v, "reference") == 0;
-}()};
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
+}
+
+std::atomic<bool> g_force_reference{env_is("PEFTFW_KERNELS", "reference")};
 
 bool fast(const torch::Device& device) {
 #ifdef PEFTFW_HAVE_CUDA
@@ -93,3 +96,13 @@ torch::Tensor causal_conv1d_step(torch::Tensor& conv_state, const torch::Tensor&
 }
 
 }  // namespace peftfw::kernels::mamba2
+
+namespace peftfw::kernels {
+namespace {
+std::atomic<bool> g_pending{mamba2::env_is("PEFTFW_PENDING_KERNELS", "1")};
+}  // namespace
+
+bool pending_kernels() { return g_pending.load(); }
+void set_pending_kernels(bool on) { g_pending.store(on); }
+
+}  // namespace peftfw::kernels

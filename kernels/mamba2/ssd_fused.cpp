@@ -40,6 +40,7 @@
 #include <tuple>
 
 #include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/pending.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 
 namespace peftfw::kernels::mamba2::fused {
@@ -55,9 +56,10 @@ MaskKernels g_mask_kernels;  // CUDA implementations, registered when built
 struct Prep {
   int64_t Bsz, T, H, P, G, N, Hg, Lc, nc, Tp;
   bool fused;             // the per-chunk CUDA kernels do the heavy work (Lc = 128; xc, Bt, Ct unused)
+  bool bookkept;          // cum, seg, Ld, E, dec came from the chunk_prep kernel (dtp unused)
   torch::ScalarType cdt;  // GEMM dtype: the input's 16-bit type, else float32
   Tensor xc;              // [B,nc,Lc,H,P] x (input dtype), zero padded (a view when no padding)
-  Tensor dtp;             // [B,nc,Lc,H] float32, zero padded
+  Tensor dtp;             // [B,nc,Lc,H] float32, zero padded (undefined when bookkept)
   Tensor cum;             // [B,nc,H,Lc] float32 within-chunk cumulative log-decay
   Tensor seg;             // [B,nc,Lc] int32 segment index within the chunk
   Tensor Bt, Ct;          // [B,nc,Lc,G,N] cdt, contiguous (time-major)
@@ -141,17 +143,29 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
   const auto f32 = torch::kFloat32;
 
   if (!p.fused) p.xc = chunked(pad_time(x, pad), p.nc, p.Lc);  // [B,nc,Lc,H,P]
-  p.dtp = chunked(pad_time(dt.to(f32), pad), p.nc, p.Lc);  // [B,nc,Lc,H]
-  p.cum = torch::cumsum(p.dtp * A.to(f32), 2).permute({0, 1, 3, 2}).contiguous();
-
-  auto reset = torch::zeros({p.Bsz, p.Tp}, x.options().dtype(torch::kInt32));
-  if (seq_ids.defined() && p.T > 1) {
-    reset.index_put_({Slice(), Slice(1, p.T)},
-                     seq_ids.index({Slice(), Slice(1, p.T)})
-                         .ne(seq_ids.index({Slice(), Slice(0, p.T - 1)}))
-                         .to(torch::kInt32));
+  p.bookkept = p.fused && pending_kernels() && g_mask_kernels.chunk_prep;
+  if (p.bookkept) {
+    auto k = g_mask_kernels.chunk_prep(dt, A, seq_ids, p.nc);
+    p.seg = k.seg, p.cum = k.cum, p.Ld = k.Ld, p.E = k.E, p.dec = k.dec;
+  } else {
+    p.dtp = chunked(pad_time(dt.to(f32), pad), p.nc, p.Lc);  // [B,nc,Lc,H]
+    p.cum = torch::cumsum(p.dtp * A.to(f32), 2).permute({0, 1, 3, 2}).contiguous();
+    auto reset = torch::zeros({p.Bsz, p.Tp}, x.options().dtype(torch::kInt32));
+    if (seq_ids.defined() && p.T > 1) {
+      reset.index_put_({Slice(), Slice(1, p.T)},
+                       seq_ids.index({Slice(), Slice(1, p.T)})
+                           .ne(seq_ids.index({Slice(), Slice(0, p.T - 1)}))
+                           .to(torch::kInt32));
+    }
+    p.seg = torch::cumsum(chunked(reset, p.nc, p.Lc), 2, torch::kInt32);  // [B,nc,Lc]
+    auto seg_h = p.seg.unsqueeze(2);  // [B,nc,1,Lc]
+    auto cum_last = p.cum.select(-1, p.Lc - 1).unsqueeze(-1);
+    auto seg_last = seg_h.select(-1, p.Lc - 1).unsqueeze(-1);
+    auto zero = torch::zeros({}, p.cum.options());
+    p.Ld = torch::where(seg_h.eq(seg_last), torch::exp(cum_last - p.cum), zero);
+    p.E = torch::where(seg_h.eq(0), torch::exp(p.cum), zero);
+    p.dec = torch::where(seg_last.squeeze(-1).eq(0), torch::exp(cum_last.squeeze(-1)), zero);
   }
-  p.seg = torch::cumsum(chunked(reset, p.nc, p.Lc), 2, torch::kInt32);  // [B,nc,Lc]
 
   auto time_major = [&](const Tensor& t) {
     return chunked(pad_time(t.to(p.cdt), pad), p.nc, p.Lc).contiguous();
@@ -166,14 +180,6 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
   p.Bg32 = group_major(B);
   p.Cg32 = group_major(C);
   p.CB = torch::matmul(p.Cg32, p.Bg32.transpose(-1, -2));  // [B,nc,G,Lc,Lc]
-
-  auto seg_h = p.seg.unsqueeze(2);  // [B,nc,1,Lc]
-  auto cum_last = p.cum.select(-1, p.Lc - 1).unsqueeze(-1);
-  auto seg_last = seg_h.select(-1, p.Lc - 1).unsqueeze(-1);
-  auto zero = torch::zeros({}, p.cum.options());
-  p.Ld = torch::where(seg_h.eq(seg_last), torch::exp(cum_last - p.cum), zero);
-  p.E = torch::where(seg_h.eq(0), torch::exp(p.cum), zero);
-  p.dec = torch::where(seg_last.squeeze(-1).eq(0), torch::exp(cum_last.squeeze(-1)), zero);
   return p;
 }
 
@@ -249,16 +255,10 @@ ChunkInputs chunk_inputs(const Prep& p, const Tensor& x, const Tensor& dt, const
   return in;
 }
 
-// Gradients of the fused path's cross-head sums and of the log-decay chain:
-// dC, dB ([B,nc,G,Lc,N] float32) and dcum -> (ddt, dA).
-struct TailGrads {
-  Tensor ddt, dA, dB, dC;
-};
-TailGrads finish_grads(const Prep& p, const Tensor& A, const Tensor& dyE, const Tensor& prev, const Tensor& uL,
-                       const Tensor& dS, const Tensor& dCB, Tensor dcum, const Tensor& dlast,
-                       const Tensor& ddt_u) {
-  const auto f32 = torch::kFloat32;
-  auto dC = torch::empty({p.Bsz, p.nc, p.G, p.Lc, p.N}, dcum.options());
+// Gradients of the fused path's cross-head sums: dC, dB ([B,nc,G,Lc,N] float32).
+std::pair<Tensor, Tensor> cross_head_grads(const Prep& p, const Tensor& dyE, const Tensor& prev, const Tensor& uL,
+                                           const Tensor& dS, const Tensor& dCB) {
+  auto dC = torch::empty({p.Bsz, p.nc, p.G, p.Lc, p.N}, dCB.options());
   auto dB = torch::empty_like(dC);
   for (int64_t g = 0; g < p.G; ++g) {
     dC.select(2, g).copy_(at::bmm(group_cols(dyE, p, g), group_states(prev, p, g)).view({p.Bsz, p.nc, p.Lc, p.N}));
@@ -266,11 +266,16 @@ TailGrads finish_grads(const Prep& p, const Tensor& A, const Tensor& dyE, const 
   }
   dC.add_(torch::matmul(dCB, p.Bg32));
   dB.add_(torch::matmul(dCB.transpose(-1, -2), p.Cg32));
+  return {dB, dC};
+}
+
+// The log-decay chain, dcum -> (ddt [B,nc,Lc,H], dA [H]), in LibTorch: cum = cumsum(A dt).
+std::pair<Tensor, Tensor> decay_grads(const Prep& p, const Tensor& A, Tensor dcum, const Tensor& dlast,
+                                      const Tensor& ddt_u) {
   dcum.select(-1, p.Lc - 1).add_(dlast);
   auto da = dcum.sum(-1, true) - dcum.cumsum(-1) + dcum;  // [B,nc,H,Lc]
-  auto dtp_h = p.dtp.permute({0, 1, 3, 2});
-  auto ddt = ddt_u + da * A.to(f32).view({1, 1, p.H, 1});
-  return {ddt.permute({0, 1, 3, 2}), (da * dtp_h).sum({0, 1, 3}), dB, dC};
+  auto ddt = ddt_u + da * A.to(torch::kFloat32).view({1, 1, p.H, 1});
+  return {ddt.permute({0, 1, 3, 2}), (da * p.dtp.permute({0, 1, 3, 2})).sum({0, 1, 3})};
 }
 
 class SsdFunction : public torch::autograd::Function<SsdFunction> {
@@ -387,13 +392,20 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
       auto [dS, ddec, dinit] = g_mask_kernels.states_backward(dH_off, p.dec, grads[1], prev);
       dH_off = Tensor();
       auto gr = g_mask_kernels.chunk_bwd_diag(in, dy, dS);
-      auto dlast = ddec * p.dec + gr.dLd.sum(-1);
-      auto t = finish_grads(p, A, dyE, prev, gr.uL, dS, gr.dCB, dcum_E + gr.dcum, dlast, gr.ddt_u);
+      auto [dB, dC] = cross_head_grads(p, dyE, prev, gr.uL, dS, gr.dCB);
+      Tensor ddt, dA;
+      if (p.bookkept) {
+        auto g = g_mask_kernels.chunk_decay_grad(dcum_E, gr.dcum, gr.dLd, ddec, p.dec, gr.ddt_u, dt, A);
+        ddt = g.ddt, dA = g.dA;
+      } else {
+        auto [ddt_c, dA_c] = decay_grads(p, A, dcum_E + gr.dcum, ddec * p.dec + gr.dLd.sum(-1), gr.ddt_u);
+        ddt = to_time(ddt_c), dA = dA_c;
+      }
       return {gr.dx,
-              to_time(t.ddt).to(dt.scalar_type()),
-              t.dA.to(A.scalar_type()),
-              to_input(t.dB, B),
-              to_input(t.dC, C),
+              ddt.to(dt.scalar_type()),
+              dA.to(A.scalar_type()),
+              to_input(dB, B),
+              to_input(dC, C),
               has_init ? dinit : Tensor(),
               Tensor(),
               D.defined() ? gr.dD : Tensor(),

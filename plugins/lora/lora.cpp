@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "peftfw/kernels/lora_down.hpp"
+#include "peftfw/kernels/pending.hpp"
 #include "peftfw/nn/checkpoint.hpp"
 
 namespace peftfw::lora {
@@ -41,7 +42,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     const bool wide = N > K;
     // The down projection: one CUDA pass over x with a counter-based mask (the backward
     // redraws it), else LibTorch's dropout (a stored byte mask) and a GEMM.
-    const bool kernel = (dropout > 0.0 || wide) && kernels::lora_down_enabled() &&
+    const bool kernel = (dropout > 0.0 || wide) && kernels::pending_kernels() &&
                         kernels::lora_down_kernel_applies(x2, a);
     kernels::DropMask drawn;
     torch::Tensor xd = x2, mask, h, xh;

@@ -12,6 +12,7 @@
 #include "peftfw/adapters/setup.hpp"
 #include "peftfw/kernels/lora_down.hpp"
 #include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/pending.hpp"
 #include "peftfw/kernels/row_nll.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 #include "peftfw/model/causal_lm.hpp"
@@ -57,8 +58,7 @@ std::string describe(const SsdShape& s) {
 
 class SsdCuda : public ::testing::TestWithParam<SsdShape> {};
 
-TEST_P(SsdCuda, FusedEqualsReference) {
-  const auto s = GetParam();
+void check_fused_against_reference(const SsdShape& s) {
   std::printf("%s\n", describe(s).c_str());
   torch::manual_seed(5);
   auto o = torch::TensorOptions().device(kCuda);
@@ -106,6 +106,16 @@ TEST_P(SsdCuda, FusedEqualsReference) {
   auto g_ref = torch::autograd::grad({(ref.y * wy).sum() + (ref.final_state * wh).sum()}, wrt);
   auto g_got = torch::autograd::grad({(got.y * wy).sum() + (got.final_state * wh).sum()}, wrt);
   for (size_t i = 0; i < wrt.size(); ++i) expect_close(g_got[i], g_ref[i], tol_grad, names[i]);
+}
+
+TEST_P(SsdCuda, FusedEqualsReference) { check_fused_against_reference(GetParam()); }
+
+// The same with the kernels pending validation (peftfw/kernels/pending.hpp): the chunk
+// bookkeeping and the log-decay gradient chain as CUDA kernels (16-bit inputs).
+TEST_P(SsdCuda, FusedWithPendingKernelsEqualsReference) {
+  peftfw::kernels::set_pending_kernels(true);
+  check_fused_against_reference(GetParam());
+  peftfw::kernels::set_pending_kernels(false);
 }
 
 const auto f32 = torch::kFloat32;
@@ -495,7 +505,7 @@ TEST(ModelCuda, Bf16KernelsAsAccurateAsBf16Reference) {
 // the mask redrawn from the same generator state by lora_down on ones (whose own arithmetic
 // LoraDownCuda checks).
 TEST(LoraCuda, FusedNodeWithDropoutMatchesFloat32Oracle) {
-  peftfw::kernels::set_lora_down_enabled(true);
+  peftfw::kernels::set_pending_kernels(true);
   auto model = small_model("bfloat16");
   for (auto& p : model->parameters()) p.set_requires_grad(false);
   peftfw::AdapterRequest req;
@@ -553,7 +563,7 @@ TEST(LoraCuda, FusedNodeWithDropoutMatchesFloat32Oracle) {
     B.mutable_grad() = Tensor();
     ++checked;
   }
-  peftfw::kernels::set_lora_down_enabled(false);
+  peftfw::kernels::set_pending_kernels(false);
   EXPECT_EQ(checked, 4 + 4 + 1 + 5);  // in/out_proj x 4, o_proj, input_linear x 5
 }
 

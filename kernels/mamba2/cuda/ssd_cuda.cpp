@@ -7,6 +7,7 @@
 #include "peftfw/kernels/ssd_fused.hpp"
 #include "ssd_chunk.hpp"
 #include "ssd_masks.hpp"
+#include "ssd_prep.hpp"
 
 namespace peftfw::kernels::mamba2::cuda_ops {
 namespace {
@@ -200,6 +201,46 @@ fused::ChunkGrads chunk_bwd_diag(const fused::ChunkInputs& in, const torch::Tens
   return gr;
 }
 
+fused::ChunkPrep chunk_prep(const torch::Tensor& dt_in, const torch::Tensor& A_in, const torch::Tensor& seq_in,
+                           int64_t nc) {
+  c10::cuda::CUDAGuard guard(dt_in.device());
+  auto dt = dt_in.to(torch::kFloat32).contiguous(), A = A_in.to(torch::kFloat32).contiguous();
+  const int64_t B = dt.size(0), T = dt.size(1), H = dt.size(2), Lc = cuda::kSsdPrepChunk;
+  torch::Tensor seq = seq_in.defined() ? seq_in.to(dt.device(), torch::kInt64).contiguous() : torch::Tensor();
+  const auto f32 = dt.options();
+  fused::ChunkPrep p;
+  p.seg = torch::empty({B, nc, Lc}, f32.dtype(torch::kInt32));
+  p.cum = torch::empty({B, nc, H, Lc}, f32);
+  p.Ld = torch::empty_like(p.cum);
+  p.E = torch::empty_like(p.cum);
+  p.dec = torch::empty({B, nc, H}, f32);
+  check(cuda::ssd_chunk_prep(dt.data_ptr<float>(), A.data_ptr<float>(), seq.defined() ? seq.data_ptr<int64_t>() : nullptr,
+                             B, T, H, nc, p.seg.data_ptr<int32_t>(), p.cum.data_ptr<float>(), p.Ld.data_ptr<float>(),
+                             p.E.data_ptr<float>(), p.dec.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+        "ssd_chunk_prep");
+  return p;
+}
+
+fused::DecayGrads chunk_decay_grad(const torch::Tensor& dcum_E, const torch::Tensor& dcum_diag, const torch::Tensor& dLd,
+                                   const torch::Tensor& ddec, const torch::Tensor& dec, const torch::Tensor& ddt_u,
+                                   const torch::Tensor& dt_in, const torch::Tensor& A_in) {
+  c10::cuda::CUDAGuard guard(dt_in.device());
+  auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat32).contiguous(); };
+  auto dt = f32(dt_in), A = f32(A_in), gE = f32(dcum_E), gD = f32(dcum_diag), gL = f32(dLd), dd = f32(ddec),
+       de = f32(dec), du = f32(ddt_u);
+  const int64_t B = dt.size(0), T = dt.size(1), H = dt.size(2), nc = gE.size(1);
+  fused::DecayGrads g;
+  g.ddt = torch::empty({B, T, H}, dt.options());
+  auto part = torch::empty({B * nc, H}, dt.options());
+  check(cuda::ssd_chunk_decay_grad(gE.data_ptr<float>(), gD.data_ptr<float>(), gL.data_ptr<float>(), dd.data_ptr<float>(),
+                                   de.data_ptr<float>(), du.data_ptr<float>(), dt.data_ptr<float>(), A.data_ptr<float>(),
+                                   B, T, H, nc, g.ddt.data_ptr<float>(), part.data_ptr<float>(),
+                                   at::cuda::getCurrentCUDAStream()),
+        "ssd_chunk_decay_grad");
+  g.dA = part.sum(0);
+  return g;
+}
+
 }  // namespace
 
 void register_ssd_kernels() {
@@ -213,6 +254,8 @@ void register_ssd_kernels() {
   k.chunk_scan = chunk_scan;
   k.chunk_bwd_off = chunk_bwd_off;
   k.chunk_bwd_diag = chunk_bwd_diag;
+  k.chunk_prep = chunk_prep;
+  k.chunk_decay_grad = chunk_decay_grad;
   fused::register_mask_kernels(std::move(k));
 }
 

@@ -6,7 +6,8 @@
 // offset, redrawn from them by the backward and, after the generator state is restored, by
 // an activation-checkpointing rerun. The optional copy of x serves the wide projections'
 // K-concatenated GEMM. CUDA tensors only; where lora_down_kernel_applies() is false the
-// caller keeps its LibTorch composition.
+// caller keeps its LibTorch composition. Callers take it only when pending_kernels() is on
+// (peftfw/kernels/pending.hpp) until its GPU tests (LoraDownCuda, LoraCuda) have run.
 #pragma once
 
 #include <torch/types.h>
@@ -20,12 +21,6 @@ struct DropMask {
   double p = 0.0;
   uint64_t seed = 0, offset = 0;
 };
-
-// Whether callers should take this path. Off by default until the kernels have passed the
-// GPU tests (LoraDownCuda, LoraCuda) on a GPU; PEFTFW_LORA_DOWN=1 in the environment, or
-// set_lora_down_enabled(true), turns it on.
-bool lora_down_enabled();
-void set_lora_down_enabled(bool on);
 
 // Whether lora_down and dropout_backward_ run on the CUDA kernels for x [M, K] and the
 // adapter's A [r, K] in x's dtype (16-bit, r in {16, 32, 48, 64}, K % 16 == 0).

@@ -31,6 +31,14 @@ struct ChunkInputs {
 struct ChunkGrads {
   torch::Tensor dx, uL, ddt_u, dcum, dLd, dCB, dD;
 };
+// The per-chunk bookkeeping of the fused path (see ssd_fused.cpp's Prep).
+struct ChunkPrep {
+  torch::Tensor seg, cum, Ld, E, dec;
+};
+// The log-decay chain of its backward: ddt [B,T,H] and dA [H], float32.
+struct DecayGrads {
+  torch::Tensor ddt, dA;
+};
 
 struct MaskKernels {
   // (CB [B,nc,G,Lc,Lc] f32, cum [B,nc,H,Lc] f32, seg [B,nc,Lc] i32, heads per group, out dtype)
@@ -63,6 +71,14 @@ struct MaskKernels {
                                                                         const torch::Tensor&)>
       chunk_bwd_off;
   std::function<ChunkGrads(const ChunkInputs&, const torch::Tensor&, const torch::Tensor&)> chunk_bwd_diag;
+
+  // Pending validation on a GPU (peftfw/kernels/pending.hpp), cuda/ssd_prep.hpp:
+  // (dt [B,T,H] f32, A [H] f32, seq_ids [B,T] or undefined, nc) -> the chunk bookkeeping;
+  std::function<ChunkPrep(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, int64_t)> chunk_prep;
+  // (dcum_E, dcum_diag, dLd [B,nc,H,Lc], ddec, dec [B,nc,H], ddt_u [B,nc,H,Lc], dt [B,T,H], A [H]).
+  std::function<DecayGrads(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                           const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>
+      chunk_decay_grad;
 };
 void register_mask_kernels(MaskKernels kernels);
 

@@ -1,0 +1,143 @@
+// See ssd_prep.hpp. One block of 8 warps per (batch, chunk); each warp takes one head at a
+// time, a lane holding 4 consecutive positions of the 128, and scans them with shuffles.
+#include <cuda_runtime.h>
+
+#include "ssd_prep.hpp"
+
+namespace peftfw::kernels::mamba2::cuda {
+namespace {
+
+constexpr int Lc = static_cast<int>(kSsdPrepChunk), kWarps = 8, kPer = Lc / 32;
+constexpr unsigned kFull = 0xffffffffu;
+
+// In-place inclusive scan of the 128 values a warp holds (kPer consecutive ones per lane);
+// returns the total to every lane. REVERSE scans from the end (v_l = sum_{k >= l}).
+template <bool REVERSE, typename V>
+__device__ __forceinline__ V warp_scan(V (&v)[kPer], int lane) {
+  if (REVERSE) {
+#pragma unroll
+    for (int i = kPer - 2; i >= 0; --i) v[i] += v[i + 1];
+  } else {
+#pragma unroll
+    for (int i = 1; i < kPer; ++i) v[i] += v[i - 1];
+  }
+  const V mine = REVERSE ? v[0] : v[kPer - 1];
+  V s = mine;
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const V n = REVERSE ? __shfl_down_sync(kFull, s, off) : __shfl_up_sync(kFull, s, off);
+    if (REVERSE ? lane + off < 32 : lane >= off) s += n;
+  }
+  const V before = s - mine;  // the lanes before this one (after it, in reverse)
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) v[i] += before;
+  return __shfl_sync(kFull, s, REVERSE ? 0 : 31);
+}
+
+__global__ void __launch_bounds__(kWarps * 32) chunk_prep_kernel(const float* __restrict__ dt,
+                                                                 const float* __restrict__ A,
+                                                                 const int64_t* __restrict__ seq, int64_t T,
+                                                                 int64_t H, int64_t nc, int32_t* __restrict__ seg,
+                                                                 float* __restrict__ cum, float* __restrict__ Ld,
+                                                                 float* __restrict__ E, float* __restrict__ dec) {
+  __shared__ int32_t s_seg[Lc];
+  const int64_t bc = blockIdx.x, b = bc / nc, t0 = (bc % nc) * Lc;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, l0 = lane * kPer;
+  if (warp == 0) {
+    int32_t r[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int64_t t = t0 + l0 + i;
+      r[i] = (seq != nullptr && t > 0 && t < T && seq[b * T + t] != seq[b * T + t - 1]) ? 1 : 0;
+    }
+    warp_scan<false>(r, lane);
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      s_seg[l0 + i] = r[i];
+      seg[bc * Lc + l0 + i] = r[i];
+    }
+  }
+  __syncthreads();
+  const int32_t seg_last = s_seg[Lc - 1];
+  for (int64_t h = warp; h < H; h += kWarps) {
+    const float a = A[h];
+    float c[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int64_t t = t0 + l0 + i;
+      c[i] = t < T ? a * dt[(b * T + t) * H + h] : 0.f;
+    }
+    const float last = warp_scan<false>(c, lane);
+    const int64_t o = (bc * H + h) * Lc + l0;
+    float ld[kPer], e[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int32_t s = s_seg[l0 + i];
+      ld[i] = s == seg_last ? __expf(last - c[i]) : 0.f;
+      e[i] = s == 0 ? __expf(c[i]) : 0.f;
+    }
+    *reinterpret_cast<float4*>(cum + o) = make_float4(c[0], c[1], c[2], c[3]);
+    *reinterpret_cast<float4*>(Ld + o) = make_float4(ld[0], ld[1], ld[2], ld[3]);
+    *reinterpret_cast<float4*>(E + o) = make_float4(e[0], e[1], e[2], e[3]);
+    if (lane == 0) dec[bc * H + h] = seg_last == 0 ? __expf(last) : 0.f;
+  }
+}
+
+__global__ void __launch_bounds__(kWarps * 32) decay_grad_kernel(
+    const float* __restrict__ dcum_E, const float* __restrict__ dcum_diag, const float* __restrict__ dLd,
+    const float* __restrict__ ddec, const float* __restrict__ dec, const float* __restrict__ ddt_u,
+    const float* __restrict__ dt, const float* __restrict__ A, int64_t T, int64_t H, int64_t nc,
+    float* __restrict__ ddt, float* __restrict__ dA_part) {
+  const int64_t bc = blockIdx.x, b = bc / nc, t0 = (bc % nc) * Lc;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, l0 = lane * kPer;
+  for (int64_t h = warp; h < H; h += kWarps) {
+    const int64_t o = (bc * H + h) * Lc + l0;
+    const float4 ge = *reinterpret_cast<const float4*>(dcum_E + o);
+    const float4 gd = *reinterpret_cast<const float4*>(dcum_diag + o);
+    const float4 ll = *reinterpret_cast<const float4*>(dLd + o);
+    float g[kPer] = {ge.x + gd.x, ge.y + gd.y, ge.z + gd.z, ge.w + gd.w};
+    float sum_ld = ll.x + ll.y + ll.z + ll.w;
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sum_ld += __shfl_xor_sync(kFull, sum_ld, off);
+    if (lane == 31) g[kPer - 1] += ddec[bc * H + h] * dec[bc * H + h] + sum_ld;
+    warp_scan<true>(g, lane);
+    const float a = A[h];
+    const float4 du = *reinterpret_cast<const float4*>(ddt_u + o);
+    const float dus[kPer] = {du.x, du.y, du.z, du.w};
+    float part = 0.f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int64_t t = t0 + l0 + i;
+      if (t < T) {
+        const int64_t at = (b * T + t) * H + h;
+        ddt[at] = dus[i] + g[i] * a;
+        part += g[i] * dt[at];
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) part += __shfl_xor_sync(kFull, part, off);
+    if (lane == 0) dA_part[bc * H + h] = part;
+  }
+}
+
+}  // namespace
+
+cudaError_t ssd_chunk_prep(const float* dt, const float* A, const int64_t* seq, int64_t B, int64_t T, int64_t H,
+                           int64_t nc, int32_t* seg, float* cum, float* Ld, float* E, float* dec,
+                           cudaStream_t stream) {
+  if (B * nc == 0) return cudaSuccess;
+  chunk_prep_kernel<<<static_cast<unsigned>(B * nc), kWarps * 32, 0, stream>>>(dt, A, seq, T, H, nc, seg, cum, Ld, E,
+                                                                             dec);
+  return cudaGetLastError();
+}
+
+cudaError_t ssd_chunk_decay_grad(const float* dcum_E, const float* dcum_diag, const float* dLd, const float* ddec,
+                                 const float* dec, const float* ddt_u, const float* dt, const float* A, int64_t B,
+                                 int64_t T, int64_t H, int64_t nc, float* ddt, float* dA_part, cudaStream_t stream) {
+  if (B * nc == 0) return cudaSuccess;
+  decay_grad_kernel<<<static_cast<unsigned>(B * nc), kWarps * 32, 0, stream>>>(dcum_E, dcum_diag, dLd, ddec, dec,
+                                                                             ddt_u, dt, A, T, H, nc, ddt, dA_part);
+  return cudaGetLastError();
+}
+
+}  // namespace peftfw::kernels::mamba2::cuda
