@@ -298,7 +298,9 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
 
     if (p.fused) {
       const auto in = chunk_inputs(p, x, dt, B, C, D);
-      auto [prev, h] = g_mask_kernels.states(g_mask_kernels.chunk_states(in), p.dec, init);
+      auto [prev, h] = pending_kernels() && g_mask_kernels.chunk_states_pass
+                           ? g_mask_kernels.chunk_states_pass(in, p.dec, init)
+                           : g_mask_kernels.states(g_mask_kernels.chunk_states(in), p.dec, init);
       auto y = g_mask_kernels.chunk_scan(in, prev);
       ctx->save_for_backward({x, dt, A, B, C, seq_in, prev, D_in});
       return {y, h};

@@ -305,6 +305,104 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
   }
 }
 
+// The chunk states and their recurrence in one pass (pending GPU validation): a block owns
+// head h of batch b and PS of its P rows of the state, walks the chunks in order and keeps
+// the running state H in shared memory (float32):
+//   prev[b,c,h] = H (rounded to T);  H = dec[b,c,h] H + (dt Ld x)_c^T B_c;  final[b,h] = H.
+// S_c never reaches global memory, nor is it rounded to T before it is added.
+template <typename T, int P, int N, int PS>
+struct StatesPass {
+  static constexpr int kTiles = (PS / 16) * (N / 16);
+  static constexpr int kOwn = (kTiles + kWarps - 1) / kWarps;  // tiles per warp
+  static constexpr size_t smem() {
+    return sizeof(float) * (PS * ld32<N>() + Lc) + sizeof(T) * (Lc * ld16<PS>() + Lc * ld16<N>());
+  }
+};
+
+template <typename T, int P, int N, int PS>
+__global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d, const T* __restrict__ x,
+                                                                  const float* __restrict__ dt,
+                                                                  const float* __restrict__ Ld,
+                                                                  const T* __restrict__ Bm,
+                                                                  const float* __restrict__ dec,
+                                                                  const float* __restrict__ init,
+                                                                  T* __restrict__ prev,
+                                                                  float* __restrict__ final_state) {
+  using K = StatesPass<T, P, N, PS>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* hs = reinterpret_cast<float*>(smem);     // [PS][N+4]  the running state, this block's rows
+  float* scale = hs + PS * ld32<N>();             // [Lc]  dt Ld
+  T* us = reinterpret_cast<T*>(scale + Lc);       // [Lc][PS+8]  dt Ld x
+  T* bs = us + Lc * ld16<PS>();                   // [Lc][N+8]
+  const int64_t b = blockIdx.x / d.H, h = blockIdx.x % d.H, g = h / (d.H / d.G), p0 = blockIdx.y * PS;
+  const int warp = threadIdx.x / 32;
+  constexpr int TN = N / 16, V = N / 4;  // float4s per state row
+  const int64_t state0 = (b * d.H + h) * P * N + p0 * N;  // this block's rows of a [.., P, N] state
+  for (int i = threadIdx.x; i < PS * V; i += kThreads) {
+    const int r = i / V, q = (i % V) * 4;
+    const float4 v = init ? *reinterpret_cast<const float4*>(init + state0 + r * N + q) : make_float4(0.f, 0.f, 0.f, 0.f);
+    *reinterpret_cast<float4*>(hs + r * ld32<N>() + q) = v;
+  }
+  for (int64_t c = 0; c < d.nc; ++c) {
+    const int64_t t0 = c * Lc, bc = b * d.nc + c;
+    const int valid = static_cast<int>(min(static_cast<int64_t>(Lc), d.T - t0));
+    for (int l = threadIdx.x; l < Lc; l += kThreads)
+      scale[l] = l < valid ? dt[(b * d.T + t0 + l) * d.H + h] * Ld[(bc * d.H + h) * Lc + l] : 0.f;
+    __syncthreads();  // also: the previous chunk's update of hs is complete
+    load_tile<T, PS>(us, x + b * d.x_sb + t0 * d.x_st + h * P + p0, d.x_st, valid, scale);
+    load_tile<T, N>(bs, Bm + b * d.b_sb + t0 * d.b_st + g * N, d.b_st, valid, nullptr);
+    T* out = prev + (bc * d.H + h) * P * N + p0 * N;  // H_c, the state entering chunk c
+    for (int i = threadIdx.x; i < PS * V; i += kThreads) {
+      const int r = i / V, q = (i % V) * 4;
+      const float4 v = *reinterpret_cast<const float4*>(hs + r * ld32<N>() + q);
+      const float o[4] = {v.x, v.y, v.z, v.w};
+      store_pack<T, 4>(out + r * N + q, o);
+    }
+    __syncthreads();
+    const float dc = dec[bc * d.H + h];
+    Acc acc[K::kOwn];
+#pragma unroll
+    for (int o = 0; o < K::kOwn; ++o) {
+      const int tile = warp + o * kWarps;
+      if (tile >= K::kTiles) break;
+      wmma::load_matrix_sync(acc[o], hs + (tile / TN) * 16 * ld32<N>() + (tile % TN) * 16, ld32<N>(),
+                             wmma::mem_row_major);
+#pragma unroll
+      for (int e = 0; e < acc[o].num_elements; ++e) acc[o].x[e] *= dc;  // layout-free: one scalar
+    }
+    // A warp's tiles share their column (kWarps is a multiple of N / 16 when it owns
+    // several), so each step loads one B fragment for all of them.
+    static_assert(K::kOwn == 1 || kWarps % TN == 0, "the tiles of one warp share a column");
+#pragma unroll 1
+    for (int kk = 0; kk < Lc / 16; ++kk) {
+      FragBRow<T> bf;
+      wmma::load_matrix_sync(bf, bs + kk * 16 * ld16<N>() + (warp % TN) * 16, ld16<N>());
+#pragma unroll
+      for (int o = 0; o < K::kOwn; ++o) {
+        const int tile = warp + o * kWarps;
+        if (tile >= K::kTiles) break;
+        FragACol<T> a;  // (p, s) = us[s][p]
+        wmma::load_matrix_sync(a, us + kk * 16 * ld16<PS>() + (tile / TN) * 16, ld16<PS>());
+        wmma::mma_sync(acc[o], a, bf, acc[o]);
+      }
+    }
+#pragma unroll
+    for (int o = 0; o < K::kOwn; ++o) {
+      const int tile = warp + o * kWarps;
+      if (tile >= K::kTiles) break;
+      wmma::store_matrix_sync(hs + (tile / TN) * 16 * ld32<N>() + (tile % TN) * 16, acc[o], ld32<N>(),
+                              wmma::mem_row_major);
+    }
+    // The next chunk's first __syncthreads orders these stores before hs is read again, and
+    // the reads of us and bs above before they are overwritten.
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < PS * V; i += kThreads) {
+    const int r = i / V, q = (i % V) * 4;
+    *reinterpret_cast<float4*>(final_state + state0 + r * N + q) = *reinterpret_cast<const float4*>(hs + r * ld32<N>() + q);
+  }
+}
+
 // --------------------------------------------------------------- backward
 
 template <typename T, int P, int N>
@@ -695,6 +793,31 @@ cudaError_t ssd_chunk_states_fwd(int dtype, const SsdChunkDims& d, const void* x
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
     return launch(states_fwd_kernel<T, P, N>, dim3(d.B * d.nc, d.H), StatesFwd<T, P, N>::smem(), stream, d,
                   static_cast<const T*>(x), dt, Ld, static_cast<const T*>(B), static_cast<T*>(S));
+  });
+}
+
+cudaError_t ssd_chunk_states_pass(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
+                                  const float* Ld, const void* B, const float* dec, const float* init, void* prev,
+                                  float* final_state, cudaStream_t stream) {
+  // Rows of the state per block: all P unless that leaves under 2 blocks per SM.
+  int dev = 0, sms = 132;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  int64_t ps = d.P;
+  while (ps > 16 && d.B * d.H * (d.P / ps) < 2 * sms) ps /= 2;
+  return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) -> cudaError_t {
+    using T = decltype(tag);
+    constexpr int P = decltype(p)::value, N = decltype(n)::value;
+    auto go = [&](auto rows) {
+      constexpr int PS = decltype(rows)::value;
+      return launch(states_pass_kernel<T, P, N, PS>, dim3(d.B * d.H, P / PS), StatesPass<T, P, N, PS>::smem(),
+                    stream, d, static_cast<const T*>(x), dt, Ld, static_cast<const T*>(B), dec, init,
+                    static_cast<T*>(prev), final_state);
+    };
+    if (ps == 16) return go(std::integral_constant<int, 16>{});
+    if constexpr (P >= 64) {
+      if (ps == 32) return go(std::integral_constant<int, 32>{});
+    }
+    return go(std::integral_constant<int, P>{});
   });
 }
 

@@ -143,6 +143,21 @@ torch::Tensor chunk_states(const fused::ChunkInputs& in) {
   return S;
 }
 
+std::pair<torch::Tensor, torch::Tensor> chunk_states_pass(const fused::ChunkInputs& in, const torch::Tensor& dec_in,
+                                                          const torch::Tensor& init_in) {
+  c10::cuda::CUDAGuard guard(in.x.device());
+  auto k = chunk_of(in);
+  auto dec = dec_in.to(torch::kFloat32).contiguous();
+  torch::Tensor init = init_in.defined() ? init_in.to(torch::kFloat32).contiguous() : torch::Tensor();
+  auto prev = torch::empty({k.d.B, k.d.nc, k.d.H, k.d.P, k.d.N}, k.x.options());
+  auto final_state = torch::empty({k.d.B, k.d.H, k.d.P, k.d.N}, k.x.options().dtype(torch::kFloat32));
+  check(cuda::ssd_chunk_states_pass(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.Ld.data_ptr<float>(),
+                                    k.B.data_ptr(), dec.data_ptr<float>(), init.defined() ? init.data_ptr<float>() : nullptr,
+                                    prev.data_ptr(), final_state.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+        "ssd_chunk_states_pass");
+  return {prev, final_state};
+}
+
 torch::Tensor chunk_scan(const fused::ChunkInputs& in, const torch::Tensor& prev_in) {
   c10::cuda::CUDAGuard guard(in.x.device());
   auto k = chunk_of(in);
@@ -255,6 +270,7 @@ void register_ssd_kernels() {
   k.chunk_bwd_off = chunk_bwd_off;
   k.chunk_bwd_diag = chunk_bwd_diag;
   k.chunk_prep = chunk_prep;
+  k.chunk_states_pass = chunk_states_pass;
   k.chunk_decay_grad = chunk_decay_grad;
   fused::register_mask_kernels(std::move(k));
 }

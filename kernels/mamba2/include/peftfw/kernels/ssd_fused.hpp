@@ -79,6 +79,10 @@ struct MaskKernels {
   std::function<DecayGrads(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
                            const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>
       chunk_decay_grad;
+  // The chunk states and their recurrence in one kernel: (inputs, dec [B,nc,H] f32, init
+  // [B,H,P,N] or undefined) -> (prev [B,nc,H,P,N] in x's dtype, final [B,H,P,N] f32).
+  std::function<std::pair<torch::Tensor, torch::Tensor>(const ChunkInputs&, const torch::Tensor&, const torch::Tensor&)>
+      chunk_states_pass;
 };
 void register_mask_kernels(MaskKernels kernels);
 
