@@ -12,39 +12,53 @@
 namespace peftfw::data {
 namespace detail {
 
+namespace {
+
+// The UTF-8 sequence led by s[i] (a byte >= 0x80): its length (0 when the byte cannot lead
+// one) and how many of its bytes from i on are valid, the lead included: len when the whole
+// sequence is, fewer for a maximal invalid subpart (Unicode's "U+FFFD substitution of
+// maximal subparts"). Overlongs, surrogates and code points above U+10FFFF are invalid.
+struct Utf8Run {
+  std::size_t len, valid;
+};
+
+Utf8Run utf8_run(std::string_view s, std::size_t i) {
+  const auto b0 = static_cast<unsigned char>(s[i]);
+  std::size_t len = 0;
+  unsigned char lo = 0x80, hi = 0xBF;  // the second byte's range
+  if (b0 >= 0xC2 && b0 <= 0xDF) {
+    len = 2;
+  } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+    len = 3;
+    if (b0 == 0xE0) lo = 0xA0;  // overlong
+    if (b0 == 0xED) hi = 0x9F;  // surrogates
+  } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+    len = 4;
+    if (b0 == 0xF0) lo = 0x90;  // overlong
+    if (b0 == 0xF4) hi = 0x8F;  // above U+10FFFF
+  } else {
+    return {0, 0};
+  }
+  std::size_t k = 1;
+  while (k < len && i + k < s.size()) {
+    const auto b = static_cast<unsigned char>(s[i + k]);
+    if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xBF)) break;
+    ++k;
+  }
+  return {len, k};
+}
+
+}  // namespace
+
 std::optional<std::size_t> find_invalid_utf8(std::string_view s) {
-  std::size_t i = 0;
-  const std::size_t n = s.size();
-  while (i < n) {
-    const auto b0 = static_cast<unsigned char>(s[i]);
-    if (b0 < 0x80) {
+  for (std::size_t i = 0; i < s.size();) {
+    if (static_cast<unsigned char>(s[i]) < 0x80) {
       ++i;
       continue;
     }
-    std::size_t len = 0;
-    unsigned char lo = 0x80;
-    unsigned char hi = 0xBF;
-    if (b0 >= 0xC2 && b0 <= 0xDF) {
-      len = 2;
-    } else if (b0 >= 0xE0 && b0 <= 0xEF) {
-      len = 3;
-      if (b0 == 0xE0) lo = 0xA0;  // overlong
-      if (b0 == 0xED) hi = 0x9F;  // surrogates
-    } else if (b0 >= 0xF0 && b0 <= 0xF4) {
-      len = 4;
-      if (b0 == 0xF0) lo = 0x90;  // overlong
-      if (b0 == 0xF4) hi = 0x8F;  // above U+10FFFF
-    } else {
-      return i;
-    }
-    if (i + len > n) return i;
-    const auto b1 = static_cast<unsigned char>(s[i + 1]);
-    if (b1 < lo || b1 > hi) return i;
-    for (std::size_t k = 2; k < len; ++k) {
-      const auto b = static_cast<unsigned char>(s[i + k]);
-      if (b < 0x80 || b > 0xBF) return i;
-    }
-    i += len;
+    const Utf8Run r = utf8_run(s, i);
+    if (r.len == 0 || r.valid < r.len) return i;
+    i += r.len;
   }
   return std::nullopt;
 }
@@ -82,50 +96,22 @@ std::string utf8_lossy(std::string_view bytes) {
   static const char kReplacement[] = "\xEF\xBF\xBD";
   std::string out;
   out.reserve(bytes.size());
-  std::size_t i = 0;
-  const std::size_t n = bytes.size();
-  while (i < n) {
-    const auto b0 = static_cast<unsigned char>(bytes[i]);
-    if (b0 < 0x80) {
-      out += static_cast<char>(b0);
-      ++i;
+  for (std::size_t i = 0; i < bytes.size();) {
+    if (static_cast<unsigned char>(bytes[i]) < 0x80) {
+      out += bytes[i++];
       continue;
     }
-    std::size_t len = 0;
-    unsigned char lo = 0x80;
-    unsigned char hi = 0xBF;
-    if (b0 >= 0xC2 && b0 <= 0xDF) {
-      len = 2;
-    } else if (b0 >= 0xE0 && b0 <= 0xEF) {
-      len = 3;
-      if (b0 == 0xE0) lo = 0xA0;
-      if (b0 == 0xED) hi = 0x9F;
-    } else if (b0 >= 0xF0 && b0 <= 0xF4) {
-      len = 4;
-      if (b0 == 0xF0) lo = 0x90;
-      if (b0 == 0xF4) hi = 0x8F;
-    }
-    if (len == 0) {  // not a lead byte: one replacement for this byte
+    const Utf8Run r = utf8_run(bytes, i);
+    if (r.len == 0) {  // not a lead byte: one replacement for this byte
       out += kReplacement;
       ++i;
-      continue;
-    }
-    // Consume the lead byte and as many valid continuation bytes as there
-    // are; an incomplete sequence is one maximal invalid subpart.
-    std::size_t k = 1;
-    while (k < len && i + k < n) {
-      const auto b = static_cast<unsigned char>(bytes[i + k]);
-      const unsigned char low = k == 1 ? lo : 0x80;
-      const unsigned char high = k == 1 ? hi : 0xBF;
-      if (b < low || b > high) break;
-      ++k;
-    }
-    if (k == len) {
-      out.append(bytes.data() + i, len);
-    } else {
+    } else if (r.valid == r.len) {
+      out.append(bytes.data() + i, r.len);
+      i += r.len;
+    } else {  // an incomplete sequence is one maximal invalid subpart
       out += kReplacement;
+      i += r.valid;
     }
-    i += k;
   }
   return out;
 }

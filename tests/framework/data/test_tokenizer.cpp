@@ -81,6 +81,12 @@ TEST(ByteTokenizerTest, DecodeReplacesInvalidUtf8AndRejectsUnknownIds) {
   EXPECT_EQ(tok->decode({0xFF, 'a'}), replacement + "a");
   EXPECT_EQ(tok->decode({0xB8, 0xAD}), replacement + replacement);  // two stray continuations
   EXPECT_EQ(tok->decode({0xED, 0xA0, 0x80}), replacement + replacement + replacement);  // surrogate
+  // As Python's bytes.decode("utf-8", "replace"): maximal subparts, overlongs, beyond U+10FFFF.
+  EXPECT_EQ(tok->decode({0xF0, 0x9F, 0x98}), replacement);
+  EXPECT_EQ(tok->decode({0xF0, 0x9F, 0x98, 0x80}), "\xF0\x9F\x98\x80");
+  EXPECT_EQ(tok->decode({0xE0, 0x80, 0x80}), replacement + replacement + replacement);
+  EXPECT_EQ(tok->decode({0xF4, 0x90, 0x80, 0x80}), replacement + replacement + replacement + replacement);
+  EXPECT_EQ(tok->decode({'a', 0xC2}), "a" + replacement);
   expect_input_error([&] { tok->decode({'a', 259}); }, {"byte tokenizer", "259", "position 1"});
   expect_input_error([&] { tok->decode({-1}); }, {"-1"});
 }
