@@ -34,7 +34,7 @@ bool rows_aligned(const torch::Tensor& t) {
          reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
-cuda::DropDraw draw_of(const DropMask& m) { return {static_cast<float>(m.p), m.seed, m.offset}; }
+cuda::DropDraw draw_of(const DropMask& m) { return {m.p, m.seed, m.offset}; }
 
 void check(cudaError_t err, const char* what) { TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err)); }
 #endif
@@ -45,9 +45,10 @@ bool lora_down_kernel_applies(const torch::Tensor& x, const torch::Tensor& a) {
 #ifdef PEFTFW_HAVE_CUDA
   if (!x.is_cuda() || std::string(mamba2::implementation_for(x.device())) != "cuda") return false;
   const int code = dtype_code(x);
-  return code > 0 && a.scalar_type() == x.scalar_type() && a.device() == x.device() && a.dim() == 2 &&
-         a.is_contiguous() && a.size(1) == x.size(1) && rows_aligned(x) &&
-         cuda::lora_down_supported(code, a.size(0), x.size(1));
+  // A's fragments are read straight from global memory: 32-byte alignment.
+  return code > 0 && rows_aligned(x) && a.scalar_type() == x.scalar_type() && a.device() == x.device() &&
+         a.dim() == 2 && a.is_contiguous() && reinterpret_cast<uintptr_t>(a.data_ptr()) % 32 == 0 &&
+         a.size(1) == x.size(1) && cuda::lora_down_supported(code, a.size(0), x.size(1));
 #else
   (void)x, (void)a;
   return false;
@@ -63,7 +64,7 @@ DropMask draw_drop_mask(const torch::Device& device, double p) {
   TORCH_CHECK(device.is_cuda(), "draw_drop_mask: needs a CUDA device");
   at::Generator gen = at::cuda::detail::getDefaultCUDAGenerator(device.has_index() ? device.index() : -1);
   std::lock_guard<std::mutex> lock(gen.mutex());
-  // Our counters are (element / 4, offset): one step of the offset separates two draws.
+  // Four words of offset per draw: one step of curand's counter (see cuda/lora_down.hpp).
   std::tie(m.seed, m.offset) = gen.get<at::CUDAGeneratorImpl>()->philox_engine_inputs(4);
   return m;
 #else

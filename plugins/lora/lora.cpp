@@ -68,7 +68,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       // which costs a copy of x instead of a read and a write of the wider output.
       auto wb = torch::cat({weight, bs}, 1);  // [N, K + r]
       out = has_bias ? torch::addmm(*bias, xh, wb.t()) : torch::mm(xh, wb.t());
-      if (grad) h = h.clone();  // the backward needs h, not all of [x | h]
+      if (grad && kernel) h = h.clone();  // the backward needs h, not all of [x | h]
     } else {
       // A narrow output may be kept from a checkpoint's first run (nn/checkpoint.hpp): the
       // rerun then only redoes the dropout and h, which the backward needs.

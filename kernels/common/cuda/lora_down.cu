@@ -22,7 +22,7 @@ namespace wmma = nvcuda::wmma;
 
 constexpr int kWarps = 4, kRows = 16, kStep = 128, kLd = kStep + 8, kPacks = kRows * kStep / 8 / 32;
 
-// The host-side form of a draw: Philox key and counter high words, keep threshold, scale.
+// The host-side form of a draw: Philox key, the counter's offset words, keep threshold, scale.
 struct Mask {
   uint32_t k0, k1, o0, o1, threshold;
   float scale;
@@ -31,11 +31,12 @@ struct Mask {
 
 Mask mask_of(const DropDraw& d) {
   Mask m{};
-  m.on = d.p > 0.f;
+  m.on = d.p > 0.0;
   m.k0 = static_cast<uint32_t>(d.seed), m.k1 = static_cast<uint32_t>(d.seed >> 32);
-  m.o0 = static_cast<uint32_t>(d.offset), m.o1 = static_cast<uint32_t>(d.offset >> 32);
-  m.threshold = static_cast<uint32_t>(std::min(4294967295.0, std::floor(static_cast<double>(d.p) * 4294967296.0)));
-  m.scale = m.on ? static_cast<float>(1.0 / (1.0 - static_cast<double>(d.p))) : 1.f;
+  const uint64_t base = d.offset / 4;  // curand's counter for a skip-ahead of `offset` words
+  m.o0 = static_cast<uint32_t>(base), m.o1 = static_cast<uint32_t>(base >> 32);
+  m.threshold = static_cast<uint32_t>(std::min(4294967295.0, std::floor(d.p * 4294967296.0)));
+  m.scale = m.on ? static_cast<float>(1.0 / (1.0 - d.p)) : 1.f;  // as at::native_dropout's
   return m;
 }
 
@@ -59,7 +60,7 @@ __device__ __forceinline__ void apply_mask(const Mask& m, uint64_t i, Pack<T, 8>
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const uint64_t c = q + half;
-    const uint4 w = philox(m.k0, m.k1, make_uint4(static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), m.o0, m.o1));
+    const uint4 w = philox(m.k0, m.k1, make_uint4(m.o0, m.o1, static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32)));
     const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {

@@ -2,11 +2,13 @@
 // (peftfw/kernels/lora_down.hpp), so that CI compiles them with nvcc on a machine without a
 // GPU. dtype: 1 float16, 2 bfloat16.
 //
-// The dropout mask is counter-based (Philox4x32-10, keyed by `seed`, counter = (i / 4,
-// offset) for element i = m * K + k of the [M, K] input): the backward redraws it from
-// (seed, offset) instead of reading a stored mask, and a rerun with the generator state
-// restored draws the same one. Element i is kept when its 32-bit word is >= p * 2^32;
-// kept elements are scaled by 1 / (1 - p).
+// The dropout mask is counter-based: Philox4x32-10 keyed by `seed`, with the counter laid
+// out as curand's, (offset / 4) in the low words and the element group i / 4 (element
+// i = m * K + k of the [M, K] input) as the subsequence in the high ones. The backward
+// redraws the mask from (seed, offset) instead of reading a stored one, a rerun with the
+// generator state restored draws the same one, and the words are those a PyTorch Philox
+// kernel would use at that offset, which the generator hands out only once. Element i is
+// kept when its 32-bit word is >= p * 2^32; kept elements are scaled by 1 / (1 - p).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -16,7 +18,7 @@
 namespace peftfw::kernels::cuda {
 
 struct DropDraw {
-  float p = 0.f;  // 0: no dropout (no random words drawn)
+  double p = 0.0;  // 0: no dropout (no random words drawn)
   uint64_t seed = 0, offset = 0;
 };
 

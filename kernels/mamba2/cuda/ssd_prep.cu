@@ -31,7 +31,8 @@ __device__ __forceinline__ V warp_scan(V (&v)[kPer], int lane) {
   const V before = s - mine;  // the lanes before this one (after it, in reverse)
 #pragma unroll
   for (int i = 0; i < kPer; ++i) v[i] += before;
-  return __shfl_sync(kFull, s, REVERSE ? 0 : 31);
+  // The total as stored at the end position, so that e.g. cum_last - cum_127 is exactly 0.
+  return REVERSE ? __shfl_sync(kFull, v[0], 0) : __shfl_sync(kFull, v[kPer - 1], 31);
 }
 
 __global__ void __launch_bounds__(kWarps * 32) chunk_prep_kernel(const float* __restrict__ dt,
