@@ -3,12 +3,14 @@
 // GPU. dtype: 1 float16, 2 bfloat16.
 //
 // The dropout mask is counter-based: Philox4x32-10 keyed by `seed`, with the counter laid
-// out as curand's, (offset / 4) in the low words and the element group i / 4 (element
+// out as curand's, (offset / 4) in the low words and the element group i / 8 (element
 // i = m * K + k of the [M, K] input) as the subsequence in the high ones. The backward
 // redraws the mask from (seed, offset) instead of reading a stored one, a rerun with the
 // generator state restored draws the same one, and the words are those a PyTorch Philox
-// kernel would use at that offset, which the generator hands out only once. Element i is
-// kept when its 32-bit word is >= p * 2^32; kept elements are scaled by 1 / (1 - p).
+// kernel would use at that offset, which the generator hands out only once. One call gives
+// the 8 elements 8q..8q+7 a 16-bit word each (counter subsequence q); element i is kept when
+// its word is >= round(p * 2^16), so p is applied at a resolution of 2^-16, and kept elements
+// are scaled by 1 / (1 - p).
 #pragma once
 
 #include <cuda_runtime_api.h>
