@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, logs under $OUT (or ./gpu_session): build, the GPU
 # tests, compute-sanitizer on the newest kernels, the kernel bench and the end-to-end bench,
-# each of the last two without and with the kernels pending validation
-# (PEFTFW_PENDING_KERNELS=1, peftfw/kernels/pending.hpp). Stages can be picked:
+# each of the last two with the v2 kernels (the default) and without (PEFTFW_V2_KERNELS=0,
+# peftfw/kernels/v2.hpp). Stages can be picked:
 #   scripts/gpu_session.sh [build] [test] [sanitize] [kernels] [e2e] [profile]   (default: all)
 # Device time is scarce (a cold build takes ~2.5 min); the whole list fits one 10-minute call.
 set -uo pipefail
@@ -28,23 +28,23 @@ for s in "${stages[@]}"; do
     sanitize)
       stamp sanitize
       compute-sanitizer --tool memcheck "$bin/peftfw_gpu_tests" \
-        --gtest_filter='LoraDownCuda.*:LoraCuda.*:SsdCuda.FusedWithPending*' > "$out/memcheck.log" 2>&1
+        --gtest_filter='LoraDownCuda.*:LoraCuda.*:*SsdCuda.FusedWithV2*' > "$out/memcheck.log" 2>&1
       tail -3 "$out/memcheck.log" | tee -a "$out/session.log" ;;
     kernels)
       stamp kernels
-      "$bin/peftfw_bench_kernels" "$out/kernels.json" > "$out/kernels.log" 2>&1
-      PEFTFW_PENDING_KERNELS=1 "$bin/peftfw_bench_kernels" "$out/kernels_pending.json" > "$out/kernels_pending.log" 2>&1
-      tail -12 "$out/kernels.log" "$out/kernels_pending.log" | tee -a "$out/session.log" ;;
+      PEFTFW_V2_KERNELS=0 "$bin/peftfw_bench_kernels" "$out/kernels.json" > "$out/kernels.log" 2>&1
+      PEFTFW_V2_KERNELS=1 "$bin/peftfw_bench_kernels" "$out/kernels_v2.json" > "$out/kernels_v2.log" 2>&1
+      tail -12 "$out/kernels.log" "$out/kernels_v2.log" | tee -a "$out/session.log" ;;
     e2e)
       stamp e2e
-      python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --shapes 32x1280 --steps 7 --out /tmp/e2e \
+      PEFTFW_V2_KERNELS=0 python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --shapes 32x1280 --steps 7 --out /tmp/e2e \
         > "$out/e2e.log" 2>&1
-      PEFTFW_PENDING_KERNELS=1 python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --shapes 32x1280 --steps 7 \
-        --out /tmp/e2e_pending > "$out/e2e_pending.log" 2>&1
-      tail -6 "$out/e2e.log" "$out/e2e_pending.log" | tee -a "$out/session.log" ;;
+      PEFTFW_V2_KERNELS=1 python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --shapes 32x1280 --steps 7 \
+        --out /tmp/e2e_v2 > "$out/e2e_v2.log" 2>&1
+      tail -6 "$out/e2e.log" "$out/e2e_v2.log" | tee -a "$out/session.log" ;;
     profile)
       stamp profile
-      PEFTFW_PENDING_KERNELS=1 PEFTFW_PROFILE_TRACE=/tmp/trace.json PEFTFW_PROFILE_STEP=6 \
+      PEFTFW_V2_KERNELS=1 PEFTFW_PROFILE_TRACE=/tmp/trace.json PEFTFW_PROFILE_STEP=6 \
         python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --shapes 32x1280 --steps 7 --out /tmp/e2e_prof \
         > "$out/profile_run.log" 2>&1
       python3 bench/profile_summary.py /tmp/trace.json > "$out/profile.txt" 2>&1

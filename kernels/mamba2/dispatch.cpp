@@ -10,7 +10,7 @@
 #include <mutex>
 
 #include "peftfw/kernels/mamba2.hpp"
-#include "peftfw/kernels/pending.hpp"
+#include "peftfw/kernels/v2.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 
 #ifdef PEFTFW_HAVE_CUDA
@@ -99,10 +99,10 @@ torch::Tensor causal_conv1d_step(torch::Tensor& conv_state, const torch::Tensor&
 
 namespace peftfw::kernels {
 namespace {
-std::atomic<bool> g_pending{mamba2::env_is("PEFTFW_PENDING_KERNELS", "1")};
+std::atomic<bool> g_v2{!mamba2::env_is("PEFTFW_V2_KERNELS", "0")};
 }  // namespace
 
-bool pending_kernels() { return g_pending.load(); }
-void set_pending_kernels(bool on) { g_pending.store(on); }
+bool v2_kernels() { return g_v2.load(); }
+void set_v2_kernels(bool on) { g_v2.store(on); }
 
 }  // namespace peftfw::kernels

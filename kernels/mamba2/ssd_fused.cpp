@@ -40,7 +40,7 @@
 #include <tuple>
 
 #include "peftfw/kernels/mamba2.hpp"
-#include "peftfw/kernels/pending.hpp"
+#include "peftfw/kernels/v2.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 
 namespace peftfw::kernels::mamba2::fused {
@@ -143,7 +143,7 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
   const auto f32 = torch::kFloat32;
 
   if (!p.fused) p.xc = chunked(pad_time(x, pad), p.nc, p.Lc);  // [B,nc,Lc,H,P]
-  p.bookkept = p.fused && pending_kernels() && g_mask_kernels.chunk_prep;
+  p.bookkept = p.fused && v2_kernels() && g_mask_kernels.chunk_prep;
   if (p.bookkept) {
     auto k = g_mask_kernels.chunk_prep(dt, A, seq_ids, p.nc);
     p.seg = k.seg, p.cum = k.cum, p.Ld = k.Ld, p.E = k.E, p.dec = k.dec;
@@ -298,7 +298,7 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
 
     if (p.fused) {
       const auto in = chunk_inputs(p, x, dt, B, C, D);
-      auto [prev, h] = pending_kernels() && g_mask_kernels.chunk_states_pass
+      auto [prev, h] = v2_kernels() && g_mask_kernels.chunk_states_pass
                            ? g_mask_kernels.chunk_states_pass(in, p.dec, init)
                            : g_mask_kernels.states(g_mask_kernels.chunk_states(in), p.dec, init);
       auto y = g_mask_kernels.chunk_scan(in, prev);

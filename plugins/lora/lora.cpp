@@ -6,7 +6,7 @@
 #include <cmath>
 
 #include "peftfw/kernels/lora_down.hpp"
-#include "peftfw/kernels/pending.hpp"
+#include "peftfw/kernels/v2.hpp"
 #include "peftfw/nn/checkpoint.hpp"
 
 namespace peftfw::lora {
@@ -40,45 +40,47 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     auto bs = (B * scaling).to(dt);
     const int64_t M = x2.size(0), r = a.size(0);
     const bool wide = N > K;
+    // The output may be kept from a checkpoint's first run (nn/checkpoint.hpp): a narrow one
+    // by shape, another within the budget. The rerun then only redoes the dropout and h,
+    // which the backward needs (without [x | h]).
+    const bool keep_narrow = nn::keeps_projection(K, N), keep_wide = !keep_narrow && nn::may_keep_wide(K, N);
+    torch::Tensor out;
+    if (keep_narrow || keep_wide) out = nn::take_kept_output();
+    const bool concat = wide && !out.defined();  // the K-concatenated GEMM runs
     // The down projection: one CUDA pass over x with a counter-based mask (the backward
     // redraws it), else LibTorch's dropout (a stored byte mask) and a GEMM.
-    const bool kernel = (dropout > 0.0 || wide) && kernels::pending_kernels() &&
+    const bool kernel = (dropout > 0.0 || concat) && kernels::v2_kernels() &&
                         kernels::lora_down_kernel_applies(x2, a);
     kernels::DropMask drawn;
     torch::Tensor xd = x2, mask, h, xh;
-    if (wide) xh = torch::empty({M, K + r}, x2.options());
+    if (concat) xh = torch::empty({M, K + r}, x2.options());
     if (kernel) {
       drawn = kernels::draw_drop_mask(x2.device(), dropout);
       if (grad && dropout > 0.0) xd = torch::empty_like(x2);
-      h = wide ? xh.narrow(1, K, r) : torch::empty({M, r}, x2.options());
-      kernels::lora_down(x2, a, drawn, h, wide ? xh.narrow(1, 0, K) : torch::Tensor(),
+      h = concat ? xh.narrow(1, K, r) : torch::empty({M, r}, x2.options());
+      kernels::lora_down(x2, a, drawn, h, concat ? xh.narrow(1, 0, K) : torch::Tensor(),
                          grad && dropout > 0.0 ? xd : torch::Tensor());
     } else {
       if (dropout > 0.0) std::tie(xd, mask) = at::native_dropout(x2, dropout, true);
       h = torch::mm(xd, a.t());  // [M, r]
-      if (wide) {
+      if (concat) {
         xh.narrow(1, 0, K).copy_(x2);
         xh.narrow(1, K, r).copy_(h);
       }
     }
-    torch::Tensor out;
     const bool has_bias = bias && bias->defined();
-    if (wide) {
+    if (concat) {
       // Wide output: the branch rides along the base GEMM's reduction, [x | h] [W | s B]^T,
       // which costs a copy of x instead of a read and a write of the wider output.
       auto wb = torch::cat({weight, bs}, 1);  // [N, K + r]
       out = has_bias ? torch::addmm(*bias, xh, wb.t()) : torch::mm(xh, wb.t());
       if (grad && kernel) h = h.clone();  // the backward needs h, not all of [x | h]
-    } else {
-      // A narrow output may be kept from a checkpoint's first run (nn/checkpoint.hpp): the
-      // rerun then only redoes the dropout and h, which the backward needs.
-      const bool keep = nn::keeps_projection(K, N);
-      if (keep) out = nn::take_kept_output();
-      if (!out.defined()) {
-        out = has_bias ? torch::addmm(*bias, x2, weight.t()) : torch::mm(x2, weight.t());
-        out.addmm_(h, bs.t());
-        if (keep) nn::keep_output(out);
-      }
+      if (keep_wide) nn::keep_output_if_room(out);
+    } else if (!out.defined()) {
+      out = has_bias ? torch::addmm(*bias, x2, weight.t()) : torch::mm(x2, weight.t());
+      out.addmm_(h, bs.t());
+      if (keep_narrow) nn::keep_output(out);
+      if (keep_wide) nn::keep_output_if_room(out);
     }
     if (grad) {
       ctx->save_for_backward({xd, mask.defined() ? mask : torch::Tensor(), h, a, bs, weight});

@@ -12,7 +12,7 @@
 #include "peftfw/adapters/setup.hpp"
 #include "peftfw/kernels/lora_down.hpp"
 #include "peftfw/kernels/mamba2.hpp"
-#include "peftfw/kernels/pending.hpp"
+#include "peftfw/kernels/v2.hpp"
 #include "peftfw/kernels/row_nll.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 #include "peftfw/model/causal_lm.hpp"
@@ -108,14 +108,17 @@ void check_fused_against_reference(const SsdShape& s) {
   for (size_t i = 0; i < wrt.size(); ++i) expect_close(g_got[i], g_ref[i], tol_grad, names[i]);
 }
 
-TEST_P(SsdCuda, FusedEqualsReference) { check_fused_against_reference(GetParam()); }
-
-// The same with the kernels pending validation (peftfw/kernels/pending.hpp): the chunk
-// bookkeeping and the log-decay gradient chain as CUDA kernels (16-bit inputs).
-TEST_P(SsdCuda, FusedWithPendingKernelsEqualsReference) {
-  peftfw::kernels::set_pending_kernels(true);
+// The fused path with the v2 kernels (peftfw/kernels/v2.hpp: the chunk bookkeeping, the
+// log-decay gradient chain and the chunk states with their recurrence; the default) and with
+// the earlier path they replace.
+TEST_P(SsdCuda, FusedWithV2KernelsEqualsReference) {
+  peftfw::kernels::set_v2_kernels(true);
   check_fused_against_reference(GetParam());
-  peftfw::kernels::set_pending_kernels(false);
+}
+TEST_P(SsdCuda, FusedEqualsReference) {
+  peftfw::kernels::set_v2_kernels(false);
+  check_fused_against_reference(GetParam());
+  peftfw::kernels::set_v2_kernels(true);
 }
 
 const auto f32 = torch::kFloat32;
@@ -505,7 +508,7 @@ TEST(ModelCuda, Bf16KernelsAsAccurateAsBf16Reference) {
 // the mask redrawn from the same generator state by lora_down on ones (whose own arithmetic
 // LoraDownCuda checks).
 TEST(LoraCuda, FusedNodeWithDropoutMatchesFloat32Oracle) {
-  peftfw::kernels::set_pending_kernels(true);
+  ASSERT_TRUE(peftfw::kernels::v2_kernels());
   auto model = small_model("bfloat16");
   for (auto& p : model->parameters()) p.set_requires_grad(false);
   peftfw::AdapterRequest req;
@@ -563,7 +566,6 @@ TEST(LoraCuda, FusedNodeWithDropoutMatchesFloat32Oracle) {
     B.mutable_grad() = Tensor();
     ++checked;
   }
-  peftfw::kernels::set_pending_kernels(false);
   EXPECT_EQ(checked, 4 + 4 + 1 + 5);  // in/out_proj x 4, o_proj, input_linear x 5
 }
 

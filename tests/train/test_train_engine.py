@@ -131,9 +131,14 @@ def main():
                f"output.dir={work / 'keep'}")
     check("checkpoint_keep without grad_checkpointing stops before training, naming both keys",
           r.returncode == 2 and "checkpoint_keep" in r.stderr and "grad_checkpointing = true" in r.stderr, show(r))
+    r = peftfw("run", tiny, "train.grad_checkpointing=true", "train.checkpoint_keep_wide_gib=2",
+               f"output.dir={work / 'keepwide'}")
+    check("checkpoint_keep_wide_gib without checkpoint_keep stops before training, naming both keys",
+          r.returncode == 2 and "checkpoint_keep_wide_gib" in r.stderr and "narrow_projections" in r.stderr, show(r))
     r = peftfw("run", tiny, "train.max_steps=2", "train.grad_checkpointing=true",
-               "train.checkpoint_keep=narrow_projections", f"output.dir={work / 'kept'}", "output.overwrite=true")
-    check("a run with grad_checkpointing and checkpoint_keep trains", r.returncode == 0, show(r))
+               "train.checkpoint_keep=narrow_projections", "train.checkpoint_keep_wide_gib=0.5",
+               f"output.dir={work / 'kept'}", "output.overwrite=true")
+    check("a run with grad_checkpointing, checkpoint_keep and a wide budget trains", r.returncode == 0, show(r))
 
     print(f"train engine: {passed} passed, {failed} failed")
     return 1 if failed else 0

@@ -16,6 +16,7 @@ namespace {
 struct Pending {
   CheckpointFn fn;
   std::vector<torch::Tensor> kept;  // outputs kept by ops in the first run, in call order
+  int64_t wide_bytes = 0;           // of those, the bytes held against the wide budget
   torch::Tensor rng_state;  // of the input's device default generator, before the forward
   c10::Device device = c10::kCPU;
 };
@@ -27,6 +28,7 @@ std::unordered_map<int64_t, Pending> g_pending;
 int64_t g_next_id = 0;
 KeepPolicy g_policy = KeepPolicy::kNone;
 std::atomic<int64_t> g_kept{0}, g_taken{0};
+std::atomic<int64_t> g_wide_budget{0}, g_wide_held{0};  // bytes: the limit, and kept but not yet taken
 
 // What the running checkpointed function does with kept outputs: fills `kept` in its
 // first run, hands them back in order (from `next`) in its rerun.
@@ -34,14 +36,15 @@ struct KeepScope {
   enum Mode { kOff, kRecord, kReplay } mode = kOff;
   std::vector<torch::Tensor>* kept = nullptr;
   size_t next = 0;
+  int64_t* wide_bytes = nullptr;  // the run's Pending::wide_bytes
 };
 thread_local KeepScope t_scope;
 
 // Installs a scope for one run of a checkpointed function, restoring the outer one after.
 class ScopeGuard {
  public:
-  ScopeGuard(KeepScope::Mode mode, std::vector<torch::Tensor>* kept) : saved_(t_scope) {
-    t_scope = KeepScope{mode, kept, 0};
+  ScopeGuard(KeepScope::Mode mode, std::vector<torch::Tensor>* kept, int64_t* wide_bytes) : saved_(t_scope) {
+    t_scope = KeepScope{mode, kept, 0, wide_bytes};
   }
   ~ScopeGuard() { t_scope = saved_; }
   ScopeGuard(const ScopeGuard&) = delete;
@@ -75,14 +78,16 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     ctx->saved_data["id"] = id;
     CheckpointFn fn;
     std::vector<torch::Tensor>* kept;
+    int64_t* wide_bytes;
     {
       std::lock_guard<std::mutex> lock(g_mutex);
       auto& p = g_pending.at(id);
       fn = p.fn;
       kept = &p.kept;  // unordered_map entries stay put while others come and go
+      wide_bytes = &p.wide_bytes;
     }
     torch::NoGradGuard no_grad;
-    ScopeGuard scope(KeepScope::kRecord, kept);
+    ScopeGuard scope(KeepScope::kRecord, kept, wide_bytes);
     return fn(input);
   }
 
@@ -102,12 +107,14 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
     torch::Tensor out;
     {
       torch::AutoGradMode enable(true);
-      ScopeGuard scope(KeepScope::kReplay, &p.kept);
+      ScopeGuard scope(KeepScope::kReplay, &p.kept, nullptr);
       out = p.fn(x);
       TORCH_CHECK(t_scope.next == p.kept.size(), "checkpoint rerun used ", t_scope.next, " of the ",
                   p.kept.size(), " outputs kept by its first run (the two runs took different paths)");
     }
     set_rng_state(p.device, now);
+    g_wide_held -= p.wide_bytes;  // this run's kept wide outputs are all taken back (or dropped)
+    p.kept.clear();
     // Accumulates into the parameters' .grad and into x.grad.
     torch::autograd::backward({out}, {grads[0]});
     return {x.requires_grad() ? x.grad() : torch::Tensor(), torch::Tensor()};
@@ -127,14 +134,33 @@ torch::Tensor take_kept_output() {
   if (t_scope.mode != KeepScope::kReplay) return {};
   TORCH_CHECK(t_scope.next < t_scope.kept->size(), "checkpoint rerun asked for kept output ", t_scope.next,
               " but the first run kept only ", t_scope.kept->size(), " (the two runs took different paths)");
-  ++g_taken;
-  return std::move((*t_scope.kept)[t_scope.next++]);
+  auto out = std::move((*t_scope.kept)[t_scope.next++]);
+  if (out.defined()) ++g_taken;
+  return out;
 }
 
 void keep_output(const torch::Tensor& out) {
   if (t_scope.mode != KeepScope::kRecord) return;
   t_scope.kept->push_back(out);
   ++g_kept;
+}
+
+void set_wide_keep_budget(int64_t bytes) { g_wide_budget = bytes; }
+
+bool may_keep_wide(int64_t in_features, int64_t out_features) {
+  return g_policy == KeepPolicy::kNarrowProjections && g_wide_budget.load() > 0 && !keeps_projection(in_features, out_features);
+}
+
+void keep_output_if_room(const torch::Tensor& out) {
+  if (t_scope.mode != KeepScope::kRecord) return;
+  const int64_t bytes = static_cast<int64_t>(out.nbytes());
+  const bool room = g_wide_held.load() + bytes <= g_wide_budget.load();
+  t_scope.kept->push_back(room ? out : torch::Tensor());
+  if (room) {
+    g_wide_held += bytes;
+    *t_scope.wide_bytes += bytes;
+    ++g_kept;
+  }
 }
 
 KeepStats keep_stats() { return {g_kept.load(), g_taken.load()}; }
@@ -148,7 +174,7 @@ torch::Tensor checkpoint(CheckpointFn fn, const torch::Tensor& input) {
   {
     std::lock_guard<std::mutex> lock(g_mutex);
     id = g_next_id++;
-    g_pending[id] = Pending{std::move(fn), {}, rng_state(in.device()), in.device()};
+    g_pending[id] = Pending{std::move(fn), {}, 0, rng_state(in.device()), in.device()};
   }
   return CheckpointFunction::apply(in, id);
 }

@@ -358,6 +358,12 @@ TrainSummary train(const recipe::Recipe& r) {
                      "checkpointing: set grad_checkpointing = true, or checkpoint_keep = \"none\"");
   peftfw::nn::set_keep_policy(keep_narrow ? peftfw::nn::KeepPolicy::kNarrowProjections
                                           : peftfw::nn::KeepPolicy::kNone);
+  const double wide_gib = r.get_float("train", "checkpoint_keep_wide_gib");
+  if (wide_gib > 0 && !keep_narrow)
+    throw InputError("[train] checkpoint_keep_wide_gib = " + std::to_string(wide_gib) +
+                     " only applies with checkpoint_keep = \"narrow_projections\" (and grad_checkpointing = "
+                     "true); set it, or checkpoint_keep_wide_gib = 0");
+  peftfw::nn::set_wide_keep_budget(static_cast<int64_t>(wide_gib * 1073741824.0));
   auto params = trainable(model);
   if (params.empty()) throw InputError("nothing to train: the adapter and [ssm] train select no parameters");
   if (r.has_value("adapter", "init_from")) {

@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
   }
 }
 
-// The chunk states and their recurrence in one pass (pending GPU validation): a block owns
+// The chunk states and their recurrence in one pass (a v2 kernel, peftfw/kernels/v2.hpp): a block owns
 // head h of batch b and PS of its P rows of the state, walks the chunks in order and keeps
 // the running state H in shared memory (float32):
 //   prev[b,c,h] = H (rounded to T);  H = dec[b,c,h] H + (dt Ld x)_c^T B_c;  final[b,h] = H.

@@ -35,8 +35,8 @@ bool ssd_chunk_supported(int64_t P, int64_t N, int dtype);
 cudaError_t ssd_chunk_states_fwd(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
                                  const float* Ld, const void* B, void* S, cudaStream_t stream);
 
-// The chunk states and the recurrence over chunks in one kernel (pending GPU validation,
-// peftfw/kernels/pending.hpp): prev[b,c,h] = H_c (T), H_{c+1} = dec[b,c,h] H_c + S[b,c,h]
+// The chunk states and the recurrence over chunks in one kernel (a v2 kernel,
+// peftfw/kernels/v2.hpp): prev[b,c,h] = H_c (T), H_{c+1} = dec[b,c,h] H_c + S[b,c,h]
 // with S as above kept in float32, final [B,H,P,N] = H_nc (float32); init [B,H,P,N]
 // float32 or null (zeros). dec [B,nc,H] float32.
 cudaError_t ssd_chunk_states_pass(int dtype, const SsdChunkDims& d, const void* x, const float* dt,

@@ -115,6 +115,7 @@ struct StepResult {
 
 // One forward+backward on a fixed batch.
 StepResult loss_and_grads(CausalLM& model) {
+  for (auto& q : model.parameters()) q.mutable_grad() = torch::Tensor();  // a fresh step
   torch::manual_seed(21);
   ModelBatch b;
   b.input_ids = torch::randint(0, 256, {2, 13}, torch::kLong);
@@ -171,6 +172,34 @@ TEST(Checkpointing, KeptNarrowProjectionsGiveSameLossAndGradients) {
   EXPECT_EQ(after.taken - before.taken, 7);
   EXPECT_EQ(got.loss, want.loss);
   expect_same_step(got, want);
+}
+
+// With a budget for the other projections' outputs: with room for all, in_proj (2, wide,
+// through the K-concatenated LoRA GEMM), q_proj (square, LoRA), o_proj (square, no adapter)
+// and input_linear (3) are kept too, 7 + 7; with room for none, only the 7 narrow ones. Either
+// way loss and gradients are those of the run without checkpointing, and the budget is free
+// again after the backward (a second step keeps as many).
+TEST(Checkpointing, KeptWideProjectionsWithinTheBudget) {
+  const std::vector<std::string> targets = {"in_proj", "q_proj", "input_linear", "output_linear"};
+  auto plain = adapted_tiny_model(targets, "bfloat16", 128);
+  const auto want = loss_and_grads(*plain);
+  auto model = adapted_tiny_model(targets, "bfloat16", 128);
+  ASSERT_TRUE(model->set_gradient_checkpointing(true));
+  nn::set_keep_policy(nn::KeepPolicy::kNarrowProjections);
+  for (const auto& [budget, kept] : {std::pair<int64_t, int64_t>{int64_t{1} << 30, 14}, {1, 7}}) {
+    nn::set_wide_keep_budget(budget);
+    for (int step = 0; step < 2; ++step) {
+      const auto before = nn::keep_stats();
+      const auto got = loss_and_grads(*model);
+      const auto after = nn::keep_stats();
+      EXPECT_EQ(after.kept - before.kept, kept) << "budget " << budget << " step " << step;
+      EXPECT_EQ(after.taken - before.taken, kept) << "budget " << budget << " step " << step;
+      EXPECT_EQ(got.loss, want.loss);
+      expect_same_step(got, want);
+    }
+  }
+  nn::set_wide_keep_budget(0);
+  nn::set_keep_policy(nn::KeepPolicy::kNone);
 }
 
 }  // namespace

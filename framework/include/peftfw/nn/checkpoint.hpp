@@ -30,6 +30,16 @@ KeepPolicy keep_policy();
 // Whether a frozen projection from in_features to out_features is kept under the policy.
 bool keeps_projection(int64_t in_features, int64_t out_features);
 
+// Under kNarrowProjections, the outputs of the other (wider) frozen projections are kept too
+// while the ones kept and not yet taken back hold at most `bytes` (0: none). Unlike the
+// narrow ones, which of their calls keep depends on the room left, so both runs ask:
+// may_keep_wide() says whether a call is eligible; in the first run keep_output_if_room()
+// keeps the output or records that it did not, and in the rerun take_kept_output() returns
+// it or an undefined tensor (recompute).
+void set_wide_keep_budget(int64_t bytes);
+bool may_keep_wide(int64_t in_features, int64_t out_features);
+void keep_output_if_room(const torch::Tensor& out);
+
 // For an op that keeps its output: in the rerun, the output it computed in the first run
 // (undefined otherwise; ops must ask in the same order in both runs, which holds when the
 // decision depends only on shapes). In the first run, keep_output() stores it; elsewhere
@@ -39,7 +49,7 @@ void keep_output(const torch::Tensor& out);
 
 // Running totals (this process) of outputs kept in first runs and taken back in reruns.
 struct KeepStats {
-  int64_t kept = 0, taken = 0;
+  int64_t kept = 0, taken = 0;  // taken counts only outputs actually handed back
 };
 KeepStats keep_stats();
 

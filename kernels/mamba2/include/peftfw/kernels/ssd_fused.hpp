@@ -72,7 +72,7 @@ struct MaskKernels {
       chunk_bwd_off;
   std::function<ChunkGrads(const ChunkInputs&, const torch::Tensor&, const torch::Tensor&)> chunk_bwd_diag;
 
-  // Pending validation on a GPU (peftfw/kernels/pending.hpp), cuda/ssd_prep.hpp:
+  // v2 kernels (peftfw/kernels/v2.hpp), cuda/ssd_prep.hpp:
   // (dt [B,T,H] f32, A [H] f32, seq_ids [B,T] or undefined, nc) -> the chunk bookkeeping;
   std::function<ChunkPrep(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, int64_t)> chunk_prep;
   // (dcum_E, dcum_diag, dLd [B,nc,H,Lc], ddec, dec [B,nc,H], ddt_u [B,nc,H,Lc], dt [B,T,H], A [H]).
