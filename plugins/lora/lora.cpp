@@ -49,7 +49,8 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     const bool concat = wide && !out.defined();  // the K-concatenated GEMM runs
     // The down projection: one CUDA pass over x with a counter-based mask (the backward
     // redraws it), else LibTorch's dropout (a stored byte mask) and a GEMM.
-    const bool kernel = (dropout > 0.0 || concat) && kernels::v2_kernels() &&
+    // (the same choice in a checkpoint's two runs, whether or not the output was kept)
+    const bool kernel = (dropout > 0.0 || wide) && kernels::v2_kernels() &&
                         kernels::lora_down_kernel_applies(x2, a);
     kernels::DropMask drawn;
     torch::Tensor xd = x2, mask, h, xh;

@@ -100,6 +100,11 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
       p = std::move(g_pending.at(id));
       g_pending.erase(id);
     }
+    // This run's kept wide outputs leave the budget with this function, even if the rerun throws.
+    struct Release {
+      int64_t bytes;
+      ~Release() { g_wide_held -= bytes; }
+    } release{p.wide_bytes};
     auto input = ctx->get_saved_variables()[0];
     auto x = input.detach().requires_grad_(input.requires_grad());
     auto now = rng_state(p.device);
@@ -113,8 +118,6 @@ class CheckpointFunction : public torch::autograd::Function<CheckpointFunction> 
                   p.kept.size(), " outputs kept by its first run (the two runs took different paths)");
     }
     set_rng_state(p.device, now);
-    g_wide_held -= p.wide_bytes;  // this run's kept wide outputs are all taken back (or dropped)
-    p.kept.clear();
     // Accumulates into the parameters' .grad and into x.grad.
     torch::autograd::backward({out}, {grads[0]});
     return {x.requires_grad() ? x.grad() : torch::Tensor(), torch::Tensor()};

@@ -261,7 +261,7 @@ Schema make_builtin_schema() {
       integer("seed", 42, "Seed of data order and dropout.").at_least(0),
       flag   ("grad_checkpointing", false, "Recompute activations in backward to save memory."),
       choice ("checkpoint_keep", "none", {"none", "narrow_projections"}, "With grad_checkpointing: \"narrow_projections\" keeps the outputs of frozen projections at most half as wide as their input (Mamba out_proj, the MLP's output_linear, GQA k/v_proj) for the backward's rerun, which then skips about a third of its matrix work, for 2 bytes (bf16) per output feature per token."),
-      real   ("checkpoint_keep_wide_gib", 0.0, "With checkpoint_keep = \"narrow_projections\": also keep the outputs of the other frozen projections (Mamba in_proj, the MLP's input_linear, q/o_proj) from the first run, first come first kept, while they hold at most this many GiB; each one kept spares its GEMM in the rerun (about 2.8 ms per GiB on an H100).").at_least(0),
+      real   ("checkpoint_keep_wide_gib", 0.0, "With checkpoint_keep = \"narrow_projections\": also keep the outputs of the other frozen projections (Mamba in_proj, the MLP's input_linear, q/o_proj) from the first run, first come first kept, while they hold at most this many GiB; each one kept spares its GEMM in the rerun (about 2.8 ms per GiB on an H100).").between(0, 1024),
       integer("eval_every", 50, "Evaluate every this many steps; 0 = only at the end.").at_least(0),
       integer("save_every", 100, "Save a checkpoint every this many steps; 0 = only at the end.").at_least(0),
       integer("keep_last", 3, "Checkpoints kept; 0 = all.").at_least(0),

@@ -360,9 +360,9 @@ TrainSummary train(const recipe::Recipe& r) {
                                           : peftfw::nn::KeepPolicy::kNone);
   const double wide_gib = r.get_float("train", "checkpoint_keep_wide_gib");
   if (wide_gib > 0 && !keep_narrow)
-    throw InputError("[train] checkpoint_keep_wide_gib = " + std::to_string(wide_gib) +
-                     " only applies with checkpoint_keep = \"narrow_projections\" (and grad_checkpointing = "
-                     "true); set it, or checkpoint_keep_wide_gib = 0");
+    throw InputError("[train] checkpoint_keep_wide_gib > 0 only applies with checkpoint_keep = "
+                     "\"narrow_projections\" (and grad_checkpointing = true): set checkpoint_keep = "
+                     "\"narrow_projections\", or checkpoint_keep_wide_gib = 0");
   peftfw::nn::set_wide_keep_budget(static_cast<int64_t>(wide_gib * 1073741824.0));
   auto params = trainable(model);
   if (params.empty()) throw InputError("nothing to train: the adapter and [ssm] train select no parameters");
