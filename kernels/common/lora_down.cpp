@@ -15,6 +15,7 @@
 #include <mutex>
 
 #include "cuda/lora_down.hpp"
+#include "peftfw/kernels/check_launch.hpp"
 #endif
 
 namespace peftfw::kernels {
@@ -35,8 +36,6 @@ bool rows_aligned(const torch::Tensor& t) {
 }
 
 cuda::DropDraw draw_of(const DropMask& m) { return {m.p, m.seed, m.offset}; }
-
-void check(cudaError_t err, const char* what) { TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err)); }
 #endif
 
 }  // namespace
@@ -89,7 +88,7 @@ void lora_down(const torch::Tensor& x, const torch::Tensor& a, const DropMask& m
                     x_dropped.is_contiguous() && rows_aligned(x_dropped),
                 "lora_down: x_dropped must be a contiguous [M, K] in x's dtype");
   c10::cuda::CUDAGuard guard(x.device());
-  check(cuda::lora_down(dtype_code(x), x.data_ptr(), x.stride(0), a.data_ptr(), r, M, K, draw_of(mask), h.data_ptr(),
+  check_launch(cuda::lora_down(dtype_code(x), x.data_ptr(), x.stride(0), a.data_ptr(), r, M, K, draw_of(mask), h.data_ptr(),
                         h.stride(0), x_copy.defined() ? x_copy.data_ptr() : nullptr,
                         x_copy.defined() ? x_copy.stride(0) : 0, x_dropped.defined() ? x_dropped.data_ptr() : nullptr,
                         c10::cuda::getCurrentCUDAStream()),
@@ -105,7 +104,7 @@ void dropout_backward_(const torch::Tensor& g, const DropMask& mask) {
                   reinterpret_cast<uintptr_t>(g.data_ptr()) % 16 == 0,
               "dropout_backward_: g must be a contiguous 16-bit CUDA [M, K] with K % 8 == 0, got ", g.sizes());
   c10::cuda::CUDAGuard guard(g.device());
-  check(cuda::dropout_scale(dtype_code(g), g.data_ptr(), g.size(0), g.size(1), draw_of(mask),
+  check_launch(cuda::dropout_scale(dtype_code(g), g.data_ptr(), g.size(0), g.size(1), draw_of(mask),
                             c10::cuda::getCurrentCUDAStream()),
         "dropout backward");
 #else

@@ -12,6 +12,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/row_nll.hpp"
+#include "peftfw/kernels/check_launch.hpp"
 #endif
 
 namespace peftfw::kernels {
@@ -35,7 +36,6 @@ int kernel_dtype(const torch::Tensor& logits, const torch::Tensor& targets) {
   }
 }
 
-void check(cudaError_t err, const char* what) { TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err)); }
 #endif
 
 }  // namespace
@@ -76,7 +76,7 @@ RowNll row_nll(const torch::Tensor& logits, const torch::Tensor& targets, double
     const auto f32 = logits.options().dtype(torch::kFloat32);
     RowNll r{torch::empty({logits.size(0)}, f32), torch::empty({logits.size(0)}, f32)};
     auto t = targets.contiguous();
-    check(cuda::row_nll_fwd(code, logits.data_ptr(), logits.stride(0), t.data_ptr<int64_t>(), logits.size(0),
+    check_launch(cuda::row_nll_fwd(code, logits.data_ptr(), logits.stride(0), t.data_ptr<int64_t>(), logits.size(0),
                             logits.size(1), static_cast<float>(divisor), r.loss.data_ptr<float>(),
                             r.lse.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
           "row_nll");
@@ -96,7 +96,7 @@ torch::Tensor row_nll_backward(const torch::Tensor& logits, const torch::Tensor&
     auto t = targets.contiguous();
     auto l = lse.to(torch::kFloat32).contiguous();
     auto s = scale.to(logits.device(), torch::kFloat32).reshape({1}).contiguous();
-    check(cuda::row_nll_bwd(code, logits.data_ptr(), logits.stride(0), t.data_ptr<int64_t>(), l.data_ptr<float>(),
+    check_launch(cuda::row_nll_bwd(code, logits.data_ptr(), logits.stride(0), t.data_ptr<int64_t>(), l.data_ptr<float>(),
                             s.data_ptr<float>(), logits.size(0), logits.size(1), static_cast<float>(divisor),
                             out.data_ptr(), at::cuda::getCurrentCUDAStream()),
           "row_nll backward");

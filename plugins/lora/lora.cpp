@@ -43,9 +43,9 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     // The output may be kept from a checkpoint's first run (nn/checkpoint.hpp): a narrow one
     // by shape, another within the budget. The rerun then only redoes the dropout and h,
     // which the backward needs (without [x | h]).
-    const bool keep_narrow = nn::keeps_projection(K, N), keep_wide = !keep_narrow && nn::may_keep_wide(K, N);
+    const bool keepable = nn::may_keep(K, N);
     torch::Tensor out;
-    if (keep_narrow || keep_wide) out = nn::take_kept_output();
+    if (keepable) out = nn::take_kept_output();
     const bool concat = wide && !out.defined();  // the K-concatenated GEMM runs
     // The down projection: one CUDA pass over x with a counter-based mask (the backward
     // redraws it), else LibTorch's dropout (a stored byte mask) and a GEMM.
@@ -76,12 +76,11 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       auto wb = torch::cat({weight, bs}, 1);  // [N, K + r]
       out = has_bias ? torch::addmm(*bias, xh, wb.t()) : torch::mm(xh, wb.t());
       if (grad && kernel) h = h.clone();  // the backward needs h, not all of [x | h]
-      if (keep_wide) nn::keep_output_if_room(out);
+      if (keepable) nn::keep_projection_output(K, N, out);
     } else if (!out.defined()) {
       out = has_bias ? torch::addmm(*bias, x2, weight.t()) : torch::mm(x2, weight.t());
       out.addmm_(h, bs.t());
-      if (keep_narrow) nn::keep_output(out);
-      if (keep_wide) nn::keep_output_if_room(out);
+      if (keepable) nn::keep_projection_output(K, N, out);
     }
     if (grad) {
       ctx->save_for_backward({xd, mask.defined() ? mask : torch::Tensor(), h, a, bs, weight});

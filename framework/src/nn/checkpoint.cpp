@@ -166,6 +166,15 @@ void keep_output_if_room(const torch::Tensor& out) {
   }
 }
 
+bool may_keep(int64_t in_features, int64_t out_features) {
+  return keeps_projection(in_features, out_features) || may_keep_wide(in_features, out_features);
+}
+
+void keep_projection_output(int64_t in_features, int64_t out_features, const torch::Tensor& out) {
+  if (keeps_projection(in_features, out_features)) keep_output(out);
+  else keep_output_if_room(out);
+}
+
 KeepStats keep_stats() { return {g_kept.load(), g_taken.load()}; }
 
 torch::Tensor checkpoint(CheckpointFn fn, const torch::Tensor& input) {

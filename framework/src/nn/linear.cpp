@@ -31,8 +31,7 @@ struct KeptLinearFn : public torch::autograd::Function<KeptLinearFn> {
     ctx->save_for_backward({weight});
     if (auto kept = take_kept_output(); kept.defined()) return kept;
     auto out = torch::nn::functional::linear(x, weight, bias ? *bias : torch::Tensor());
-    if (keeps_projection(weight.size(1), weight.size(0))) keep_output(out);
-    else keep_output_if_room(out);
+    keep_projection_output(weight.size(1), weight.size(0), out);
     return out;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -48,8 +47,7 @@ struct KeptLinearFn : public torch::autograd::Function<KeptLinearFn> {
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   if (adapter_) return adapter_->forward_from_input(x, *this);
   const bool frozen = !weight.requires_grad() && (!bias.defined() || !bias.requires_grad());
-  if (!frozen || !(keeps_projection(in_features_, out_features_) || may_keep_wide(in_features_, out_features_)))
-    return base_forward(x);
+  if (!frozen || !may_keep(in_features_, out_features_)) return base_forward(x);
   std::optional<torch::Tensor> b;
   if (bias.defined()) b = bias;
   return KeptLinearFn::apply(x, weight, b);

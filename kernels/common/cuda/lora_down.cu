@@ -20,6 +20,7 @@ namespace {
 using mamba2::cuda::by_dtype_code;
 using mamba2::cuda::Num;
 using mamba2::cuda::Pack;
+using mamba2::cuda::sm_count;
 namespace wmma = nvcuda::wmma;
 
 constexpr int kWarps = 4, kRows = 16, kStep = 64, kLd = kStep + 8, kPacks = kRows * kStep / 8 / 32;
@@ -183,7 +184,7 @@ bool lora_down_supported(int dtype, int64_t r, int64_t K) {
 cudaError_t lora_down(int dtype, const void* x, int64_t ld_x, const void* A, int64_t r, int64_t M, int64_t K,
                       const DropDraw& drop, void* h, int64_t ld_h, void* x_copy, int64_t ld_c, void* x_dropped,
                       cudaStream_t stream) {
-  if (dtype == 0 || !lora_down_supported(dtype, r, K)) return cudaErrorInvalidValue;
+  if (!lora_down_supported(dtype, r, K)) return cudaErrorInvalidValue;
   if (M == 0) return cudaSuccess;
   const Mask m = mask_of(drop);
   return by_dtype_code(dtype, [&](auto t) -> cudaError_t {
@@ -207,7 +208,7 @@ cudaError_t dropout_scale(int dtype, void* g, int64_t M, int64_t K, const DropDr
   const int64_t packs = M * K / 8;
   if (packs == 0 || !m.on) return cudaSuccess;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((packs + threads - 1) / threads, 132 * 16);
+  const int64_t blocks = std::min<int64_t>((packs + threads - 1) / threads, int64_t{16} * sm_count());
   return by_dtype_code(dtype, [&](auto t) -> cudaError_t {
     using T = decltype(t);
     dropout_scale_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(static_cast<T*>(g), packs, m);

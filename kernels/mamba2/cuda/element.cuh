@@ -57,6 +57,13 @@ inline cudaError_t by_dtype_code(int dtype, F&& f) {
   }
 }
 
+// The current device's SM count, for grid-size heuristics (an H100's 132 if it cannot be read).
+inline int sm_count() {
+  int dev = 0, sms = 132;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  return sms;
+}
+
 // Sum over the 32 lanes of a warp (every lane gets the result).
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -800,8 +800,7 @@ cudaError_t ssd_chunk_states_pass(int dtype, const SsdChunkDims& d, const void* 
                                   const float* Ld, const void* B, const float* dec, const float* init, void* prev,
                                   float* final_state, cudaStream_t stream) {
   // Rows of the state per block: all P unless that leaves under 2 blocks per SM.
-  int dev = 0, sms = 132;
-  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int sms = sm_count();
   int64_t ps = d.P;
   while (ps > 16 && d.B * d.H * (d.P / ps) < 2 * sms) ps /= 2;
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) -> cudaError_t {
@@ -854,8 +853,8 @@ cudaError_t ssd_chunk_bwd_diag(int dtype, const SsdChunkDims& d, const void* x, 
   // Heads per block: 8 share one dCB accumulation (fewer atomics), unless that leaves fewer
   // than 4 waves of 2 blocks per SM; then fewer, for balance.
   const int64_t Hg = d.H / d.G;
-  int hpb = 8, dev = 0, sms = 132;
-  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  int hpb = 8;
+  const int sms = sm_count();
   while (hpb > 1 && d.B * d.nc * d.G * ((Hg + hpb - 1) / hpb) < 8 * sms) hpb /= 2;
   const int64_t splits = (Hg + hpb - 1) / hpb;
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {

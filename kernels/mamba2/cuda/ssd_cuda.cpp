@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/torch.h>
 
+#include "peftfw/kernels/check_launch.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 #include "ssd_chunk.hpp"
 #include "ssd_masks.hpp"
@@ -21,16 +22,12 @@ int dtype_code(torch::ScalarType t) {
   }
 }
 
-void check(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err));
-}
-
 torch::Tensor build(const torch::Tensor& CB, const torch::Tensor& cum, const torch::Tensor& seg,
                     int64_t Hg, torch::ScalarType dtype) {
   c10::cuda::CUDAGuard guard(CB.device());
   const int64_t B = CB.size(0), nc = CB.size(1), G = CB.size(2), Lc = CB.size(3);
   auto M = torch::empty({B, nc, G * Hg, Lc, Lc}, CB.options().dtype(dtype));
-  check(cuda::ssd_build_decay_cb(dtype_code(dtype), CB.contiguous().data_ptr<float>(),
+  check_launch(cuda::ssd_build_decay_cb(dtype_code(dtype), CB.contiguous().data_ptr<float>(),
                                  cum.contiguous().data_ptr<float>(), seg.contiguous().data_ptr<int32_t>(),
                                  M.data_ptr(), B * nc, G, Hg, Lc, at::cuda::getCurrentCUDAStream()),
         "ssd_build_decay_cb");
@@ -45,7 +42,7 @@ std::pair<torch::Tensor, torch::Tensor> backward(const torch::Tensor& dM, const 
   auto dCB = torch::zeros_like(CB);
   auto dcum = torch::empty({B, nc, G * Hg, Lc}, CB.options());
   auto dMc = dM.contiguous();
-  check(cuda::ssd_build_decay_cb_backward(
+  check_launch(cuda::ssd_build_decay_cb_backward(
             dtype_code(dMc.scalar_type()), dMc.data_ptr(), CB.contiguous().data_ptr<float>(),
             cum.contiguous().data_ptr<float>(), seg.contiguous().data_ptr<int32_t>(),
             dCB.data_ptr<float>(), dcum.data_ptr<float>(), B * nc, G, Hg, Lc,
@@ -62,7 +59,7 @@ std::pair<torch::Tensor, torch::Tensor> states(const torch::Tensor& S_in, const 
   auto prev = torch::empty_like(S);
   auto final_state = torch::empty({B, H, S.size(3), S.size(4)}, S.options().dtype(torch::kFloat32));
   torch::Tensor init = init_in.defined() ? init_in.to(torch::kFloat32).contiguous() : torch::Tensor();
-  check(cuda::ssd_state_passing(dtype_code(S.scalar_type()), S.data_ptr(), dec.data_ptr<float>(),
+  check_launch(cuda::ssd_state_passing(dtype_code(S.scalar_type()), S.data_ptr(), dec.data_ptr<float>(),
                                 init.defined() ? init.data_ptr<float>() : nullptr, prev.data_ptr(),
                                 final_state.data_ptr<float>(), B, nc, H, PN, at::cuda::getCurrentCUDAStream()),
         "ssd_state_passing");
@@ -81,7 +78,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> states_backward(const to
   auto ddec = torch::zeros({B, nc, H}, prev.options().dtype(torch::kFloat32));
   auto dinit = torch::empty({B, H, prev.size(3), prev.size(4)}, prev.options().dtype(torch::kFloat32));
   torch::Tensor dfinal = dfinal_in.defined() ? dfinal_in.to(torch::kFloat32).contiguous() : torch::Tensor();
-  check(cuda::ssd_state_passing_backward(dtype_code(prev.scalar_type()), dH.data_ptr(), dec.data_ptr<float>(),
+  check_launch(cuda::ssd_state_passing_backward(dtype_code(prev.scalar_type()), dH.data_ptr(), dec.data_ptr<float>(),
                                          dfinal.defined() ? dfinal.data_ptr<float>() : nullptr, prev.data_ptr(),
                                          dS.data_ptr(), ddec.data_ptr<float>(), dinit.data_ptr<float>(), B, nc, H,
                                          PN, at::cuda::getCurrentCUDAStream()),
@@ -137,7 +134,7 @@ torch::Tensor chunk_states(const fused::ChunkInputs& in) {
   c10::cuda::CUDAGuard guard(in.x.device());
   auto k = chunk_of(in);
   auto S = torch::empty({k.d.B, k.d.nc, k.d.H, k.d.P, k.d.N}, k.x.options());
-  check(cuda::ssd_chunk_states_fwd(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.Ld.data_ptr<float>(),
+  check_launch(cuda::ssd_chunk_states_fwd(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.Ld.data_ptr<float>(),
                                    k.B.data_ptr(), S.data_ptr(), at::cuda::getCurrentCUDAStream()),
         "ssd_chunk_states_fwd");
   return S;
@@ -151,7 +148,7 @@ std::pair<torch::Tensor, torch::Tensor> chunk_states_pass(const fused::ChunkInpu
   torch::Tensor init = init_in.defined() ? init_in.to(torch::kFloat32).contiguous() : torch::Tensor();
   auto prev = torch::empty({k.d.B, k.d.nc, k.d.H, k.d.P, k.d.N}, k.x.options());
   auto final_state = torch::empty({k.d.B, k.d.H, k.d.P, k.d.N}, k.x.options().dtype(torch::kFloat32));
-  check(cuda::ssd_chunk_states_pass(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.Ld.data_ptr<float>(),
+  check_launch(cuda::ssd_chunk_states_pass(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.Ld.data_ptr<float>(),
                                     k.B.data_ptr(), dec.data_ptr<float>(), init.defined() ? init.data_ptr<float>() : nullptr,
                                     prev.data_ptr(), final_state.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
         "ssd_chunk_states_pass");
@@ -163,7 +160,7 @@ torch::Tensor chunk_scan(const fused::ChunkInputs& in, const torch::Tensor& prev
   auto k = chunk_of(in);
   auto prev = prev_in.to(k.x.scalar_type()).contiguous();
   auto y = torch::empty({k.d.B, k.d.T, k.d.H, k.d.P}, k.x.options().dtype(torch::kFloat32));
-  check(cuda::ssd_chunk_scan_fwd(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.cum.data_ptr<float>(),
+  check_launch(cuda::ssd_chunk_scan_fwd(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.cum.data_ptr<float>(),
                                  k.seg.data_ptr<int32_t>(), k.CB.data_ptr<float>(), k.E.data_ptr<float>(),
                                  k.C.data_ptr(), prev.data_ptr(), ptr_or_null(k.D), y.data_ptr<float>(),
                                  at::cuda::getCurrentCUDAStream()),
@@ -182,7 +179,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> chunk_bwd_off(const fuse
   auto dyE = torch::empty({d.B, d.nc, cuda::kSsdChunk, d.H, d.P}, k.x.options());
   auto dH_off = torch::empty({d.B, d.nc, d.H, d.P, d.N}, k.x.options());
   auto dcum_E = torch::empty({d.B, d.nc, d.H, cuda::kSsdChunk}, dy.options());
-  check(cuda::ssd_chunk_bwd_off(k.dtype, d, dy.data_ptr<float>(), k.E.data_ptr<float>(), k.C.data_ptr(),
+  check_launch(cuda::ssd_chunk_bwd_off(k.dtype, d, dy.data_ptr<float>(), k.E.data_ptr<float>(), k.C.data_ptr(),
                                 prev.data_ptr(), dyE.data_ptr(), dH_off.data_ptr(), dcum_E.data_ptr<float>(),
                                 at::cuda::getCurrentCUDAStream()),
         "ssd_chunk_bwd_off");
@@ -205,7 +202,7 @@ fused::ChunkGrads chunk_bwd_diag(const fused::ChunkInputs& in, const torch::Tens
   gr.dLd = torch::empty_like(gr.ddt_u);
   gr.dCB = torch::zeros({d.B, d.nc, d.G, cuda::kSsdChunk, cuda::kSsdChunk}, f32);
   if (k.D.defined()) gr.dD = torch::zeros({d.H}, f32);
-  check(cuda::ssd_chunk_bwd_diag(k.dtype, d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.cum.data_ptr<float>(),
+  check_launch(cuda::ssd_chunk_bwd_diag(k.dtype, d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.cum.data_ptr<float>(),
                                  k.seg.data_ptr<int32_t>(), k.CB.data_ptr<float>(), k.Ld.data_ptr<float>(),
                                  k.B.data_ptr(), dy.data_ptr<float>(), dS.data_ptr(), ptr_or_null(k.D),
                                  gr.dx.data_ptr(), gr.uL.data_ptr(), gr.ddt_u.data_ptr<float>(),
@@ -229,7 +226,7 @@ fused::ChunkPrep chunk_prep(const torch::Tensor& dt_in, const torch::Tensor& A_i
   p.Ld = torch::empty_like(p.cum);
   p.E = torch::empty_like(p.cum);
   p.dec = torch::empty({B, nc, H}, f32);
-  check(cuda::ssd_chunk_prep(dt.data_ptr<float>(), A.data_ptr<float>(), seq.defined() ? seq.data_ptr<int64_t>() : nullptr,
+  check_launch(cuda::ssd_chunk_prep(dt.data_ptr<float>(), A.data_ptr<float>(), seq.defined() ? seq.data_ptr<int64_t>() : nullptr,
                              B, T, H, nc, p.seg.data_ptr<int32_t>(), p.cum.data_ptr<float>(), p.Ld.data_ptr<float>(),
                              p.E.data_ptr<float>(), p.dec.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
         "ssd_chunk_prep");
@@ -247,7 +244,7 @@ fused::DecayGrads chunk_decay_grad(const torch::Tensor& dcum_E, const torch::Ten
   fused::DecayGrads g;
   g.ddt = torch::empty({B, T, H}, dt.options());
   auto part = torch::empty({B * nc, H}, dt.options());
-  check(cuda::ssd_chunk_decay_grad(gE.data_ptr<float>(), gD.data_ptr<float>(), gL.data_ptr<float>(), dd.data_ptr<float>(),
+  check_launch(cuda::ssd_chunk_decay_grad(gE.data_ptr<float>(), gD.data_ptr<float>(), gL.data_ptr<float>(), dd.data_ptr<float>(),
                                    de.data_ptr<float>(), du.data_ptr<float>(), dt.data_ptr<float>(), A.data_ptr<float>(),
                                    B, T, H, nc, g.ddt.data_ptr<float>(), part.data_ptr<float>(),
                                    at::cuda::getCurrentCUDAStream()),

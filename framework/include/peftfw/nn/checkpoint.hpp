@@ -40,6 +40,12 @@ void set_wide_keep_budget(int64_t bytes);
 bool may_keep_wide(int64_t in_features, int64_t out_features);
 void keep_output_if_room(const torch::Tensor& out);
 
+// The two rules together, for a frozen projection from in_features to out_features: whether
+// its output may be kept (by shape, or within the budget), and keeping it in a first run by
+// the rule that applies.
+bool may_keep(int64_t in_features, int64_t out_features);
+void keep_projection_output(int64_t in_features, int64_t out_features, const torch::Tensor& out);
+
 // For an op that keeps its output: in the rerun, the output it computed in the first run
 // (undefined otherwise; ops must ask in the same order in both runs, which holds when the
 // decision depends only on shapes). In the first run, keep_output() stores it; elsewhere
