@@ -3,7 +3,10 @@
 # tests, compute-sanitizer on the newest kernels, the kernel bench and the end-to-end bench,
 # each of the last two with the v2 kernels (the default) and without (PEFTFW_V2_KERNELS=0,
 # peftfw/kernels/v2.hpp). Stages can be picked:
-#   scripts/gpu_session.sh [build] [test] [sanitize] [kernels] [e2e] [profile]   (default: all)
+#   scripts/gpu_session.sh [build] [test] [sanitize] [kernels] [ktrace] [ncu] [e2e] [profile]
+# (default: build test sanitize kernels e2e; ktrace: a Kineto trace of one SSD forward+backward
+# at 32x1280 and 1x4096, summarised per kernel; ncu: Nsight Compute's throughput, occupancy and
+# warp-stall sections for the four per-chunk SSD kernels at 32x1280).
 # Device time is scarce (a cold build takes ~2.5 min); the whole list fits one 10-minute call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,12 +32,32 @@ for s in "${stages[@]}"; do
       stamp sanitize
       compute-sanitizer --tool memcheck "$bin/peftfw_gpu_tests" \
         --gtest_filter='LoraDownCuda.*:LoraCuda.*:*SsdCuda.FusedWithV2*' > "$out/memcheck.log" 2>&1
-      tail -3 "$out/memcheck.log" | tee -a "$out/session.log" ;;
+      tail -3 "$out/memcheck.log" | tee -a "$out/session.log"
+      compute-sanitizer --tool racecheck "$bin/peftfw_gpu_tests" \
+        --gtest_filter='*SsdCuda.FusedWithV2*' > "$out/racecheck.log" 2>&1
+      tail -3 "$out/racecheck.log" | tee -a "$out/session.log" ;;
     kernels)
       stamp kernels
       PEFTFW_V2_KERNELS=0 "$bin/peftfw_bench_kernels" "$out/kernels.json" > "$out/kernels.log" 2>&1
       PEFTFW_V2_KERNELS=1 "$bin/peftfw_bench_kernels" "$out/kernels_v2.json" > "$out/kernels_v2.log" 2>&1
       tail -12 "$out/kernels.log" "$out/kernels_v2.log" | tee -a "$out/session.log" ;;
+    ktrace)
+      stamp ktrace
+      PEFTFW_BENCH_SHAPES=32x1280,1x4096 PEFTFW_PROFILE_TRACE=/tmp/ssd "$bin/peftfw_bench_kernels" /tmp/ktrace.json \
+        > "$out/ktrace_run.log" 2>&1
+      for shape in 32x1280 1x4096; do
+        echo "-- SSD forward+backward $shape"
+        python3 bench/profile_summary.py "/tmp/ssd-$shape.json" --top 25
+      done > "$out/ktrace.txt" 2>&1
+      cat "$out/ktrace.txt" | tee -a "$out/session.log" ;;
+    ncu)
+      stamp ncu
+      PEFTFW_BENCH_SHAPES=32x1280 ncu --kernel-name regex:'bwd_diag|scan_fwd|states_pass|bwd_off' --launch-count 4 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+        "$bin/peftfw_bench_kernels" /tmp/ncu_bench.json > "$out/ncu.txt" 2>&1
+      grep -E "bwd_diag|scan_fwd|states_pass|bwd_off|Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Warp Cycles Per Issued|Registers Per|Local|Issue Slots|Executed Ipc|stalled|Bank|L1/TEX Hit|L2 Hit|DRAM Through" "$out/ncu.txt" \
+        | grep -v "^    ---" | head -150 | tee -a "$out/session.log" ;;
     e2e)
       stamp e2e
       PEFTFW_V2_KERNELS=0 python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --shapes 32x1280 --steps 7 --out /tmp/e2e \

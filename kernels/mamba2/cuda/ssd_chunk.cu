@@ -4,6 +4,8 @@
 // float32. The notation follows ssd_fused.cpp.
 #include <mma.h>
 
+#include <algorithm>
+#include <limits>
 #include <type_traits>
 
 #include "element.cuh"
@@ -34,13 +36,21 @@ __host__ __device__ constexpr int ld16() { return W + 8; }
 template <int W>
 __host__ __device__ constexpr int ld32() { return W + 4; }
 
+// The per-chunk kernels run a 1-D grid of (batch*chunk) x `inner` blocks with the inner index
+// (a head, or a group's head split) fastest: the blocks resident together then work on the
+// same few chunks, and the per-chunk operands every head reads (CB, B, C) stay in L2. (With the
+// chunk fastest, a chunk's heads came a whole wave apart and CB was read from DRAM per head;
+// bwd_diag with one head per block keeps that order, see there.)
 struct Block {
   int64_t bc, b, c, t0;
-  int valid;  // positions of this chunk inside [0, T)
+  int64_t inner;  // the head (or head split) of this block
+  int valid;      // positions of this chunk inside [0, T)
 };
-__device__ __forceinline__ Block block_of(const SsdChunkDims& d) {
+__device__ __forceinline__ Block block_of(const SsdChunkDims& d, int64_t inner, bool chunk_fastest = false) {
   Block k;
-  k.bc = blockIdx.x;
+  const int64_t n_bc = d.B * d.nc;
+  k.bc = chunk_fastest ? blockIdx.x % n_bc : blockIdx.x / inner;
+  k.inner = chunk_fastest ? blockIdx.x / n_bc : blockIdx.x % inner;
   k.b = k.bc / d.nc;
   k.c = k.bc % d.nc;
   k.t0 = k.c * Lc;
@@ -171,8 +181,8 @@ __global__ void __launch_bounds__(kThreads, 2) states_fwd_kernel(SsdChunkDims d,
   T* us = reinterpret_cast<T*>(stage + kWarps * 256);  // [Lc][P+8]  dt Ld x
   T* bs = us + Lc * ld16<P>();                         // [Lc][N+8]
   float* scale = reinterpret_cast<float*>(bs + Lc * ld16<N>());  // [Lc]
-  const Block k = block_of(d);
-  const int64_t h = blockIdx.y, g = h / (d.H / d.G);
+  const Block k = block_of(d, d.H);
+  const int64_t h = k.inner, g = h / (d.H / d.G);
   for (int l = threadIdx.x; l < Lc; l += kThreads)
     scale[l] = l < k.valid ? dt[(k.b * d.T + k.t0 + l) * d.H + h] * Ld[(k.bc * d.H + h) * Lc + l] : 0.f;
   __syncthreads();
@@ -226,8 +236,8 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
   float* s_dt = s_cum + Lc;
   float* s_E = s_dt + Lc;
   int32_t* s_seg = reinterpret_cast<int32_t*>(s_E + Lc);
-  const Block k = block_of(d);
-  const int64_t h = blockIdx.y, g = h / (d.H / d.G);
+  const Block k = block_of(d, d.H);
+  const int64_t h = k.inner, g = h / (d.H / d.G);
   for (int l = threadIdx.x; l < Lc; l += kThreads) {
     s_cum[l] = cum[(k.bc * d.H + h) * Lc + l];
     s_E[l] = E[(k.bc * d.H + h) * Lc + l];
@@ -426,8 +436,8 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
   T* cs = dys + Lc * ld16<P>();                        // [Lc][N+8]
   T* ps = cs + Lc * ld16<N>();                         // [P][N+8]
   float* s_E = reinterpret_cast<float*>(ps + P * ld16<N>());
-  const Block k = block_of(d);
-  const int64_t h = blockIdx.y, g = h / (d.H / d.G);
+  const Block k = block_of(d, d.H);
+  const int64_t h = k.inner, g = h / (d.H / d.G);
   for (int l = threadIdx.x; l < Lc; l += kThreads) s_E[l] = E[(k.bc * d.H + h) * Lc + l];
   __syncthreads();
   load_tile_f32<T, P>(dys, dy + ((k.b * d.T + k.t0) * d.H + h) * P, d.H * P, k.valid, s_E);
@@ -534,10 +544,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   float* s_uq = s_ddt + 2 * Lc;           // [2][Lc] u . (Ld Q), per column half
   int32_t* s_seg = reinterpret_cast<int32_t*>(s_uq + 2 * Lc);
 
-  const Block k = block_of(d);
   const int64_t Hg = d.H / d.G, splits = (Hg + hpb - 1) / hpb;
-  const int64_t g = blockIdx.y / splits;
-  const int64_t h0 = g * Hg + (blockIdx.y % splits) * hpb;
+  // One head per block (small problems, whose CB fits in L2 in any order): chunk fastest, so
+  // that the blocks adding into one chunk's dCB at the same time are few.
+  const Block k = block_of(d, d.G * splits, hpb == 1);
+  const int64_t g = k.inner / splits;
+  const int64_t h0 = g * Hg + (k.inner % splits) * hpb;
   const int64_t h1 = min(h0 + hpb, (g + 1) * Hg);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int er = lane / 2, ec = (lane % 2) * 8;  // a lane's 8 elements of a 16x16 staging tile
@@ -770,6 +782,12 @@ cudaError_t by_shape(int dtype, int64_t P, int64_t N, F&& f) {
   }
 }
 
+// A 1-D grid; past 2^31 - 1 blocks an empty one, whose launch fails (launch() reports it)
+// instead of running a truncated grid.
+dim3 grid_1d(int64_t blocks) {
+  return dim3(blocks > std::numeric_limits<int32_t>::max() ? 0u : static_cast<unsigned>(blocks));
+}
+
 // Every 16-bit tile is a multiple of 32 bytes long, so the float32 areas that
 // follow them keep the 256-bit alignment WMMA needs.
 template <typename Kernel, typename... Args>
@@ -791,7 +809,7 @@ cudaError_t ssd_chunk_states_fwd(int dtype, const SsdChunkDims& d, const void* x
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
     using T = decltype(tag);
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
-    return launch(states_fwd_kernel<T, P, N>, dim3(d.B * d.nc, d.H), StatesFwd<T, P, N>::smem(), stream, d,
+    return launch(states_fwd_kernel<T, P, N>, grid_1d(d.B * d.nc * d.H), StatesFwd<T, P, N>::smem(), stream, d,
                   static_cast<const T*>(x), dt, Ld, static_cast<const T*>(B), static_cast<T*>(S));
   });
 }
@@ -827,7 +845,7 @@ cudaError_t ssd_chunk_scan_fwd(int dtype, const SsdChunkDims& d, const void* x, 
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
     using T = decltype(tag);
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
-    return launch(scan_fwd_kernel<T, P, N>, dim3(d.B * d.nc, d.H), ScanFwd<T, P, N>::smem(), stream, d,
+    return launch(scan_fwd_kernel<T, P, N>, grid_1d(d.B * d.nc * d.H), ScanFwd<T, P, N>::smem(), stream, d,
                   static_cast<const T*>(x), dt, cum, seg, CB, E, static_cast<const T*>(C),
                   static_cast<const T*>(prev), D, y);
   });
@@ -839,7 +857,7 @@ cudaError_t ssd_chunk_bwd_off(int dtype, const SsdChunkDims& d, const float* dy,
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
     using T = decltype(tag);
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
-    return launch(bwd_off_kernel<T, P, N>, dim3(d.B * d.nc, d.H), BwdOff<T, P, N>::smem(), stream, d, dy, E,
+    return launch(bwd_off_kernel<T, P, N>, grid_1d(d.B * d.nc * d.H), BwdOff<T, P, N>::smem(), stream, d, dy, E,
                   static_cast<const T*>(C), static_cast<const T*>(prev), static_cast<T*>(dyE),
                   static_cast<T*>(dH_off), dcum_E);
   });
@@ -860,7 +878,7 @@ cudaError_t ssd_chunk_bwd_diag(int dtype, const SsdChunkDims& d, const void* x, 
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
     using T = decltype(tag);
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
-    return launch(bwd_diag_kernel<T, P, N>, dim3(d.B * d.nc, d.G * splits), BwdDiag<T, P, N>::smem(), stream, d,
+    return launch(bwd_diag_kernel<T, P, N>, grid_1d(d.B * d.nc * d.G * splits), BwdDiag<T, P, N>::smem(), stream, d,
                   static_cast<const T*>(x), dt, cum, seg, CB, Ld, static_cast<const T*>(B), dy,
                   static_cast<const T*>(dS), D, static_cast<T*>(dx), static_cast<T*>(uL), ddt_u, dcum, dLd, dCB,
                   dD, hpb);
