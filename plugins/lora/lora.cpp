@@ -45,7 +45,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     // which the backward needs (without [x | h]).
     const bool keepable = nn::may_keep(K, N);
     torch::Tensor out;
-    if (keepable) out = nn::take_kept_output();
+    if (keepable) out = nn::take_kept_output(M, N);
     const bool concat = wide && !out.defined();  // the K-concatenated GEMM runs
     // The down projection: one CUDA pass over x with a counter-based mask (the backward
     // redraws it), else LibTorch's dropout (a stored byte mask) and a GEMM.

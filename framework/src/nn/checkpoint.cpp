@@ -133,12 +133,17 @@ bool keeps_projection(int64_t in_features, int64_t out_features) {
   return g_policy == KeepPolicy::kNarrowProjections && in_features >= 2 * out_features;
 }
 
-torch::Tensor take_kept_output() {
+torch::Tensor take_kept_output(int64_t rows, int64_t cols) {
   if (t_scope.mode != KeepScope::kReplay) return {};
   TORCH_CHECK(t_scope.next < t_scope.kept->size(), "checkpoint rerun asked for kept output ", t_scope.next,
               " but the first run kept only ", t_scope.kept->size(), " (the two runs took different paths)");
-  auto out = std::move((*t_scope.kept)[t_scope.next++]);
-  if (out.defined()) ++g_taken;
+  const size_t at = t_scope.next++;
+  auto out = std::move((*t_scope.kept)[at]);
+  if (!out.defined()) return out;
+  TORCH_CHECK(out.dim() >= 1 && out.size(-1) == cols && out.numel() == rows * cols, "checkpoint rerun: kept output ",
+              at, " has shape ", out.sizes(), " but the op asking for it computes ", rows, " rows of ", cols,
+              " (the two runs took different paths)");
+  ++g_taken;
   return out;
 }
 
@@ -156,11 +161,13 @@ bool may_keep_wide(int64_t in_features, int64_t out_features) {
 
 void keep_output_if_room(const torch::Tensor& out) {
   if (t_scope.mode != KeepScope::kRecord) return;
-  const int64_t bytes = static_cast<int64_t>(out.nbytes());
-  const bool room = g_wide_held.load() + bytes <= g_wide_budget.load();
+  const int64_t bytes = static_cast<int64_t>(out.nbytes()), budget = g_wide_budget.load();
+  // Check and reserve in one step, so that two threads cannot both take the last room.
+  int64_t held = g_wide_held.load();
+  bool room = held + bytes <= budget;
+  while (room && !g_wide_held.compare_exchange_weak(held, held + bytes)) room = held + bytes <= budget;
   t_scope.kept->push_back(room ? out : torch::Tensor());
   if (room) {
-    g_wide_held += bytes;
     *t_scope.wide_bytes += bytes;
     ++g_kept;
   }

@@ -29,7 +29,7 @@ struct KeptLinearFn : public torch::autograd::Function<KeptLinearFn> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& weight, const std::optional<torch::Tensor>& bias) {
     ctx->save_for_backward({weight});
-    if (auto kept = take_kept_output(); kept.defined()) return kept;
+    if (auto kept = take_kept_output(x.numel() / weight.size(1), weight.size(0)); kept.defined()) return kept;
     auto out = torch::nn::functional::linear(x, weight, bias ? *bias : torch::Tensor());
     keep_projection_output(weight.size(1), weight.size(0), out);
     return out;

@@ -202,4 +202,56 @@ TEST(Checkpointing, KeptWideProjectionsWithinTheBudget) {
   nn::set_keep_policy(nn::KeepPolicy::kNone);
 }
 
+// A budget with room for some of the wide outputs: first come first kept. The batch is 2 x 13
+// tokens and the model bf16 with hidden size 32, so q_proj's and o_proj's outputs (the one
+// attention layer's) take 2 * 13 * 32 * 2 = 1,664 bytes each; every other wide output is
+// larger than two of them (in_proj 2 * 13 * (2 * 64 + 2 * 8 + 4) * 2 bytes with one group of state 8,
+// input_linear 2 * 13 * 256 * 2), so it never fits. One byte short of room for both: q_proj only, 7 + 1;
+// room for exactly both: 7 + 2.
+TEST(Checkpointing, PartlyFilledBudgetKeepsFirstComeFirstKept) {
+  const std::vector<std::string> targets = {"in_proj", "q_proj", "input_linear", "output_linear"};
+  auto plain = adapted_tiny_model(targets, "bfloat16", 128);
+  const auto want = loss_and_grads(*plain);
+  auto model = adapted_tiny_model(targets, "bfloat16", 128);
+  ASSERT_TRUE(model->set_gradient_checkpointing(true));
+  nn::set_keep_policy(nn::KeepPolicy::kNarrowProjections);
+  const int64_t square = 2 * 13 * 32 * 2;
+  for (const auto& [budget, kept] : {std::pair<int64_t, int64_t>{2 * square - 1, 8}, {2 * square, 9}}) {
+    nn::set_wide_keep_budget(budget);
+    const auto before = nn::keep_stats();
+    const auto got = loss_and_grads(*model);
+    const auto after = nn::keep_stats();
+    EXPECT_EQ(after.kept - before.kept, kept) << "budget " << budget;
+    EXPECT_EQ(after.taken - before.taken, kept) << "budget " << budget;
+    EXPECT_EQ(got.loss, want.loss);
+    expect_same_step(got, want);
+  }
+  nn::set_wide_keep_budget(0);
+  nn::set_keep_policy(nn::KeepPolicy::kNone);
+}
+
+// A rerun whose op computes another shape than the output kept for it in the first run is an
+// error that names both, not a silently wrong activation.
+TEST(Checkpointing, KeptOutputOfAnotherShapeIsAnError) {
+  int runs = 0;
+  auto fn = [&runs](const torch::Tensor& x) {
+    const int64_t cols = runs++ == 0 ? 3 : 4;  // the rerun takes another path
+    if (auto kept = nn::take_kept_output(x.size(0), cols); kept.defined()) return kept;
+    auto out = x.narrow(1, 0, cols) * 2;
+    nn::keep_output(out);
+    return out;
+  };
+  auto x = torch::randn({2, 5}).requires_grad_(true);
+  auto y = nn::checkpoint(fn, x);
+  EXPECT_EQ(runs, 1);
+  try {
+    y.sum().backward();
+    FAIL() << "the rerun took a kept output of the wrong shape";
+  } catch (const c10::Error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("kept output 0 has shape [2, 3]"), std::string::npos) << what;
+    EXPECT_NE(what.find("2 rows of 4"), std::string::npos) << what;
+  }
+}
+
 }  // namespace

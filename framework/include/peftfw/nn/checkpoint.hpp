@@ -48,9 +48,11 @@ void keep_projection_output(int64_t in_features, int64_t out_features, const tor
 
 // For an op that keeps its output: in the rerun, the output it computed in the first run
 // (undefined otherwise; ops must ask in the same order in both runs, which holds when the
-// decision depends only on shapes). In the first run, keep_output() stores it; elsewhere
-// both are no-ops.
-torch::Tensor take_kept_output();
+// decision depends only on shapes). The op says what it computes, `rows` x `cols` (any
+// leading shape, last dimension cols); a kept output of another shape is an error (the two
+// runs took different paths). In the first run, keep_output() stores it; elsewhere both
+// are no-ops.
+torch::Tensor take_kept_output(int64_t rows, int64_t cols);
 void keep_output(const torch::Tensor& out);
 
 // Running totals (this process) of outputs kept in first runs and taken back in reruns.
