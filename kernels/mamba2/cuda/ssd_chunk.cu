@@ -91,6 +91,25 @@ __device__ void load_tile(T* dst, const T* src, int64_t stride, int valid, const
   }
 }
 
+// The same without the scale, as asynchronous copies (cp.async, 16 bytes each, zero-filled
+// past `valid`): no registers hold the tile on its way, and the copies run while the thread
+// goes on. They have landed after cp_async_wait(); a __syncthreads() after that makes the
+// tile visible to the block.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool copy) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(copy ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+template <typename T, int W, int ROWS = Lc>
+__device__ void load_tile_async(T* dst, const T* src, int64_t stride, int valid) {
+  constexpr int V = W / 8;
+  for (int i = threadIdx.x; i < ROWS * V; i += kThreads) {
+    const int r = i / V, v = i % V;
+    cp_async16(dst + r * ld16<W>() + v * 8, r < valid ? src + r * stride + v * 8 : src, r < valid);
+  }
+}
+
 // The same from a float32 source (rounded to T).
 template <typename T, int W>
 __device__ void load_tile_f32(T* dst, const float* src, int64_t stride, int valid, const float* scale) {
@@ -238,6 +257,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
   int32_t* s_seg = reinterpret_cast<int32_t*>(s_E + Lc);
   const Block k = block_of(d, d.H);
   const int64_t h = k.inner, g = h / (d.H / d.G);
+  load_tile_async<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P);
   for (int l = threadIdx.x; l < Lc; l += kThreads) {
     s_cum[l] = cum[(k.bc * d.H + h) * Lc + l];
     s_E[l] = E[(k.bc * d.H + h) * Lc + l];
@@ -248,8 +268,8 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
   const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
   load_tile<T, P>(us, xb, d.x_st, k.valid, s_dt);
   load_tile<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid, s_E);
-  load_tile<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P, nullptr);
   build_decay<T, 8>(Ms, CB + (k.bc * d.G + g) * Lc * Lc, s_cum, s_seg);
+  cp_async_wait();
   __syncthreads();
 
   // M is lower triangular, so row tile i of M u costs i + 1 steps. Each warp takes two jobs
@@ -356,11 +376,12 @@ __global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d
   for (int64_t c = 0; c < d.nc; ++c) {
     const int64_t t0 = c * Lc, bc = b * d.nc + c;
     const int valid = static_cast<int>(min(static_cast<int64_t>(Lc), d.T - t0));
+    __syncthreads();  // the previous chunk's update of hs is complete, and its reads of scale, us, bs
+    load_tile_async<T, N>(bs, Bm + b * d.b_sb + t0 * d.b_st + g * N, d.b_st, valid);
     for (int l = threadIdx.x; l < Lc; l += kThreads)
       scale[l] = l < valid ? dt[(b * d.T + t0 + l) * d.H + h] * Ld[(bc * d.H + h) * Lc + l] : 0.f;
-    __syncthreads();  // also: the previous chunk's update of hs is complete
+    __syncthreads();
     load_tile<T, PS>(us, x + b * d.x_sb + t0 * d.x_st + h * P + p0, d.x_st, valid, scale);
-    load_tile<T, N>(bs, Bm + b * d.b_sb + t0 * d.b_st + g * N, d.b_st, valid, nullptr);
     T* out = prev + (bc * d.H + h) * P * N + p0 * N;  // H_c, the state entering chunk c
     for (int i = threadIdx.x; i < PS * V; i += kThreads) {
       const int r = i / V, q = (i % V) * 4;
@@ -368,6 +389,7 @@ __global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d
       const float o[4] = {v.x, v.y, v.z, v.w};
       store_pack<T, 4>(out + r * N + q, o);
     }
+    cp_async_wait();
     __syncthreads();
     const float dc = dec[bc * d.H + h];
     Acc acc[K::kOwn];
@@ -438,11 +460,12 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
   float* s_E = reinterpret_cast<float*>(ps + P * ld16<N>());
   const Block k = block_of(d, d.H);
   const int64_t h = k.inner, g = h / (d.H / d.G);
+  load_tile_async<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid);
+  load_tile_async<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P);
   for (int l = threadIdx.x; l < Lc; l += kThreads) s_E[l] = E[(k.bc * d.H + h) * Lc + l];
   __syncthreads();
   load_tile_f32<T, P>(dys, dy + ((k.b * d.T + k.t0) * d.H + h) * P, d.H * P, k.valid, s_E);
-  load_tile<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid, nullptr);
-  load_tile<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P, nullptr);
+  cp_async_wait();
   __syncthreads();
   {  // dyE out, time-major, zero past T
     constexpr int V = P / 8;
@@ -637,8 +660,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll 1
     for (int half = 0; half < 2; ++half) {
       __syncthreads();  // the shared area is free (staging, or the previous half)
+      load_tile_async<T, NH, P>(dq, dS + (k.bc * d.H + h) * P * N + half * NH, N, P);
       load_tile<T, NH>(bq, bsrc + half * NH, d.b_st, k.valid, s_Ld);
-      load_tile<T, NH, P>(dq, dS + (k.bc * d.H + h) * P * N + half * NH, N, P, nullptr);
+      cp_async_wait();
       __syncthreads();
 #pragma unroll
       for (int job = 0; job < 2; ++job) {
