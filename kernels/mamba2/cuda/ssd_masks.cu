@@ -1,6 +1,8 @@
 // See ssd_masks.hpp. Thread layout for one [Lc,Lc] tile: 8 warps; warp w owns
 // rows w, w+8, ...; lane j owns columns j, j+32, ... so each row is read
 // coalesced and each row sum is one warp reduction.
+#include <cstdint>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -123,23 +125,35 @@ __global__ void state_passing_kernel(const T* __restrict__ S, const float* __res
   final_state[bh * PN + i] = state;
 }
 
-template <typename T>
+// grid: (ceil(PN / (kThreads * VEC)), B * H); VEC state elements per thread (PN a multiple of
+// VEC, the 16-bit tensors VEC-element aligned). Each chunk's three reads are issued together at
+// the top of its step, before the gradient they feed is needed.
+template <typename T, int VEC>
 __global__ void state_passing_backward_kernel(const T* __restrict__ dH_off, const float* __restrict__ dec,
                                               const float* __restrict__ dfinal, const T* __restrict__ prev,
                                               T* __restrict__ dS, float* __restrict__ ddec,
                                               float* __restrict__ dinit, int64_t nc, int64_t H, int64_t PN) {
   __shared__ float s_part[kWarps];
-  const int64_t i = blockIdx.x * int64_t{kThreads} + threadIdx.x;
+  const int64_t i = (blockIdx.x * int64_t{kThreads} + threadIdx.x) * VEC;
   const bool live = i < PN;
   const int64_t bh = blockIdx.y, b = bh / H, h = bh % H;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float g = (live && dfinal) ? dfinal[bh * PN + i] : 0.f;
+  float g[VEC];
+#pragma unroll
+  for (int v = 0; v < VEC; ++v) g[v] = (live && dfinal) ? dfinal[bh * PN + i + v] : 0.f;
   for (int64_t c = nc - 1; c >= 0; --c) {
     const int64_t at = ((b * nc + c) * H + h) * PN + i;
+    const float dc = dec[(b * nc + c) * H + h];
+    Pack<T, VEC> pv, dv;
+    if (live) {
+      pv = *reinterpret_cast<const Pack<T, VEC>*>(prev + at);
+      dv = *reinterpret_cast<const Pack<T, VEC>*>(dH_off + at);
+    }
     float part = 0.f;
     if (live) {
-      dS[at] = Num<T>::from_f(g);
-      part = g * Num<T>::to_f(prev[at]);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) part += g[v] * Num<T>::to_f(pv.v[v]);
+      store_pack<T, VEC>(dS + at, g);
     }
     part = warp_sum(part);
     if (lane == 0) s_part[warp] = part;
@@ -150,9 +164,15 @@ __global__ void state_passing_backward_kernel(const T* __restrict__ dH_off, cons
       atomicAdd(&ddec[(b * nc + c) * H + h], sum);
     }
     __syncthreads();
-    if (live) g = Num<T>::to_f(dH_off[at]) + dec[(b * nc + c) * H + h] * g;
+    if (live) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) g[v] = Num<T>::to_f(dv.v[v]) + dc * g[v];
+    }
   }
-  if (live && dinit) dinit[bh * PN + i] = g;
+  if (live && dinit) {
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) dinit[bh * PN + i + v] = g[v];
+  }
 }
 
 template <template <typename, int> class Launch, typename... Args>
@@ -213,13 +233,18 @@ cudaError_t ssd_state_passing_backward(int dtype, const void* dH_off, const floa
                                        const float* dfinal, const void* prev, void* dS, float* ddec,
                                        float* dinit, int64_t B, int64_t nc, int64_t H, int64_t PN,
                                        cudaStream_t stream) {
-  const dim3 grid((PN + kThreads - 1) / kThreads, B * H);
   return by_dtype_code(dtype, [&](auto tag) {
     using T = decltype(tag);
-    state_passing_backward_kernel<T><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(dH_off), dec, dfinal, static_cast<const T*>(prev), static_cast<T*>(dS), ddec,
-        dinit, nc, H, PN);
-    return cudaGetLastError();
+    constexpr int kVec = 4;
+    auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % (kVec * sizeof(T)) == 0; };
+    const bool vec = PN % kVec == 0 && aligned(dH_off) && aligned(prev) && aligned(dS);
+    auto go = [&](auto kernel, int64_t per_thread) {
+      const dim3 grid((PN / per_thread + kThreads - 1) / kThreads, B * H);
+      kernel<<<grid, kThreads, 0, stream>>>(static_cast<const T*>(dH_off), dec, dfinal, static_cast<const T*>(prev),
+                                            static_cast<T*>(dS), ddec, dinit, nc, H, PN);
+      return cudaGetLastError();
+    };
+    return vec ? go(state_passing_backward_kernel<T, kVec>, kVec) : go(state_passing_backward_kernel<T, 1>, 1);
   });
 }
 
