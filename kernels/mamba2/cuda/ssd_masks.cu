@@ -126,8 +126,8 @@ __global__ void state_passing_kernel(const T* __restrict__ S, const float* __res
 }
 
 // grid: (ceil(PN / (kThreads * VEC)), B * H); VEC state elements per thread (PN a multiple of
-// VEC, the 16-bit tensors VEC-element aligned). Each chunk's three reads are issued together at
-// the top of its step, before the gradient they feed is needed.
+// VEC; dH_off, prev and dS aligned to VEC elements). Each chunk's three reads are issued
+// together at the top of its step, before the gradient they feed is needed.
 template <typename T, int VEC>
 __global__ void state_passing_backward_kernel(const T* __restrict__ dH_off, const float* __restrict__ dec,
                                               const float* __restrict__ dfinal, const T* __restrict__ prev,
