@@ -52,10 +52,14 @@ for s in "${stages[@]}"; do
       cat "$out/ktrace.txt" | tee -a "$out/session.log" ;;
     ncu)
       stamp ncu
-      PEFTFW_BENCH_SHAPES=32x1280 ncu --kernel-name regex:'bwd_diag|scan_fwd|states_pass|bwd_off' --launch-count 4 \
-        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-        "$bin/peftfw_bench_kernels" /tmp/ncu_bench.json > "$out/ncu.txt" 2>&1
+      # One launch of each kernel (a shared launch count would spend itself on the forward
+      # kernels of the bench's warm-up runs).
+      for k in scan_fwd states_pass bwd_off bwd_diag; do
+        PEFTFW_BENCH_SHAPES=32x1280 ncu --kernel-name regex:"$k" --launch-count 1 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+          --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+          "$bin/peftfw_bench_kernels" /tmp/ncu_bench.json
+      done > "$out/ncu.txt" 2>&1
       grep -E "bwd_diag|scan_fwd|states_pass|bwd_off|Duration|Throughput|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Warp Cycles Per Issued|Registers Per|Local|Issue Slots|Executed Ipc|stalled|Bank|L1/TEX Hit|L2 Hit|DRAM Through" "$out/ncu.txt" \
         | grep -v "^    ---" | head -150 | tee -a "$out/session.log" ;;
     e2e)
