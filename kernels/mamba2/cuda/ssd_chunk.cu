@@ -1,5 +1,5 @@
-// See ssd_chunk.hpp. Every kernel runs 8 warps on one (batch*chunk, head)
-// pair; 16-bit tiles live in shared memory with rows padded by 8 elements
+// See ssd_chunk.hpp. Every kernel runs 8 warps on one (batch*chunk) and one head or a
+// few heads of a group; 16-bit tiles live in shared memory with rows padded by 8 elements
 // (16 bytes) against bank conflicts, and the WMMA products accumulate in
 // float32. The notation follows ssd_fused.cpp.
 #include <mma.h>
@@ -56,6 +56,22 @@ __device__ __forceinline__ Block block_of(const SsdChunkDims& d, int64_t inner, 
   k.t0 = k.c * Lc;
   k.valid = static_cast<int>(min(static_cast<int64_t>(Lc), d.T - k.t0));
   return k;
+}
+
+// The heads [h0, h1) of one group that a block loops over, for a grid of (batch*chunk) x
+// (G * ceil(Hg / hpb)) blocks.
+struct Heads {
+  Block k;
+  int64_t g, h0, h1;
+};
+__device__ __forceinline__ Heads heads_of(const SsdChunkDims& d, int hpb, bool chunk_fastest = false) {
+  const int64_t Hg = d.H / d.G, splits = (Hg + hpb - 1) / hpb;
+  Heads r;
+  r.k = block_of(d, d.G * splits, chunk_fastest);
+  r.g = r.k.inner / splits;
+  r.h0 = r.g * Hg + (r.k.inner % splits) * hpb;
+  r.h1 = min(r.h0 + hpb, (r.g + 1) * Hg);
+  return r;
 }
 
 // dst[r][0..W) = src[r*stride + 0..W) (times scale[r] when given) for r < valid,
@@ -129,10 +145,11 @@ __device__ void load_tile_f32(T* dst, const float* src, int64_t stride, int vali
   }
 }
 
-// M[l][s] = CB[l,s] exp(cum_l - cum_s) for s <= l in one segment, else 0 (T, shared).
-// BATCH float4 loads of CB in flight per thread.
+// M[l][s] = CB[l,s] exp(cum_l - cum_s) (times col_scale[s] when given) for s <= l in one
+// segment, else 0 (T, shared). BATCH float4 loads of CB in flight per thread.
 template <typename T, int BATCH>
-__device__ void build_decay(T* Ms, const float* cb, const float* s_cum, const int32_t* s_seg) {
+__device__ void build_decay(T* Ms, const float* cb, const float* s_cum, const int32_t* s_seg,
+                            const float* col_scale = nullptr) {
   constexpr int V = Lc / 4, IT = Lc * V / kThreads;
   static_assert(IT % BATCH == 0, "batches must tile the matrix");
 #pragma unroll 1
@@ -152,7 +169,7 @@ __device__ void build_decay(T* Ms, const float* cb, const float* s_cum, const in
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const int s = s0 + k;
-        o[k] = (s <= l && s_seg[s] == sl) ? o[k] * __expf(cl - s_cum[s]) : 0.f;
+        o[k] = (s <= l && s_seg[s] == sl) ? o[k] * __expf(cl - s_cum[s]) * (col_scale ? col_scale[s] : 1.f) : 0.f;
       }
       store_pack<T, 4>(Ms + l * ld16<Lc>() + s0, o);
     }
@@ -227,14 +244,26 @@ __global__ void __launch_bounds__(kThreads, 2) states_fwd_kernel(SsdChunkDims d,
   }
 }
 
+// Row r of every element of a 16x16 accumulator fragment: loaded from a matrix whose
+// (r, c) entry is r, so per-row scales need no knowledge of the fragment's layout.
+__device__ __forceinline__ void fill_row_ids(float* ids) {
+  for (int i = threadIdx.x; i < 256; i += kThreads) ids[i] = static_cast<float>(i / 16);
+}
+
 template <typename T, int P, int N>
 struct ScanFwd {
   static_assert((Lc + 8) * sizeof(T) >= (P + 4) * sizeof(float), "y staging aliases the M tile");
   static constexpr size_t smem() {
-    return sizeof(float) * 4 * Lc + sizeof(T) * (Lc * ld16<Lc>() + Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
+    return sizeof(float) * (4 * Lc + 256) +
+           sizeof(T) * (Lc * ld16<Lc>() + Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
   }
 };
 
+// grid: (B*nc) x (G * ceil(Hg / hpb)); the block loops over its hpb heads of one group. The
+// group's C is copied once per block, unscaled; each head's x and incoming state are copied
+// unscaled too (cp.async), while the block builds that head's M. The scales go elsewhere:
+// dt into M's columns (M' = M diag(dt), so M u = M' x), E onto the rows of the C prev^T
+// accumulators before M' x joins them.
 template <typename T, int P, int N>
 __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, const T* __restrict__ x,
                                                             const float* __restrict__ dt,
@@ -244,94 +273,104 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
                                                             const float* __restrict__ E,
                                                             const T* __restrict__ Cm,
                                                             const T* __restrict__ prev,
-                                                            const float* __restrict__ D, float* __restrict__ y) {
+                                                            const float* __restrict__ D, float* __restrict__ y,
+                                                            int hpb) {
   extern __shared__ __align__(128) unsigned char smem[];
-  T* Ms = reinterpret_cast<T*>(smem);         // [Lc][Lc+8]
-  T* us = Ms + Lc * ld16<Lc>();               // [Lc][P+8]  dt x
-  T* cs = us + Lc * ld16<P>();                // [Lc][N+8]  E C
-  T* ps = cs + Lc * ld16<N>();                // [P][N+8]   prev
+  T* Ms = reinterpret_cast<T*>(smem);         // [Lc][Lc+8]  M diag(dt)
+  T* xs = Ms + Lc * ld16<Lc>();               // [Lc][P+8]   x
+  T* cs = xs + Lc * ld16<P>();                // [Lc][N+8]   C (the group's, all heads)
+  T* ps = cs + Lc * ld16<N>();                // [P][N+8]    prev
   float* ys = reinterpret_cast<float*>(Ms);   // [Lc][P+4], after the products
   float* s_cum = reinterpret_cast<float*>(ps + P * ld16<N>());
   float* s_dt = s_cum + Lc;
   float* s_E = s_dt + Lc;
-  int32_t* s_seg = reinterpret_cast<int32_t*>(s_E + Lc);
-  const Block k = block_of(d, d.H);
-  const int64_t h = k.inner, g = h / (d.H / d.G);
-  load_tile_async<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P);
-  for (int l = threadIdx.x; l < Lc; l += kThreads) {
-    s_cum[l] = cum[(k.bc * d.H + h) * Lc + l];
-    s_E[l] = E[(k.bc * d.H + h) * Lc + l];
-    s_seg[l] = seg[k.bc * Lc + l];
-    s_dt[l] = l < k.valid ? dt[(k.b * d.T + k.t0 + l) * d.H + h] : 0.f;
-  }
-  __syncthreads();
-  const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
-  load_tile<T, P>(us, xb, d.x_st, k.valid, s_dt);
-  load_tile<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid, s_E);
-  build_decay<T, 8>(Ms, CB + (k.bc * d.G + g) * Lc * Lc, s_cum, s_seg);
-  cp_async_wait();
-  __syncthreads();
-
-  // M is lower triangular, so row tile i of M u costs i + 1 steps. Each warp takes two jobs
-  // of half the columns, row tiles w and 7 - w: 9 steps per warp in place of 1..8.
+  float* row_ids = s_E + Lc;  // [16][16]
+  int32_t* s_seg = reinterpret_cast<int32_t*>(row_ids + 256);
+  const Heads hs = heads_of(d, hpb);
+  const Block& k = hs.k;
+  const int64_t g = hs.g, h0 = hs.h0, h1 = hs.h1;
+  load_tile_async<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid);
+  for (int l = threadIdx.x; l < Lc; l += kThreads) s_seg[l] = seg[k.bc * Lc + l];
+  fill_row_ids(row_ids);
+  const float* cb = CB + (k.bc * d.G + g) * Lc * Lc;
   const int warp = threadIdx.x / 32;
   constexpr int TP = P / 16, HP = TP / 2;
-  Acc acc[2][HP];
+
+  for (int64_t h = h0; h < h1; ++h) {
+    __syncthreads();  // the previous head is done with Ms (ys), xs, ps and the scalars
+    const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
+    load_tile_async<T, P>(xs, xb, d.x_st, k.valid);
+    load_tile_async<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P);
+    for (int l = threadIdx.x; l < Lc; l += kThreads) {
+      s_cum[l] = cum[(k.bc * d.H + h) * Lc + l];
+      s_E[l] = E[(k.bc * d.H + h) * Lc + l];
+      s_dt[l] = l < k.valid ? dt[(k.b * d.T + k.t0 + l) * d.H + h] : 0.f;
+    }
+    __syncthreads();
+    build_decay<T, 8>(Ms, cb, s_cum, s_seg, s_dt);
+    cp_async_wait();
+    __syncthreads();
+
+    // M is lower triangular, so row tile i of M' x costs i + 1 steps. Each warp takes two jobs
+    // of half the columns, row tiles w and 7 - w: 9 steps per warp in place of 1..8.
+    Acc acc[2][HP];
+    Acc rows;
+    wmma::load_matrix_sync(rows, row_ids, 16, wmma::mem_row_major);
 #pragma unroll
-  for (int job = 0; job < 2; ++job) {
-    const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
+    for (int job = 0; job < 2; ++job) {
+      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
 #pragma unroll
-    for (int j = 0; j < HP; ++j) wmma::fill_fragment(acc[job][j], 0.f);
-    for (int kk = 0; kk <= rt; ++kk) {
-      FragARow<T> a;
-      wmma::load_matrix_sync(a, Ms + rt * 16 * ld16<Lc>() + kk * 16, ld16<Lc>());
+      for (int j = 0; j < HP; ++j) wmma::fill_fragment(acc[job][j], 0.f);
 #pragma unroll
-      for (int j = 0; j < HP; ++j) {
-        FragBRow<T> bf;
-        wmma::load_matrix_sync(bf, us + kk * 16 * ld16<P>() + (j0 + j) * 16, ld16<P>());
-        wmma::mma_sync(acc[job][j], a, bf, acc[job][j]);
+      for (int kk = 0; kk < N / 16; ++kk) {
+        FragARow<T> a;
+        wmma::load_matrix_sync(a, cs + rt * 16 * ld16<N>() + kk * 16, ld16<N>());
+#pragma unroll
+        for (int j = 0; j < HP; ++j) {
+          FragBCol<T> bf;  // (n, p) = prev[p][n]
+          wmma::load_matrix_sync(bf, ps + (j0 + j) * 16 * ld16<N>() + kk * 16, ld16<N>());
+          wmma::mma_sync(acc[job][j], a, bf, acc[job][j]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < HP; ++j)
+#pragma unroll
+        for (int e = 0; e < acc[job][j].num_elements; ++e)
+          acc[job][j].x[e] *= s_E[rt * 16 + static_cast<int>(rows.x[e])];
+      for (int kk = 0; kk <= rt; ++kk) {
+        FragARow<T> a;
+        wmma::load_matrix_sync(a, Ms + rt * 16 * ld16<Lc>() + kk * 16, ld16<Lc>());
+#pragma unroll
+        for (int j = 0; j < HP; ++j) {
+          FragBRow<T> bf;
+          wmma::load_matrix_sync(bf, xs + kk * 16 * ld16<P>() + (j0 + j) * 16, ld16<P>());
+          wmma::mma_sync(acc[job][j], a, bf, acc[job][j]);
+        }
       }
     }
+    __syncthreads();  // everyone is done with Ms before ys overwrites it
 #pragma unroll
-    for (int kk = 0; kk < N / 16; ++kk) {
-      FragARow<T> a;
-      wmma::load_matrix_sync(a, cs + rt * 16 * ld16<N>() + kk * 16, ld16<N>());
+    for (int job = 0; job < 2; ++job) {
+      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
 #pragma unroll
-      for (int j = 0; j < HP; ++j) {
-        FragBCol<T> bf;  // (n, p) = prev[p][n]
-        wmma::load_matrix_sync(bf, ps + (j0 + j) * 16 * ld16<N>() + kk * 16, ld16<N>());
-        wmma::mma_sync(acc[job][j], a, bf, acc[job][j]);
-      }
+      for (int j = 0; j < HP; ++j)
+        wmma::store_matrix_sync(ys + rt * 16 * ld32<P>() + (j0 + j) * 16, acc[job][j], ld32<P>(),
+                                wmma::mem_row_major);
     }
-  }
-  __syncthreads();  // everyone is done with Ms before ys overwrites it
-#pragma unroll
-  for (int job = 0; job < 2; ++job) {
-    const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
-#pragma unroll
-    for (int j = 0; j < HP; ++j)
-      wmma::store_matrix_sync(ys + rt * 16 * ld32<P>() + (j0 + j) * 16, acc[job][j], ld32<P>(),
-                              wmma::mem_row_major);
-  }
-  __syncthreads();
-  const float Dh = D ? D[h] : 0.f;
-  constexpr int V = P / 4, IT = Lc * V / kThreads;
-  Pack<T, 4> xs[IT];
-#pragma unroll
-  for (int it = 0; it < IT; ++it) {
-    const int i = threadIdx.x + it * kThreads, l = i / V, p = (i % V) * 4;
-    if (l < k.valid) xs[it] = *reinterpret_cast<const Pack<T, 4>*>(xb + l * d.x_st + p);
-  }
-#pragma unroll
-  for (int it = 0; it < IT; ++it) {
-    const int i = threadIdx.x + it * kThreads, l = i / V, p = (i % V) * 4;
-    if (l >= k.valid) continue;
-    float4 v = *reinterpret_cast<const float4*>(ys + l * ld32<P>() + p);
-    v.x += Dh * Num<T>::to_f(xs[it].v[0]);
-    v.y += Dh * Num<T>::to_f(xs[it].v[1]);
-    v.z += Dh * Num<T>::to_f(xs[it].v[2]);
-    v.w += Dh * Num<T>::to_f(xs[it].v[3]);
-    *reinterpret_cast<float4*>(y + ((k.b * d.T + k.t0 + l) * d.H + h) * P + p) = v;
+    __syncthreads();
+    const float Dh = D ? D[h] : 0.f;
+    constexpr int V = P / 4;
+    for (int i = threadIdx.x; i < Lc * V; i += kThreads) {
+      const int l = i / V, p = (i % V) * 4;
+      if (l >= k.valid) continue;
+      float4 v = *reinterpret_cast<const float4*>(ys + l * ld32<P>() + p);
+      const Pack<T, 4> xv = *reinterpret_cast<const Pack<T, 4>*>(xs + l * ld16<P>() + p);
+      v.x += Dh * Num<T>::to_f(xv.v[0]);
+      v.y += Dh * Num<T>::to_f(xv.v[1]);
+      v.z += Dh * Num<T>::to_f(xv.v[2]);
+      v.w += Dh * Num<T>::to_f(xv.v[3]);
+      *reinterpret_cast<float4*>(y + ((k.b * d.T + k.t0 + l) * d.H + h) * P + p) = v;
+    }
   }
 }
 
@@ -530,7 +569,7 @@ struct BwdDiag {
   static constexpr int kShared = kHalf > int(sizeof(float)) * kWarps * kStage ? kHalf : int(sizeof(float)) * kWarps * kStage;
   static constexpr size_t smem() {
     return sizeof(T) * (Lc * ld16<Lc>() + 2 * Lc * ld16<P>()) + kShared +
-           sizeof(float) * (3 * Lc + 2 * kTri * 16 + 4 * Lc) + sizeof(int32_t) * Lc;
+           sizeof(float) * (3 * Lc + 2 * kTri * 16 + 4 * Lc + 256) + sizeof(int32_t) * Lc;
   }
 };
 
@@ -553,10 +592,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kOwn = (K::kTri + kWarps - 1) / kWarps;  // triangle tiles per warp, at most
   extern __shared__ __align__(128) unsigned char smem[];
   T* Ms = reinterpret_cast<T*>(smem);  // [Lc][Lc+8]
-  T* us = Ms + Lc * ld16<Lc>();        // [Lc][P+8]  dt x
-  T* dys = us + Lc * ld16<P>();        // [Lc][P+8]
+  T* xs = Ms + Lc * ld16<Lc>();        // [Lc][P+8]  x (u = dt x: dt joins in the element passes)
+  T* dys = xs + Lc * ld16<P>();        // [Lc][P+8]
   unsigned char* shared = reinterpret_cast<unsigned char*>(dys + Lc * ld16<P>());
-  T* bq = reinterpret_cast<T*>(shared);  // [Lc][NH+8]  Ld B, one half of the state
+  T* bq = reinterpret_cast<T*>(shared);  // [Lc][NH+8]  B, one half of the state (Ld joins on Q's rows)
   T* dq = bq + Lc * ld16<NH>();          // [P][NH+8]   dS, the same half
   float* s_cum = reinterpret_cast<float*>(shared + K::kShared);
   float* s_dt = s_cum + Lc;
@@ -565,15 +604,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   float* s_cols = s_rows + K::kTri * 16;  // [kTri][16] column sums
   float* s_ddt = s_cols + K::kTri * 16;   // [2][Lc] du . x, per column half
   float* s_uq = s_ddt + 2 * Lc;           // [2][Lc] u . (Ld Q), per column half
-  int32_t* s_seg = reinterpret_cast<int32_t*>(s_uq + 2 * Lc);
+  float* row_ids = s_uq + 2 * Lc;         // [16][16]
+  int32_t* s_seg = reinterpret_cast<int32_t*>(row_ids + 256);
 
-  const int64_t Hg = d.H / d.G, splits = (Hg + hpb - 1) / hpb;
   // One head per block (small problems, whose CB fits in L2 in any order): chunk fastest, so
   // that the blocks adding into one chunk's dCB at the same time are few.
-  const Block k = block_of(d, d.G * splits, hpb == 1);
-  const int64_t g = k.inner / splits;
-  const int64_t h0 = g * Hg + (k.inner % splits) * hpb;
-  const int64_t h1 = min(h0 + hpb, (g + 1) * Hg);
+  const Heads hs = heads_of(d, hpb, hpb == 1);
+  const Block& k = hs.k;
+  const int64_t g = hs.g, h0 = hs.h0, h1 = hs.h1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int er = lane / 2, ec = (lane % 2) * 8;  // a lane's 8 elements of a 16x16 staging tile
   float* stage = reinterpret_cast<float*>(shared) + warp * K::kStage;
@@ -581,6 +619,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const T* bsrc = Bm + k.b * d.b_sb + k.t0 * d.b_st + g * N;
 
   for (int l = threadIdx.x; l < Lc; l += kThreads) s_seg[l] = seg[k.bc * Lc + l];
+  fill_row_ids(row_ids);
 
   // This thread's share of dCB (its 8 elements of each triangle tile its warp owns), summed
   // over the block's heads.
@@ -593,17 +632,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t h = h0; h < h1; ++h) {
     const int64_t row = (k.bc * d.H + h) * Lc;
     __syncthreads();  // the previous head is done with every shared buffer
+    const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
+    const float* dyb = dy + ((k.b * d.T + k.t0) * d.H + h) * P;
+    load_tile_async<T, P>(xs, xb, d.x_st, k.valid);
     for (int l = threadIdx.x; l < Lc; l += kThreads) {
       s_cum[l] = cum[row + l];
       s_Ld[l] = Ld[row + l];
       s_dt[l] = l < k.valid ? dt[(k.b * d.T + k.t0 + l) * d.H + h] : 0.f;
     }
     __syncthreads();
-    const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
-    const float* dyb = dy + ((k.b * d.T + k.t0) * d.H + h) * P;
-    load_tile<T, P>(us, xb, d.x_st, k.valid, s_dt);
     load_tile_f32<T, P>(dys, dyb, d.H * P, k.valid, nullptr);
     build_decay<T, 4>(Ms, cb, s_cum, s_seg);
+    cp_async_wait();
     __syncthreads();
 
     // dM = dy u^T on the lower-triangle tiles; per element dML = dM * L goes into dCB and
@@ -613,21 +653,22 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int t = warp + o * kWarps;
       if (t >= K::kTri) break;
       const int i = tri_row(t), j = t - i * (i + 1) / 2;
+      // This lane's 8 elements of CB, issued before the product so that their latency overlaps it.
+      const int l = i * 16 + er, s0 = j * 16 + ec;
+      const float4 c0 = *reinterpret_cast<const float4*>(cb + l * Lc + s0);
+      const float4 c1 = *reinterpret_cast<const float4*>(cb + l * Lc + s0 + 4);
       Acc acc;
       wmma::fill_fragment(acc, 0.f);
 #pragma unroll
       for (int kk = 0; kk < TP; ++kk) {
         FragARow<T> a;
-        FragBCol<T> bf;  // (p, s) = u[s][p]
+        FragBCol<T> bf;  // (p, s) = x[s][p]; dt_s joins below
         wmma::load_matrix_sync(a, dys + i * 16 * ld16<P>() + kk * 16, ld16<P>());
-        wmma::load_matrix_sync(bf, us + j * 16 * ld16<P>() + kk * 16, ld16<P>());
+        wmma::load_matrix_sync(bf, xs + j * 16 * ld16<P>() + kk * 16, ld16<P>());
         wmma::mma_sync(acc, a, bf, acc);
       }
       wmma::store_matrix_sync(stage, acc, LS, wmma::mem_row_major);
       __syncwarp();
-      const int l = i * 16 + er, s0 = j * 16 + ec;
-      const float4 c0 = *reinterpret_cast<const float4*>(cb + l * Lc + s0);
-      const float4 c1 = *reinterpret_cast<const float4*>(cb + l * Lc + s0 + 4);
       const float cbv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
       const float cl = s_cum[l];
       const int32_t sl = s_seg[l];
@@ -635,7 +676,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const int s = s0 + e;
-        const float dl = (s <= l && s_seg[s] == sl) ? st[e] * __expf(cl - s_cum[s]) : 0.f;
+        const float dl = (s <= l && s_seg[s] == sl) ? st[e] * s_dt[s] * __expf(cl - s_cum[s]) : 0.f;
         acc_cb[o][e] += dl;
         st[e] = dl * cbv[e];
       }
@@ -661,7 +702,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int half = 0; half < 2; ++half) {
       __syncthreads();  // the shared area is free (staging, or the previous half)
       load_tile_async<T, NH, P>(dq, dS + (k.bc * d.H + h) * P * N + half * NH, N, P);
-      load_tile<T, NH>(bq, bsrc + half * NH, d.b_st, k.valid, s_Ld);
+      load_tile_async<T, NH>(bq, bsrc + half * NH, d.b_st, k.valid);
       cp_async_wait();
       __syncthreads();
 #pragma unroll
@@ -681,6 +722,19 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
     __syncthreads();  // the shared area becomes staging again
+    {  // Q's rows times Ld (B went in unscaled)
+      Acc rows;
+      wmma::load_matrix_sync(rows, row_ids, 16, wmma::mem_row_major);
+#pragma unroll
+      for (int job = 0; job < 2; ++job) {
+        const int rt = job == 0 ? warp : kWarps - 1 - warp;
+#pragma unroll
+        for (int j = 0; j < HP; ++j)
+#pragma unroll
+          for (int e = 0; e < rows.num_elements; ++e)
+            accD[job][j].x[e] *= s_Ld[rt * 16 + static_cast<int>(rows.x[e])];
+      }
+    }
 #pragma unroll
     for (int job = 0; job < 2; ++job) {
       const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP, s = rt * 16 + er;
@@ -689,13 +743,13 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int j = 0; j < HP; ++j) {
         wmma::store_matrix_sync(stage, accD[job][j], LS, wmma::mem_row_major);
         __syncwarp();
-        const Pack<T, 8> u = *reinterpret_cast<const Pack<T, 8>*>(us + s * ld16<P>() + (j0 + j) * 16 + ec);
+        const Pack<T, 8> xv = *reinterpret_cast<const Pack<T, 8>*>(xs + s * ld16<P>() + (j0 + j) * 16 + ec);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) uq += Num<T>::to_f(u.v[e]) * stage[er * LS + ec + e];
+        for (int e = 0; e < 8; ++e) uq += Num<T>::to_f(xv.v[e]) * stage[er * LS + ec + e];
         __syncwarp();
       }
       uq += __shfl_xor_sync(0xffffffffu, uq, 1);
-      if (lane % 2 == 0) s_uq[job * Lc + s] = uq;
+      if (lane % 2 == 0) s_uq[job * Lc + s] = uq * s_dt[s];
 #pragma unroll
       for (int kk = rt; kk < Lc / 16; ++kk) {
         FragACol<T> a;  // (s, l) = M[l][s]
@@ -723,11 +777,9 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int p0 = (j0 + j) * 16 + ec;
         wmma::store_matrix_sync(stage, accD[job][j], LS, wmma::mem_row_major);
         __syncwarp();
-        const Pack<T, 8> u = *reinterpret_cast<const Pack<T, 8>*>(us + s * ld16<P>() + p0);
-        Pack<T, 8> xv;
+        const Pack<T, 8> xv = *reinterpret_cast<const Pack<T, 8>*>(xs + s * ld16<P>() + p0);  // zero past T
         float4 dy0 = make_float4(0.f, 0.f, 0.f, 0.f), dy1 = dy0;
         if (live) {
-          xv = *reinterpret_cast<const Pack<T, 8>*>(xb + s * d.x_st + p0);
           dy0 = *reinterpret_cast<const float4*>(dyb + s * d.H * P + p0);
           dy1 = *reinterpret_cast<const float4*>(dyb + s * d.H * P + p0 + 4);
         }
@@ -736,11 +788,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
           const float du = stage[er * LS + ec + e];
-          const float xe = live ? Num<T>::to_f(xv.v[e]) : 0.f;
+          const float xe = Num<T>::to_f(xv.v[e]);
           ddt += du * xe;
           dD_part += dyv[e] * xe;
           o_dx[e] = dts * du + Dh * dyv[e];
-          o_uL[e] = Num<T>::to_f(u.v[e]) * Lds;
+          o_uL[e] = xe * dts * Lds;
         }
         if (live) store_pack<T, 8>(dx + ((k.b * d.T + k.t0 + s) * d.H + h) * P + p0, o_dx);
         store_pack<T, 8>(uL + ((k.bc * Lc + s) * d.H + h) * P + p0, o_uL);
@@ -812,6 +864,18 @@ dim3 grid_1d(int64_t blocks) {
   return dim3(blocks > std::numeric_limits<int32_t>::max() ? 0u : static_cast<unsigned>(blocks));
 }
 
+// Heads per block for the kernels that loop over a group's heads: up to 8 (the per-group
+// operands are read once for all of them), unless that leaves fewer than 4 waves of 2 blocks
+// per SM; then fewer, for balance.
+int heads_per_block(const SsdChunkDims& d) {
+  const int64_t Hg = d.H / d.G;
+  const int sms = sm_count();
+  int hpb = 8;
+  while (hpb > 1 && d.B * d.nc * d.G * ((Hg + hpb - 1) / hpb) < 8 * sms) hpb /= 2;
+  return hpb;
+}
+int64_t head_blocks(const SsdChunkDims& d, int hpb) { return d.B * d.nc * d.G * ((d.H / d.G + hpb - 1) / hpb); }
+
 // Every 16-bit tile is a multiple of 32 bytes long, so the float32 areas that
 // follow them keep the 256-bit alignment WMMA needs.
 template <typename Kernel, typename... Args>
@@ -866,12 +930,13 @@ cudaError_t ssd_chunk_scan_fwd(int dtype, const SsdChunkDims& d, const void* x, 
                                const float* cum, const int32_t* seg, const float* CB, const float* E,
                                const void* C, const void* prev, const float* D, float* y,
                                cudaStream_t stream) {
+  const int hpb = heads_per_block(d);
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
     using T = decltype(tag);
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
-    return launch(scan_fwd_kernel<T, P, N>, grid_1d(d.B * d.nc * d.H), ScanFwd<T, P, N>::smem(), stream, d,
-                  static_cast<const T*>(x), dt, cum, seg, CB, E, static_cast<const T*>(C),
-                  static_cast<const T*>(prev), D, y);
+    return launch(scan_fwd_kernel<T, P, N>, grid_1d(head_blocks(d, hpb)), ScanFwd<T, P, N>::smem(), stream,
+                  d, static_cast<const T*>(x), dt, cum, seg, CB, E, static_cast<const T*>(C),
+                  static_cast<const T*>(prev), D, y, hpb);
   });
 }
 
@@ -892,17 +957,12 @@ cudaError_t ssd_chunk_bwd_diag(int dtype, const SsdChunkDims& d, const void* x, 
                                const void* B, const float* dy, const void* dS, const float* D, void* dx,
                                void* uL, float* ddt_u, float* dcum, float* dLd, float* dCB, float* dD,
                                cudaStream_t stream) {
-  // Heads per block: 8 share one dCB accumulation (fewer atomics), unless that leaves fewer
-  // than 4 waves of 2 blocks per SM; then fewer, for balance.
-  const int64_t Hg = d.H / d.G;
-  int hpb = 8;
-  const int sms = sm_count();
-  while (hpb > 1 && d.B * d.nc * d.G * ((Hg + hpb - 1) / hpb) < 8 * sms) hpb /= 2;
-  const int64_t splits = (Hg + hpb - 1) / hpb;
+  // The block's heads share one dCB accumulation (fewer atomics).
+  const int hpb = heads_per_block(d);
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
     using T = decltype(tag);
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
-    return launch(bwd_diag_kernel<T, P, N>, grid_1d(d.B * d.nc * d.G * splits), BwdDiag<T, P, N>::smem(), stream, d,
+    return launch(bwd_diag_kernel<T, P, N>, grid_1d(head_blocks(d, hpb)), BwdDiag<T, P, N>::smem(), stream, d,
                   static_cast<const T*>(x), dt, cum, seg, CB, Ld, static_cast<const T*>(B), dy,
                   static_cast<const T*>(dS), D, static_cast<T*>(dx), static_cast<T*>(uL), ddt_u, dcum, dLd, dCB,
                   dD, hpb);
