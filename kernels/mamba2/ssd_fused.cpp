@@ -255,17 +255,19 @@ ChunkInputs chunk_inputs(const Prep& p, const Tensor& x, const Tensor& dt, const
   return in;
 }
 
-// Gradients of the fused path's cross-head sums: dC, dB ([B,nc,G,Lc,N] float32).
+// Gradients of the fused path's cross-head sums: dC, dB ([B,nc,G,Lc,N] float32). The
+// 16-bit cross-head products accumulate into the float32 dCB terms in place (cuBLAS with
+// beta = 1 and a float32 output), not through a rounded 16-bit product and a copy.
 std::pair<Tensor, Tensor> cross_head_grads(const Prep& p, const Tensor& dyE, const Tensor& prev, const Tensor& uL,
                                            const Tensor& dS, const Tensor& dCB) {
-  auto dC = torch::empty({p.Bsz, p.nc, p.G, p.Lc, p.N}, dCB.options());
-  auto dB = torch::empty_like(dC);
+  auto dC = torch::matmul(dCB, p.Bg32).contiguous();
+  auto dB = torch::matmul(dCB.transpose(-1, -2), p.Cg32).contiguous();
   for (int64_t g = 0; g < p.G; ++g) {
-    dC.select(2, g).copy_(at::bmm(group_cols(dyE, p, g), group_states(prev, p, g)).view({p.Bsz, p.nc, p.Lc, p.N}));
-    dB.select(2, g).copy_(at::bmm(group_cols(uL, p, g), group_states(dS, p, g)).view({p.Bsz, p.nc, p.Lc, p.N}));
+    auto dCg = dC.select(2, g).view({p.Bsz * p.nc, p.Lc, p.N});
+    auto dBg = dB.select(2, g).view({p.Bsz * p.nc, p.Lc, p.N});
+    at::baddbmm_out(dCg, dCg, group_cols(dyE, p, g), group_states(prev, p, g), torch::kFloat32);
+    at::baddbmm_out(dBg, dBg, group_cols(uL, p, g), group_states(dS, p, g), torch::kFloat32);
   }
-  dC.add_(torch::matmul(dCB, p.Bg32));
-  dB.add_(torch::matmul(dCB.transpose(-1, -2), p.Cg32));
   return {dB, dC};
 }
 
