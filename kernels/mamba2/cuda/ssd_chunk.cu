@@ -116,6 +116,16 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool copy
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(copy ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+// Smaller copies (4 or 8 bytes, through L1), and commit groups for copies that are waited for
+// in stages: cp_async_wait_group<K>() returns once all but the K newest groups have landed.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, bool copy) {
+  const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(d), "l"(src), "n"(BYTES), "r"(copy ? BYTES : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory"); }
 
 template <typename T, int W, int ROWS = Lc>
 __device__ void load_tile_async(T* dst, const T* src, int64_t stride, int valid) {
@@ -378,13 +388,16 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
 // head h of batch b and PS of its P rows of the state, walks the chunks in order and keeps
 // the running state H in shared memory (float32):
 //   prev[b,c,h] = H (rounded to T);  H = dec[b,c,h] H + (dt Ld x)_c^T B_c;  final[b,h] = H.
-// S_c never reaches global memory, nor is it rounded to T before it is added.
+// S_c never reaches global memory, nor is it rounded to T before it is added. The next chunk's
+// x, dt and Ld are on their way (cp.async, two buffers) while the block works on this one; x
+// arrives unscaled and is scaled by dt Ld in shared memory. B (the group's, shared by all
+// heads and read from L2) is copied at the top of its own step.
 template <typename T, int P, int N, int PS>
 struct StatesPass {
   static constexpr int kTiles = (PS / 16) * (N / 16);
   static constexpr int kOwn = (kTiles + kWarps - 1) / kWarps;  // tiles per warp
   static constexpr size_t smem() {
-    return sizeof(float) * (PS * ld32<N>() + Lc) + sizeof(T) * (Lc * ld16<PS>() + Lc * ld16<N>());
+    return sizeof(float) * (PS * ld32<N>() + 2 * 2 * Lc) + sizeof(T) * (2 * Lc * ld16<PS>() + Lc * ld16<N>());
   }
 };
 
@@ -400,27 +413,62 @@ __global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d
   using K = StatesPass<T, P, N, PS>;
   extern __shared__ __align__(128) unsigned char smem[];
   float* hs = reinterpret_cast<float*>(smem);     // [PS][N+4]  the running state, this block's rows
-  float* scale = hs + PS * ld32<N>();             // [Lc]  dt Ld
-  T* us = reinterpret_cast<T*>(scale + Lc);       // [Lc][PS+8]  dt Ld x
-  T* bs = us + Lc * ld16<PS>();                   // [Lc][N+8]
+  float* s_dt = hs + PS * ld32<N>();              // [2][Lc]
+  float* s_Ld = s_dt + 2 * Lc;                    // [2][Lc]
+  T* stages = reinterpret_cast<T*>(s_Ld + 2 * Lc);  // 2 x [Lc][PS+8]  x, then dt Ld x
+  T* bs = stages + 2 * Lc * ld16<PS>();             // [Lc][N+8]
   const int64_t b = blockIdx.x / d.H, h = blockIdx.x % d.H, g = h / (d.H / d.G), p0 = blockIdx.y * PS;
   const int warp = threadIdx.x / 32;
   constexpr int TN = N / 16, V = N / 4;  // float4s per state row
   const int64_t state0 = (b * d.H + h) * P * N + p0 * N;  // this block's rows of a [.., P, N] state
+
+  auto valid_of = [&](int64_t c) { return static_cast<int>(min(static_cast<int64_t>(Lc), d.T - c * Lc)); };
+  // Chunk c's x rows, dt and Ld into stage `buf`, zero past T, as one commit group.
+  auto fetch = [&](int64_t c, int buf) {
+    const int64_t t0 = c * Lc;
+    const int valid = valid_of(c);
+    load_tile_async<T, PS>(stages + buf * Lc * ld16<PS>(), x + b * d.x_sb + t0 * d.x_st + h * P + p0, d.x_st, valid);
+    for (int l = threadIdx.x; l < Lc; l += kThreads) {
+      const bool live = l < valid;
+      cp_async<4>(s_dt + buf * Lc + l, live ? dt + (b * d.T + t0 + l) * d.H + h : dt, live);
+      cp_async<4>(s_Ld + buf * Lc + l, live ? Ld + ((b * d.nc + c) * d.H + h) * Lc + l : Ld, live);
+    }
+    cp_async_commit();
+  };
+
   for (int i = threadIdx.x; i < PS * V; i += kThreads) {
     const int r = i / V, q = (i % V) * 4;
     const float4 v = init ? *reinterpret_cast<const float4*>(init + state0 + r * N + q) : make_float4(0.f, 0.f, 0.f, 0.f);
     *reinterpret_cast<float4*>(hs + r * ld32<N>() + q) = v;
   }
+  fetch(0, 0);
   for (int64_t c = 0; c < d.nc; ++c) {
-    const int64_t t0 = c * Lc, bc = b * d.nc + c;
-    const int valid = static_cast<int>(min(static_cast<int64_t>(Lc), d.T - t0));
-    __syncthreads();  // the previous chunk's update of hs is complete, and its reads of scale, us, bs
-    load_tile_async<T, N>(bs, Bm + b * d.b_sb + t0 * d.b_st + g * N, d.b_st, valid);
-    for (int l = threadIdx.x; l < Lc; l += kThreads)
-      scale[l] = l < valid ? dt[(b * d.T + t0 + l) * d.H + h] * Ld[(bc * d.H + h) * Lc + l] : 0.f;
+    const int buf = static_cast<int>(c & 1);
+    const int64_t bc = b * d.nc + c;
+    T* us = stages + buf * Lc * ld16<PS>();  // dt Ld x, once scaled below
+    // bs and stage buf ^ 1 were last read by chunk c - 1's products, which every warp finished
+    // before the barrier at the end of that step.
+    load_tile_async<T, N>(bs, Bm + b * d.b_sb + c * Lc * d.b_st + g * N, d.b_st, valid_of(c));
+    cp_async_commit();
+    if (c + 1 < d.nc) {
+      fetch(c + 1, buf ^ 1);
+      cp_async_wait_group<1>();  // chunk c's x and B have landed, c + 1's x may still be on its way
+    } else {
+      cp_async_wait_group<0>();
+    }
     __syncthreads();
-    load_tile<T, PS>(us, x + b * d.x_sb + t0 * d.x_st + h * P + p0, d.x_st, valid, scale);
+    {  // x -> dt Ld x in place, 8 elements per step
+      constexpr int W = PS / 8;
+      for (int i = threadIdx.x; i < Lc * W; i += kThreads) {
+        const int l = i / W, v = i % W;
+        const float sc = s_dt[buf * Lc + l] * s_Ld[buf * Lc + l];
+        const Pack<T, 8> in = *reinterpret_cast<const Pack<T, 8>*>(us + l * ld16<PS>() + v * 8);
+        float o[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k) o[k] = Num<T>::to_f(in.v[k]) * sc;
+        store_pack<T, 8>(us + l * ld16<PS>() + v * 8, o);
+      }
+    }
     T* out = prev + (bc * d.H + h) * P * N + p0 * N;  // H_c, the state entering chunk c
     for (int i = threadIdx.x; i < PS * V; i += kThreads) {
       const int r = i / V, q = (i % V) * 4;
@@ -428,8 +476,7 @@ __global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d
       const float o[4] = {v.x, v.y, v.z, v.w};
       store_pack<T, 4>(out + r * N + q, o);
     }
-    cp_async_wait();
-    __syncthreads();
+    __syncthreads();  // the scaled tile is in place, and every read of hs above is done
     const float dc = dec[bc * d.H + h];
     Acc acc[K::kOwn];
 #pragma unroll
@@ -464,10 +511,8 @@ __global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d
       wmma::store_matrix_sync(hs + (tile / TN) * 16 * ld32<N>() + (tile % TN) * 16, acc[o], ld32<N>(),
                               wmma::mem_row_major);
     }
-    // The next chunk's first __syncthreads orders these stores before hs is read again, and
-    // the reads of us and bs above before they are overwritten.
+    __syncthreads();  // hs is updated; bs and stage buf are free
   }
-  __syncthreads();
   for (int i = threadIdx.x; i < PS * V; i += kThreads) {
     const int r = i / V, q = (i % V) * 4;
     *reinterpret_cast<float4*>(final_state + state0 + r * N + q) = *reinterpret_cast<const float4*>(hs + r * ld32<N>() + q);
@@ -634,16 +679,18 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();  // the previous head is done with every shared buffer
     const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
     const float* dyb = dy + ((k.b * d.T + k.t0) * d.H + h) * P;
+    // x and the head's per-position scalars travel while this thread converts its part of dy.
     load_tile_async<T, P>(xs, xb, d.x_st, k.valid);
     for (int l = threadIdx.x; l < Lc; l += kThreads) {
-      s_cum[l] = cum[row + l];
-      s_Ld[l] = Ld[row + l];
-      s_dt[l] = l < k.valid ? dt[(k.b * d.T + k.t0 + l) * d.H + h] : 0.f;
+      const bool live = l < k.valid;
+      cp_async<4>(s_cum + l, cum + row + l, true);
+      cp_async<4>(s_Ld + l, Ld + row + l, true);
+      cp_async<4>(s_dt + l, live ? dt + (k.b * d.T + k.t0 + l) * d.H + h : dt, live);
     }
-    __syncthreads();
     load_tile_f32<T, P>(dys, dyb, d.H * P, k.valid, nullptr);
-    build_decay<T, 4>(Ms, cb, s_cum, s_seg);
     cp_async_wait();
+    __syncthreads();
+    build_decay<T, 4>(Ms, cb, s_cum, s_seg);
     __syncthreads();
 
     // dM = dy u^T on the lower-triangle tiles; per element dML = dM * L goes into dCB and
