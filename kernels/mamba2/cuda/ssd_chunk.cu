@@ -259,6 +259,31 @@ __global__ void __launch_bounds__(kThreads, 2) states_fwd_kernel(SsdChunkDims d,
 __device__ __forceinline__ void fill_row_ids(float* ids) {
   for (int i = threadIdx.x; i < 256; i += kThreads) ids[i] = static_cast<float>(i / 16);
 }
+// Row r of each accumulator of one 16-row tile times scale[r]; `rows` was loaded from fill_row_ids.
+template <int HP>
+__device__ __forceinline__ void scale_rows(Acc (&acc)[HP], const Acc& rows, const float* scale) {
+#pragma unroll
+  for (int j = 0; j < HP; ++j)
+#pragma unroll
+    for (int e = 0; e < rows.num_elements; ++e) acc[j].x[e] *= scale[static_cast<int>(rows.x[e])];
+}
+
+// acc[j] += A R_j^T for j < HP over K columns: A is the 16-row tile at `a` (row-major, rows
+// LD long), R_j the 16-row tile at r + j * 16 * LD (the same layout).
+template <typename T, int K, int LD, int HP>
+__device__ __forceinline__ void mma_abt(Acc (&acc)[HP], const T* a, const T* r) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    FragARow<T> fa;
+    wmma::load_matrix_sync(fa, a + kk * 16, LD);
+#pragma unroll
+    for (int j = 0; j < HP; ++j) {
+      FragBCol<T> bf;  // (k, n) = r[n][k]
+      wmma::load_matrix_sync(bf, r + j * 16 * LD + kk * 16, LD);
+      wmma::mma_sync(acc[j], fa, bf, acc[j]);
+    }
+  }
+}
 
 template <typename T, int P, int N>
 struct ScanFwd {
@@ -331,22 +356,8 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
       const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
 #pragma unroll
       for (int j = 0; j < HP; ++j) wmma::fill_fragment(acc[job][j], 0.f);
-#pragma unroll
-      for (int kk = 0; kk < N / 16; ++kk) {
-        FragARow<T> a;
-        wmma::load_matrix_sync(a, cs + rt * 16 * ld16<N>() + kk * 16, ld16<N>());
-#pragma unroll
-        for (int j = 0; j < HP; ++j) {
-          FragBCol<T> bf;  // (n, p) = prev[p][n]
-          wmma::load_matrix_sync(bf, ps + (j0 + j) * 16 * ld16<N>() + kk * 16, ld16<N>());
-          wmma::mma_sync(acc[job][j], a, bf, acc[job][j]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < HP; ++j)
-#pragma unroll
-        for (int e = 0; e < acc[job][j].num_elements; ++e)
-          acc[job][j].x[e] *= s_E[rt * 16 + static_cast<int>(rows.x[e])];
+      mma_abt<T, N, ld16<N>()>(acc[job], cs + rt * 16 * ld16<N>(), ps + j0 * 16 * ld16<N>());  // C prev^T
+      scale_rows(acc[job], rows, s_E + rt * 16);
       for (int kk = 0; kk <= rt; ++kk) {
         FragARow<T> a;
         wmma::load_matrix_sync(a, Ms + rt * 16 * ld16<Lc>() + kk * 16, ld16<Lc>());
@@ -580,17 +591,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
     Acc acc[TP];
 #pragma unroll
     for (int j = 0; j < TP; ++j) wmma::fill_fragment(acc[j], 0.f);
-#pragma unroll
-    for (int kk = 0; kk < TN; ++kk) {
-      FragARow<T> a;
-      wmma::load_matrix_sync(a, cs + warp * 16 * ld16<N>() + kk * 16, ld16<N>());
-#pragma unroll
-      for (int j = 0; j < TP; ++j) {
-        FragBCol<T> bf;
-        wmma::load_matrix_sync(bf, ps + j * 16 * ld16<N>() + kk * 16, ld16<N>());
-        wmma::mma_sync(acc[j], a, bf, acc[j]);
-      }
-    }
+    mma_abt<T, N, ld16<N>()>(acc, cs + warp * 16 * ld16<N>(), ps);
 #pragma unroll
     for (int j = 0; j < TP; ++j)
       wmma::store_matrix_sync(ys + warp * 16 * ld32<P>() + j * 16, acc[j], ld32<P>(), wmma::mem_row_major);
@@ -755,17 +756,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int job = 0; job < 2; ++job) {
         const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
-#pragma unroll
-        for (int kk = 0; kk < NH / 16; ++kk) {
-          FragARow<T> a;
-          wmma::load_matrix_sync(a, bq + rt * 16 * ld16<NH>() + kk * 16, ld16<NH>());
-#pragma unroll
-          for (int j = 0; j < HP; ++j) {
-            FragBCol<T> bf;  // (n, p) = dS[p][n]
-            wmma::load_matrix_sync(bf, dq + (j0 + j) * 16 * ld16<NH>() + kk * 16, ld16<NH>());
-            wmma::mma_sync(accD[job][j], a, bf, accD[job][j]);
-          }
-        }
+        mma_abt<T, NH, ld16<NH>()>(accD[job], bq + rt * 16 * ld16<NH>(), dq + j0 * 16 * ld16<NH>());  // B dS^T
       }
     }
     __syncthreads();  // the shared area becomes staging again
@@ -773,14 +764,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       Acc rows;
       wmma::load_matrix_sync(rows, row_ids, 16, wmma::mem_row_major);
 #pragma unroll
-      for (int job = 0; job < 2; ++job) {
-        const int rt = job == 0 ? warp : kWarps - 1 - warp;
-#pragma unroll
-        for (int j = 0; j < HP; ++j)
-#pragma unroll
-          for (int e = 0; e < rows.num_elements; ++e)
-            accD[job][j].x[e] *= s_Ld[rt * 16 + static_cast<int>(rows.x[e])];
-      }
+      for (int job = 0; job < 2; ++job) scale_rows(accD[job], rows, s_Ld + (job == 0 ? warp : kWarps - 1 - warp) * 16);
     }
 #pragma unroll
     for (int job = 0; job < 2; ++job) {
