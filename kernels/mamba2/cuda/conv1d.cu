@@ -357,14 +357,10 @@ cudaError_t bwd_launch(const T* dout, const T* x, const T* w, const T* bias, con
   if (dw != nullptr || db != nullptr) {
     // One wave of blocks: each block strides over many tiles, so the
     // weight/bias partials need only a few atomics per address.
-    int device = 0, sms = 0, per_sm = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess)
-      err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err == cudaSuccess)
-      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * kWarps, 0);
+    int64_t wave = 0;
+    const cudaError_t err = one_wave(kernel, 32 * kWarps, &wave);
     if (err != cudaSuccess) return err;
-    const int64_t want = (static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1) + gx - 1) / gx;
+    const int64_t want = (wave + gx - 1) / gx;
     if (want < gy) gy = static_cast<int>(want < 1 ? 1 : want);
   }
   kernel<<<dim3(gx, gy), block, 0, stream>>>(dout, x, w, bias, seq, dx, dw, db, B, L, C, xs, ntiles);

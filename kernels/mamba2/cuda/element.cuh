@@ -64,6 +64,17 @@ inline int sm_count() {
   return sms;
 }
 
+// The blocks of `kernel` (`threads` per block, no dynamic shared memory) that run at once on the
+// current device: one wave, for kernels whose blocks stride over the rest of the work.
+template <typename Kernel>
+cudaError_t one_wave(Kernel kernel, int threads, int64_t* blocks) {
+  int per_sm = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+  if (err != cudaSuccess) return err;
+  *blocks = static_cast<int64_t>(sm_count()) * (per_sm > 0 ? per_sm : 1);
+  return cudaSuccess;
+}
+
 // Sum over the 32 lanes of a warp (every lane gets the result).
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

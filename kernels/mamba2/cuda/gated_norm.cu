@@ -245,14 +245,9 @@ cudaError_t launch_nv(bool backward, const void* dout, const void* y, const void
     if (dweight != nullptr) {
       // One wave of blocks: each strides over rows, keeping its weight
       // partials in registers, then one atomicAdd per column.
-      int device = 0, sms = 0, per_sm = 0;
-      cudaError_t err = cudaGetDevice(&device);
-      if (err == cudaSuccess)
-        err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-      if (err == cudaSuccess)
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+      int64_t wave = 0;
+      const cudaError_t err = one_wave(kernel, threads, &wave);
       if (err != cudaSuccess) return err;
-      const int64_t wave = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
       if (wave < grid) grid = wave;
     }
     kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(
