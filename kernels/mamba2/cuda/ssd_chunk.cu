@@ -895,17 +895,18 @@ dim3 grid_1d(int64_t blocks) {
   return dim3(blocks > std::numeric_limits<int32_t>::max() ? 0u : static_cast<unsigned>(blocks));
 }
 
-// Heads per block for the kernels that loop over a group's heads: up to 8 (the per-group
-// operands are read once for all of them), unless that leaves fewer than 4 waves of 2 blocks
-// per SM; then fewer, for balance.
+// Blocks of a grid over (batch*chunk) x (G * ceil(Hg / hpb)), for the kernels that loop over
+// hpb heads of a group (heads_of on the device side).
+int64_t head_blocks(const SsdChunkDims& d, int hpb) { return d.B * d.nc * d.G * ((d.H / d.G + hpb - 1) / hpb); }
+
+// Heads per block for those kernels: up to 8 (the per-group operands are read once for all of
+// them), unless that leaves fewer than 4 waves of 2 blocks per SM; then fewer, for balance.
 int heads_per_block(const SsdChunkDims& d) {
-  const int64_t Hg = d.H / d.G;
   const int sms = sm_count();
   int hpb = 8;
-  while (hpb > 1 && d.B * d.nc * d.G * ((Hg + hpb - 1) / hpb) < 8 * sms) hpb /= 2;
+  while (hpb > 1 && head_blocks(d, hpb) < 8 * sms) hpb /= 2;
   return hpb;
 }
-int64_t head_blocks(const SsdChunkDims& d, int hpb) { return d.B * d.nc * d.G * ((d.H / d.G + hpb - 1) / hpb); }
 
 // Every 16-bit tile is a multiple of 32 bytes long, so the float32 areas that
 // follow them keep the 256-bit alignment WMMA needs.
