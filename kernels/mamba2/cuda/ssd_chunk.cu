@@ -5,10 +5,12 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
 #include "element.cuh"
+#include "mma.cuh"
 #include "ssd_chunk.hpp"
 
 namespace peftfw::kernels::mamba2::cuda {
@@ -867,6 +869,291 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+// The within-chunk backward on mma.sync tiles whose register layout is known (mma.cuh), so the
+// dM element pass, the row and column sums of W, u . (Ld Q) and the epilogue all run on the
+// accumulators in registers: no 16x16 staging through shared memory.
+//   dM: warp w takes rows tiles p = w % 4 and 7 - p (9 lower-triangle tiles between them) and
+//       column half w / 4 (8 of each tile's 16 columns);
+//   du: warp w takes row tiles w and 7 - w, half of the P columns each ("jobs").
+template <typename T, int P, int N>
+struct BwdDiagMma {
+  static constexpr int NH = N / 2;  // the state is read in two halves for Q
+  static constexpr int kTri = (Lc / 16) * (Lc / 16 + 1) / 2;
+  static constexpr int kOwn = kTri / 4;  // half tiles per warp
+  static constexpr size_t smem() {
+    return sizeof(T) * (Lc * ld16<Lc>() + 2 * Lc * ld16<P>() + Lc * ld16<NH>() + P * ld16<NH>()) +
+           sizeof(float) * (3 * Lc + 3 * kTri * 16 + 4 * Lc) + sizeof(int32_t) * Lc;
+  }
+};
+
+template <typename T, int P, int N>
+__global__ void __launch_bounds__(kThreads, 2)
+    bwd_diag_mma_kernel(SsdChunkDims d, const T* __restrict__ x, const float* __restrict__ dt,
+                        const float* __restrict__ cum, const int32_t* __restrict__ seg,
+                        const float* __restrict__ CB, const float* __restrict__ Ld, const T* __restrict__ Bm,
+                        const float* __restrict__ dy, const T* __restrict__ dS, const float* __restrict__ D,
+                        T* __restrict__ dx, T* __restrict__ uL, float* __restrict__ ddt_u,
+                        float* __restrict__ dcum, float* __restrict__ dLd, float* __restrict__ dCB,
+                        float* __restrict__ dD, int hpb) {
+  using K = BwdDiagMma<T, P, N>;
+  constexpr int NH = K::NH, kOwn = K::kOwn;
+  constexpr int NT = P / 16;  // 8-column accumulator tiles per du job (P / 2 columns)
+  static_assert(Lc / 16 == kWarps && K::kTri % 4 == 0, "row-tile pairs (p, 7 - p) for 8 warps");
+  static_assert(NT % 2 == 0, "B tiles are loaded in pairs");
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Ms = reinterpret_cast<T*>(smem);  // [Lc][Lc+8]
+  T* xs = Ms + Lc * ld16<Lc>();        // [Lc][P+8]  x (u = dt x: dt joins in the element passes)
+  T* dys = xs + Lc * ld16<P>();        // [Lc][P+8]
+  T* bq = dys + Lc * ld16<P>();        // [Lc][NH+8]  B, one half of the state (Ld joins on Q's rows)
+  T* dq = bq + Lc * ld16<NH>();        // [P][NH+8]   dS, the same half
+  float* s_cum = reinterpret_cast<float*>(dq + P * ld16<NH>());
+  float* s_dt = s_cum + Lc;
+  float* s_Ld = s_dt + Lc;
+  float* s_rows = s_Ld + Lc;                  // [kTri][2][16] row sums of W per half tile
+  float* s_cols = s_rows + 2 * K::kTri * 16;  // [kTri][16] column sums
+  float* s_ddt = s_cols + K::kTri * 16;       // [2][Lc] du . x, per column half
+  float* s_uq = s_ddt + 2 * Lc;               // [2][Lc] u . (Ld Q), per column half
+  int32_t* s_seg = reinterpret_cast<int32_t*>(s_uq + 2 * Lc);
+
+  const Heads hs = heads_of(d, hpb, hpb == 1);
+  const Block& k = hs.k;
+  const int64_t g = hs.g, h0 = hs.h0, h1 = hs.h1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int gr = lane / 4, tq = lane % 4;  // accumulator row and column pair of this lane
+  const int pair = warp % 4, nh = warp / 4;
+  const float* cb = CB + (k.bc * d.G + g) * Lc * Lc;
+  const T* bsrc = Bm + k.b * d.b_sb + k.t0 * d.b_st + g * N;
+
+  // Half tile o of this warp: row tile `pair` has pair + 1 tiles, row tile 7 - pair the rest.
+  auto tile_of = [&](int o, int& ti, int& tj) {
+    if (o <= pair) ti = pair, tj = o;
+    else ti = kWarps - 1 - pair, tj = o - pair - 1;
+  };
+
+  for (int l = threadIdx.x; l < Lc; l += kThreads) s_seg[l] = seg[k.bc * Lc + l];
+
+  float acc_cb[kOwn][4];  // this lane's share of dCB on its half tiles, summed over the heads
+#pragma unroll
+  for (int o = 0; o < kOwn; ++o)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_cb[o][e] = 0.f;
+
+  for (int64_t h = h0; h < h1; ++h) {
+    const int64_t row = (k.bc * d.H + h) * Lc;
+    __syncthreads();  // the previous head is done with every shared buffer
+    const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
+    const float* dyb = dy + ((k.b * d.T + k.t0) * d.H + h) * P;
+    load_tile_async<T, P>(xs, xb, d.x_st, k.valid);
+    for (int l = threadIdx.x; l < Lc; l += kThreads) {
+      const bool live = l < k.valid;
+      cp_async<4>(s_cum + l, cum + row + l, true);
+      cp_async<4>(s_Ld + l, Ld + row + l, true);
+      cp_async<4>(s_dt + l, live ? dt + (k.b * d.T + k.t0 + l) * d.H + h : dt, live);
+    }
+    cp_async_commit();
+    // The first half of B and dS for Q travel while dy is converted and M built.
+    load_tile_async<T, NH, P>(dq, dS + (k.bc * d.H + h) * P * N, N, P);
+    load_tile_async<T, NH>(bq, bsrc, d.b_st, k.valid);
+    cp_async_commit();
+    load_tile_f32<T, P>(dys, dyb, d.H * P, k.valid, nullptr);
+    cp_async_wait_group<1>();
+    __syncthreads();
+    build_decay<T, 4>(Ms, cb, s_cum, s_seg);
+    {  // uL = x dt Ld, time-major, straight from the x tile
+      constexpr int V = P / 8;
+      for (int i = threadIdx.x; i < Lc * V; i += kThreads) {
+        const int l = i / V, v = i % V;
+        const float sc = s_dt[l] * s_Ld[l];
+        const Pack<T, 8> in = *reinterpret_cast<const Pack<T, 8>*>(xs + l * ld16<P>() + v * 8);
+        float o[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[e] = Num<T>::to_f(in.v[e]) * sc;
+        store_pack<T, 8>(uL + ((k.bc * Lc + l) * d.H + h) * P + v * 8, o);
+      }
+    }
+    __syncthreads();
+
+    // dM = dy u^T on the lower-triangle half tiles; per element dML = dM * L goes into dCB and
+    // W = dML * CB into the row and column sums (the log-decay gradient is rowsum - colsum).
+#pragma unroll
+    for (int o = 0; o < kOwn; ++o) {
+      int ti, tj;
+      tile_of(o, ti, tj);
+      const int l0 = ti * 16 + gr, s0 = tj * 16 + nh * 8 + 2 * tq;
+      const float2 cb0 = *reinterpret_cast<const float2*>(cb + l0 * Lc + s0);
+      const float2 cb1 = *reinterpret_cast<const float2*>(cb + (l0 + 8) * Lc + s0);
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int kk = 0; kk < P / 16; kk += 2) {
+        uint32_t bx[4];  // (p, s) = x[s][p], k-steps kk and kk + 1
+        load_b_nk32(bx, xs + (tj * 16 + nh * 8) * ld16<P>() + kk * 16, ld16<P>());
+        uint32_t a0[4], a1[4];
+        load_a(a0, dys + ti * 16 * ld16<P>() + kk * 16, ld16<P>());
+        load_a(a1, dys + ti * 16 * ld16<P>() + (kk + 1) * 16, ld16<P>());
+        mma16816<T>(c, a0, bx[0], bx[1]);
+        mma16816<T>(c, a1, bx[2], bx[3]);
+      }
+      const float2 ct = *reinterpret_cast<const float2*>(s_cum + s0);
+      const float2 dts = *reinterpret_cast<const float2*>(s_dt + s0);
+      const int2 sg = *reinterpret_cast<const int2*>(s_seg + s0);
+      const float cbv[4] = {cb0.x, cb0.y, cb1.x, cb1.y};
+      float w[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int l = l0 + 8 * (e / 2), s = s0 + e % 2;
+        const float cs = e % 2 ? ct.y : ct.x, dtv = e % 2 ? dts.y : dts.x;
+        const int32_t ss = e % 2 ? sg.y : sg.x;
+        const float dl = (s <= l && ss == s_seg[l]) ? c[e] * dtv * __expf(s_cum[l] - cs) : 0.f;
+        acc_cb[o][e] += dl;
+        w[e] = dl * cbv[e];
+      }
+      const int t = ti * (ti + 1) / 2 + tj;
+      const float r0 = row_quad_sum(w[0] + w[1]), r1 = row_quad_sum(w[2] + w[3]);
+      const float q0 = col_sum8(w[0] + w[2]), q1 = col_sum8(w[1] + w[3]);
+      if (tq == 0) {
+        s_rows[(t * 2 + nh) * 16 + gr] = r0;
+        s_rows[(t * 2 + nh) * 16 + gr + 8] = r1;
+      }
+      if (gr == 0) *reinterpret_cast<float2*>(s_cols + t * 16 + nh * 8 + 2 * tq) = make_float2(q0, q1);
+    }
+
+    // du = M^T dy + Ld Q with Q = B dS^T, per job (row tile rt, columns j0 .. j0 + P/2). The Q
+    // part goes first, through B in two halves of the state, so that u . (Ld Q) (for dLd) is
+    // read off the accumulators before M^T dy joins them.
+    float acc[2][NT][4];
+#pragma unroll
+    for (int job = 0; job < 2; ++job)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[job][n][e] = 0.f;
+#pragma unroll 1
+    for (int half = 0; half < 2; ++half) {
+      if (half == 1) {
+        __syncthreads();  // every warp is done with the first half
+        load_tile_async<T, NH, P>(dq, dS + (k.bc * d.H + h) * P * N + NH, N, P);
+        load_tile_async<T, NH>(bq, bsrc + NH, d.b_st, k.valid);
+        cp_async_commit();
+      }
+      cp_async_wait_group<0>();
+      __syncthreads();
+#pragma unroll
+      for (int job = 0; job < 2; ++job) {
+        const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2);
+#pragma unroll
+        for (int kk = 0; kk < NH / 16; ++kk) {
+          uint32_t a[4];
+          load_a(a, bq + rt * 16 * ld16<NH>() + kk * 16, ld16<NH>());
+#pragma unroll
+          for (int n = 0; n < NT; n += 2) {
+            uint32_t bf[4];  // (n, p) = dS[p][n]
+            load_b_nk(bf, dq + (j0 + n * 8) * ld16<NH>() + kk * 16, ld16<NH>());
+            mma16816<T>(acc[job][n], a, bf[0], bf[1]);
+            mma16816<T>(acc[job][n + 1], a, bf[2], bf[3]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int job = 0; job < 2; ++job) {
+      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2), s0 = rt * 16 + gr;
+      const float Ld0 = s_Ld[s0], Ld1 = s_Ld[s0 + 8];
+      float uq0 = 0.f, uq1 = 0.f;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {  // Q's rows times Ld (B went in unscaled), and u . (Ld Q)
+        const int p = j0 + n * 8 + 2 * tq;
+        acc[job][n][0] *= Ld0, acc[job][n][1] *= Ld0, acc[job][n][2] *= Ld1, acc[job][n][3] *= Ld1;
+        const Pack<T, 2> x0 = *reinterpret_cast<const Pack<T, 2>*>(xs + s0 * ld16<P>() + p);
+        const Pack<T, 2> x1 = *reinterpret_cast<const Pack<T, 2>*>(xs + (s0 + 8) * ld16<P>() + p);
+        uq0 += Num<T>::to_f(x0.v[0]) * acc[job][n][0] + Num<T>::to_f(x0.v[1]) * acc[job][n][1];
+        uq1 += Num<T>::to_f(x1.v[0]) * acc[job][n][2] + Num<T>::to_f(x1.v[1]) * acc[job][n][3];
+      }
+      uq0 = row_quad_sum(uq0), uq1 = row_quad_sum(uq1);
+      if (tq == 0) {
+        s_uq[job * Lc + s0] = uq0 * s_dt[s0];
+        s_uq[job * Lc + s0 + 8] = uq1 * s_dt[s0 + 8];
+      }
+      for (int kk = rt; kk < Lc / 16; ++kk) {
+        uint32_t a[4];  // (s, l) = M[l][s]
+        load_a_t(a, Ms + kk * 16 * ld16<Lc>() + rt * 16, ld16<Lc>());
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
+          uint32_t bf[4];  // (l, p) = dy[l][p]
+          load_b_kn(bf, dys + kk * 16 * ld16<P>() + j0 + n * 8, ld16<P>());
+          mma16816<T>(acc[job][n], a, bf[0], bf[1]);
+          mma16816<T>(acc[job][n + 1], a, bf[2], bf[3]);
+        }
+      }
+    }
+
+    // Per element: dx = dt du + D dy, and the row sums du . x (for ddt) and dy . x (dD).
+    const float Dh = D ? D[h] : 0.f;
+    float dD_part = 0.f;
+#pragma unroll
+    for (int job = 0; job < 2; ++job) {
+      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2);
+      float ddt[2] = {0.f, 0.f};
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int s = rt * 16 + gr + 8 * r;
+        const bool live = s < k.valid;
+        const float dts = s_dt[s];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const int p = j0 + n * 8 + 2 * tq;
+          const Pack<T, 2> xv = *reinterpret_cast<const Pack<T, 2>*>(xs + s * ld16<P>() + p);  // zero past T
+          const float2 dyv = live ? *reinterpret_cast<const float2*>(dyb + s * d.H * P + p) : make_float2(0.f, 0.f);
+          const float du0 = acc[job][n][2 * r], du1 = acc[job][n][2 * r + 1];
+          const float x0 = Num<T>::to_f(xv.v[0]), x1 = Num<T>::to_f(xv.v[1]);
+          ddt[r] += du0 * x0 + du1 * x1;
+          dD_part += dyv.x * x0 + dyv.y * x1;
+          const float o[2] = {dts * du0 + Dh * dyv.x, dts * du1 + Dh * dyv.y};
+          if (live) store_pack<T, 2>(dx + ((k.b * d.T + k.t0 + s) * d.H + h) * P + p, o);
+        }
+      }
+      ddt[0] = row_quad_sum(ddt[0]), ddt[1] = row_quad_sum(ddt[1]);
+      if (tq == 0) {
+        s_ddt[job * Lc + rt * 16 + gr] = ddt[0];
+        s_ddt[job * Lc + rt * 16 + gr + 8] = ddt[1];
+      }
+    }
+    if (dD) {
+      dD_part = warp_sum(dD_part);
+      if (lane == 0) atomicAdd(&dD[h], dD_part);
+    }
+    __syncthreads();  // every partial sum is in place
+
+    // Per position: the sums in a fixed order. Row sums of W come from the half tiles
+    // (l/16, j <= l/16), column sums from (i >= s/16, s/16).
+    for (int l = threadIdx.x; l < Lc; l += kThreads) {
+      const int ti = l / 16, r = l % 16;
+      float w = 0.f;
+      for (int j = 0; j <= ti; ++j) {
+        const int t = ti * (ti + 1) / 2 + j;
+        w += s_rows[(t * 2) * 16 + r] + s_rows[(t * 2 + 1) * 16 + r];
+      }
+      for (int i = ti; i < Lc / 16; ++i) w -= s_cols[(i * (i + 1) / 2 + ti) * 16 + r];
+      const float dld = s_uq[l] + s_uq[Lc + l];
+      ddt_u[row + l] = s_ddt[l] + s_ddt[Lc + l];
+      dLd[row + l] = dld;
+      dcum[row + l] = w - dld;
+    }
+  }
+
+  // dCB += this block's dML on its half tiles, lower triangle only.
+  float* out = dCB + (k.bc * d.G + g) * Lc * Lc;
+#pragma unroll
+  for (int o = 0; o < kOwn; ++o) {
+    int ti, tj;
+    tile_of(o, ti, tj);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int l = ti * 16 + gr + 8 * (e / 2), s = tj * 16 + nh * 8 + 2 * tq + e % 2;
+      if (s <= l) atomicAdd(&out[l * Lc + s], acc_cb[o][e]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- launch
 
 // Calls f(T{}, P, N) with P and N as std::integral_constant.
@@ -994,6 +1281,12 @@ cudaError_t ssd_chunk_bwd_diag(int dtype, const SsdChunkDims& d, const void* x, 
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
     using T = decltype(tag);
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
+    static const bool wmma_diag = std::getenv("PEFTFW_DIAG_WMMA") && std::getenv("PEFTFW_DIAG_WMMA")[0] == '1';
+    if (!wmma_diag)
+      return launch(bwd_diag_mma_kernel<T, P, N>, grid_1d(head_blocks(d, hpb)), BwdDiagMma<T, P, N>::smem(), stream,
+                    d, static_cast<const T*>(x), dt, cum, seg, CB, Ld, static_cast<const T*>(B), dy,
+                    static_cast<const T*>(dS), D, static_cast<T*>(dx), static_cast<T*>(uL), ddt_u, dcum, dLd,
+                    dCB, dD, hpb);
     return launch(bwd_diag_kernel<T, P, N>, grid_1d(head_blocks(d, hpb)), BwdDiag<T, P, N>::smem(), stream, d,
                   static_cast<const T*>(x), dt, cum, seg, CB, Ld, static_cast<const T*>(B), dy,
                   static_cast<const T*>(dS), D, static_cast<T*>(dx), static_cast<T*>(uL), ddt_u, dcum, dLd, dCB,

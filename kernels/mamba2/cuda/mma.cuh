@@ -1,0 +1,109 @@
+// Tensor-core tiles with their register layout known: ldmatrix loads from shared memory and
+// mma.sync.m16n8k16 (16-bit inputs, float32 accumulation), with the fragment layouts of the
+// PTX ISA ("Matrix Fragments for mma.m16n8k16"). With g = lane / 4 and t = lane % 4:
+//   accumulator (16x8): c[0], c[1] at (row g, cols 2t, 2t + 1); c[2], c[3] at row g + 8;
+//   A (16x16): four 32-bit registers, the 8x8 quarters (rows 0-7 | 8-15) x (cols 0-7 | 8-15)
+//              in the order (0,0), (1,0), (0,1), (1,1);
+//   B (16x8, k x n): two registers, k 0-7 and k 8-15.
+// Unlike WMMA's opaque fragments, element-wise work, row and column sums can then run on the
+// accumulators in registers, with no round trip through shared memory.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace peftfw::kernels::mamba2::cuda {
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 16-bit matrices; lanes 8q..8q+7 give the row addresses of matrix q.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+// The same, each matrix transposed on its way.
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// A tile (16 rows x 16 k) of a row-major shared matrix, `a` at its first element.
+template <typename T>
+__device__ __forceinline__ void load_a(uint32_t (&r)[4], const T* a, int ld) {
+  const int lane = threadIdx.x % 32;
+  ldsm_x4(r, a + (lane % 16) * ld + (lane / 16) * 8);
+}
+// A tile whose source is stored transposed: rows are k, columns m (A(m, k) = at[k * ld + m]).
+template <typename T>
+__device__ __forceinline__ void load_a_t(uint32_t (&r)[4], const T* at, int ld) {
+  const int lane = threadIdx.x % 32, q = lane / 8;
+  ldsm_x4_t(r, at + (lane % 8 + 8 * (q / 2)) * ld + 8 * (q % 2));
+}
+// Two B tiles (16 k x 8 n each, n 0-7 in r[0..1] and n 8-15 in r[2..3]) from a shared matrix
+// stored n-major (B(k, n) = bt[n * ld + k], k contiguous).
+template <typename T>
+__device__ __forceinline__ void load_b_nk(uint32_t (&r)[4], const T* bt, int ld) {
+  const int lane = threadIdx.x % 32, q = lane / 8;
+  ldsm_x4(r, bt + (lane % 8 + 8 * (q / 2)) * ld + 8 * (q % 2));
+}
+// One B tile's k 0-31 (two k-steps: r[0..1] for k 0-15, r[2..3] for k 16-31) of 8 columns n
+// from the same n-major storage.
+template <typename T>
+__device__ __forceinline__ void load_b_nk32(uint32_t (&r)[4], const T* bt, int ld) {
+  const int lane = threadIdx.x % 32;
+  ldsm_x4(r, bt + (lane % 8) * ld + 8 * (lane / 8));
+}
+// Two B tiles (n 0-7, n 8-15) from a shared matrix stored k-major (B(k, n) = b[k * ld + n]).
+template <typename T>
+__device__ __forceinline__ void load_b_kn(uint32_t (&r)[4], const T* b, int ld) {
+  const int lane = threadIdx.x % 32, q = lane / 8;
+  ldsm_x4_t(r, b + (lane % 8 + 8 * (q % 2)) * ld + 8 * (q / 2));
+}
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<__nv_bfloat16> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct MmaType<__half> {
+  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+// d += A B for one 16x8 accumulator.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  MmaType<T>::mma(d, a, b0, b1);
+}
+
+// Sum over the 4 lanes of an accumulator row (lanes 4g .. 4g + 3), and over the 8 lanes of a
+// column (lanes t, t + 4, .., t + 28); every lane of the set gets the sum.
+__device__ __forceinline__ float row_quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+__device__ __forceinline__ float col_sum8(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 4);
+  v += __shfl_xor_sync(0xffffffffu, v, 8);
+  return v + __shfl_xor_sync(0xffffffffu, v, 16);
+}
+
+}  // namespace peftfw::kernels::mamba2::cuda
