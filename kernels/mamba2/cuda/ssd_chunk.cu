@@ -289,9 +289,8 @@ __device__ __forceinline__ void mma_abt(Acc (&acc)[HP], const T* a, const T* r) 
 
 template <typename T, int P, int N>
 struct ScanFwd {
-  static_assert((Lc + 8) * sizeof(T) >= (P + 4) * sizeof(float), "y staging aliases the M tile");
   static constexpr size_t smem() {
-    return sizeof(float) * (4 * Lc + 256) +
+    return sizeof(float) * 3 * Lc + sizeof(int32_t) * Lc +
            sizeof(T) * (Lc * ld16<Lc>() + Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
   }
 };
@@ -300,7 +299,8 @@ struct ScanFwd {
 // group's C is copied once per block, unscaled; each head's x and incoming state are copied
 // unscaled too (cp.async), while the block builds that head's M. The scales go elsewhere:
 // dt into M's columns (M' = M diag(dt), so M u = M' x), E onto the rows of the C prev^T
-// accumulators before M' x joins them.
+// accumulators before M' x joins them. The products are mma.sync tiles (mma.cuh) whose
+// accumulators go straight to y, with D x, from registers.
 template <typename T, int P, int N>
 __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, const T* __restrict__ x,
                                                             const float* __restrict__ dt,
@@ -312,29 +312,27 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
                                                             const T* __restrict__ prev,
                                                             const float* __restrict__ D, float* __restrict__ y,
                                                             int hpb) {
+  constexpr int NT = P / 16;  // 8-column accumulator tiles per job (P / 2 columns)
+  static_assert(NT % 2 == 0, "B tiles are loaded in pairs");
   extern __shared__ __align__(128) unsigned char smem[];
   T* Ms = reinterpret_cast<T*>(smem);         // [Lc][Lc+8]  M diag(dt)
   T* xs = Ms + Lc * ld16<Lc>();               // [Lc][P+8]   x
   T* cs = xs + Lc * ld16<P>();                // [Lc][N+8]   C (the group's, all heads)
   T* ps = cs + Lc * ld16<N>();                // [P][N+8]    prev
-  float* ys = reinterpret_cast<float*>(Ms);   // [Lc][P+4], after the products
   float* s_cum = reinterpret_cast<float*>(ps + P * ld16<N>());
   float* s_dt = s_cum + Lc;
   float* s_E = s_dt + Lc;
-  float* row_ids = s_E + Lc;  // [16][16]
-  int32_t* s_seg = reinterpret_cast<int32_t*>(row_ids + 256);
+  int32_t* s_seg = reinterpret_cast<int32_t*>(s_E + Lc);
   const Heads hs = heads_of(d, hpb);
   const Block& k = hs.k;
   const int64_t g = hs.g, h0 = hs.h0, h1 = hs.h1;
   load_tile_async<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid);
   for (int l = threadIdx.x; l < Lc; l += kThreads) s_seg[l] = seg[k.bc * Lc + l];
-  fill_row_ids(row_ids);
   const float* cb = CB + (k.bc * d.G + g) * Lc * Lc;
-  const int warp = threadIdx.x / 32;
-  constexpr int TP = P / 16, HP = TP / 2;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
 
   for (int64_t h = h0; h < h1; ++h) {
-    __syncthreads();  // the previous head is done with Ms (ys), xs, ps and the scalars
+    __syncthreads();  // the previous head is done with Ms, xs, ps and the scalars
     const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
     load_tile_async<T, P>(xs, xb, d.x_st, k.valid);
     load_tile_async<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P);
@@ -350,49 +348,55 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
 
     // M is lower triangular, so row tile i of M' x costs i + 1 steps. Each warp takes two jobs
     // of half the columns, row tiles w and 7 - w: 9 steps per warp in place of 1..8.
-    Acc acc[2][HP];
-    Acc rows;
-    wmma::load_matrix_sync(rows, row_ids, 16, wmma::mem_row_major);
+    const float Dh = D ? D[h] : 0.f;
 #pragma unroll
     for (int job = 0; job < 2; ++job) {
-      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
+      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2);
+      float acc[NT][4];
 #pragma unroll
-      for (int j = 0; j < HP; ++j) wmma::fill_fragment(acc[job][j], 0.f);
-      mma_abt<T, N, ld16<N>()>(acc[job], cs + rt * 16 * ld16<N>(), ps + j0 * 16 * ld16<N>());  // C prev^T
-      scale_rows(acc[job], rows, s_E + rt * 16);
-      for (int kk = 0; kk <= rt; ++kk) {
-        FragARow<T> a;
-        wmma::load_matrix_sync(a, Ms + rt * 16 * ld16<Lc>() + kk * 16, ld16<Lc>());
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int j = 0; j < HP; ++j) {
-          FragBRow<T> bf;
-          wmma::load_matrix_sync(bf, xs + kk * 16 * ld16<P>() + (j0 + j) * 16, ld16<P>());
-          wmma::mma_sync(acc[job][j], a, bf, acc[job][j]);
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < N / 16; ++kk) {  // C prev^T
+        uint32_t a[4];
+        load_a(a, cs + rt * 16 * ld16<N>() + kk * 16, ld16<N>());
+#pragma unroll
+        for (int n = 0; n < NT; n += 2) {
+          uint32_t bf[4];  // (n, p) = prev[p][n]
+          load_b_nk(bf, ps + (j0 + n * 8) * ld16<N>() + kk * 16, ld16<N>());
+          mma16816<T>(acc[n], a, bf[0], bf[1]);
+          mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
         }
       }
-    }
-    __syncthreads();  // everyone is done with Ms before ys overwrites it
+      const int l0 = rt * 16 + gr;
+      const float E0 = s_E[l0], E1 = s_E[l0 + 8];
 #pragma unroll
-    for (int job = 0; job < 2; ++job) {
-      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
+      for (int n = 0; n < NT; ++n) acc[n][0] *= E0, acc[n][1] *= E0, acc[n][2] *= E1, acc[n][3] *= E1;
+      for (int kk = 0; kk <= rt; ++kk) {  // + M' x
+        uint32_t a[4];
+        load_a(a, Ms + rt * 16 * ld16<Lc>() + kk * 16, ld16<Lc>());
 #pragma unroll
-      for (int j = 0; j < HP; ++j)
-        wmma::store_matrix_sync(ys + rt * 16 * ld32<P>() + (j0 + j) * 16, acc[job][j], ld32<P>(),
-                                wmma::mem_row_major);
-    }
-    __syncthreads();
-    const float Dh = D ? D[h] : 0.f;
-    constexpr int V = P / 4;
-    for (int i = threadIdx.x; i < Lc * V; i += kThreads) {
-      const int l = i / V, p = (i % V) * 4;
-      if (l >= k.valid) continue;
-      float4 v = *reinterpret_cast<const float4*>(ys + l * ld32<P>() + p);
-      const Pack<T, 4> xv = *reinterpret_cast<const Pack<T, 4>*>(xs + l * ld16<P>() + p);
-      v.x += Dh * Num<T>::to_f(xv.v[0]);
-      v.y += Dh * Num<T>::to_f(xv.v[1]);
-      v.z += Dh * Num<T>::to_f(xv.v[2]);
-      v.w += Dh * Num<T>::to_f(xv.v[3]);
-      *reinterpret_cast<float4*>(y + ((k.b * d.T + k.t0 + l) * d.H + h) * P + p) = v;
+        for (int n = 0; n < NT; n += 2) {
+          uint32_t bf[4];  // (s, p) = x[s][p]
+          load_b_kn(bf, xs + kk * 16 * ld16<P>() + j0 + n * 8, ld16<P>());
+          mma16816<T>(acc[n], a, bf[0], bf[1]);
+          mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {  // y = acc + D x, from registers
+        const int l = l0 + 8 * r;
+        if (l >= k.valid) continue;
+        float* yr = y + ((k.b * d.T + k.t0 + l) * d.H + h) * P;
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const int p = j0 + n * 8 + 2 * tq;
+          const Pack<T, 2> xv = *reinterpret_cast<const Pack<T, 2>*>(xs + l * ld16<P>() + p);
+          *reinterpret_cast<float2*>(yr + p) = make_float2(acc[n][2 * r] + Dh * Num<T>::to_f(xv.v[0]),
+                                                           acc[n][2 * r + 1] + Dh * Num<T>::to_f(xv.v[1]));
+        }
+      }
     }
   }
 }
@@ -537,23 +541,27 @@ __global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d
 template <typename T, int P, int N>
 struct BwdOff {
   static constexpr size_t smem() {
-    return sizeof(float) * (kWarps * 256 + Lc + Lc * ld32<P>()) +
-           sizeof(T) * (Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
+    return sizeof(float) * Lc + sizeof(T) * (Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
   }
 };
 
+// Per (batch*chunk, head): dyE = dy E (time-major, for the cross-head dC GEMM), dH_off = dyE^T C
+// and the E part of the log-decay gradient, dcum_E[l] = dyE_l . (C prev^T)_l, on mma.sync tiles
+// (mma.cuh) whose accumulators are stored and summed from registers.
 template <typename T, int P, int N>
 __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, const float* __restrict__ dy,
                                                            const float* __restrict__ E,
                                                            const T* __restrict__ Cm,
                                                            const T* __restrict__ prev, T* __restrict__ dyE,
                                                            T* __restrict__ dH_off, float* __restrict__ dcum_E) {
+  constexpr int WP = kWarps / (P / 16);  // warps per 16-row tile of dH_off
+  constexpr int NO = N / WP / 8;         // 8-column tiles of dH_off per warp
+  constexpr int NT = P / 8;              // 8-column tiles of C prev^T per warp (all P)
+  static_assert(NO % 2 == 0 && NT % 2 == 0, "B tiles are loaded in pairs");
   extern __shared__ __align__(128) unsigned char smem[];
-  float* stage = reinterpret_cast<float*>(smem);  // [8][256]
-  float* ys = stage + kWarps * 256;               // [Lc][P+4]  C prev^T
-  T* dys = reinterpret_cast<T*>(ys + Lc * ld32<P>());  // [Lc][P+8]  dy E
-  T* cs = dys + Lc * ld16<P>();                        // [Lc][N+8]
-  T* ps = cs + Lc * ld16<N>();                         // [P][N+8]
+  T* dys = reinterpret_cast<T*>(smem);  // [Lc][P+8]  dy E
+  T* cs = dys + Lc * ld16<P>();         // [Lc][N+8]
+  T* ps = cs + Lc * ld16<N>();          // [P][N+8]
   float* s_E = reinterpret_cast<float*>(ps + P * ld16<N>());
   const Block k = block_of(d, d.H);
   const int64_t h = k.inner, g = h / (d.H / d.G);
@@ -572,39 +580,66 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
           *reinterpret_cast<const Pack<T, 8>*>(dys + l * ld16<P>() + v * 8);
     }
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  constexpr int TP = P / 16, TN = N / 16;
-  T* out = dH_off + (k.bc * d.H + h) * P * N;
-  for (int tile = warp; tile < TP * TN; tile += kWarps) {  // dH_off = dyE^T C
-    const int i = tile / TN, j = tile % TN;
-    Acc acc;
-    wmma::fill_fragment(acc, 0.f);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+  {  // dH_off = dyE^T C: rows p of tile warp / WP, columns n0 .. n0 + 8 NO
+    const int pt = warp / WP, n0 = (warp % WP) * NO * 8;
+    float acc[NO][4];
 #pragma unroll
+    for (int n = 0; n < NO; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll 2
     for (int kk = 0; kk < Lc / 16; ++kk) {
-      FragACol<T> a;
-      FragBRow<T> bf;
-      wmma::load_matrix_sync(a, dys + kk * 16 * ld16<P>() + i * 16, ld16<P>());
-      wmma::load_matrix_sync(bf, cs + kk * 16 * ld16<N>() + j * 16, ld16<N>());
-      wmma::mma_sync(acc, a, bf, acc);
+      uint32_t a[4];  // (p, l) = dyE[l][p]
+      load_a_t(a, dys + kk * 16 * ld16<P>() + pt * 16, ld16<P>());
+#pragma unroll
+      for (int n = 0; n < NO; n += 2) {
+        uint32_t bf[4];  // (l, n) = C[l][n]
+        load_b_kn(bf, cs + kk * 16 * ld16<N>() + n0 + n * 8, ld16<N>());
+        mma16816<T>(acc[n], a, bf[0], bf[1]);
+        mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
+      }
     }
-    store_acc(acc, stage + warp * 256, out + i * 16 * N + j * 16, N);
-  }
-  {  // C prev^T, this warp's 16 rows
-    Acc acc[TP];
+    T* out = dH_off + (k.bc * d.H + h) * P * N + (pt * 16 + gr) * N + n0 + 2 * tq;
 #pragma unroll
-    for (int j = 0; j < TP; ++j) wmma::fill_fragment(acc[j], 0.f);
-    mma_abt<T, N, ld16<N>()>(acc, cs + warp * 16 * ld16<N>(), ps);
-#pragma unroll
-    for (int j = 0; j < TP; ++j)
-      wmma::store_matrix_sync(ys + warp * 16 * ld32<P>() + j * 16, acc[j], ld32<P>(), wmma::mem_row_major);
+    for (int n = 0; n < NO; ++n) {
+      const float o0[2] = {acc[n][0], acc[n][1]}, o1[2] = {acc[n][2], acc[n][3]};
+      store_pack<T, 2>(out + n * 8, o0);
+      store_pack<T, 2>(out + 8 * N + n * 8, o1);
+    }
   }
-  __syncwarp();
-  for (int r = 0; r < 16; ++r) {  // the warp's own rows: no block barrier needed
-    const int l = warp * 16 + r;
-    float part = 0.f;
-    for (int p = lane; p < P; p += 32) part += Num<T>::to_f(dys[l * ld16<P>() + p]) * ys[l * ld32<P>() + p];
-    part = warp_sum(part);
-    if (lane == 0) dcum_E[(k.bc * d.H + h) * Lc + l] = part;
+  {  // C prev^T on this warp's 16 rows, dotted with dyE's rows
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll 2
+    for (int kk = 0; kk < N / 16; ++kk) {
+      uint32_t a[4];
+      load_a(a, cs + warp * 16 * ld16<N>() + kk * 16, ld16<N>());
+#pragma unroll
+      for (int n = 0; n < NT; n += 2) {
+        uint32_t bf[4];  // (n, p) = prev[p][n]
+        load_b_nk(bf, ps + n * 8 * ld16<N>() + kk * 16, ld16<N>());
+        mma16816<T>(acc[n], a, bf[0], bf[1]);
+        mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
+      }
+    }
+    const int l0 = warp * 16 + gr;
+    float part[2] = {0.f, 0.f};
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const Pack<T, 2> v = *reinterpret_cast<const Pack<T, 2>*>(dys + (l0 + 8 * r) * ld16<P>() + n * 8 + 2 * tq);
+        part[r] += Num<T>::to_f(v.v[0]) * acc[n][2 * r] + Num<T>::to_f(v.v[1]) * acc[n][2 * r + 1];
+      }
+    part[0] = row_quad_sum(part[0]), part[1] = row_quad_sum(part[1]);
+    if (tq == 0) {
+      dcum_E[(k.bc * d.H + h) * Lc + l0] = part[0];
+      dcum_E[(k.bc * d.H + h) * Lc + l0 + 8] = part[1];
+    }
   }
 }
 
