@@ -403,7 +403,8 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
 
 // The chunk states and their recurrence in one pass (a v2 kernel, peftfw/kernels/v2.hpp): a block owns
 // head h of batch b and PS of its P rows of the state, walks the chunks in order and keeps
-// the running state H in shared memory (float32):
+// the running state H in registers (float32, the mma.sync accumulators of mma.cuh; each warp
+// owns 16 rows and N / WR columns of it):
 //   prev[b,c,h] = H (rounded to T);  H = dec[b,c,h] H + (dt Ld x)_c^T B_c;  final[b,h] = H.
 // S_c never reaches global memory, nor is it rounded to T before it is added. The next chunk's
 // x, dt and Ld are on their way (cp.async, two buffers) while the block works on this one; x
@@ -411,10 +412,10 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
 // heads and read from L2) is copied at the top of its own step.
 template <typename T, int P, int N, int PS>
 struct StatesPass {
-  static constexpr int kTiles = (PS / 16) * (N / 16);
-  static constexpr int kOwn = (kTiles + kWarps - 1) / kWarps;  // tiles per warp
+  static constexpr int WR = kWarps / (PS / 16);  // warps per 16-row tile of the state
+  static constexpr int NO = N / WR / 8;          // 8-column tiles per warp
   static constexpr size_t smem() {
-    return sizeof(float) * (PS * ld32<N>() + 2 * 2 * Lc) + sizeof(T) * (2 * Lc * ld16<PS>() + Lc * ld16<N>());
+    return sizeof(float) * 2 * 2 * Lc + sizeof(T) * (2 * Lc * ld16<PS>() + Lc * ld16<N>());
   }
 };
 
@@ -428,16 +429,19 @@ __global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d
                                                                   T* __restrict__ prev,
                                                                   float* __restrict__ final_state) {
   using K = StatesPass<T, P, N, PS>;
+  constexpr int NO = K::NO;
+  static_assert(NO % 2 == 0, "B tiles are loaded in pairs");
   extern __shared__ __align__(128) unsigned char smem[];
-  float* hs = reinterpret_cast<float*>(smem);     // [PS][N+4]  the running state, this block's rows
-  float* s_dt = hs + PS * ld32<N>();              // [2][Lc]
-  float* s_Ld = s_dt + 2 * Lc;                    // [2][Lc]
+  float* s_dt = reinterpret_cast<float*>(smem);     // [2][Lc]
+  float* s_Ld = s_dt + 2 * Lc;                      // [2][Lc]
   T* stages = reinterpret_cast<T*>(s_Ld + 2 * Lc);  // 2 x [Lc][PS+8]  x, then dt Ld x
   T* bs = stages + 2 * Lc * ld16<PS>();             // [Lc][N+8]
   const int64_t b = blockIdx.x / d.H, h = blockIdx.x % d.H, g = h / (d.H / d.G), p0 = blockIdx.y * PS;
-  const int warp = threadIdx.x / 32;
-  constexpr int TN = N / 16, V = N / 4;  // float4s per state row
-  const int64_t state0 = (b * d.H + h) * P * N + p0 * N;  // this block's rows of a [.., P, N] state
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+  const int pt = warp / K::WR, n0 = (warp % K::WR) * NO * 8;  // this warp's rows pt*16.. and columns n0..
+  // Offset of this lane's element pair (row gr + 8 r, columns of tile n) in a [P, N] state,
+  // and in the [B, H, P, N] initial and final states.
+  const int64_t lane0 = (p0 + pt * 16 + gr) * N + n0 + 2 * tq, state0 = (b * d.H + h) * P * N + lane0;
 
   auto valid_of = [&](int64_t c) { return static_cast<int>(min(static_cast<int64_t>(Lc), d.T - c * Lc)); };
   // Chunk c's x rows, dt and Ld into stage `buf`, zero past T, as one commit group.
@@ -453,11 +457,14 @@ __global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d
     cp_async_commit();
   };
 
-  for (int i = threadIdx.x; i < PS * V; i += kThreads) {
-    const int r = i / V, q = (i % V) * 4;
-    const float4 v = init ? *reinterpret_cast<const float4*>(init + state0 + r * N + q) : make_float4(0.f, 0.f, 0.f, 0.f);
-    *reinterpret_cast<float4*>(hs + r * ld32<N>() + q) = v;
-  }
+  float H[NO][4];
+#pragma unroll
+  for (int n = 0; n < NO; ++n)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float2 v = init ? *reinterpret_cast<const float2*>(init + state0 + 8 * r * N + n * 8) : make_float2(0.f, 0.f);
+      H[n][2 * r] = v.x, H[n][2 * r + 1] = v.y;
+    }
   fetch(0, 0);
   for (int64_t c = 0; c < d.nc; ++c) {
     const int buf = static_cast<int>(c & 1);
@@ -486,54 +493,36 @@ __global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d
         store_pack<T, 8>(us + l * ld16<PS>() + v * 8, o);
       }
     }
-    T* out = prev + (bc * d.H + h) * P * N + p0 * N;  // H_c, the state entering chunk c
-    for (int i = threadIdx.x; i < PS * V; i += kThreads) {
-      const int r = i / V, q = (i % V) * 4;
-      const float4 v = *reinterpret_cast<const float4*>(hs + r * ld32<N>() + q);
-      const float o[4] = {v.x, v.y, v.z, v.w};
-      store_pack<T, 4>(out + r * N + q, o);
-    }
-    __syncthreads();  // the scaled tile is in place, and every read of hs above is done
+    T* out = prev + (bc * d.H + h) * P * N + lane0;  // H_c, the state entering chunk c
     const float dc = dec[bc * d.H + h];
-    Acc acc[K::kOwn];
 #pragma unroll
-    for (int o = 0; o < K::kOwn; ++o) {
-      const int tile = warp + o * kWarps;
-      if (tile >= K::kTiles) break;
-      wmma::load_matrix_sync(acc[o], hs + (tile / TN) * 16 * ld32<N>() + (tile % TN) * 16, ld32<N>(),
-                             wmma::mem_row_major);
+    for (int n = 0; n < NO; ++n) {
+      const float o0[2] = {H[n][0], H[n][1]}, o1[2] = {H[n][2], H[n][3]};
+      store_pack<T, 2>(out + n * 8, o0);
+      store_pack<T, 2>(out + 8 * N + n * 8, o1);
 #pragma unroll
-      for (int e = 0; e < acc[o].num_elements; ++e) acc[o].x[e] *= dc;  // layout-free: one scalar
+      for (int e = 0; e < 4; ++e) H[n][e] *= dc;
     }
-    // A warp's tiles share their column (kWarps is a multiple of N / 16 when it owns
-    // several), so each step loads one B fragment for all of them.
-    static_assert(K::kOwn == 1 || kWarps % TN == 0, "the tiles of one warp share a column");
-#pragma unroll 1
+    __syncthreads();  // the scaled tile is in place
+#pragma unroll 2
     for (int kk = 0; kk < Lc / 16; ++kk) {
-      FragBRow<T> bf;
-      wmma::load_matrix_sync(bf, bs + kk * 16 * ld16<N>() + (warp % TN) * 16, ld16<N>());
+      uint32_t a[4];  // (p, s) = us[s][p]
+      load_a_t(a, us + kk * 16 * ld16<PS>() + pt * 16, ld16<PS>());
 #pragma unroll
-      for (int o = 0; o < K::kOwn; ++o) {
-        const int tile = warp + o * kWarps;
-        if (tile >= K::kTiles) break;
-        FragACol<T> a;  // (p, s) = us[s][p]
-        wmma::load_matrix_sync(a, us + kk * 16 * ld16<PS>() + (tile / TN) * 16, ld16<PS>());
-        wmma::mma_sync(acc[o], a, bf, acc[o]);
+      for (int n = 0; n < NO; n += 2) {
+        uint32_t bf[4];  // (s, n) = B[s][n]
+        load_b_kn(bf, bs + kk * 16 * ld16<N>() + n0 + n * 8, ld16<N>());
+        mma16816<T>(H[n], a, bf[0], bf[1]);
+        mma16816<T>(H[n + 1], a, bf[2], bf[3]);
       }
     }
+    __syncthreads();  // bs and stage buf are free
+  }
 #pragma unroll
-    for (int o = 0; o < K::kOwn; ++o) {
-      const int tile = warp + o * kWarps;
-      if (tile >= K::kTiles) break;
-      wmma::store_matrix_sync(hs + (tile / TN) * 16 * ld32<N>() + (tile % TN) * 16, acc[o], ld32<N>(),
-                              wmma::mem_row_major);
-    }
-    __syncthreads();  // hs is updated; bs and stage buf are free
-  }
-  for (int i = threadIdx.x; i < PS * V; i += kThreads) {
-    const int r = i / V, q = (i % V) * 4;
-    *reinterpret_cast<float4*>(final_state + state0 + r * N + q) = *reinterpret_cast<const float4*>(hs + r * ld32<N>() + q);
-  }
+  for (int n = 0; n < NO; ++n)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      *reinterpret_cast<float2*>(final_state + state0 + 8 * r * N + n * 8) = make_float2(H[n][2 * r], H[n][2 * r + 1]);
 }
 
 // --------------------------------------------------------------- backward
@@ -1261,8 +1250,10 @@ cudaError_t ssd_chunk_states_pass(int dtype, const SsdChunkDims& d, const void* 
                                   float* final_state, cudaStream_t stream) {
   // Rows of the state per block: all P unless that leaves under 2 blocks per SM.
   const int sms = sm_count();
+  // At least two 8-column tiles of the state per warp: PS N >= 2048.
   int64_t ps = d.P;
-  while (ps > 16 && d.B * d.H * (d.P / ps) < 2 * sms) ps /= 2;
+  const int64_t min_ps = std::max<int64_t>(16, 2048 / d.N);
+  while (ps > min_ps && d.B * d.H * (d.P / ps) < 2 * sms) ps /= 2;
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) -> cudaError_t {
     using T = decltype(tag);
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
@@ -1272,7 +1263,9 @@ cudaError_t ssd_chunk_states_pass(int dtype, const SsdChunkDims& d, const void* 
                     stream, d, static_cast<const T*>(x), dt, Ld, static_cast<const T*>(B), dec, init,
                     static_cast<T*>(prev), final_state);
     };
-    if (ps == 16) return go(std::integral_constant<int, 16>{});
+    if constexpr (N * 16 >= 2048) {
+      if (ps == 16) return go(std::integral_constant<int, 16>{});
+    }
     if constexpr (P >= 64) {
       if (ps == 32) return go(std::integral_constant<int, 32>{});
     }
