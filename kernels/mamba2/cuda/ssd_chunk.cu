@@ -1,11 +1,11 @@
 // See ssd_chunk.hpp. Every kernel runs 8 warps on one (batch*chunk) and one head or a
 // few heads of a group; 16-bit tiles live in shared memory with rows padded by 8 elements
-// (16 bytes) against bank conflicts, and the WMMA products accumulate in
-// float32. The notation follows ssd_fused.cpp.
+// (16 bytes) against bank conflicts, and the tensor-core products accumulate in float32:
+// mma.sync tiles of known register layout (mma.cuh) in the v2 kernels, WMMA in the earlier
+// chunk-state kernel. The notation follows ssd_fused.cpp.
 #include <mma.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
@@ -23,13 +23,9 @@ constexpr int kThreads = kWarps * 32;
 static_assert(Lc == 16 * kWarps, "one 16-row tile per warp");
 
 template <typename T>
-using FragARow = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-template <typename T>
 using FragACol = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;
 template <typename T>
 using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-template <typename T>
-using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major>;
 using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 // Row length of a shared 16-bit tile W wide, and of a float32 one.
@@ -188,14 +184,6 @@ __device__ void build_decay(T* Ms, const float* cb, const float* s_cum, const in
   }
 }
 
-// Row i of lower-triangle tile t, with tiles numbered row by row: (0,0), (1,0), (1,1), (2,0), ...
-// (the tile's column is t - i (i + 1) / 2).
-__device__ __forceinline__ int tri_row(int t) {
-  int i = 0;
-  while ((i + 1) * (i + 2) / 2 <= t) ++i;
-  return i;
-}
-
 // Writes a 16x16 accumulator to a row-major T matrix in global memory through
 // the warp's 16x16 float32 staging area.
 template <typename T>
@@ -253,37 +241,6 @@ __global__ void __launch_bounds__(kThreads, 2) states_fwd_kernel(SsdChunkDims d,
       wmma::mma_sync(acc, a, bf, acc);
     }
     store_acc(acc, stage + warp * 256, out + i * 16 * N + j * 16, N);
-  }
-}
-
-// Row r of every element of a 16x16 accumulator fragment: loaded from a matrix whose
-// (r, c) entry is r, so per-row scales need no knowledge of the fragment's layout.
-__device__ __forceinline__ void fill_row_ids(float* ids) {
-  for (int i = threadIdx.x; i < 256; i += kThreads) ids[i] = static_cast<float>(i / 16);
-}
-// Row r of each accumulator of one 16-row tile times scale[r]; `rows` was loaded from fill_row_ids.
-template <int HP>
-__device__ __forceinline__ void scale_rows(Acc (&acc)[HP], const Acc& rows, const float* scale) {
-#pragma unroll
-  for (int j = 0; j < HP; ++j)
-#pragma unroll
-    for (int e = 0; e < rows.num_elements; ++e) acc[j].x[e] *= scale[static_cast<int>(rows.x[e])];
-}
-
-// acc[j] += A R_j^T for j < HP over K columns: A is the 16-row tile at `a` (row-major, rows
-// LD long), R_j the 16-row tile at r + j * 16 * LD (the same layout).
-template <typename T, int K, int LD, int HP>
-__device__ __forceinline__ void mma_abt(Acc (&acc)[HP], const T* a, const T* r) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    FragARow<T> fa;
-    wmma::load_matrix_sync(fa, a + kk * 16, LD);
-#pragma unroll
-    for (int j = 0; j < HP; ++j) {
-      FragBCol<T> bf;  // (k, n) = r[n][k]
-      wmma::load_matrix_sync(bf, r + j * 16 * LD + kk * 16, LD);
-      wmma::mma_sync(acc[j], fa, bf, acc[j]);
-    }
   }
 }
 
@@ -632,267 +589,6 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
   }
 }
 
-template <typename T, int P, int N>
-struct BwdDiag {
-  static constexpr int NH = N / 2;  // the state is read in two halves for Q
-  static constexpr int kStage = 16 * 20;  // a warp's 16x16 float32 staging tile, rows of 20 (16-byte multiple)
-  static constexpr int kTri = (Lc / 16) * (Lc / 16 + 1) / 2;  // lower-triangle 16x16 tiles of [Lc,Lc]
-  static constexpr int kHalf = sizeof(T) * (Lc * ld16<NH>() + P * ld16<NH>());
-  static constexpr int kShared = kHalf > int(sizeof(float)) * kWarps * kStage ? kHalf : int(sizeof(float)) * kWarps * kStage;
-  static constexpr size_t smem() {
-    return sizeof(T) * (Lc * ld16<Lc>() + 2 * Lc * ld16<P>()) + kShared +
-           sizeof(float) * (3 * Lc + 2 * kTri * 16 + 4 * Lc + 256) + sizeof(int32_t) * Lc;
-  }
-};
-
-// grid: (B*nc, G * ceil(Hg / hpb)); the block loops over its hpb heads. Shared memory
-// stays under half an SM (two blocks per SM): dM, du and Q never exist as whole float32
-// matrices, each warp passes its own 16x16 accumulator tiles through a small staging area.
-// All sums are in a fixed order (per-tile partial slots), so the result is deterministic
-// except for dCB and dD, whose per-block parts are added atomically.
-template <typename T, int P, int N>
-__global__ void __launch_bounds__(kThreads, 2)
-    bwd_diag_kernel(SsdChunkDims d, const T* __restrict__ x, const float* __restrict__ dt,
-                    const float* __restrict__ cum, const int32_t* __restrict__ seg,
-                    const float* __restrict__ CB, const float* __restrict__ Ld, const T* __restrict__ Bm,
-                    const float* __restrict__ dy, const T* __restrict__ dS, const float* __restrict__ D,
-                    T* __restrict__ dx, T* __restrict__ uL, float* __restrict__ ddt_u,
-                    float* __restrict__ dcum, float* __restrict__ dLd, float* __restrict__ dCB,
-                    float* __restrict__ dD, int hpb) {
-  using K = BwdDiag<T, P, N>;
-  constexpr int NH = K::NH, TP = P / 16, HP = TP / 2, LS = 20;
-  constexpr int kOwn = (K::kTri + kWarps - 1) / kWarps;  // triangle tiles per warp, at most
-  extern __shared__ __align__(128) unsigned char smem[];
-  T* Ms = reinterpret_cast<T*>(smem);  // [Lc][Lc+8]
-  T* xs = Ms + Lc * ld16<Lc>();        // [Lc][P+8]  x (u = dt x: dt joins in the element passes)
-  T* dys = xs + Lc * ld16<P>();        // [Lc][P+8]
-  unsigned char* shared = reinterpret_cast<unsigned char*>(dys + Lc * ld16<P>());
-  T* bq = reinterpret_cast<T*>(shared);  // [Lc][NH+8]  B, one half of the state (Ld joins on Q's rows)
-  T* dq = bq + Lc * ld16<NH>();          // [P][NH+8]   dS, the same half
-  float* s_cum = reinterpret_cast<float*>(shared + K::kShared);
-  float* s_dt = s_cum + Lc;
-  float* s_Ld = s_dt + Lc;
-  float* s_rows = s_Ld + Lc;           // [kTri][16] row sums of W = dM * M per tile
-  float* s_cols = s_rows + K::kTri * 16;  // [kTri][16] column sums
-  float* s_ddt = s_cols + K::kTri * 16;   // [2][Lc] du . x, per column half
-  float* s_uq = s_ddt + 2 * Lc;           // [2][Lc] u . (Ld Q), per column half
-  float* row_ids = s_uq + 2 * Lc;         // [16][16]
-  int32_t* s_seg = reinterpret_cast<int32_t*>(row_ids + 256);
-
-  // One head per block (small problems, whose CB fits in L2 in any order): chunk fastest, so
-  // that the blocks adding into one chunk's dCB at the same time are few.
-  const Heads hs = heads_of(d, hpb, hpb == 1);
-  const Block& k = hs.k;
-  const int64_t g = hs.g, h0 = hs.h0, h1 = hs.h1;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int er = lane / 2, ec = (lane % 2) * 8;  // a lane's 8 elements of a 16x16 staging tile
-  float* stage = reinterpret_cast<float*>(shared) + warp * K::kStage;
-  const float* cb = CB + (k.bc * d.G + g) * Lc * Lc;
-  const T* bsrc = Bm + k.b * d.b_sb + k.t0 * d.b_st + g * N;
-
-  for (int l = threadIdx.x; l < Lc; l += kThreads) s_seg[l] = seg[k.bc * Lc + l];
-  fill_row_ids(row_ids);
-
-  // This thread's share of dCB (its 8 elements of each triangle tile its warp owns), summed
-  // over the block's heads.
-  float acc_cb[kOwn][8];
-#pragma unroll
-  for (int o = 0; o < kOwn; ++o)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) acc_cb[o][e] = 0.f;
-
-  for (int64_t h = h0; h < h1; ++h) {
-    const int64_t row = (k.bc * d.H + h) * Lc;
-    __syncthreads();  // the previous head is done with every shared buffer
-    const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
-    const float* dyb = dy + ((k.b * d.T + k.t0) * d.H + h) * P;
-    // x and the head's per-position scalars travel while this thread converts its part of dy.
-    load_tile_async<T, P>(xs, xb, d.x_st, k.valid);
-    for (int l = threadIdx.x; l < Lc; l += kThreads) {
-      const bool live = l < k.valid;
-      cp_async<4>(s_cum + l, cum + row + l, true);
-      cp_async<4>(s_Ld + l, Ld + row + l, true);
-      cp_async<4>(s_dt + l, live ? dt + (k.b * d.T + k.t0 + l) * d.H + h : dt, live);
-    }
-    load_tile_f32<T, P>(dys, dyb, d.H * P, k.valid, nullptr);
-    cp_async_wait();
-    __syncthreads();
-    build_decay<T, 4>(Ms, cb, s_cum, s_seg);
-    __syncthreads();
-
-    // dM = dy u^T on the lower-triangle tiles; per element dML = dM * L goes into dCB and
-    // W = dML * CB into the row and column sums (the log-decay gradient is rowsum - colsum).
-#pragma unroll
-    for (int o = 0; o < kOwn; ++o) {
-      const int t = warp + o * kWarps;
-      if (t >= K::kTri) break;
-      const int i = tri_row(t), j = t - i * (i + 1) / 2;
-      // This lane's 8 elements of CB, issued before the product so that their latency overlaps it.
-      const int l = i * 16 + er, s0 = j * 16 + ec;
-      const float4 c0 = *reinterpret_cast<const float4*>(cb + l * Lc + s0);
-      const float4 c1 = *reinterpret_cast<const float4*>(cb + l * Lc + s0 + 4);
-      Acc acc;
-      wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-      for (int kk = 0; kk < TP; ++kk) {
-        FragARow<T> a;
-        FragBCol<T> bf;  // (p, s) = x[s][p]; dt_s joins below
-        wmma::load_matrix_sync(a, dys + i * 16 * ld16<P>() + kk * 16, ld16<P>());
-        wmma::load_matrix_sync(bf, xs + j * 16 * ld16<P>() + kk * 16, ld16<P>());
-        wmma::mma_sync(acc, a, bf, acc);
-      }
-      wmma::store_matrix_sync(stage, acc, LS, wmma::mem_row_major);
-      __syncwarp();
-      const float cbv[8] = {c0.x, c0.y, c0.z, c0.w, c1.x, c1.y, c1.z, c1.w};
-      const float cl = s_cum[l];
-      const int32_t sl = s_seg[l];
-      float* st = stage + er * LS + ec;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int s = s0 + e;
-        const float dl = (s <= l && s_seg[s] == sl) ? st[e] * s_dt[s] * __expf(cl - s_cum[s]) : 0.f;
-        acc_cb[o][e] += dl;
-        st[e] = dl * cbv[e];
-      }
-      __syncwarp();
-      // Lanes 0-15 sum row `lane` of W, lanes 16-31 column `lane - 16`.
-      float sum = 0.f;
-#pragma unroll
-      for (int q = 0; q < 16; ++q) sum += lane < 16 ? stage[lane * LS + q] : stage[q * LS + lane - 16];
-      (lane < 16 ? s_rows : s_cols)[t * 16 + lane % 16] = sum;
-      __syncwarp();
-    }
-
-    // du = M^T dy + Ld Q with Q = B dS^T. Row tile i of M^T dy costs 8 - i steps (M^T is upper
-    // triangular): each warp takes half the columns of row tiles w and 7 - w ("jobs"). The Q
-    // part goes first, through B scaled by Ld in two halves of the state, so that u . (Ld Q)
-    // (for dLd) is read off the accumulators before M^T dy joins them.
-    Acc accD[2][HP];
-#pragma unroll
-    for (int job = 0; job < 2; ++job)
-#pragma unroll
-      for (int j = 0; j < HP; ++j) wmma::fill_fragment(accD[job][j], 0.f);
-#pragma unroll 1
-    for (int half = 0; half < 2; ++half) {
-      __syncthreads();  // the shared area is free (staging, or the previous half)
-      load_tile_async<T, NH, P>(dq, dS + (k.bc * d.H + h) * P * N + half * NH, N, P);
-      load_tile_async<T, NH>(bq, bsrc + half * NH, d.b_st, k.valid);
-      cp_async_wait();
-      __syncthreads();
-#pragma unroll
-      for (int job = 0; job < 2; ++job) {
-        const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP;
-        mma_abt<T, NH, ld16<NH>()>(accD[job], bq + rt * 16 * ld16<NH>(), dq + j0 * 16 * ld16<NH>());  // B dS^T
-      }
-    }
-    __syncthreads();  // the shared area becomes staging again
-    {  // Q's rows times Ld (B went in unscaled)
-      Acc rows;
-      wmma::load_matrix_sync(rows, row_ids, 16, wmma::mem_row_major);
-#pragma unroll
-      for (int job = 0; job < 2; ++job) scale_rows(accD[job], rows, s_Ld + (job == 0 ? warp : kWarps - 1 - warp) * 16);
-    }
-#pragma unroll
-    for (int job = 0; job < 2; ++job) {
-      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP, s = rt * 16 + er;
-      float uq = 0.f;
-#pragma unroll
-      for (int j = 0; j < HP; ++j) {
-        wmma::store_matrix_sync(stage, accD[job][j], LS, wmma::mem_row_major);
-        __syncwarp();
-        const Pack<T, 8> xv = *reinterpret_cast<const Pack<T, 8>*>(xs + s * ld16<P>() + (j0 + j) * 16 + ec);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) uq += Num<T>::to_f(xv.v[e]) * stage[er * LS + ec + e];
-        __syncwarp();
-      }
-      uq += __shfl_xor_sync(0xffffffffu, uq, 1);
-      if (lane % 2 == 0) s_uq[job * Lc + s] = uq * s_dt[s];
-#pragma unroll
-      for (int kk = rt; kk < Lc / 16; ++kk) {
-        FragACol<T> a;  // (s, l) = M[l][s]
-        wmma::load_matrix_sync(a, Ms + kk * 16 * ld16<Lc>() + rt * 16, ld16<Lc>());
-#pragma unroll
-        for (int j = 0; j < HP; ++j) {
-          FragBRow<T> bf;
-          wmma::load_matrix_sync(bf, dys + kk * 16 * ld16<P>() + (j0 + j) * 16, ld16<P>());
-          wmma::mma_sync(accD[job][j], a, bf, accD[job][j]);
-        }
-      }
-    }
-
-    // Per element: dx = dt du + D dy, uL = u Ld, and the row sums du . x (for ddt) and dy . x (dD).
-    const float Dh = D ? D[h] : 0.f;
-    float dD_part = 0.f;
-#pragma unroll
-    for (int job = 0; job < 2; ++job) {
-      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * HP, s = rt * 16 + er;
-      const bool live = s < k.valid;
-      const float dts = s_dt[s], Lds = s_Ld[s];
-      float ddt = 0.f;
-#pragma unroll
-      for (int j = 0; j < HP; ++j) {
-        const int p0 = (j0 + j) * 16 + ec;
-        wmma::store_matrix_sync(stage, accD[job][j], LS, wmma::mem_row_major);
-        __syncwarp();
-        const Pack<T, 8> xv = *reinterpret_cast<const Pack<T, 8>*>(xs + s * ld16<P>() + p0);  // zero past T
-        float4 dy0 = make_float4(0.f, 0.f, 0.f, 0.f), dy1 = dy0;
-        if (live) {
-          dy0 = *reinterpret_cast<const float4*>(dyb + s * d.H * P + p0);
-          dy1 = *reinterpret_cast<const float4*>(dyb + s * d.H * P + p0 + 4);
-        }
-        const float dyv[8] = {dy0.x, dy0.y, dy0.z, dy0.w, dy1.x, dy1.y, dy1.z, dy1.w};
-        float o_dx[8], o_uL[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float du = stage[er * LS + ec + e];
-          const float xe = Num<T>::to_f(xv.v[e]);
-          ddt += du * xe;
-          dD_part += dyv[e] * xe;
-          o_dx[e] = dts * du + Dh * dyv[e];
-          o_uL[e] = xe * dts * Lds;
-        }
-        if (live) store_pack<T, 8>(dx + ((k.b * d.T + k.t0 + s) * d.H + h) * P + p0, o_dx);
-        store_pack<T, 8>(uL + ((k.bc * Lc + s) * d.H + h) * P + p0, o_uL);
-        __syncwarp();
-      }
-      ddt += __shfl_xor_sync(0xffffffffu, ddt, 1);
-      if (lane % 2 == 0) s_ddt[job * Lc + s] = ddt;
-    }
-    if (dD) {
-      dD_part = warp_sum(dD_part);
-      if (lane == 0) atomicAdd(&dD[h], dD_part);
-    }
-    __syncthreads();  // every partial sum is in place
-
-    // Per position: the sums in a fixed order. Row sums of W come from the tiles (l/16, j <= l/16),
-    // column sums from (i >= s/16, s/16).
-    for (int l = threadIdx.x; l < Lc; l += kThreads) {
-      const int ti = l / 16, r = l % 16;
-      float w = 0.f;
-      for (int j = 0; j <= ti; ++j) w += s_rows[(ti * (ti + 1) / 2 + j) * 16 + r];
-      for (int i = ti; i < Lc / 16; ++i) w -= s_cols[(i * (i + 1) / 2 + ti) * 16 + r];
-      const float dld = s_uq[l] + s_uq[Lc + l];
-      ddt_u[row + l] = s_ddt[l] + s_ddt[Lc + l];
-      dLd[row + l] = dld;
-      dcum[row + l] = w - dld;
-    }
-  }
-
-  // dCB += this block's dML on its owned tiles, lower triangle only.
-  float* out = dCB + (k.bc * d.G + g) * Lc * Lc;
-#pragma unroll
-  for (int o = 0; o < kOwn; ++o) {
-    const int t = warp + o * kWarps;
-    if (t >= K::kTri) break;
-    const int i = tri_row(t), j = t - i * (i + 1) / 2, l = i * 16 + er;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int s = j * 16 + ec + e;
-      if (s <= l) atomicAdd(&out[l * Lc + s], acc_cb[o][e]);
-    }
-  }
-}
-
 // The within-chunk backward on mma.sync tiles whose register layout is known (mma.cuh), so the
 // dM element pass, the row and column sums of W, u . (Ld Q) and the epilogue all run on the
 // accumulators in registers: no 16x16 staging through shared memory.
@@ -900,7 +596,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 //       column half w / 4 (8 of each tile's 16 columns);
 //   du: warp w takes row tiles w and 7 - w, half of the P columns each ("jobs").
 template <typename T, int P, int N>
-struct BwdDiagMma {
+struct BwdDiag {
   static constexpr int NH = N / 2;  // the state is read in two halves for Q
   static constexpr int kTri = (Lc / 16) * (Lc / 16 + 1) / 2;
   static constexpr int kOwn = kTri / 4;  // half tiles per warp
@@ -912,14 +608,14 @@ struct BwdDiagMma {
 
 template <typename T, int P, int N>
 __global__ void __launch_bounds__(kThreads, 2)
-    bwd_diag_mma_kernel(SsdChunkDims d, const T* __restrict__ x, const float* __restrict__ dt,
+    bwd_diag_kernel(SsdChunkDims d, const T* __restrict__ x, const float* __restrict__ dt,
                         const float* __restrict__ cum, const int32_t* __restrict__ seg,
                         const float* __restrict__ CB, const float* __restrict__ Ld, const T* __restrict__ Bm,
                         const float* __restrict__ dy, const T* __restrict__ dS, const float* __restrict__ D,
                         T* __restrict__ dx, T* __restrict__ uL, float* __restrict__ ddt_u,
                         float* __restrict__ dcum, float* __restrict__ dLd, float* __restrict__ dCB,
                         float* __restrict__ dD, int hpb) {
-  using K = BwdDiagMma<T, P, N>;
+  using K = BwdDiag<T, P, N>;
   constexpr int NH = K::NH, kOwn = K::kOwn;
   constexpr int NT = P / 16;  // 8-column accumulator tiles per du job (P / 2 columns)
   static_assert(Lc / 16 == kWarps && K::kTri % 4 == 0, "row-tile pairs (p, 7 - p) for 8 warps");
@@ -1041,29 +737,31 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (gr == 0) *reinterpret_cast<float2*>(s_cols + t * 16 + nh * 8 + 2 * tq) = make_float2(q0, q1);
     }
 
-    // du = M^T dy + Ld Q with Q = B dS^T, per job (row tile rt, columns j0 .. j0 + P/2). The Q
-    // part goes first, through B in two halves of the state, so that u . (Ld Q) (for dLd) is
-    // read off the accumulators before M^T dy joins them.
-    float acc[2][NT][4];
-#pragma unroll
-    for (int job = 0; job < 2; ++job)
+    // du = M^T dy + Ld Q with Q = B dS^T, one job (row tile rt, columns j0 .. j0 + P/2) after the
+    // other, so that only one job's accumulators are live beside dCB's. The Q part goes first,
+    // through B in two halves of the state (each job reads both), so that u . (Ld Q) (for dLd)
+    // is read off the accumulators before M^T dy joins them. Then per element: dx = dt du + D dy,
+    // and the row sums du . x (for ddt) and dy . x (dD).
+    const float Dh = D ? D[h] : 0.f;
+    float dD_part = 0.f;
+#pragma unroll 1
+    for (int job = 0; job < 2; ++job) {
+      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2), s0 = rt * 16 + gr;
+      float acc[NT][4];
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[job][n][e] = 0.f;
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 #pragma unroll 1
-    for (int half = 0; half < 2; ++half) {
-      if (half == 1) {
-        __syncthreads();  // every warp is done with the first half
-        load_tile_async<T, NH, P>(dq, dS + (k.bc * d.H + h) * P * N + NH, N, P);
-        load_tile_async<T, NH>(bq, bsrc + NH, d.b_st, k.valid);
-        cp_async_commit();
-      }
-      cp_async_wait_group<0>();
-      __syncthreads();
-#pragma unroll
-      for (int job = 0; job < 2; ++job) {
-        const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2);
+      for (int half = 0; half < 2; ++half) {
+        if (job + half > 0) {  // the first half of the first job was fetched with x
+          __syncthreads();     // every warp is done with the previous half
+          load_tile_async<T, NH, P>(dq, dS + (k.bc * d.H + h) * P * N + half * NH, N, P);
+          load_tile_async<T, NH>(bq, bsrc + half * NH, d.b_st, k.valid);
+          cp_async_commit();
+        }
+        cp_async_wait_group<0>();
+        __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < NH / 16; ++kk) {
           uint32_t a[4];
@@ -1072,30 +770,28 @@ __global__ void __launch_bounds__(kThreads, 2)
           for (int n = 0; n < NT; n += 2) {
             uint32_t bf[4];  // (n, p) = dS[p][n]
             load_b_nk(bf, dq + (j0 + n * 8) * ld16<NH>() + kk * 16, ld16<NH>());
-            mma16816<T>(acc[job][n], a, bf[0], bf[1]);
-            mma16816<T>(acc[job][n + 1], a, bf[2], bf[3]);
+            mma16816<T>(acc[n], a, bf[0], bf[1]);
+            mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
           }
         }
       }
-    }
+      {
+        const float Ld0 = s_Ld[s0], Ld1 = s_Ld[s0 + 8];
+        float uq0 = 0.f, uq1 = 0.f;
 #pragma unroll
-    for (int job = 0; job < 2; ++job) {
-      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2), s0 = rt * 16 + gr;
-      const float Ld0 = s_Ld[s0], Ld1 = s_Ld[s0 + 8];
-      float uq0 = 0.f, uq1 = 0.f;
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {  // Q's rows times Ld (B went in unscaled), and u . (Ld Q)
-        const int p = j0 + n * 8 + 2 * tq;
-        acc[job][n][0] *= Ld0, acc[job][n][1] *= Ld0, acc[job][n][2] *= Ld1, acc[job][n][3] *= Ld1;
-        const Pack<T, 2> x0 = *reinterpret_cast<const Pack<T, 2>*>(xs + s0 * ld16<P>() + p);
-        const Pack<T, 2> x1 = *reinterpret_cast<const Pack<T, 2>*>(xs + (s0 + 8) * ld16<P>() + p);
-        uq0 += Num<T>::to_f(x0.v[0]) * acc[job][n][0] + Num<T>::to_f(x0.v[1]) * acc[job][n][1];
-        uq1 += Num<T>::to_f(x1.v[0]) * acc[job][n][2] + Num<T>::to_f(x1.v[1]) * acc[job][n][3];
-      }
-      uq0 = row_quad_sum(uq0), uq1 = row_quad_sum(uq1);
-      if (tq == 0) {
-        s_uq[job * Lc + s0] = uq0 * s_dt[s0];
-        s_uq[job * Lc + s0 + 8] = uq1 * s_dt[s0 + 8];
+        for (int n = 0; n < NT; ++n) {  // Q's rows times Ld (B went in unscaled), and u . (Ld Q)
+          const int p = j0 + n * 8 + 2 * tq;
+          acc[n][0] *= Ld0, acc[n][1] *= Ld0, acc[n][2] *= Ld1, acc[n][3] *= Ld1;
+          const Pack<T, 2> x0 = *reinterpret_cast<const Pack<T, 2>*>(xs + s0 * ld16<P>() + p);
+          const Pack<T, 2> x1 = *reinterpret_cast<const Pack<T, 2>*>(xs + (s0 + 8) * ld16<P>() + p);
+          uq0 += Num<T>::to_f(x0.v[0]) * acc[n][0] + Num<T>::to_f(x0.v[1]) * acc[n][1];
+          uq1 += Num<T>::to_f(x1.v[0]) * acc[n][2] + Num<T>::to_f(x1.v[1]) * acc[n][3];
+        }
+        uq0 = row_quad_sum(uq0), uq1 = row_quad_sum(uq1);
+        if (tq == 0) {
+          s_uq[job * Lc + s0] = uq0 * s_dt[s0];
+          s_uq[job * Lc + s0 + 8] = uq1 * s_dt[s0 + 8];
+        }
       }
       for (int kk = rt; kk < Lc / 16; ++kk) {
         uint32_t a[4];  // (s, l) = M[l][s]
@@ -1104,22 +800,14 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int n = 0; n < NT; n += 2) {
           uint32_t bf[4];  // (l, p) = dy[l][p]
           load_b_kn(bf, dys + kk * 16 * ld16<P>() + j0 + n * 8, ld16<P>());
-          mma16816<T>(acc[job][n], a, bf[0], bf[1]);
-          mma16816<T>(acc[job][n + 1], a, bf[2], bf[3]);
+          mma16816<T>(acc[n], a, bf[0], bf[1]);
+          mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
         }
       }
-    }
-
-    // Per element: dx = dt du + D dy, and the row sums du . x (for ddt) and dy . x (dD).
-    const float Dh = D ? D[h] : 0.f;
-    float dD_part = 0.f;
-#pragma unroll
-    for (int job = 0; job < 2; ++job) {
-      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2);
       float ddt[2] = {0.f, 0.f};
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const int s = rt * 16 + gr + 8 * r;
+        const int s = s0 + 8 * r;
         const bool live = s < k.valid;
         const float dts = s_dt[s];
 #pragma unroll
@@ -1127,7 +815,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           const int p = j0 + n * 8 + 2 * tq;
           const Pack<T, 2> xv = *reinterpret_cast<const Pack<T, 2>*>(xs + s * ld16<P>() + p);  // zero past T
           const float2 dyv = live ? *reinterpret_cast<const float2*>(dyb + s * d.H * P + p) : make_float2(0.f, 0.f);
-          const float du0 = acc[job][n][2 * r], du1 = acc[job][n][2 * r + 1];
+          const float du0 = acc[n][2 * r], du1 = acc[n][2 * r + 1];
           const float x0 = Num<T>::to_f(xv.v[0]), x1 = Num<T>::to_f(xv.v[1]);
           ddt[r] += du0 * x0 + du1 * x1;
           dD_part += dyv.x * x0 + dyv.y * x1;
@@ -1137,8 +825,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       ddt[0] = row_quad_sum(ddt[0]), ddt[1] = row_quad_sum(ddt[1]);
       if (tq == 0) {
-        s_ddt[job * Lc + rt * 16 + gr] = ddt[0];
-        s_ddt[job * Lc + rt * 16 + gr + 8] = ddt[1];
+        s_ddt[job * Lc + s0] = ddt[0];
+        s_ddt[job * Lc + s0 + 8] = ddt[1];
       }
     }
     if (dD) {
@@ -1211,11 +899,11 @@ dim3 grid_1d(int64_t blocks) {
 int64_t head_blocks(const SsdChunkDims& d, int hpb) { return d.B * d.nc * d.G * ((d.H / d.G + hpb - 1) / hpb); }
 
 // Heads per block for those kernels: up to 8 (the per-group operands are read once for all of
-// them), unless that leaves fewer than 4 waves of 2 blocks per SM; then fewer, for balance.
+// them), unless that leaves less than one wave of 2 blocks per SM; then fewer.
 int heads_per_block(const SsdChunkDims& d) {
   const int sms = sm_count();
   int hpb = 8;
-  while (hpb > 1 && head_blocks(d, hpb) < 8 * sms) hpb /= 2;
+  while (hpb > 1 && head_blocks(d, hpb) < 2 * sms) hpb /= 2;
   return hpb;
 }
 
@@ -1309,12 +997,6 @@ cudaError_t ssd_chunk_bwd_diag(int dtype, const SsdChunkDims& d, const void* x, 
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
     using T = decltype(tag);
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
-    static const bool wmma_diag = std::getenv("PEFTFW_DIAG_WMMA") && std::getenv("PEFTFW_DIAG_WMMA")[0] == '1';
-    if (!wmma_diag)
-      return launch(bwd_diag_mma_kernel<T, P, N>, grid_1d(head_blocks(d, hpb)), BwdDiagMma<T, P, N>::smem(), stream,
-                    d, static_cast<const T*>(x), dt, cum, seg, CB, Ld, static_cast<const T*>(B), dy,
-                    static_cast<const T*>(dS), D, static_cast<T*>(dx), static_cast<T*>(uL), ddt_u, dcum, dLd,
-                    dCB, dD, hpb);
     return launch(bwd_diag_kernel<T, P, N>, grid_1d(head_blocks(d, hpb)), BwdDiag<T, P, N>::smem(), stream, d,
                   static_cast<const T*>(x), dt, cum, seg, CB, Ld, static_cast<const T*>(B), dy,
                   static_cast<const T*>(dS), D, static_cast<T*>(dx), static_cast<T*>(uL), ddt_u, dcum, dLd, dCB,
