@@ -898,13 +898,16 @@ dim3 grid_1d(int64_t blocks) {
 // hpb heads of a group (heads_of on the device side).
 int64_t head_blocks(const SsdChunkDims& d, int hpb) { return d.B * d.nc * d.G * ((d.H / d.G + hpb - 1) / hpb); }
 
-// Heads per block for those kernels: up to 8 (the per-group operands are read once for all of
-// them), unless that leaves less than one wave of 2 blocks per SM; then fewer.
+// Heads per block for those kernels: the most of 8, 4, 2 (the per-group operands are read once
+// for all of them) that gives at least one wave of 2 blocks per SM with its last wave at least
+// 90% full on average (waves / ceil(waves) >= 0.9); else 1.
 int heads_per_block(const SsdChunkDims& d) {
-  const int sms = sm_count();
-  int hpb = 8;
-  while (hpb > 1 && head_blocks(d, hpb) < 2 * sms) hpb /= 2;
-  return hpb;
+  const int64_t wave = 2 * sm_count();
+  for (int hpb = 8; hpb > 1; hpb /= 2) {
+    const int64_t blocks = head_blocks(d, hpb), waves = (blocks + wave - 1) / wave;
+    if (blocks >= wave && 10 * blocks >= 9 * waves * wave) return hpb;
+  }
+  return 1;
 }
 
 // Every 16-bit tile is a multiple of 32 bytes long, so the float32 areas that
