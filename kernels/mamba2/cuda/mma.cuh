@@ -13,6 +13,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace peftfw::kernels::mamba2::cuda {
 
@@ -66,33 +67,22 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&r)[4], const T* b, int ld) 
   ldsm_x4_t(r, b + (lane % 8 + 8 * (q % 2)) * ld + 8 * (q / 2));
 }
 
-template <typename T>
-struct MmaType;
-template <>
-struct MmaType<__nv_bfloat16> {
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <>
-struct MmaType<__half> {
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-// d += A B for one 16x8 accumulator.
+// d += A B for one 16x8 accumulator; AB names the 16-bit input type in PTX ("bf16" or "f16").
+#define PEFTFW_MMA_M16N8K16(AB)                                                                          \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+               "{%8,%9}, {%0,%1,%2,%3};\n"                                                              \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                           \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 template <typename T>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  MmaType<T>::mma(d, a, b0, b1);
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "16-bit inputs only");
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    PEFTFW_MMA_M16N8K16("bf16");
+  } else {
+    PEFTFW_MMA_M16N8K16("f16");
+  }
 }
+#undef PEFTFW_MMA_M16N8K16
 
 // Sum over the 4 lanes of an accumulator row (lanes 4g .. 4g + 3), and over the 8 lanes of a
 // column (lanes t, t + 4, .., t + 28); every lane of the set gets the sum.
