@@ -318,13 +318,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
       for (int kk = 0; kk < N / 16; ++kk) {  // C prev^T
         uint32_t a[4];
         load_a(a, cs + rt * 16 * ld16<N>() + kk * 16, ld16<N>());
-#pragma unroll
-        for (int n = 0; n < NT; n += 2) {
-          uint32_t bf[4];  // (n, p) = prev[p][n]
-          load_b_nk(bf, ps + (j0 + n * 8) * ld16<N>() + kk * 16, ld16<N>());
-          mma16816<T>(acc[n], a, bf[0], bf[1]);
-          mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
-        }
+        mma_strip_nk<T, NT>(acc, a, ps + j0 * ld16<N>() + kk * 16, ld16<N>());  // (n, p) = prev[p][n]
       }
       const int l0 = rt * 16 + gr;
       const float E0 = s_E[l0], E1 = s_E[l0 + 8];
@@ -333,13 +327,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
       for (int kk = 0; kk <= rt; ++kk) {  // + M' x
         uint32_t a[4];
         load_a(a, Ms + rt * 16 * ld16<Lc>() + kk * 16, ld16<Lc>());
-#pragma unroll
-        for (int n = 0; n < NT; n += 2) {
-          uint32_t bf[4];  // (s, p) = x[s][p]
-          load_b_kn(bf, xs + kk * 16 * ld16<P>() + j0 + n * 8, ld16<P>());
-          mma16816<T>(acc[n], a, bf[0], bf[1]);
-          mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
-        }
+        mma_strip_kn<T, NT>(acc, a, xs + kk * 16 * ld16<P>() + j0, ld16<P>());  // (s, p) = x[s][p]
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {  // y = acc + D x, from registers
@@ -465,13 +453,7 @@ __global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d
     for (int kk = 0; kk < Lc / 16; ++kk) {
       uint32_t a[4];  // (p, s) = us[s][p]
       load_a_t(a, us + kk * 16 * ld16<PS>() + pt * 16, ld16<PS>());
-#pragma unroll
-      for (int n = 0; n < NO; n += 2) {
-        uint32_t bf[4];  // (s, n) = B[s][n]
-        load_b_kn(bf, bs + kk * 16 * ld16<N>() + n0 + n * 8, ld16<N>());
-        mma16816<T>(H[n], a, bf[0], bf[1]);
-        mma16816<T>(H[n + 1], a, bf[2], bf[3]);
-      }
+      mma_strip_kn<T, NO>(H, a, bs + kk * 16 * ld16<N>() + n0, ld16<N>());  // (s, n) = B[s][n]
     }
     __syncthreads();  // bs and stage buf are free
   }
@@ -538,13 +520,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
     for (int kk = 0; kk < Lc / 16; ++kk) {
       uint32_t a[4];  // (p, l) = dyE[l][p]
       load_a_t(a, dys + kk * 16 * ld16<P>() + pt * 16, ld16<P>());
-#pragma unroll
-      for (int n = 0; n < NO; n += 2) {
-        uint32_t bf[4];  // (l, n) = C[l][n]
-        load_b_kn(bf, cs + kk * 16 * ld16<N>() + n0 + n * 8, ld16<N>());
-        mma16816<T>(acc[n], a, bf[0], bf[1]);
-        mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
-      }
+      mma_strip_kn<T, NO>(acc, a, cs + kk * 16 * ld16<N>() + n0, ld16<N>());  // (l, n) = C[l][n]
     }
     T* out = dH_off + (k.bc * d.H + h) * P * N + (pt * 16 + gr) * N + n0 + 2 * tq;
 #pragma unroll
@@ -564,13 +540,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
     for (int kk = 0; kk < N / 16; ++kk) {
       uint32_t a[4];
       load_a(a, cs + warp * 16 * ld16<N>() + kk * 16, ld16<N>());
-#pragma unroll
-      for (int n = 0; n < NT; n += 2) {
-        uint32_t bf[4];  // (n, p) = prev[p][n]
-        load_b_nk(bf, ps + n * 8 * ld16<N>() + kk * 16, ld16<N>());
-        mma16816<T>(acc[n], a, bf[0], bf[1]);
-        mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
-      }
+      mma_strip_nk<T, NT>(acc, a, ps + kk * 16, ld16<N>());  // (n, p) = prev[p][n]
     }
     const int l0 = warp * 16 + gr;
     float part[2] = {0.f, 0.f};
@@ -766,13 +736,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int kk = 0; kk < NH / 16; ++kk) {
           uint32_t a[4];
           load_a(a, bq + rt * 16 * ld16<NH>() + kk * 16, ld16<NH>());
-#pragma unroll
-          for (int n = 0; n < NT; n += 2) {
-            uint32_t bf[4];  // (n, p) = dS[p][n]
-            load_b_nk(bf, dq + (j0 + n * 8) * ld16<NH>() + kk * 16, ld16<NH>());
-            mma16816<T>(acc[n], a, bf[0], bf[1]);
-            mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
-          }
+          mma_strip_nk<T, NT>(acc, a, dq + j0 * ld16<NH>() + kk * 16, ld16<NH>());  // (n, p) = dS[p][n]
         }
       }
       {
@@ -796,13 +760,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int kk = rt; kk < Lc / 16; ++kk) {
         uint32_t a[4];  // (s, l) = M[l][s]
         load_a_t(a, Ms + kk * 16 * ld16<Lc>() + rt * 16, ld16<Lc>());
-#pragma unroll
-        for (int n = 0; n < NT; n += 2) {
-          uint32_t bf[4];  // (l, p) = dy[l][p]
-          load_b_kn(bf, dys + kk * 16 * ld16<P>() + j0 + n * 8, ld16<P>());
-          mma16816<T>(acc[n], a, bf[0], bf[1]);
-          mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
-        }
+        mma_strip_kn<T, NT>(acc, a, dys + kk * 16 * ld16<P>() + j0, ld16<P>());  // (l, p) = dy[l][p]
       }
       float ddt[2] = {0.f, 0.f};
 #pragma unroll
