@@ -47,7 +47,7 @@ for s in "${stages[@]}"; do
         > "$out/ktrace_run.log" 2>&1
       for shape in 32x1280 1x4096; do
         echo "-- SSD forward+backward $shape"
-        python3 bench/profile_summary.py "/tmp/ssd-$shape.json" --top 25
+        python3 bench/profile_summary.py "/tmp/ssd-$shape.json" --top 25 --cpu
       done > "$out/ktrace.txt" 2>&1
       cat "$out/ktrace.txt" | tee -a "$out/session.log" ;;
     ncu)

@@ -38,6 +38,7 @@
 #include <torch/torch.h>
 
 #include <tuple>
+#include <vector>
 
 #include "peftfw/kernels/mamba2.hpp"
 #include "peftfw/kernels/v2.hpp"
@@ -129,8 +130,19 @@ bool chunk_kernels_for(const Tensor& x, const Tensor& B, int64_t chunk) {
   return x.is_cuda() && chunk == 128 && g_mask_kernels.chunk_supported && g_mask_kernels.chunk_supported(x, B);
 }
 
+// The forward's bookkeeping and C.B (fused path), saved after the node's inputs so that the
+// backward does not launch them again: [cum, seg, Ld, E, dec, Bg32, Cg32, CB]. (Saved tensors,
+// not saved_data: the engine frees them once the node's backward has run.)
+constexpr size_t kSavedInputs = 8;
+std::vector<Tensor> kept_of(const Prep& p) { return {p.cum, p.seg, p.Ld, p.E, p.dec, p.Bg32, p.Cg32, p.CB}; }
+
+void add_cb(Prep& p, const Tensor& B, const Tensor& C);
+
+// With defer_cb, Bg32, Cg32 and CB are left for add_cb (the fused forward launches the chunk
+// states first, so that the host builds C.B while that kernel runs).
 Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
-             const Tensor& seq_ids, int64_t chunk) {
+             const Tensor& seq_ids, int64_t chunk, const std::vector<Tensor>* kept = nullptr,
+             bool defer_cb = false) {
   Prep p;
   p.Bsz = x.size(0), p.T = x.size(1), p.H = x.size(2), p.P = x.size(3);
   p.G = B.size(2), p.N = B.size(3), p.Hg = p.H / p.G;
@@ -144,6 +156,11 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
 
   if (!p.fused) p.xc = chunked(pad_time(x, pad), p.nc, p.Lc);  // [B,nc,Lc,H,P]
   p.bookkept = p.fused && v2_kernels() && g_mask_kernels.chunk_prep;
+  if (p.bookkept && kept != nullptr && kept->size() == 8) {
+    const auto& k = *kept;
+    p.cum = k[0], p.seg = k[1], p.Ld = k[2], p.E = k[3], p.dec = k[4], p.Bg32 = k[5], p.Cg32 = k[6], p.CB = k[7];
+    return p;
+  }
   if (p.bookkept) {
     auto k = g_mask_kernels.chunk_prep(dt, A, seq_ids, p.nc);
     p.seg = k.seg, p.cum = k.cum, p.Ld = k.Ld, p.E = k.E, p.dec = k.dec;
@@ -174,13 +191,18 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
     p.Bt = time_major(B);
     p.Ct = time_major(C);
   }
+  if (!defer_cb) add_cb(p, B, C);
+  return p;
+}
+
+// B and C group-major in float32, and C.B, for prepare().
+void add_cb(Prep& p, const Tensor& B, const Tensor& C) {
   auto group_major = [&](const Tensor& t) {
-    return chunked(pad_time(t.to(f32), pad), p.nc, p.Lc).permute({0, 1, 3, 2, 4}).contiguous();
+    return chunked(pad_time(t.to(torch::kFloat32), p.Tp - p.T), p.nc, p.Lc).permute({0, 1, 3, 2, 4}).contiguous();
   };
   p.Bg32 = group_major(B);
   p.Cg32 = group_major(C);
   p.CB = torch::matmul(p.Cg32, p.Bg32.transpose(-1, -2));  // [B,nc,G,Lc,Lc]
-  return p;
 }
 
 // u = dt x, head-major [B,nc,H,Lc,P] cdt, written in one pass from x.
@@ -292,19 +314,26 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
     const Tensor init = init_in.numel() ? init_in : Tensor();
     const Tensor seq_ids = seq_in.numel() ? seq_in : Tensor();
     const Tensor D = D_in.numel() ? D_in : Tensor();
-    const Prep p = prepare(x, dt, A, B, C, seq_ids, chunk);
+    const bool fused = chunk_kernels_for(x, B, chunk);
+    Prep p = prepare(x, dt, A, B, C, seq_ids, chunk, nullptr, fused);
     const auto f32 = torch::kFloat32;
     const auto opt = x.options().dtype(p.cdt);
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["has_init"] = init.defined();
 
     if (p.fused) {
-      const auto in = chunk_inputs(p, x, dt, B, C, D);
       auto [prev, h] = v2_kernels() && g_mask_kernels.chunk_states_pass
-                           ? g_mask_kernels.chunk_states_pass(in, p.dec, init)
-                           : g_mask_kernels.states(g_mask_kernels.chunk_states(in), p.dec, init);
-      auto y = g_mask_kernels.chunk_scan(in, prev);
-      ctx->save_for_backward({x, dt, A, B, C, seq_in, prev, D_in});
+                           ? g_mask_kernels.chunk_states_pass(chunk_inputs(p, x, dt, B, C, D), p.dec, init)
+                           : g_mask_kernels.states(g_mask_kernels.chunk_states(chunk_inputs(p, x, dt, B, C, D)),
+                                                   p.dec, init);
+      add_cb(p, B, C);
+      auto y = g_mask_kernels.chunk_scan(chunk_inputs(p, x, dt, B, C, D), prev);
+      std::vector<Tensor> saved = {x, dt, A, B, C, seq_in, prev, D_in};
+      if (p.bookkept) {
+        auto kept = kept_of(p);
+        saved.insert(saved.end(), kept.begin(), kept.end());
+      }
+      ctx->save_for_backward(saved);
       return {y, h};
     }
 
@@ -374,7 +403,8 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
     const Tensor seq_ids = saved[5].numel() ? saved[5] : Tensor();
     const Tensor D = saved[7].numel() ? saved[7] : Tensor();
     const bool has_init = ctx->saved_data["has_init"].toBool();
-    const Prep p = prepare(x, dt, A, B, C, seq_ids, ctx->saved_data["chunk"].toInt());
+    const std::vector<Tensor> kept(saved.begin() + std::min(saved.size(), kSavedInputs), saved.end());
+    const Prep p = prepare(x, dt, A, B, C, seq_ids, ctx->saved_data["chunk"].toInt(), &kept);
     const auto f32 = torch::kFloat32;
     const auto opt = x.options().dtype(p.cdt);
     const bool padded = p.Tp != p.T;
@@ -547,8 +577,13 @@ SsdResult ssd_chunk_scan(const SsdArgs& a, int64_t chunk) {
               "ssd_chunk_scan: B must be [B,T,G,N], got ", a.B.sizes());
   TORCH_CHECK(a.C.sizes() == a.B.sizes(), "ssd_chunk_scan: C must match B's shape");
   TORCH_CHECK(a.x.size(2) % a.B.size(2) == 0, "ssd_chunk_scan: heads must be a multiple of groups");
-  auto dt = ssd_dt(a.dt, a.dt_bias, a.dt_min, a.dt_max).to(torch::kFloat32);
-  auto A = -torch::exp(a.A_log.to(torch::kFloat32));
+  Tensor dt, A;
+  if (a.dt.is_cuda() && v2_kernels() && g_mask_kernels.dt_prep) {
+    std::tie(dt, A) = g_mask_kernels.dt_prep(a.dt, a.dt_bias, a.A_log, a.dt_min, a.dt_max);
+  } else {
+    dt = ssd_dt(a.dt, a.dt_bias, a.dt_min, a.dt_max).to(torch::kFloat32);
+    A = -torch::exp(a.A_log.to(torch::kFloat32));
+  }
   auto none = torch::empty({0}, a.x.options());
   auto out = SsdFunction::apply(a.x, dt, A, a.B, a.C, a.initial_state.defined() ? a.initial_state : none,
                                 a.seq_ids.defined() ? a.seq_ids : none,

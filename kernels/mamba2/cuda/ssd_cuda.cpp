@@ -22,6 +22,12 @@ int dtype_code(torch::ScalarType t) {
   }
 }
 
+// t as contiguous float32, without a dispatcher call when it already is (the chunk kernels'
+// inputs usually are, and these wrappers run several times per step).
+torch::Tensor as_f32(const torch::Tensor& t) {
+  return t.scalar_type() == torch::kFloat32 && t.is_contiguous() ? t : t.to(torch::kFloat32).contiguous();
+}
+
 torch::Tensor build(const torch::Tensor& CB, const torch::Tensor& cum, const torch::Tensor& seg,
                     int64_t Hg, torch::ScalarType dtype) {
   c10::cuda::CUDAGuard guard(CB.device());
@@ -54,11 +60,11 @@ std::pair<torch::Tensor, torch::Tensor> backward(const torch::Tensor& dM, const 
 std::pair<torch::Tensor, torch::Tensor> states(const torch::Tensor& S_in, const torch::Tensor& dec_in,
                                                const torch::Tensor& init_in) {
   c10::cuda::CUDAGuard guard(S_in.device());
-  auto S = S_in.contiguous(), dec = dec_in.to(torch::kFloat32).contiguous();
+  auto S = S_in.contiguous(), dec = as_f32(dec_in);
   const int64_t B = S.size(0), nc = S.size(1), H = S.size(2), PN = S.size(3) * S.size(4);
   auto prev = torch::empty_like(S);
   auto final_state = torch::empty({B, H, S.size(3), S.size(4)}, S.options().dtype(torch::kFloat32));
-  torch::Tensor init = init_in.defined() ? init_in.to(torch::kFloat32).contiguous() : torch::Tensor();
+  torch::Tensor init = init_in.defined() ? as_f32(init_in) : torch::Tensor();
   check_launch(cuda::ssd_state_passing(dtype_code(S.scalar_type()), S.data_ptr(), dec.data_ptr<float>(),
                                 init.defined() ? init.data_ptr<float>() : nullptr, prev.data_ptr(),
                                 final_state.data_ptr<float>(), B, nc, H, PN, at::cuda::getCurrentCUDAStream()),
@@ -72,12 +78,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> states_backward(const to
                                                                         const torch::Tensor& prev_in) {
   c10::cuda::CUDAGuard guard(dH_in.device());
   auto prev = prev_in.contiguous();
-  auto dH = dH_in.to(prev.scalar_type()).contiguous(), dec = dec_in.to(torch::kFloat32).contiguous();
+  auto dH = dH_in.to(prev.scalar_type()).contiguous(), dec = as_f32(dec_in);
   const int64_t B = prev.size(0), nc = prev.size(1), H = prev.size(2), PN = prev.size(3) * prev.size(4);
   auto dS = torch::empty_like(prev);
   auto ddec = torch::zeros({B, nc, H}, prev.options().dtype(torch::kFloat32));
   auto dinit = torch::empty({B, H, prev.size(3), prev.size(4)}, prev.options().dtype(torch::kFloat32));
-  torch::Tensor dfinal = dfinal_in.defined() ? dfinal_in.to(torch::kFloat32).contiguous() : torch::Tensor();
+  torch::Tensor dfinal = dfinal_in.defined() ? as_f32(dfinal_in) : torch::Tensor();
   check_launch(cuda::ssd_state_passing_backward(dtype_code(prev.scalar_type()), dH.data_ptr(), dec.data_ptr<float>(),
                                          dfinal.defined() ? dfinal.data_ptr<float>() : nullptr, prev.data_ptr(),
                                          dS.data_ptr(), ddec.data_ptr<float>(), dinit.data_ptr<float>(), B, nc, H,
@@ -89,7 +95,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> states_backward(const to
 // A [B,T,K,W] tensor the chunk kernels can read in place: unit stride in W,
 // K stride W, 16-byte aligned rows. Anything else is copied.
 torch::Tensor rows(const torch::Tensor& t, torch::ScalarType dtype) {
-  auto u = t.to(dtype);
+  auto u = t.scalar_type() == dtype ? t : t.to(dtype);
   const int64_t el = u.element_size();
   const bool ok = u.stride(3) == 1 && u.stride(2) == u.size(3) && (u.stride(1) * el) % 16 == 0 &&
                   (u.stride(0) * el) % 16 == 0 && reinterpret_cast<uintptr_t>(u.data_ptr()) % 16 == 0;
@@ -109,14 +115,13 @@ Chunk chunk_of(const fused::ChunkInputs& in) {
   k.x = rows(in.x, st);
   k.B = rows(in.B, st);
   k.C = rows(in.C, st);
-  auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat32).contiguous(); };
-  k.dt = f32(in.dt);
-  k.cum = f32(in.cum);
-  k.CB = f32(in.CB);
-  k.Ld = f32(in.Ld);
-  k.E = f32(in.E);
-  k.seg = in.seg.to(torch::kInt32).contiguous();
-  if (in.D.defined()) k.D = f32(in.D);
+  k.dt = as_f32(in.dt);
+  k.cum = as_f32(in.cum);
+  if (in.CB.defined()) k.CB = as_f32(in.CB);  // not needed by the chunk-state kernels
+  k.Ld = as_f32(in.Ld);
+  k.E = as_f32(in.E);
+  k.seg = in.seg.scalar_type() == torch::kInt32 && in.seg.is_contiguous() ? in.seg : in.seg.to(torch::kInt32).contiguous();
+  if (in.D.defined()) k.D = as_f32(in.D);
   k.d = {k.x.size(0), k.x.size(1), k.x.size(2), k.x.size(3), k.B.size(2), k.B.size(3), in.nc,
          k.x.stride(0), k.x.stride(1), k.B.stride(0), k.B.stride(1), k.C.stride(0), k.C.stride(1)};
   return k;
@@ -144,8 +149,8 @@ std::pair<torch::Tensor, torch::Tensor> chunk_states_pass(const fused::ChunkInpu
                                                           const torch::Tensor& init_in) {
   c10::cuda::CUDAGuard guard(in.x.device());
   auto k = chunk_of(in);
-  auto dec = dec_in.to(torch::kFloat32).contiguous();
-  torch::Tensor init = init_in.defined() ? init_in.to(torch::kFloat32).contiguous() : torch::Tensor();
+  auto dec = as_f32(dec_in);
+  torch::Tensor init = init_in.defined() ? as_f32(init_in) : torch::Tensor();
   auto prev = torch::empty({k.d.B, k.d.nc, k.d.H, k.d.P, k.d.N}, k.x.options());
   auto final_state = torch::empty({k.d.B, k.d.H, k.d.P, k.d.N}, k.x.options().dtype(torch::kFloat32));
   check_launch(cuda::ssd_chunk_states_pass(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.Ld.data_ptr<float>(),
@@ -173,7 +178,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> chunk_bwd_off(const fuse
                                                                       const torch::Tensor& prev_in) {
   c10::cuda::CUDAGuard guard(in.x.device());
   auto k = chunk_of(in);
-  auto dy = dy_in.to(torch::kFloat32).contiguous();
+  auto dy = as_f32(dy_in);
   auto prev = prev_in.to(k.x.scalar_type()).contiguous();
   const auto& d = k.d;
   auto dyE = torch::empty({d.B, d.nc, cuda::kSsdChunk, d.H, d.P}, k.x.options());
@@ -190,7 +195,7 @@ fused::ChunkGrads chunk_bwd_diag(const fused::ChunkInputs& in, const torch::Tens
                                  const torch::Tensor& dS_in) {
   c10::cuda::CUDAGuard guard(in.x.device());
   auto k = chunk_of(in);
-  auto dy = dy_in.to(torch::kFloat32).contiguous();
+  auto dy = as_f32(dy_in);
   auto dS = dS_in.to(k.x.scalar_type()).contiguous();
   const auto& d = k.d;
   const auto f32 = dy.options();
@@ -216,7 +221,7 @@ fused::ChunkGrads chunk_bwd_diag(const fused::ChunkInputs& in, const torch::Tens
 fused::ChunkPrep chunk_prep(const torch::Tensor& dt_in, const torch::Tensor& A_in, const torch::Tensor& seq_in,
                            int64_t nc) {
   c10::cuda::CUDAGuard guard(dt_in.device());
-  auto dt = dt_in.to(torch::kFloat32).contiguous(), A = A_in.to(torch::kFloat32).contiguous();
+  auto dt = as_f32(dt_in), A = as_f32(A_in);
   const int64_t B = dt.size(0), T = dt.size(1), H = dt.size(2), Lc = cuda::kSsdPrepChunk;
   torch::Tensor seq = seq_in.defined() ? seq_in.to(dt.device(), torch::kInt64).contiguous() : torch::Tensor();
   const auto f32 = dt.options();
@@ -237,9 +242,8 @@ fused::DecayGrads chunk_decay_grad(const torch::Tensor& dcum_E, const torch::Ten
                                    const torch::Tensor& ddec, const torch::Tensor& dec, const torch::Tensor& ddt_u,
                                    const torch::Tensor& dt_in, const torch::Tensor& A_in) {
   c10::cuda::CUDAGuard guard(dt_in.device());
-  auto f32 = [](const torch::Tensor& t) { return t.to(torch::kFloat32).contiguous(); };
-  auto dt = f32(dt_in), A = f32(A_in), gE = f32(dcum_E), gD = f32(dcum_diag), gL = f32(dLd), dd = f32(ddec),
-       de = f32(dec), du = f32(ddt_u);
+  auto dt = as_f32(dt_in), A = as_f32(A_in), gE = as_f32(dcum_E), gD = as_f32(dcum_diag), gL = as_f32(dLd),
+       dd = as_f32(ddec), de = as_f32(dec), du = as_f32(ddt_u);
   const int64_t B = dt.size(0), T = dt.size(1), H = dt.size(2), nc = gE.size(1);
   fused::DecayGrads g;
   g.ddt = torch::empty({B, T, H}, dt.options());
@@ -251,6 +255,65 @@ fused::DecayGrads chunk_decay_grad(const torch::Tensor& dcum_E, const torch::Ten
         "ssd_chunk_decay_grad");
   g.dA = part.sum(0);
   return g;
+}
+
+// dt = clamp(softplus(raw + bias), lo, hi) and A = -exp(A_log) as one autograd node, one kernel
+// each way (ssd_prep.hpp), in place of five LibTorch ops forward and their five backward nodes.
+class SsdDtFunction : public torch::autograd::Function<SsdDtFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& raw_in,
+                                                const torch::Tensor& bias, const torch::Tensor& A_log, double lo,
+                                                double hi) {
+    c10::cuda::CUDAGuard guard(raw_in.device());
+    auto raw = raw_in.contiguous();
+    const int64_t H = raw.size(-1), n = raw.numel();
+    TORCH_CHECK(bias.numel() == H && A_log.numel() == H, "ssd dt: dt_bias and A_log must have one value per head (",
+                H, "), got ", bias.sizes(), " and ", A_log.sizes());
+    auto b32 = bias.to(raw.device(), torch::kFloat32).contiguous();
+    auto a32 = A_log.to(raw.device(), torch::kFloat32).contiguous();
+    auto dt = torch::empty(raw.sizes(), raw.options().dtype(torch::kFloat32));
+    auto A = torch::empty({H}, dt.options());
+    check_launch(cuda::ssd_dt_fwd(dtype_code(raw.scalar_type()), raw.data_ptr(), b32.data_ptr<float>(),
+                                  a32.data_ptr<float>(), n, H, static_cast<float>(lo), static_cast<float>(hi),
+                                  dt.data_ptr<float>(), A.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+                 "ssd_dt_fwd");
+    ctx->save_for_backward({raw, b32, a32});
+    ctx->saved_data["lo"] = lo;
+    ctx->saved_data["hi"] = hi;
+    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(bias.scalar_type());
+    ctx->saved_data["A_log_dtype"] = static_cast<int64_t>(A_log.scalar_type());
+    return {dt, A};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const torch::Tensor &raw = saved[0], &b32 = saved[1], &a32 = saved[2];
+    c10::cuda::CUDAGuard guard(raw.device());
+    const int64_t H = raw.size(-1), n = raw.numel();
+    auto g = grads[0].defined() ? as_f32(grads[0])
+                                : torch::zeros(raw.sizes(), raw.options().dtype(torch::kFloat32));
+    auto dA = grads[1].defined() ? as_f32(grads[1]) : torch::Tensor();
+    auto draw = torch::empty_like(raw);
+    auto part = torch::empty({cuda::ssd_dt_blocks(n, H), H}, g.options());
+    auto dA_log = dA.defined() ? torch::empty({H}, g.options()) : torch::Tensor();
+    check_launch(cuda::ssd_dt_bwd(dtype_code(raw.scalar_type()), g.data_ptr<float>(), raw.data_ptr(),
+                                  b32.data_ptr<float>(), a32.data_ptr<float>(), dA.defined() ? dA.data_ptr<float>() : nullptr,
+                                  n, H, static_cast<float>(ctx->saved_data["lo"].toDouble()),
+                                  static_cast<float>(ctx->saved_data["hi"].toDouble()), draw.data_ptr(),
+                                  part.data_ptr<float>(), dA.defined() ? dA_log.data_ptr<float>() : nullptr,
+                                  at::cuda::getCurrentCUDAStream()),
+                 "ssd_dt_bwd");
+    auto dtype_of = [&](const char* key) { return static_cast<torch::ScalarType>(ctx->saved_data[key].toInt()); };
+    return {draw, part.sum(0).to(dtype_of("bias_dtype")),
+            dA.defined() ? dA_log.to(dtype_of("A_log_dtype")) : torch::Tensor(), torch::Tensor(), torch::Tensor()};
+  }
+};
+
+std::pair<torch::Tensor, torch::Tensor> dt_prep(const torch::Tensor& raw, const torch::Tensor& bias,
+                                                const torch::Tensor& A_log, double lo, double hi) {
+  auto out = SsdDtFunction::apply(raw, bias, A_log, lo, hi);
+  return {out[0], out[1]};
 }
 
 }  // namespace
@@ -269,6 +332,7 @@ void register_ssd_kernels() {
   k.chunk_prep = chunk_prep;
   k.chunk_states_pass = chunk_states_pass;
   k.chunk_decay_grad = chunk_decay_grad;
+  k.dt_prep = dt_prep;
   fused::register_mask_kernels(std::move(k));
 }
 

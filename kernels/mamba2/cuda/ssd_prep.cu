@@ -1,7 +1,11 @@
-// See ssd_prep.hpp. One block of 8 warps per (batch, chunk); each warp takes one head at a
-// time, a lane holding 4 consecutive positions of the 128, and scans them with shuffles.
+// See ssd_prep.hpp. One block of 8 warps per (batch, chunk) and group of 8 heads; each warp
+// takes one head, a lane holding 4 consecutive positions of the 128, and scans them with
+// shuffles.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
+#include "element.cuh"
 #include "ssd_prep.hpp"
 
 namespace peftfw::kernels::mamba2::cuda {
@@ -55,12 +59,12 @@ __global__ void __launch_bounds__(kWarps * 32) chunk_prep_kernel(const float* __
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       s_seg[l0 + i] = r[i];
-      seg[bc * Lc + l0 + i] = r[i];
+      if (blockIdx.y == 0) seg[bc * Lc + l0 + i] = r[i];
     }
   }
   __syncthreads();
   const int32_t seg_last = s_seg[Lc - 1];
-  for (int64_t h = warp; h < H; h += kWarps) {
+  for (int64_t h = blockIdx.y * kWarps + warp; h < H; h += static_cast<int64_t>(gridDim.y) * kWarps) {
     const float a = A[h];
     float c[kPer];
 #pragma unroll
@@ -91,7 +95,7 @@ __global__ void __launch_bounds__(kWarps * 32) decay_grad_kernel(
     float* __restrict__ ddt, float* __restrict__ dA_part) {
   const int64_t bc = blockIdx.x, b = bc / nc, t0 = (bc % nc) * Lc;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, l0 = lane * kPer;
-  for (int64_t h = warp; h < H; h += kWarps) {
+  for (int64_t h = blockIdx.y * kWarps + warp; h < H; h += static_cast<int64_t>(gridDim.y) * kWarps) {
     const int64_t o = (bc * H + h) * Lc + l0;
     const float4 ge = *reinterpret_cast<const float4*>(dcum_E + o);
     const float4 gd = *reinterpret_cast<const float4*>(dcum_diag + o);
@@ -121,13 +125,104 @@ __global__ void __launch_bounds__(kWarps * 32) decay_grad_kernel(
   }
 }
 
+// dt = clamp(softplus(raw + bias)) with the rounding of the input dtype T after each step; the
+// value before the clamp in `pre`.
+template <typename T>
+__device__ __forceinline__ float dt_of(T raw, float bias, float lo, float hi, float& v, float& pre) {
+  v = round_to<T>(Num<T>::to_f(raw) + round_to<T>(bias));
+  pre = round_to<T>(v > 20.f ? v : log1pf(__expf(v)));
+  return isnan(pre) ? pre : round_to<T>(fminf(fmaxf(pre, lo), hi));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) dt_fwd_kernel(const T* __restrict__ raw, const float* __restrict__ bias,
+                                                     const float* __restrict__ A_log, int64_t n, int64_t H,
+                                                     float lo, float hi, float* __restrict__ dt,
+                                                     float* __restrict__ A) {
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i0 < H) A[i0] = -__expf(A_log[i0]);
+  for (int64_t i = i0; i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v, pre;
+    dt[i] = dt_of(raw[i], bias[i % H], lo, hi, v, pre);
+  }
+}
+
+// Rows of [n / H, H] per block of the backward; each warp takes every 8th row and keeps its
+// column sums in shared memory, summed over the warps in a fixed order at the end.
+constexpr int kDtRows = 16;
+
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32) dt_bwd_kernel(const float* __restrict__ g, const T* __restrict__ raw,
+                                                             const float* __restrict__ bias,
+                                                             const float* __restrict__ A_log,
+                                                             const float* __restrict__ dA, int64_t n, int64_t H,
+                                                             float lo, float hi, T* __restrict__ draw,
+                                                             float* __restrict__ bias_part, float* __restrict__ dA_log) {
+  extern __shared__ float s_part[];  // [kWarps][H]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rows = n / H, r0 = static_cast<int64_t>(blockIdx.x) * kDtRows;
+  for (int64_t h = lane; h < H; h += 32) s_part[warp * H + h] = 0.f;
+  for (int64_t r = r0 + warp; r < min(r0 + kDtRows, rows); r += kWarps)
+    for (int64_t h = lane; h < H; h += 32) {
+      const int64_t i = r * H + h;
+      float v, pre;
+      dt_of(raw[i], bias[h], lo, hi, v, pre);
+      const float sig = v > 20.f ? 1.f : 1.f / (1.f + __expf(-v));
+      const float d = (pre >= lo && pre <= hi) ? g[i] * sig : 0.f;
+      draw[i] = Num<T>::from_f(d);
+      s_part[warp * H + h] += d;
+    }
+  __syncthreads();
+  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+    float s = 0.f;
+    for (int w = 0; w < kWarps; ++w) s += s_part[w * H + h];
+    bias_part[blockIdx.x * H + h] = s;
+    if (blockIdx.x == 0 && dA) dA_log[h] = -dA[h] * __expf(A_log[h]);
+  }
+}
+
+// (batch*chunk) x (groups of kWarps heads, a warp each; at most 65535, the warps then stride).
+dim3 head_grid(int64_t bc, int64_t H) {
+  return dim3(static_cast<unsigned>(bc), static_cast<unsigned>(std::clamp<int64_t>((H + kWarps - 1) / kWarps, 1, 65535)));
+}
+
 }  // namespace
+
+cudaError_t ssd_dt_fwd(int dtype, const void* raw, const float* bias, const float* A_log, int64_t n, int64_t H,
+                       float lo, float hi, float* dt, float* A, cudaStream_t stream) {
+  if (H == 0) return cudaSuccess;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((std::max(n, H) + 255) / 256, 8 * sm_count()));
+  return by_dtype_code(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dt_fwd_kernel<T><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(static_cast<const T*>(raw), bias, A_log, n, H,
+                                                                        lo, hi, dt, A);
+    return cudaGetLastError();
+  });
+}
+
+int64_t ssd_dt_blocks(int64_t n, int64_t H) { return std::max<int64_t>(1, (n / std::max<int64_t>(H, 1) + kDtRows - 1) / kDtRows); }
+
+cudaError_t ssd_dt_bwd(int dtype, const float* g, const void* raw, const float* bias, const float* A_log,
+                       const float* dA, int64_t n, int64_t H, float lo, float hi, void* draw, float* bias_part,
+                       float* dA_log, cudaStream_t stream) {
+  if (H == 0) return cudaSuccess;
+  const size_t smem = sizeof(float) * kWarps * H;
+  return by_dtype_code(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto kernel = dt_bwd_kernel<T>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    kernel<<<static_cast<unsigned>(ssd_dt_blocks(n, H)), kWarps * 32, smem, stream>>>(
+        g, static_cast<const T*>(raw), bias, A_log, dA, n, H, lo, hi, static_cast<T*>(draw), bias_part, dA_log);
+    return cudaGetLastError();
+  });
+}
 
 cudaError_t ssd_chunk_prep(const float* dt, const float* A, const int64_t* seq, int64_t B, int64_t T, int64_t H,
                            int64_t nc, int32_t* seg, float* cum, float* Ld, float* E, float* dec,
                            cudaStream_t stream) {
   if (B * nc == 0) return cudaSuccess;
-  chunk_prep_kernel<<<static_cast<unsigned>(B * nc), kWarps * 32, 0, stream>>>(dt, A, seq, T, H, nc, seg, cum, Ld, E,
+  chunk_prep_kernel<<<head_grid(B * nc, H), kWarps * 32, 0, stream>>>(dt, A, seq, T, H, nc, seg, cum, Ld, E,
                                                                              dec);
   return cudaGetLastError();
 }
@@ -136,7 +231,7 @@ cudaError_t ssd_chunk_decay_grad(const float* dcum_E, const float* dcum_diag, co
                                  const float* dec, const float* ddt_u, const float* dt, const float* A, int64_t B,
                                  int64_t T, int64_t H, int64_t nc, float* ddt, float* dA_part, cudaStream_t stream) {
   if (B * nc == 0) return cudaSuccess;
-  decay_grad_kernel<<<static_cast<unsigned>(B * nc), kWarps * 32, 0, stream>>>(dcum_E, dcum_diag, dLd, ddec, dec,
+  decay_grad_kernel<<<head_grid(B * nc, H), kWarps * 32, 0, stream>>>(dcum_E, dcum_diag, dLd, ddec, dec,
                                                                              ddt_u, dt, A, T, H, nc, ddt, dA_part);
   return cudaGetLastError();
 }

@@ -32,4 +32,20 @@ cudaError_t ssd_chunk_decay_grad(const float* dcum_E, const float* dcum_diag, co
                                  const float* dec, const float* ddt_u, const float* dt, const float* A, int64_t B,
                                  int64_t T, int64_t H, int64_t nc, float* ddt, float* dA_part, cudaStream_t stream);
 
+// dt [n] float32 = clamp(softplus(raw + bias[h]), lo, hi) for raw [n] of dtype code
+// `dtype` (0 float32, 1 float16, 2 bfloat16), h = i % H, rounded to that dtype after the add,
+// the softplus and the clamp as the LibTorch composition in the input dtype does (ssd_dt);
+// and A [H] = -exp(A_log), float32.
+cudaError_t ssd_dt_fwd(int dtype, const void* raw, const float* bias, const float* A_log, int64_t n, int64_t H,
+                       float lo, float hi, float* dt, float* A, cudaStream_t stream);
+
+// Its backward, for g = dL/d(dt) [n] float32 and dA [H] float32 (null: none):
+//   draw [n] (dtype `dtype`) = g * [lo <= softplus(v) <= hi] * sigmoid(v)   (v = raw + bias; 1 past 20)
+//   bias_part [ssd_dt_blocks(n, H), H] float32: per-block sums of draw over rows (sum them for dbias)
+//   dA_log [H] = dA * A  (when dA is given)
+int64_t ssd_dt_blocks(int64_t n, int64_t H);
+cudaError_t ssd_dt_bwd(int dtype, const float* g, const void* raw, const float* bias, const float* A_log,
+                       const float* dA, int64_t n, int64_t H, float lo, float hi, void* draw, float* bias_part,
+                       float* dA_log, cudaStream_t stream);
+
 }  // namespace peftfw::kernels::mamba2::cuda

@@ -83,6 +83,11 @@ struct MaskKernels {
   // [B,H,P,N] or undefined) -> (prev [B,nc,H,P,N] in x's dtype, final [B,H,P,N] f32).
   std::function<std::pair<torch::Tensor, torch::Tensor>(const ChunkInputs&, const torch::Tensor&, const torch::Tensor&)>
       chunk_states_pass;
+  // v2: (raw dt [B,T,H], dt_bias [H], A_log [H], dt_min, dt_max) -> (dt [B,T,H] f32 = ssd_dt(...),
+  // A [H] f32 = -exp(A_log)), differentiable in the three tensors.
+  std::function<std::pair<torch::Tensor, torch::Tensor>(const torch::Tensor&, const torch::Tensor&,
+                                                        const torch::Tensor&, double, double)>
+      dt_prep;
 };
 void register_mask_kernels(MaskKernels kernels);
 
