@@ -248,16 +248,58 @@ template <typename T, int P, int N>
 struct ScanFwd {
   static constexpr size_t smem() {
     return sizeof(float) * 3 * Lc + sizeof(int32_t) * Lc +
-           sizeof(T) * (Lc * ld16<Lc>() + Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
+           sizeof(T) * (Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
+  }
+};
+
+// Two 16-bit values as one 32-bit mma.sync operand register, a in the low half.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  Pack<T, 2> pk;
+  pk.v[0] = Num<T>::from_f(a);
+  pk.v[1] = Num<T>::from_f(b);
+  return *reinterpret_cast<const uint32_t*>(&pk);
+}
+
+// The decay-masked C.B of one 16x16 tile (rows l0 + 0..15, columns s0 + 0..15), built in
+// registers as an mma.sync A fragment (mma.cuh's layout) instead of through shared memory:
+// fetch() reads this lane's CB values (float32, from L2), build() applies
+//   M[l][s] = CB[l][s] exp(cum_l - cum_s) col[s]  for s <= l in one segment, else 0
+// and rounds to T once, as build_decay does.
+struct DecayTile {
+  float2 cb[4];  // (row g, cols 2t..) (row g + 8, 2t..) (row g, 2t + 8..) (row g + 8, 2t + 8..)
+  __device__ __forceinline__ void fetch(const float* cbm, int l0, int s0) {
+    const int lane = threadIdx.x % 32, r = l0 + lane / 4, c = s0 + 2 * (lane % 4);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      cb[q] = __ldg(reinterpret_cast<const float2*>(cbm + (r + 8 * (q % 2)) * Lc + c + 8 * (q / 2)));
+  }
+  template <typename T>
+  __device__ __forceinline__ void build(uint32_t (&a)[4], int l0, int s0, const float* s_cum, const int32_t* s_seg,
+                                        const float* col) const {
+    const int lane = threadIdx.x % 32, r = l0 + lane / 4, c = s0 + 2 * (lane % 4);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int l = r + 8 * (q % 2), s = c + 8 * (q / 2);
+      const float cl = s_cum[l];
+      const int32_t sl = s_seg[l];
+      const float2 cs = *reinterpret_cast<const float2*>(s_cum + s);
+      const float2 sc = *reinterpret_cast<const float2*>(col + s);
+      const int2 sg = *reinterpret_cast<const int2*>(s_seg + s);
+      const float m0 = (s <= l && sg.x == sl) ? cb[q].x * __expf(cl - cs.x) * sc.x : 0.f;
+      const float m1 = (s + 1 <= l && sg.y == sl) ? cb[q].y * __expf(cl - cs.y) * sc.y : 0.f;
+      a[q] = pack2<T>(m0, m1);
+    }
   }
 };
 
 // grid: (B*nc) x (G * ceil(Hg / hpb)); the block loops over its hpb heads of one group. The
 // group's C is copied once per block, unscaled; each head's x and incoming state are copied
-// unscaled too (cp.async), while the block builds that head's M. The scales go elsewhere:
-// dt into M's columns (M' = M diag(dt), so M u = M' x), E onto the rows of the C prev^T
-// accumulators before M' x joins them. The products are mma.sync tiles (mma.cuh) whose
-// accumulators go straight to y, with D x, from registers.
+// unscaled too (cp.async). The scales go elsewhere: dt into M's columns (M' = M diag(dt), so
+// M u = M' x), E onto the rows of the C prev^T accumulators before M' x joins them. M' never
+// goes through shared memory: each warp builds its A fragments in registers from C.B (L2),
+// one k-step ahead of the products (DecayTile). The products are mma.sync tiles (mma.cuh)
+// whose accumulators go straight to y, with D x, from registers.
 template <typename T, int P, int N>
 __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, const T* __restrict__ x,
                                                             const float* __restrict__ dt,
@@ -269,11 +311,10 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
                                                             const T* __restrict__ prev,
                                                             const float* __restrict__ D, float* __restrict__ y,
                                                             int hpb) {
-  constexpr int NT = P / 16;  // 8-column accumulator tiles per job (P / 2 columns)
+  constexpr int NT = P / 8;  // 8-column accumulator tiles per job (all P columns)
   static_assert(NT % 2 == 0, "B tiles are loaded in pairs");
   extern __shared__ __align__(128) unsigned char smem[];
-  T* Ms = reinterpret_cast<T*>(smem);         // [Lc][Lc+8]  M diag(dt)
-  T* xs = Ms + Lc * ld16<Lc>();               // [Lc][P+8]   x
+  T* xs = reinterpret_cast<T*>(smem);         // [Lc][P+8]   x
   T* cs = xs + Lc * ld16<P>();                // [Lc][N+8]   C (the group's, all heads)
   T* ps = cs + Lc * ld16<N>();                // [P][N+8]    prev
   float* s_cum = reinterpret_cast<float*>(ps + P * ld16<N>());
@@ -289,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
 
   for (int64_t h = h0; h < h1; ++h) {
-    __syncthreads();  // the previous head is done with Ms, xs, ps and the scalars
+    __syncthreads();  // the previous head is done with xs, ps and the scalars
     const T* xb = x + k.b * d.x_sb + k.t0 * d.x_st + h * P;
     load_tile_async<T, P>(xs, xb, d.x_st, k.valid);
     load_tile_async<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P);
@@ -298,17 +339,17 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
       s_E[l] = E[(k.bc * d.H + h) * Lc + l];
       s_dt[l] = l < k.valid ? dt[(k.b * d.T + k.t0 + l) * d.H + h] : 0.f;
     }
-    __syncthreads();
-    build_decay<T, 8>(Ms, cb, s_cum, s_seg, s_dt);
     cp_async_wait();
     __syncthreads();
 
-    // M is lower triangular, so row tile i of M' x costs i + 1 steps. Each warp takes two jobs
-    // of half the columns, row tiles w and 7 - w: 9 steps per warp in place of 1..8.
+    // M is lower triangular, so row tile i of M' x costs i + 1 steps. Each warp takes row tiles
+    // w and 7 - w, all P columns: 9 steps per warp in place of 1..8.
     const float Dh = D ? D[h] : 0.f;
-#pragma unroll
+#pragma unroll 1
     for (int job = 0; job < 2; ++job) {
-      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2);
+      const int rt = job == 0 ? warp : kWarps - 1 - warp;
+      DecayTile cur;
+      cur.fetch(cb, rt * 16, 0);  // in flight during C prev^T
       float acc[NT][4];
 #pragma unroll
       for (int n = 0; n < NT; ++n)
@@ -318,16 +359,20 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
       for (int kk = 0; kk < N / 16; ++kk) {  // C prev^T
         uint32_t a[4];
         load_a(a, cs + rt * 16 * ld16<N>() + kk * 16, ld16<N>());
-        mma_strip_nk<T, NT>(acc, a, ps + j0 * ld16<N>() + kk * 16, ld16<N>());  // (n, p) = prev[p][n]
+        mma_strip_nk<T, NT>(acc, a, ps + kk * 16, ld16<N>());  // (n, p) = prev[p][n]
       }
       const int l0 = rt * 16 + gr;
       const float E0 = s_E[l0], E1 = s_E[l0 + 8];
 #pragma unroll
       for (int n = 0; n < NT; ++n) acc[n][0] *= E0, acc[n][1] *= E0, acc[n][2] *= E1, acc[n][3] *= E1;
+#pragma unroll 1
       for (int kk = 0; kk <= rt; ++kk) {  // + M' x
+        DecayTile next;
+        if (kk < rt) next.fetch(cb, rt * 16, (kk + 1) * 16);
         uint32_t a[4];
-        load_a(a, Ms + rt * 16 * ld16<Lc>() + kk * 16, ld16<Lc>());
-        mma_strip_kn<T, NT>(acc, a, xs + kk * 16 * ld16<P>() + j0, ld16<P>());  // (s, p) = x[s][p]
+        cur.build<T>(a, rt * 16, kk * 16, s_cum, s_seg, s_dt);
+        mma_strip_kn<T, NT>(acc, a, xs + kk * 16 * ld16<P>(), ld16<P>());  // (s, p) = x[s][p]
+        cur = next;
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {  // y = acc + D x, from registers
@@ -336,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
         float* yr = y + ((k.b * d.T + k.t0 + l) * d.H + h) * P;
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          const int p = j0 + n * 8 + 2 * tq;
+          const int p = n * 8 + 2 * tq;
           const Pack<T, 2> xv = *reinterpret_cast<const Pack<T, 2>*>(xs + l * ld16<P>() + p);
           *reinterpret_cast<float2*>(yr + p) = make_float2(acc[n][2 * r] + Dh * Num<T>::to_f(xv.v[0]),
                                                            acc[n][2 * r + 1] + Dh * Num<T>::to_f(xv.v[1]));
