@@ -195,6 +195,12 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
   return p;
 }
 
+// a b for [B,nc,G,.,.] operands as one batched GEMM over views (torch::matmul on five
+// dimensions costs several host-side ops more; these run every step).
+Tensor bmm5(const Tensor& a, const Tensor& b) {
+  return at::bmm(a.flatten(0, 2), b.flatten(0, 2)).view({a.size(0), a.size(1), a.size(2), a.size(3), b.size(4)});
+}
+
 // B and C group-major in float32, and C.B, for prepare().
 void add_cb(Prep& p, const Tensor& B, const Tensor& C) {
   auto group_major = [&](const Tensor& t) {
@@ -202,7 +208,7 @@ void add_cb(Prep& p, const Tensor& B, const Tensor& C) {
   };
   p.Bg32 = group_major(B);
   p.Cg32 = group_major(C);
-  p.CB = torch::matmul(p.Cg32, p.Bg32.transpose(-1, -2));  // [B,nc,G,Lc,Lc]
+  p.CB = bmm5(p.Cg32, p.Bg32.transpose(-1, -2));  // [B,nc,G,Lc,Lc]
 }
 
 // u = dt x, head-major [B,nc,H,Lc,P] cdt, written in one pass from x.
@@ -282,8 +288,8 @@ ChunkInputs chunk_inputs(const Prep& p, const Tensor& x, const Tensor& dt, const
 // beta = 1 and a float32 output), not through a rounded 16-bit product and a copy.
 std::pair<Tensor, Tensor> cross_head_grads(const Prep& p, const Tensor& dyE, const Tensor& prev, const Tensor& uL,
                                            const Tensor& dS, const Tensor& dCB) {
-  auto dC = torch::matmul(dCB, p.Bg32).contiguous();
-  auto dB = torch::matmul(dCB.transpose(-1, -2), p.Cg32).contiguous();
+  auto dC = bmm5(dCB, p.Bg32);
+  auto dB = bmm5(dCB.transpose(-1, -2), p.Cg32);
   for (int64_t g = 0; g < p.G; ++g) {
     auto dCg = dC.select(2, g).view({p.Bsz * p.nc, p.Lc, p.N});
     auto dBg = dB.select(2, g).view({p.Bsz * p.nc, p.Lc, p.N});

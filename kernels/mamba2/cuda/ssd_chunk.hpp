@@ -1,9 +1,8 @@
-// Fused per-chunk SSD kernels (tensor-core WMMA, 16-bit inputs, float32
-// accumulation). A thread block works on one (batch, chunk) and one head, or a
-// few heads of one group in turn (the output kernel and the within-chunk
-// backward), and keeps the chunk's operands in shared memory, so the [Lc,Lc] decay-weighted matrices and the
-// [Lc,P] partial products of the unfused scan (ssd_fused.cpp) never reach
-// global memory. Chunk length Lc = 128, head dim P in {32, 64}, state N in
+// Fused per-chunk SSD kernels (tensor cores: mma.sync, WMMA in the earliest; 16-bit inputs,
+// float32 accumulation). A thread block works on one (batch, chunk) and one head, or a few
+// heads of one group in turn (the output kernel and the within-chunk backward), and keeps the
+// chunk's operands in shared memory or registers, so the [Lc,Lc] decay-weighted matrices and
+// the [Lc,P] partial products of the unfused scan (ssd_fused.cpp) never reach global memory. Chunk length Lc = 128, head dim P in {32, 64}, state N in
 // {64, 128}, dtype code 1 (float16) or 2 (bfloat16). Torch-free, so CI
 // compiles it with nvcc on a machine without a GPU.
 //
