@@ -133,7 +133,7 @@ bool chunk_kernels_for(const Tensor& x, const Tensor& B, int64_t chunk) {
 // The forward's bookkeeping and C.B (fused path), saved after the node's inputs so that the
 // backward does not launch them again: [cum, seg, Ld, E, dec, Bg32, Cg32, CB]. (Saved tensors,
 // not saved_data: the engine frees them once the node's backward has run.)
-constexpr size_t kSavedInputs = 8;
+constexpr size_t kSavedInputs = 8, kKept = 8;
 std::vector<Tensor> kept_of(const Prep& p) { return {p.cum, p.seg, p.Ld, p.E, p.dec, p.Bg32, p.Cg32, p.CB}; }
 
 void add_cb(Prep& p, const Tensor& B, const Tensor& C);
@@ -156,7 +156,7 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
 
   if (!p.fused) p.xc = chunked(pad_time(x, pad), p.nc, p.Lc);  // [B,nc,Lc,H,P]
   p.bookkept = p.fused && v2_kernels() && g_mask_kernels.chunk_prep;
-  if (p.bookkept && kept != nullptr && kept->size() == 8) {
+  if (p.bookkept && kept != nullptr && kept->size() == kKept) {
     const auto& k = *kept;
     p.cum = k[0], p.seg = k[1], p.Ld = k[2], p.E = k[3], p.dec = k[4], p.Bg32 = k[5], p.Cg32 = k[6], p.CB = k[7];
     return p;
