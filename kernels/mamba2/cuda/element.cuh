@@ -32,6 +32,21 @@ __device__ __forceinline__ float round_to(float v) {
   return Num<T>::to_f(Num<T>::from_f(v));
 }
 
+// The SSD's dt as ssd_dt computes it on a T tensor: every op rounds to T (softplus with beta 1,
+// threshold 20; the clamp bounds converted to T). v = raw + bias and pre = softplus(v), before
+// the clamp, are kept for the backward.
+struct DtParts {
+  float v, pre, dt;
+};
+template <typename T>
+__device__ __forceinline__ DtParts ssd_dt_parts(float raw, float bias, float lo, float hi) {
+  DtParts p;
+  p.v = round_to<T>(__fadd_rn(raw, round_to<T>(bias)));
+  p.pre = round_to<T>(p.v > 20.f ? p.v : log1pf(expf(p.v)));
+  p.dt = isnan(p.pre) ? p.pre : fminf(fmaxf(p.pre, round_to<T>(lo)), round_to<T>(hi));  // already a T value
+  return p;
+}
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
   T v[N];

@@ -86,27 +86,25 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 
 // One k-step of a 16-row accumulator strip: acc[n] += A B_n for its NT 8-column tiles, B
 // k-major at b (tile n's columns start at b + 8 n) or n-major at bt (tile n's rows at bt + 8 n ldb).
-template <typename T, int NT>
-__device__ __forceinline__ void mma_strip_kn(float (&acc)[NT][4], const uint32_t (&a)[4], const T* b, int ldb) {
+template <typename T, int NT, bool K_MAJOR>
+__device__ __forceinline__ void mma_strip(float (&acc)[NT][4], const uint32_t (&a)[4], const T* b, int ldb) {
   static_assert(NT % 2 == 0, "B tiles are loaded in pairs");
 #pragma unroll
   for (int n = 0; n < NT; n += 2) {
     uint32_t bf[4];
-    load_b_kn(bf, b + n * 8, ldb);
+    if constexpr (K_MAJOR) load_b_kn(bf, b + n * 8, ldb);
+    else load_b_nk(bf, b + n * 8 * ldb, ldb);
     mma16816<T>(acc[n], a, bf[0], bf[1]);
     mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
   }
 }
 template <typename T, int NT>
+__device__ __forceinline__ void mma_strip_kn(float (&acc)[NT][4], const uint32_t (&a)[4], const T* b, int ldb) {
+  mma_strip<T, NT, true>(acc, a, b, ldb);
+}
+template <typename T, int NT>
 __device__ __forceinline__ void mma_strip_nk(float (&acc)[NT][4], const uint32_t (&a)[4], const T* bt, int ldb) {
-  static_assert(NT % 2 == 0, "B tiles are loaded in pairs");
-#pragma unroll
-  for (int n = 0; n < NT; n += 2) {
-    uint32_t bf[4];
-    load_b_nk(bf, bt + n * 8 * ldb, ldb);
-    mma16816<T>(acc[n], a, bf[0], bf[1]);
-    mma16816<T>(acc[n + 1], a, bf[2], bf[3]);
-  }
+  mma_strip<T, NT, false>(acc, a, bt, ldb);
 }
 
 // Sum over the 4 lanes of an accumulator row (lanes 4g .. 4g + 3), and over the 8 lanes of a

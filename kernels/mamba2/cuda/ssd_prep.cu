@@ -125,15 +125,6 @@ __global__ void __launch_bounds__(kWarps * 32) decay_grad_kernel(
   }
 }
 
-// dt = clamp(softplus(raw + bias)) with the rounding of the input dtype T after each step; the
-// value before the clamp in `pre`.
-template <typename T>
-__device__ __forceinline__ float dt_of(T raw, float bias, float lo, float hi, float& v, float& pre) {
-  v = round_to<T>(Num<T>::to_f(raw) + round_to<T>(bias));
-  pre = round_to<T>(v > 20.f ? v : log1pf(__expf(v)));
-  return isnan(pre) ? pre : round_to<T>(fminf(fmaxf(pre, lo), hi));
-}
-
 template <typename T>
 __global__ void __launch_bounds__(256) dt_fwd_kernel(const T* __restrict__ raw, const float* __restrict__ bias,
                                                      const float* __restrict__ A_log, int64_t n, int64_t H,
@@ -142,8 +133,7 @@ __global__ void __launch_bounds__(256) dt_fwd_kernel(const T* __restrict__ raw, 
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i0 < H) A[i0] = -__expf(A_log[i0]);
   for (int64_t i = i0; i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float v, pre;
-    dt[i] = dt_of(raw[i], bias[i % H], lo, hi, v, pre);
+    dt[i] = ssd_dt_parts<T>(Num<T>::to_f(raw[i]), bias[i % H], lo, hi).dt;
   }
 }
 
@@ -161,14 +151,14 @@ __global__ void __launch_bounds__(kWarps * 32) dt_bwd_kernel(const float* __rest
   extern __shared__ float s_part[];  // [kWarps][H]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rows = n / H, r0 = static_cast<int64_t>(blockIdx.x) * kDtRows;
+  const float lo_t = round_to<T>(lo), hi_t = round_to<T>(hi);  // the bounds as the clamp saw them
   for (int64_t h = lane; h < H; h += 32) s_part[warp * H + h] = 0.f;
   for (int64_t r = r0 + warp; r < min(r0 + kDtRows, rows); r += kWarps)
     for (int64_t h = lane; h < H; h += 32) {
       const int64_t i = r * H + h;
-      float v, pre;
-      dt_of(raw[i], bias[h], lo, hi, v, pre);
-      const float sig = v > 20.f ? 1.f : 1.f / (1.f + __expf(-v));
-      const float d = (pre >= lo && pre <= hi) ? g[i] * sig : 0.f;
+      const DtParts p = ssd_dt_parts<T>(Num<T>::to_f(raw[i]), bias[h], lo, hi);
+      const float sig = p.v > 20.f ? 1.f : 1.f / (1.f + __expf(-p.v));
+      const float d = (p.pre >= lo_t && p.pre <= hi_t) ? g[i] * sig : 0.f;  // clamp's backward
       draw[i] = Num<T>::from_f(d);
       s_part[warp * H + h] += d;
     }

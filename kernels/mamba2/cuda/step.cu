@@ -31,18 +31,6 @@ constexpr int kStepWarps = 4;    // warps per block
 constexpr int kRowsPerWarp = 4;  // head_dim rows per warp
 constexpr int kRowsPerBlock = kStepWarps * kRowsPerWarp;
 
-// dt for (b, h) exactly as ssd_dt: every op rounds to T like the reference's
-// tensor ops on a T tensor (softplus with beta 1, threshold 20; clamp bounds
-// converted to T).
-template <typename T>
-__device__ __forceinline__ float step_dt(float dt_raw, float dt_bias, float dt_min, float dt_max) {
-  const float v = round_to<T>(__fadd_rn(dt_raw, round_to<T>(dt_bias)));
-  const float sp = round_to<T>(v > 20.f ? v : log1pf(expf(v)));
-  if (isnan(sp)) return sp;
-  const float lo = round_to<T>(dt_min), hi = round_to<T>(dt_max);
-  return fminf(fmaxf(sp, lo), hi);  // already a value of T
-}
-
 template <typename T>
 __global__ void __launch_bounds__(32 * kStepWarps)
     ssd_step_kernel(float* __restrict__ state, const T* __restrict__ x, const T* __restrict__ dt,
@@ -59,7 +47,7 @@ __global__ void __launch_bounds__(32 * kStepWarps)
   const int g = h / (H / G);
   const int64_t bg = static_cast<int64_t>(blockIdx.z) * G + g;
 
-  const float dtv = step_dt<T>(Num<T>::to_f(dt[bh]), dt_bias[h], dt_min, dt_max);
+  const float dtv = ssd_dt_parts<T>(Num<T>::to_f(dt[bh]), dt_bias[h], dt_min, dt_max).dt;
   const float A = -expf(A_log[h]);
   const float dA = expf(__fmul_rn(dtv, A));
 
