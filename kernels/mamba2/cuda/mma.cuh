@@ -119,4 +119,42 @@ __device__ __forceinline__ float col_sum8(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 16);
 }
 
+// Within each quad (the 4 lanes of an accumulator row): lane t holds v[n], its 32-bit column
+// pair of 8-column tile n (n < 4); afterwards it holds tile t's pairs from lanes 0..3 in order,
+// i.e. 8 consecutive 16-bit values of the row, for one 16-byte store in place of four 4-byte
+// ones. Every lane of the warp must take part.
+__device__ __forceinline__ uint32_t pick4(const uint32_t (&v)[4], int i) {
+  return i == 0 ? v[0] : i == 1 ? v[1] : i == 2 ? v[2] : v[3];
+}
+__device__ __forceinline__ void quad_transpose(uint32_t (&v)[4]) {
+  const int t = threadIdx.x % 4;
+  uint32_t got[4];  // got[j]: lane t ^ j's pair of tile t
+  got[0] = pick4(v, t);
+#pragma unroll
+  for (int j = 1; j < 4; ++j) got[j] = __shfl_xor_sync(0xffffffffu, pick4(v, t ^ j), j);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = pick4(got, i ^ t);
+}
+
+// Stores one accumulator row's NT column pairs (o[n]: the pair of tile n, as 16-bit values)
+// to row, whose tile n starts at row + 8 n: as 16-byte vectors through quad_transpose when NT
+// is a multiple of 4 (row 16-byte aligned), else pair by pair. `live` may differ between the
+// quads of a warp; every lane must call this.
+template <typename T, int NT>
+__device__ __forceinline__ void store_row_pairs(T* row, const uint32_t (&o)[NT], bool live) {
+  const int t = threadIdx.x % 4;
+  if constexpr (NT % 4 == 0) {
+#pragma unroll
+    for (int n0 = 0; n0 < NT; n0 += 4) {
+      uint32_t v[4] = {o[n0], o[n0 + 1], o[n0 + 2], o[n0 + 3]};
+      quad_transpose(v);
+      if (live) *reinterpret_cast<uint4*>(row + (n0 + t) * 8) = make_uint4(v[0], v[1], v[2], v[3]);
+    }
+  } else {
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+      if (live) *reinterpret_cast<uint32_t*>(row + n * 8 + 2 * t) = o[n];
+  }
+}
+
 }  // namespace peftfw::kernels::mamba2::cuda

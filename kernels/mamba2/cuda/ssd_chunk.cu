@@ -153,37 +153,6 @@ __device__ void load_tile_f32(T* dst, const float* src, int64_t stride, int vali
   }
 }
 
-// M[l][s] = CB[l,s] exp(cum_l - cum_s) (times col_scale[s] when given) for s <= l in one
-// segment, else 0 (T, shared). BATCH float4 loads of CB in flight per thread.
-template <typename T, int BATCH>
-__device__ void build_decay(T* Ms, const float* cb, const float* s_cum, const int32_t* s_seg,
-                            const float* col_scale = nullptr) {
-  constexpr int V = Lc / 4, IT = Lc * V / kThreads;
-  static_assert(IT % BATCH == 0, "batches must tile the matrix");
-#pragma unroll 1
-  for (int b0 = 0; b0 < IT; b0 += BATCH) {
-    float4 v[BATCH];
-#pragma unroll
-    for (int it = 0; it < BATCH; ++it) {
-      const int i = threadIdx.x + (b0 + it) * kThreads, l = i / V, s0 = (i % V) * 4;
-      v[it] = s0 <= l ? *reinterpret_cast<const float4*>(cb + l * Lc + s0) : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-#pragma unroll
-    for (int it = 0; it < BATCH; ++it) {
-      const int i = threadIdx.x + (b0 + it) * kThreads, l = i / V, s0 = (i % V) * 4;
-      const float cl = s_cum[l];
-      const int32_t sl = s_seg[l];
-      float o[4] = {v[it].x, v[it].y, v[it].z, v[it].w};
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int s = s0 + k;
-        o[k] = (s <= l && s_seg[s] == sl) ? o[k] * __expf(cl - s_cum[s]) * (col_scale ? col_scale[s] : 1.f) : 0.f;
-      }
-      store_pack<T, 4>(Ms + l * ld16<Lc>() + s0, o);
-    }
-  }
-}
-
 // Writes a 16x16 accumulator to a row-major T matrix in global memory through
 // the warp's 16x16 float32 staging area.
 template <typename T>
@@ -246,9 +215,10 @@ __global__ void __launch_bounds__(kThreads, 2) states_fwd_kernel(SsdChunkDims d,
 
 template <typename T, int P, int N>
 struct ScanFwd {
+  static constexpr int kOut = P + 8;  // row length of a warp's float32 output tile (conflict-free float2 stores)
   static constexpr size_t smem() {
     return sizeof(float) * 3 * Lc + sizeof(int32_t) * Lc +
-           sizeof(T) * (Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>());
+           sizeof(T) * (Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>()) + sizeof(float) * kWarps * 16 * kOut;
   }
 };
 
@@ -265,8 +235,19 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
 // registers as an mma.sync A fragment (mma.cuh's layout) instead of through shared memory:
 // fetch() reads this lane's CB values (float32, from L2), build() applies
 //   M[l][s] = CB[l][s] exp(cum_l - cum_s) col[s]  for s <= l in one segment, else 0
-// and rounds to T once, as build_decay does.
+// and rounds to T once, as the within-chunk backward does for its M. The lane's two rows'
+// scalars (Rows) stay the same along a row tile, so they are read once per tile, not per step.
 struct DecayTile {
+  struct Rows {
+    float cum[2];
+    int32_t seg[2];
+    int l[2];
+    __device__ __forceinline__ Rows(int l0, const float* s_cum, const int32_t* s_seg) {
+      const int r = l0 + (threadIdx.x % 32) / 4;
+#pragma unroll
+      for (int i = 0; i < 2; ++i) l[i] = r + 8 * i, cum[i] = s_cum[r + 8 * i], seg[i] = s_seg[r + 8 * i];
+    }
+  };
   float2 cb[4];  // (row g, cols 2t..) (row g + 8, 2t..) (row g, 2t + 8..) (row g + 8, 2t + 8..)
   __device__ __forceinline__ void fetch(const float* cbm, int l0, int s0) {
     const int lane = threadIdx.x % 32, r = l0 + lane / 4, c = s0 + 2 * (lane % 4);
@@ -275,20 +256,22 @@ struct DecayTile {
       cb[q] = __ldg(reinterpret_cast<const float2*>(cbm + (r + 8 * (q % 2)) * Lc + c + 8 * (q / 2)));
   }
   template <typename T>
-  __device__ __forceinline__ void build(uint32_t (&a)[4], int l0, int s0, const float* s_cum, const int32_t* s_seg,
-                                        const float* col) const {
-    const int lane = threadIdx.x % 32, r = l0 + lane / 4, c = s0 + 2 * (lane % 4);
+  __device__ __forceinline__ void build(uint32_t (&a)[4], const Rows& rows, int s0, const float* s_cum,
+                                        const int32_t* s_seg, const float* col) const {
+    const int c = s0 + 2 * (threadIdx.x % 32 % 4);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int l = r + 8 * (q % 2), s = c + 8 * (q / 2);
-      const float cl = s_cum[l];
-      const int32_t sl = s_seg[l];
+    for (int j = 0; j < 2; ++j) {  // column pair c + 8 j, for both rows
+      const int s = c + 8 * j;
       const float2 cs = *reinterpret_cast<const float2*>(s_cum + s);
       const float2 sc = *reinterpret_cast<const float2*>(col + s);
       const int2 sg = *reinterpret_cast<const int2*>(s_seg + s);
-      const float m0 = (s <= l && sg.x == sl) ? cb[q].x * __expf(cl - cs.x) * sc.x : 0.f;
-      const float m1 = (s + 1 <= l && sg.y == sl) ? cb[q].y * __expf(cl - cs.y) * sc.y : 0.f;
-      a[q] = pack2<T>(m0, m1);
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int q = 2 * j + i, l = rows.l[i];
+        const float m0 = (s <= l && sg.x == rows.seg[i]) ? cb[q].x * __expf(rows.cum[i] - cs.x) * sc.x : 0.f;
+        const float m1 = (s + 1 <= l && sg.y == rows.seg[i]) ? cb[q].y * __expf(rows.cum[i] - cs.y) * sc.y : 0.f;
+        a[q] = pack2<T>(m0, m1);
+      }
     }
   }
 };
@@ -321,6 +304,8 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
   float* s_dt = s_cum + Lc;
   float* s_E = s_dt + Lc;
   int32_t* s_seg = reinterpret_cast<int32_t*>(s_E + Lc);
+  constexpr int kOut = ScanFwd<T, P, N>::kOut;
+  float* my_out = reinterpret_cast<float*>(s_seg + Lc) + (threadIdx.x / 32) * 16 * kOut;  // [16][P+8]
   const Heads hs = heads_of(d, hpb);
   const Block& k = hs.k;
   const int64_t g = hs.g, h0 = hs.h0, h1 = hs.h1;
@@ -365,28 +350,38 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
       const float E0 = s_E[l0], E1 = s_E[l0 + 8];
 #pragma unroll
       for (int n = 0; n < NT; ++n) acc[n][0] *= E0, acc[n][1] *= E0, acc[n][2] *= E1, acc[n][3] *= E1;
+      const DecayTile::Rows rows(rt * 16, s_cum, s_seg);
 #pragma unroll 1
       for (int kk = 0; kk <= rt; ++kk) {  // + M' x
         DecayTile next;
         if (kk < rt) next.fetch(cb, rt * 16, (kk + 1) * 16);
         uint32_t a[4];
-        cur.build<T>(a, rt * 16, kk * 16, s_cum, s_seg, s_dt);
+        cur.build<T>(a, rows, kk * 16, s_cum, s_seg, s_dt);
         mma_strip_kn<T, NT>(acc, a, xs + kk * 16 * ld16<P>(), ld16<P>());  // (s, p) = x[s][p]
         cur = next;
       }
+      // y = acc + D x, through the warp's own tile so that the stores to y are whole rows.
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {  // y = acc + D x, from registers
+      for (int r = 0; r < 2; ++r) {
         const int l = l0 + 8 * r;
-        if (l >= k.valid) continue;
-        float* yr = y + ((k.b * d.T + k.t0 + l) * d.H + h) * P;
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
           const int p = n * 8 + 2 * tq;
           const Pack<T, 2> xv = *reinterpret_cast<const Pack<T, 2>*>(xs + l * ld16<P>() + p);
-          *reinterpret_cast<float2*>(yr + p) = make_float2(acc[n][2 * r] + Dh * Num<T>::to_f(xv.v[0]),
-                                                           acc[n][2 * r + 1] + Dh * Num<T>::to_f(xv.v[1]));
+          *reinterpret_cast<float2*>(my_out + (gr + 8 * r) * kOut + p) =
+              make_float2(acc[n][2 * r] + Dh * Num<T>::to_f(xv.v[0]), acc[n][2 * r + 1] + Dh * Num<T>::to_f(xv.v[1]));
         }
       }
+      __syncwarp();
+      constexpr int V = P / 4, RPI = 32 / V;  // float4s per row, rows per warp-wide step
+#pragma unroll
+      for (int i = 0; i < 16 / RPI; ++i) {
+        const int r = i * RPI + lane / V, v = lane % V, l = rt * 16 + r;
+        if (l < k.valid)
+          *reinterpret_cast<float4*>(y + ((k.b * d.T + k.t0 + l) * d.H + h) * P + v * 4) =
+              *reinterpret_cast<const float4*>(my_out + r * kOut + v * 4);
+      }
+      __syncwarp();  // the tile is free for the next job
     }
   }
 }
@@ -483,16 +478,17 @@ __global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d
         store_pack<T, 8>(us + l * ld16<PS>() + v * 8, o);
       }
     }
-    T* out = prev + (bc * d.H + h) * P * N + lane0;  // H_c, the state entering chunk c
+    T* out = prev + (bc * d.H + h) * P * N + lane0 - 2 * tq;  // H_c, the state entering chunk c
     const float dc = dec[bc * d.H + h];
+    uint32_t o0[NO], o1[NO];
 #pragma unroll
     for (int n = 0; n < NO; ++n) {
-      const float o0[2] = {H[n][0], H[n][1]}, o1[2] = {H[n][2], H[n][3]};
-      store_pack<T, 2>(out + n * 8, o0);
-      store_pack<T, 2>(out + 8 * N + n * 8, o1);
+      o0[n] = pack2<T>(H[n][0], H[n][1]), o1[n] = pack2<T>(H[n][2], H[n][3]);
 #pragma unroll
       for (int e = 0; e < 4; ++e) H[n][e] *= dc;
     }
+    store_row_pairs<T, NO>(out, o0, true);
+    store_row_pairs<T, NO>(out + 8 * N, o1, true);
     __syncthreads();  // the scaled tile is in place
 #pragma unroll 2
     for (int kk = 0; kk < Lc / 16; ++kk) {
@@ -567,13 +563,12 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
       load_a_t(a, dys + kk * 16 * ld16<P>() + pt * 16, ld16<P>());
       mma_strip_kn<T, NO>(acc, a, cs + kk * 16 * ld16<N>() + n0, ld16<N>());  // (l, n) = C[l][n]
     }
-    T* out = dH_off + (k.bc * d.H + h) * P * N + (pt * 16 + gr) * N + n0 + 2 * tq;
+    T* out = dH_off + (k.bc * d.H + h) * P * N + (pt * 16 + gr) * N + n0;
+    uint32_t o0[NO], o1[NO];
 #pragma unroll
-    for (int n = 0; n < NO; ++n) {
-      const float o0[2] = {acc[n][0], acc[n][1]}, o1[2] = {acc[n][2], acc[n][3]};
-      store_pack<T, 2>(out + n * 8, o0);
-      store_pack<T, 2>(out + 8 * N + n * 8, o1);
-    }
+    for (int n = 0; n < NO; ++n) o0[n] = pack2<T>(acc[n][0], acc[n][1]), o1[n] = pack2<T>(acc[n][2], acc[n][3]);
+    store_row_pairs<T, NO>(out, o0, true);
+    store_row_pairs<T, NO>(out + 8 * N, o1, true);
   }
   {  // C prev^T on this warp's 16 rows, dotted with dyE's rows
     float acc[NT][4];
@@ -693,7 +688,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     load_tile_f32<T, P>(dys, dyb, d.H * P, k.valid, nullptr);
     cp_async_wait_group<1>();
     __syncthreads();
-    build_decay<T, 4>(Ms, cb, s_cum, s_seg);
     {  // uL = x dt Ld, time-major, straight from the x tile
       constexpr int V = P / 8;
       for (int i = threadIdx.x; i < Lc * V; i += kThreads) {
@@ -706,10 +700,11 @@ __global__ void __launch_bounds__(kThreads, 2)
         store_pack<T, 8>(uL + ((k.bc * Lc + l) * d.H + h) * P + v * 8, o);
       }
     }
-    __syncthreads();
 
     // dM = dy u^T on the lower-triangle half tiles; per element dML = dM * L goes into dCB and
     // W = dML * CB into the row and column sums (the log-decay gradient is rowsum - colsum).
+    // The same decay factors give M = CB L itself, written here for M^T dy below: the half
+    // tiles cover every tile that product reads (the lower triangle), zero above the diagonal.
 #pragma unroll
     for (int o = 0; o < kOwn; ++o) {
       int ti, tj;
@@ -732,16 +727,20 @@ __global__ void __launch_bounds__(kThreads, 2)
       const float2 dts = *reinterpret_cast<const float2*>(s_dt + s0);
       const int2 sg = *reinterpret_cast<const int2*>(s_seg + s0);
       const float cbv[4] = {cb0.x, cb0.y, cb1.x, cb1.y};
-      float w[4];
+      float w[4], m[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int l = l0 + 8 * (e / 2), s = s0 + e % 2;
         const float cs = e % 2 ? ct.y : ct.x, dtv = e % 2 ? dts.y : dts.x;
         const int32_t ss = e % 2 ? sg.y : sg.x;
-        const float dl = (s <= l && ss == s_seg[l]) ? c[e] * dtv * __expf(s_cum[l] - cs) : 0.f;
+        const float L = (s <= l && ss == s_seg[l]) ? __expf(s_cum[l] - cs) : 0.f;
+        const float dl = c[e] * dtv * L;
         acc_cb[o][e] += dl;
         w[e] = dl * cbv[e];
+        m[e] = cbv[e] * L;
       }
+      *reinterpret_cast<uint32_t*>(Ms + l0 * ld16<Lc>() + s0) = pack2<T>(m[0], m[1]);
+      *reinterpret_cast<uint32_t*>(Ms + (l0 + 8) * ld16<Lc>() + s0) = pack2<T>(m[2], m[3]);
       const int t = ti * (ti + 1) / 2 + tj;
       const float r0 = row_quad_sum(w[0] + w[1]), r1 = row_quad_sum(w[2] + w[3]);
       const float q0 = col_sum8(w[0] + w[2]), q1 = col_sum8(w[1] + w[3]);
@@ -813,6 +812,7 @@ __global__ void __launch_bounds__(kThreads, 2)
         const int s = s0 + 8 * r;
         const bool live = s < k.valid;
         const float dts = s_dt[s];
+        uint32_t o[NT];
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
           const int p = j0 + n * 8 + 2 * tq;
@@ -822,9 +822,9 @@ __global__ void __launch_bounds__(kThreads, 2)
           const float x0 = Num<T>::to_f(xv.v[0]), x1 = Num<T>::to_f(xv.v[1]);
           ddt[r] += du0 * x0 + du1 * x1;
           dD_part += dyv.x * x0 + dyv.y * x1;
-          const float o[2] = {dts * du0 + Dh * dyv.x, dts * du1 + Dh * dyv.y};
-          if (live) store_pack<T, 2>(dx + ((k.b * d.T + k.t0 + s) * d.H + h) * P + p, o);
+          o[n] = pack2<T>(dts * du0 + Dh * dyv.x, dts * du1 + Dh * dyv.y);
         }
+        store_row_pairs<T, NT>(dx + ((k.b * d.T + k.t0 + s) * d.H + h) * P + j0, o, live);
       }
       ddt[0] = row_quad_sum(ddt[0]), ddt[1] = row_quad_sum(ddt[1]);
       if (tq == 0) {

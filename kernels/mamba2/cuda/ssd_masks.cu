@@ -126,48 +126,46 @@ __global__ void state_passing_kernel(const T* __restrict__ S, const float* __res
 }
 
 // grid: (ceil(PN / (kThreads * VEC)), B * H); VEC state elements per thread (PN a multiple of
-// VEC; dH_off, prev and dS aligned to VEC elements). Each chunk's three reads are issued
-// together at the top of its step, before the gradient they feed is needed.
+// VEC; dH_off, prev and dS aligned to VEC elements). The reads of the next chunk (going
+// backward) are in flight while this one's gradient is formed, and each warp adds its share of
+// ddec by itself: no block-wide barrier in the loop.
 template <typename T, int VEC>
 __global__ void state_passing_backward_kernel(const T* __restrict__ dH_off, const float* __restrict__ dec,
                                               const float* __restrict__ dfinal, const T* __restrict__ prev,
                                               T* __restrict__ dS, float* __restrict__ ddec,
                                               float* __restrict__ dinit, int64_t nc, int64_t H, int64_t PN) {
-  __shared__ float s_part[kWarps];
   const int64_t i = (blockIdx.x * int64_t{kThreads} + threadIdx.x) * VEC;
   const bool live = i < PN;
   const int64_t bh = blockIdx.y, b = bh / H, h = bh % H;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32;
   float g[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) g[v] = (live && dfinal) ? dfinal[bh * PN + i + v] : 0.f;
+  auto at_of = [&](int64_t c) { return ((b * nc + c) * H + h) * PN + i; };
+  Pack<T, VEC> pv, dv;
+  if (live) {
+    pv = *reinterpret_cast<const Pack<T, VEC>*>(prev + at_of(nc - 1));
+    dv = *reinterpret_cast<const Pack<T, VEC>*>(dH_off + at_of(nc - 1));
+  }
   for (int64_t c = nc - 1; c >= 0; --c) {
-    const int64_t at = ((b * nc + c) * H + h) * PN + i;
+    const int64_t at = at_of(c);
     const float dc = dec[(b * nc + c) * H + h];
-    Pack<T, VEC> pv, dv;
-    if (live) {
-      pv = *reinterpret_cast<const Pack<T, VEC>*>(prev + at);
-      dv = *reinterpret_cast<const Pack<T, VEC>*>(dH_off + at);
+    Pack<T, VEC> pn, dn;  // chunk c - 1's
+    if (live && c > 0) {
+      pn = *reinterpret_cast<const Pack<T, VEC>*>(prev + at_of(c - 1));
+      dn = *reinterpret_cast<const Pack<T, VEC>*>(dH_off + at_of(c - 1));
     }
     float part = 0.f;
     if (live) {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) part += g[v] * Num<T>::to_f(pv.v[v]);
       store_pack<T, VEC>(dS + at, g);
-    }
-    part = warp_sum(part);
-    if (lane == 0) s_part[warp] = part;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float sum = 0.f;
-      for (int w = 0; w < kWarps; ++w) sum += s_part[w];
-      atomicAdd(&ddec[(b * nc + c) * H + h], sum);
-    }
-    __syncthreads();
-    if (live) {
 #pragma unroll
       for (int v = 0; v < VEC; ++v) g[v] = Num<T>::to_f(dv.v[v]) + dc * g[v];
     }
+    part = warp_sum(part);
+    if (lane == 0) atomicAdd(&ddec[(b * nc + c) * H + h], part);
+    pv = pn, dv = dn;
   }
   if (live && dinit) {
 #pragma unroll
@@ -235,7 +233,7 @@ cudaError_t ssd_state_passing_backward(int dtype, const void* dH_off, const floa
                                        cudaStream_t stream) {
   return by_dtype_code(dtype, [&](auto tag) {
     using T = decltype(tag);
-    constexpr int kVec = 4;
+    constexpr int kVec = 8;
     auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % (kVec * sizeof(T)) == 0; };
     const bool vec = PN % kVec == 0 && aligned(dH_off) && aligned(prev) && aligned(dS);
     auto go = [&](auto kernel, int64_t per_thread) {
