@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kThreads, 2) states_fwd_kernel(SsdChunkDims d,
 
 template <typename T, int P, int N>
 struct ScanFwd {
-  static constexpr int kOut = P + 8;  // row length of a warp's float32 output tile (conflict-free float2 stores)
+  static constexpr int kOut = P / 2 + 8;  // row length of a warp's float32 output tile (conflict-free float2 stores)
   static constexpr size_t smem() {
     return sizeof(float) * 3 * Lc + sizeof(int32_t) * Lc +
            sizeof(T) * (Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>()) + sizeof(float) * kWarps * 16 * kOut;
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
                                                             const T* __restrict__ prev,
                                                             const float* __restrict__ D, float* __restrict__ y,
                                                             int hpb) {
-  constexpr int NT = P / 8;  // 8-column accumulator tiles per job (all P columns)
+  constexpr int NT = P / 16;  // 8-column accumulator tiles per job (P / 2 columns)
   static_assert(NT % 2 == 0, "B tiles are loaded in pairs");
   extern __shared__ __align__(128) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);         // [Lc][P+8]   x
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
   float* s_E = s_dt + Lc;
   int32_t* s_seg = reinterpret_cast<int32_t*>(s_E + Lc);
   constexpr int kOut = ScanFwd<T, P, N>::kOut;
-  float* my_out = reinterpret_cast<float*>(s_seg + Lc) + (threadIdx.x / 32) * 16 * kOut;  // [16][P+8]
+  float* my_out = reinterpret_cast<float*>(s_seg + Lc) + (threadIdx.x / 32) * 16 * kOut;  // [16][P/2+8]
   const Heads hs = heads_of(d, hpb);
   const Block& k = hs.k;
   const int64_t g = hs.g, h0 = hs.h0, h1 = hs.h1;
@@ -327,12 +327,13 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
     cp_async_wait();
     __syncthreads();
 
-    // M is lower triangular, so row tile i of M' x costs i + 1 steps. Each warp takes row tiles
-    // w and 7 - w, all P columns: 9 steps per warp in place of 1..8.
+    // M is lower triangular, so row tile i of M' x costs i + 1 steps. Warp w takes row tile w
+    // on the first half of the P columns and row tile 7 - w on the second ("jobs"): 9 steps per
+    // warp in place of 1..8, and every (row tile, half) once.
     const float Dh = D ? D[h] : 0.f;
 #pragma unroll 1
     for (int job = 0; job < 2; ++job) {
-      const int rt = job == 0 ? warp : kWarps - 1 - warp;
+      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2);
       DecayTile cur;
       cur.fetch(cb, rt * 16, 0);  // in flight during C prev^T
       float acc[NT][4];
@@ -344,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
       for (int kk = 0; kk < N / 16; ++kk) {  // C prev^T
         uint32_t a[4];
         load_a(a, cs + rt * 16 * ld16<N>() + kk * 16, ld16<N>());
-        mma_strip_nk<T, NT>(acc, a, ps + kk * 16, ld16<N>());  // (n, p) = prev[p][n]
+        mma_strip_nk<T, NT>(acc, a, ps + j0 * ld16<N>() + kk * 16, ld16<N>());  // (n, p) = prev[p][n]
       }
       const int l0 = rt * 16 + gr;
       const float E0 = s_E[l0], E1 = s_E[l0 + 8];
@@ -357,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
         if (kk < rt) next.fetch(cb, rt * 16, (kk + 1) * 16);
         uint32_t a[4];
         cur.build<T>(a, rows, kk * 16, s_cum, s_seg, s_dt);
-        mma_strip_kn<T, NT>(acc, a, xs + kk * 16 * ld16<P>(), ld16<P>());  // (s, p) = x[s][p]
+        mma_strip_kn<T, NT>(acc, a, xs + kk * 16 * ld16<P>() + j0, ld16<P>());  // (s, p) = x[s][p]
         cur = next;
       }
       // y = acc + D x, through the warp's own tile so that the stores to y are whole rows.
@@ -367,18 +368,18 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
           const int p = n * 8 + 2 * tq;
-          const Pack<T, 2> xv = *reinterpret_cast<const Pack<T, 2>*>(xs + l * ld16<P>() + p);
+          const Pack<T, 2> xv = *reinterpret_cast<const Pack<T, 2>*>(xs + l * ld16<P>() + j0 + p);
           *reinterpret_cast<float2*>(my_out + (gr + 8 * r) * kOut + p) =
               make_float2(acc[n][2 * r] + Dh * Num<T>::to_f(xv.v[0]), acc[n][2 * r + 1] + Dh * Num<T>::to_f(xv.v[1]));
         }
       }
       __syncwarp();
-      constexpr int V = P / 4, RPI = 32 / V;  // float4s per row, rows per warp-wide step
+      constexpr int V = P / 8, RPI = 32 / V;  // float4s per half row, rows per warp-wide step
 #pragma unroll
       for (int i = 0; i < 16 / RPI; ++i) {
         const int r = i * RPI + lane / V, v = lane % V, l = rt * 16 + r;
         if (l < k.valid)
-          *reinterpret_cast<float4*>(y + ((k.b * d.T + k.t0 + l) * d.H + h) * P + v * 4) =
+          *reinterpret_cast<float4*>(y + ((k.b * d.T + k.t0 + l) * d.H + h) * P + j0 + v * 4) =
               *reinterpret_cast<const float4*>(my_out + r * kOut + v * 4);
       }
       __syncwarp();  // the tile is free for the next job
