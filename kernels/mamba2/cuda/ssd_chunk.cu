@@ -605,7 +605,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
 // accumulators in registers: no 16x16 staging through shared memory.
 //   dM: warp w takes rows tiles p = w % 4 and 7 - p (9 lower-triangle tiles between them) and
 //       column half w / 4 (8 of each tile's 16 columns);
-//   du: warp w takes row tiles w and 7 - w, half of the P columns each ("jobs").
+//   du: warp w takes row tiles 7 - w % 4 and w % 4, half of the P columns each ("jobs").
 template <typename T, int P, int N>
 struct BwdDiag {
   static constexpr int NH = N / 2;  // the state is read in two halves for Q
@@ -761,7 +761,19 @@ __global__ void __launch_bounds__(kThreads, 2)
     float dD_part = 0.f;
 #pragma unroll 1
     for (int job = 0; job < 2; ++job) {
-      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2), s0 = rt * 16 + gr;
+      // The short job first: row tile 7 - pair (pair + 1 steps of M^T dy), then row tile pair
+      // (8 - pair steps), each on one column half, the other warp of the pair on the other. The
+      // barrier between the jobs then waits for at most 4 steps, not 8.
+      const int rt = job == 0 ? kWarps - 1 - pair : pair, ch = job == 0 ? nh : 1 - nh, j0 = ch * (P / 2);
+      const int s0 = rt * 16 + gr;
+      float2 dyv[2][NT];  // the epilogue's dy (float32, from L2), on its way through the products
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float* src = dyb + (s0 + 8 * r) * d.H * P + j0 + 2 * tq;
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+          dyv[r][n] = s0 + 8 * r < k.valid ? *reinterpret_cast<const float2*>(src + n * 8) : make_float2(0.f, 0.f);
+      }
       float acc[NT][4];
 #pragma unroll
       for (int n = 0; n < NT; ++n)
@@ -798,8 +810,8 @@ __global__ void __launch_bounds__(kThreads, 2)
         }
         uq0 = row_quad_sum(uq0), uq1 = row_quad_sum(uq1);
         if (tq == 0) {
-          s_uq[job * Lc + s0] = uq0 * s_dt[s0];
-          s_uq[job * Lc + s0 + 8] = uq1 * s_dt[s0 + 8];
+          s_uq[ch * Lc + s0] = uq0 * s_dt[s0];
+          s_uq[ch * Lc + s0 + 8] = uq1 * s_dt[s0 + 8];
         }
       }
       for (int kk = rt; kk < Lc / 16; ++kk) {
@@ -818,19 +830,19 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int n = 0; n < NT; ++n) {
           const int p = j0 + n * 8 + 2 * tq;
           const Pack<T, 2> xv = *reinterpret_cast<const Pack<T, 2>*>(xs + s * ld16<P>() + p);  // zero past T
-          const float2 dyv = live ? *reinterpret_cast<const float2*>(dyb + s * d.H * P + p) : make_float2(0.f, 0.f);
+          const float2 dv = dyv[r][n];
           const float du0 = acc[n][2 * r], du1 = acc[n][2 * r + 1];
           const float x0 = Num<T>::to_f(xv.v[0]), x1 = Num<T>::to_f(xv.v[1]);
           ddt[r] += du0 * x0 + du1 * x1;
-          dD_part += dyv.x * x0 + dyv.y * x1;
-          o[n] = pack2<T>(dts * du0 + Dh * dyv.x, dts * du1 + Dh * dyv.y);
+          dD_part += dv.x * x0 + dv.y * x1;
+          o[n] = pack2<T>(dts * du0 + Dh * dv.x, dts * du1 + Dh * dv.y);
         }
         store_row_pairs<T, NT>(dx + ((k.b * d.T + k.t0 + s) * d.H + h) * P + j0, o, live);
       }
       ddt[0] = row_quad_sum(ddt[0]), ddt[1] = row_quad_sum(ddt[1]);
       if (tq == 0) {
-        s_ddt[job * Lc + s0] = ddt[0];
-        s_ddt[job * Lc + s0 + 8] = ddt[1];
+        s_ddt[ch * Lc + s0] = ddt[0];
+        s_ddt[ch * Lc + s0 + 8] = ddt[1];
       }
     }
     if (dD) {
