@@ -406,7 +406,7 @@ struct StatesPass {
 };
 
 template <typename T, int P, int N, int PS>
-__global__ void __launch_bounds__(kThreads, 2) states_pass_kernel(SsdChunkDims d, const T* __restrict__ x,
+__global__ void __launch_bounds__(kThreads, 3) states_pass_kernel(SsdChunkDims d, const T* __restrict__ x,
                                                                   const float* __restrict__ dt,
                                                                   const float* __restrict__ Ld,
                                                                   const T* __restrict__ Bm,
@@ -519,7 +519,7 @@ struct BwdOff {
 // and the E part of the log-decay gradient, dcum_E[l] = dyE_l . (C prev^T)_l, on mma.sync tiles
 // (mma.cuh) whose accumulators are stored and summed from registers.
 template <typename T, int P, int N>
-__global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, const float* __restrict__ dy,
+__global__ void __launch_bounds__(kThreads, 3) bwd_off_kernel(SsdChunkDims d, const float* __restrict__ dy,
                                                            const float* __restrict__ E,
                                                            const T* __restrict__ Cm,
                                                            const T* __restrict__ prev, T* __restrict__ dyE,
