@@ -281,8 +281,8 @@ struct DecayTile {
 // unscaled too (cp.async). The scales go elsewhere: dt into M's columns (M' = M diag(dt), so
 // M u = M' x), E onto the rows of the C prev^T accumulators before M' x joins them. M' never
 // goes through shared memory: each warp builds its A fragments in registers from C.B (L2),
-// one k-step ahead of the products (DecayTile). The products are mma.sync tiles (mma.cuh)
-// whose accumulators go straight to y, with D x, from registers.
+// one k-step ahead of the products (DecayTile). The products are mma.sync tiles (mma.cuh);
+// their accumulators, with D x, go to y through a per-warp float32 tile, as whole rows.
 template <typename T, int P, int N>
 __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, const T* __restrict__ x,
                                                             const float* __restrict__ dt,
