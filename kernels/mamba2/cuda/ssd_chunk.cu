@@ -28,11 +28,9 @@ template <typename T>
 using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
 using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
-// Row length of a shared 16-bit tile W wide, and of a float32 one.
+// Row length of a shared 16-bit tile W wide.
 template <int W>
 __host__ __device__ constexpr int ld16() { return W + 8; }
-template <int W>
-__host__ __device__ constexpr int ld32() { return W + 4; }
 
 // The per-chunk kernels run a 1-D grid of (batch*chunk) x `inner` blocks with the inner index
 // (a head, or a group's head split) fastest: the blocks resident together then work on the
