@@ -136,7 +136,7 @@ bool chunk_kernels_for(const Tensor& x, const Tensor& B, int64_t chunk) {
 constexpr size_t kSavedInputs = 8, kKept = 8;
 std::vector<Tensor> kept_of(const Prep& p) { return {p.cum, p.seg, p.Ld, p.E, p.dec, p.Bg32, p.Cg32, p.CB}; }
 
-void add_cb(Prep& p, const Tensor& B, const Tensor& C);
+void add_cb(Prep& p, const Tensor& x, const Tensor& dt, const Tensor& B, const Tensor& C);
 
 // With defer_cb, Bg32, Cg32 and CB are left for add_cb (the fused forward launches the chunk
 // states first, so that the host builds C.B while that kernel runs).
@@ -191,7 +191,7 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
     p.Bt = time_major(B);
     p.Ct = time_major(C);
   }
-  if (!defer_cb) add_cb(p, B, C);
+  if (!defer_cb) add_cb(p, x, dt, B, C);
   return p;
 }
 
@@ -201,8 +201,16 @@ Tensor bmm5(const Tensor& a, const Tensor& b) {
   return at::bmm(a.flatten(0, 2), b.flatten(0, 2)).view({a.size(0), a.size(1), a.size(2), a.size(3), b.size(4)});
 }
 
-// B and C group-major in float32, and C.B, for prepare().
-void add_cb(Prep& p, const Tensor& B, const Tensor& C) {
+ChunkInputs chunk_inputs(const Prep& p, const Tensor& x, const Tensor& dt, const Tensor& B, const Tensor& C,
+                         const Tensor& D);
+
+// C.B for prepare(): by the chunk kernel on the fused path, else from B and C group-major in
+// float32 (kept for the backward's float32 GEMMs).
+void add_cb(Prep& p, const Tensor& x, const Tensor& dt, const Tensor& B, const Tensor& C) {
+  if (p.fused && g_mask_kernels.chunk_cb) {
+    p.CB = g_mask_kernels.chunk_cb(chunk_inputs(p, x, dt, B, C, Tensor()));
+    return;
+  }
   auto group_major = [&](const Tensor& t) {
     return chunked(pad_time(t.to(torch::kFloat32), p.Tp - p.T), p.nc, p.Lc).permute({0, 1, 3, 2, 4}).contiguous();
   };
@@ -283,22 +291,6 @@ ChunkInputs chunk_inputs(const Prep& p, const Tensor& x, const Tensor& dt, const
   return in;
 }
 
-// Gradients of the fused path's cross-head sums: dC, dB ([B,nc,G,Lc,N] float32). The
-// 16-bit cross-head products accumulate into the float32 dCB terms in place (cuBLAS with
-// beta = 1 and a float32 output), not through a rounded 16-bit product and a copy.
-std::pair<Tensor, Tensor> cross_head_grads(const Prep& p, const Tensor& dyE, const Tensor& prev, const Tensor& uL,
-                                           const Tensor& dS, const Tensor& dCB) {
-  auto dC = bmm5(dCB, p.Bg32);
-  auto dB = bmm5(dCB.transpose(-1, -2), p.Cg32);
-  for (int64_t g = 0; g < p.G; ++g) {
-    auto dCg = dC.select(2, g).view({p.Bsz * p.nc, p.Lc, p.N});
-    auto dBg = dB.select(2, g).view({p.Bsz * p.nc, p.Lc, p.N});
-    at::baddbmm_out(dCg, dCg, group_cols(dyE, p, g), group_states(prev, p, g), torch::kFloat32);
-    at::baddbmm_out(dBg, dBg, group_cols(uL, p, g), group_states(dS, p, g), torch::kFloat32);
-  }
-  return {dB, dC};
-}
-
 // The log-decay chain, dcum -> (ddt [B,nc,Lc,H], dA [H]), in LibTorch: cum = cumsum(A dt).
 std::pair<Tensor, Tensor> decay_grads(const Prep& p, const Tensor& A, Tensor dcum, const Tensor& dlast,
                                       const Tensor& ddt_u) {
@@ -332,7 +324,7 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
                            ? g_mask_kernels.chunk_states_pass(chunk_inputs(p, x, dt, B, C, D), p.dec, init)
                            : g_mask_kernels.states(g_mask_kernels.chunk_states(chunk_inputs(p, x, dt, B, C, D)),
                                                    p.dec, init);
-      add_cb(p, B, C);
+      add_cb(p, x, dt, B, C);
       auto y = g_mask_kernels.chunk_scan(chunk_inputs(p, x, dt, B, C, D), prev);
       std::vector<Tensor> saved = {x, dt, A, B, C, seq_in, prev, D_in};
       if (p.bookkept) {
@@ -428,11 +420,12 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
 
     if (p.fused) {
       const auto in = chunk_inputs(p, x, dt, B, C, D);
-      auto [dyE, dH_off, dcum_E] = g_mask_kernels.chunk_bwd_off(in, dy, prev);
+      auto [dC_off, dH_off, dcum_E] = g_mask_kernels.chunk_bwd_off(in, dy, prev);
       auto [dS, ddec, dinit] = g_mask_kernels.states_backward(dH_off, p.dec, grads[1], prev);
       dH_off = Tensor();
       auto gr = g_mask_kernels.chunk_bwd_diag(in, dy, dS);
-      auto [dB, dC] = cross_head_grads(p, dyE, prev, gr.uL, dS, gr.dCB);
+      auto dB_S = g_mask_kernels.chunk_bwd_db(in, dS);
+      auto [dB, dC] = g_mask_kernels.chunk_cb_bwd(in, gr.dCB, dC_off, dB_S);
       Tensor ddt, dA;
       if (p.bookkept) {
         auto g = g_mask_kernels.chunk_decay_grad(dcum_E, gr.dcum, gr.dLd, ddec, p.dec, gr.ddt_u, dt, A);
@@ -444,8 +437,8 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
       return {gr.dx,
               ddt.to(dt.scalar_type()),
               dA.to(A.scalar_type()),
-              to_input(dB, B),
-              to_input(dC, C),
+              dB.to(B.scalar_type()),
+              dC.to(C.scalar_type()),
               has_init ? dinit : Tensor(),
               Tensor(),
               D.defined() ? gr.dD : Tensor(),

@@ -513,89 +513,213 @@ struct BwdOff {
   }
 };
 
-// Per (batch*chunk, head): dyE = dy E (time-major, for the cross-head dC GEMM), dH_off = dyE^T C
-// and the E part of the log-decay gradient, dcum_E[l] = dyE_l . (C prev^T)_l, on mma.sync tiles
-// (mma.cuh) whose accumulators are stored and summed from registers.
+// A 16-bit pair operand register times s, rounded to T once (as a scaled tile in memory is).
+template <typename T>
+__device__ __forceinline__ uint32_t scale2(uint32_t v, float s) {
+  Pack<T, 2> pk;
+  *reinterpret_cast<uint32_t*>(&pk) = v;
+  return pack2<T>(Num<T>::to_f(pk.v[0]) * s, Num<T>::to_f(pk.v[1]) * s);
+}
+
+// The cross-head products of the backward (dC's incoming-state part, dB's chunk-state part):
+// acc, this warp's 16 rows of an [Lc, N] float32 matrix summed over a block's heads, += diag(s) A Bk
+// with A the rows warp*16.. of the [Lc][K] tile a_s (row length lda), Bk the [K][N] tile b_s
+// (k-major, row length ldb), and s the lane's two row scales (s0 for row gr, s1 for gr + 8),
+// applied to A's registers when SCALED.
+template <typename T, int K, int N, bool SCALED>
+__device__ __forceinline__ void cross_rows(float (&acc)[N / 8][4], const T* a_s, int lda, const T* b_s, int ldb,
+                                           float s0, float s1) {
+  const int warp = threadIdx.x / 32;
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];  // (row gr, k 0-7) (row gr + 8, k 0-7) (row gr, k 8-15) (row gr + 8, k 8-15)
+    load_a(a, a_s + warp * 16 * lda + kk * 16, lda);
+    if constexpr (SCALED) {
+      a[0] = scale2<T>(a[0], s0), a[1] = scale2<T>(a[1], s1);
+      a[2] = scale2<T>(a[2], s0), a[3] = scale2<T>(a[3], s1);
+    }
+    mma_strip_kn<T, N / 8>(acc, a, b_s + kk * 16 * ldb, ldb);
+  }
+}
+
+// Adds acc (as above) into out [Lc][N], rows below `valid`: several blocks (the head splits of
+// a group) add into one matrix.
+template <int N>
+__device__ __forceinline__ void atomic_add_rows(float* out, const float (&acc)[N / 8][4], int valid) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int l = warp * 16 + gr + 8 * r;
+    if (l >= valid) continue;
+#pragma unroll
+    for (int n = 0; n < N / 8; ++n) {
+      float* dst = out + l * N + n * 8 + 2 * tq;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      atomicAdd(reinterpret_cast<float2*>(dst), make_float2(acc[n][2 * r], acc[n][2 * r + 1]));
+#else
+      atomicAdd(dst, acc[n][2 * r]);
+      atomicAdd(dst + 1, acc[n][2 * r + 1]);
+#endif
+    }
+  }
+}
+
+// Per (batch*chunk, hpb heads of a group), each head in turn: dyE = dy E (in shared memory
+// only), dH_off = dyE^T C, the E part of the log-decay gradient dcum_E[l] = dyE_l . (C prev^T)_l,
+// and dC's incoming-state part, dC[l] += dyE_l prev (summed over the heads in registers, then
+// added to dC with atomics), on mma.sync tiles (mma.cuh).
 template <typename T, int P, int N>
-__global__ void __launch_bounds__(kThreads, 3) bwd_off_kernel(SsdChunkDims d, const float* __restrict__ dy,
+__global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, const float* __restrict__ dy,
                                                            const float* __restrict__ E,
                                                            const T* __restrict__ Cm,
-                                                           const T* __restrict__ prev, T* __restrict__ dyE,
-                                                           T* __restrict__ dH_off, float* __restrict__ dcum_E) {
+                                                           const T* __restrict__ prev, T* __restrict__ dH_off,
+                                                           float* __restrict__ dcum_E, float* __restrict__ dC,
+                                                           int hpb) {
   constexpr int WP = kWarps / (P / 16);  // warps per 16-row tile of dH_off
   constexpr int NO = N / WP / 8;         // 8-column tiles of dH_off per warp
   constexpr int NT = P / 8;              // 8-column tiles of C prev^T per warp (all P)
-  static_assert(NO % 2 == 0 && NT % 2 == 0, "B tiles are loaded in pairs");
+  constexpr int PA = NO % 4 == 0 ? 2 : 1;  // passes over dH_off's columns
+  constexpr int NOP = NO / PA;             // 8-column tiles per pass
+  static_assert(NOP % 2 == 0 && NT % 4 == 0, "B tiles are loaded in pairs");
   extern __shared__ __align__(128) unsigned char smem[];
   T* dys = reinterpret_cast<T*>(smem);  // [Lc][P+8]  dy E
   T* cs = dys + Lc * ld16<P>();         // [Lc][N+8]
   T* ps = cs + Lc * ld16<N>();          // [P][N+8]
   float* s_E = reinterpret_cast<float*>(ps + P * ld16<N>());
-  const Block k = block_of(d, d.H);
-  const int64_t h = k.inner, g = h / (d.H / d.G);
-  load_tile_async<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid);
-  load_tile_async<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P);
-  for (int l = threadIdx.x; l < Lc; l += kThreads) s_E[l] = E[(k.bc * d.H + h) * Lc + l];
-  __syncthreads();
-  load_tile_f32<T, P>(dys, dy + ((k.b * d.T + k.t0) * d.H + h) * P, d.H * P, k.valid, s_E);
-  cp_async_wait();
-  __syncthreads();
-  {  // dyE out, time-major, zero past T
-    constexpr int V = P / 8;
-    for (int i = threadIdx.x; i < Lc * V; i += kThreads) {
-      const int l = i / V, v = i % V;
-      *reinterpret_cast<Pack<T, 8>*>(dyE + ((k.bc * Lc + l) * d.H + h) * P + v * 8) =
-          *reinterpret_cast<const Pack<T, 8>*>(dys + l * ld16<P>() + v * 8);
-    }
-  }
+  const Heads hs = heads_of(d, hpb);
+  const Block& k = hs.k;
+  const int64_t g = hs.g;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
-  {  // dH_off = dyE^T C: rows p of tile warp / WP, columns n0 .. n0 + 8 NO
-    const int pt = warp / WP, n0 = (warp % WP) * NO * 8;
-    float acc[NO][4];
+  load_tile_async<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid);
+  float acc_c[N / 8][4];  // dC's rows warp*16.., summed over the heads
 #pragma unroll
-    for (int n = 0; n < NO; ++n)
+  for (int n = 0; n < N / 8; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) acc_c[n][e] = 0.f;
+
+  for (int64_t h = hs.h0; h < hs.h1; ++h) {
+    __syncthreads();  // the previous head is done with dys, ps and s_E
+    load_tile_async<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P);
+    for (int l = threadIdx.x; l < Lc; l += kThreads) s_E[l] = E[(k.bc * d.H + h) * Lc + l];
+    __syncthreads();
+    load_tile_f32<T, P>(dys, dy + ((k.b * d.T + k.t0) * d.H + h) * P, d.H * P, k.valid, s_E);
+    cp_async_wait();
+    __syncthreads();
+    // dH_off = dyE^T C: rows p of tile warp / WP, columns n0 .. n0 + 8 NO, in PA passes of NOP
+    // tiles (registers: dC's accumulators stay live throughout).
+#pragma unroll 1
+    for (int pass = 0; pass < PA; ++pass) {
+      const int pt = warp / WP, n0 = (warp % WP) * NO * 8 + pass * NOP * 8;
+      float acc[NOP][4];
+#pragma unroll
+      for (int n = 0; n < NOP; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
 #pragma unroll 2
-    for (int kk = 0; kk < Lc / 16; ++kk) {
-      uint32_t a[4];  // (p, l) = dyE[l][p]
-      load_a_t(a, dys + kk * 16 * ld16<P>() + pt * 16, ld16<P>());
-      mma_strip_kn<T, NO>(acc, a, cs + kk * 16 * ld16<N>() + n0, ld16<N>());  // (l, n) = C[l][n]
-    }
-    T* out = dH_off + (k.bc * d.H + h) * P * N + (pt * 16 + gr) * N + n0;
-    uint32_t o0[NO], o1[NO];
-#pragma unroll
-    for (int n = 0; n < NO; ++n) o0[n] = pack2<T>(acc[n][0], acc[n][1]), o1[n] = pack2<T>(acc[n][2], acc[n][3]);
-    store_row_pairs<T, NO>(out, o0, true);
-    store_row_pairs<T, NO>(out + 8 * N, o1, true);
-  }
-  {  // C prev^T on this warp's 16 rows, dotted with dyE's rows
-    float acc[NT][4];
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-#pragma unroll 2
-    for (int kk = 0; kk < N / 16; ++kk) {
-      uint32_t a[4];
-      load_a(a, cs + warp * 16 * ld16<N>() + kk * 16, ld16<N>());
-      mma_strip_nk<T, NT>(acc, a, ps + kk * 16, ld16<N>());  // (n, p) = prev[p][n]
-    }
-    const int l0 = warp * 16 + gr;
-    float part[2] = {0.f, 0.f};
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const Pack<T, 2> v = *reinterpret_cast<const Pack<T, 2>*>(dys + (l0 + 8 * r) * ld16<P>() + n * 8 + 2 * tq);
-        part[r] += Num<T>::to_f(v.v[0]) * acc[n][2 * r] + Num<T>::to_f(v.v[1]) * acc[n][2 * r + 1];
+      for (int kk = 0; kk < Lc / 16; ++kk) {
+        uint32_t a[4];  // (p, l) = dyE[l][p]
+        load_a_t(a, dys + kk * 16 * ld16<P>() + pt * 16, ld16<P>());
+        mma_strip_kn<T, NOP>(acc, a, cs + kk * 16 * ld16<N>() + n0, ld16<N>());  // (l, n) = C[l][n]
       }
-    part[0] = row_quad_sum(part[0]), part[1] = row_quad_sum(part[1]);
-    if (tq == 0) {
-      dcum_E[(k.bc * d.H + h) * Lc + l0] = part[0];
-      dcum_E[(k.bc * d.H + h) * Lc + l0 + 8] = part[1];
+      T* out = dH_off + (k.bc * d.H + h) * P * N + (pt * 16 + gr) * N + n0;
+      uint32_t o0[NOP], o1[NOP];
+#pragma unroll
+      for (int n = 0; n < NOP; ++n) o0[n] = pack2<T>(acc[n][0], acc[n][1]), o1[n] = pack2<T>(acc[n][2], acc[n][3]);
+      store_row_pairs<T, NOP>(out, o0, true);
+      store_row_pairs<T, NOP>(out + 8 * N, o1, true);
     }
+    {  // C prev^T on this warp's 16 rows, dotted with dyE's rows, in two passes of P / 2 columns
+      const int l0 = warp * 16 + gr;
+      float part[2] = {0.f, 0.f};
+#pragma unroll 1
+      for (int pass = 0; pass < 2; ++pass) {
+        const int j0 = pass * (P / 2);
+        float acc[NT / 2][4];
+#pragma unroll
+        for (int n = 0; n < NT / 2; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll 2
+        for (int kk = 0; kk < N / 16; ++kk) {
+          uint32_t a[4];
+          load_a(a, cs + warp * 16 * ld16<N>() + kk * 16, ld16<N>());
+          mma_strip_nk<T, NT / 2>(acc, a, ps + j0 * ld16<N>() + kk * 16, ld16<N>());  // (n, p) = prev[p][n]
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int n = 0; n < NT / 2; ++n) {
+            const Pack<T, 2> v =
+                *reinterpret_cast<const Pack<T, 2>*>(dys + (l0 + 8 * r) * ld16<P>() + j0 + n * 8 + 2 * tq);
+            part[r] += Num<T>::to_f(v.v[0]) * acc[n][2 * r] + Num<T>::to_f(v.v[1]) * acc[n][2 * r + 1];
+          }
+      }
+      part[0] = row_quad_sum(part[0]), part[1] = row_quad_sum(part[1]);
+      if (tq == 0) {
+        dcum_E[(k.bc * d.H + h) * Lc + l0] = part[0];
+        dcum_E[(k.bc * d.H + h) * Lc + l0 + 8] = part[1];
+      }
+    }
+    cross_rows<T, P, N, false>(acc_c, dys, ld16<P>(), ps, ld16<N>(), 1.f, 1.f);  // dC += dyE prev
   }
+  atomic_add_rows<N>(dC + (k.bc * d.G + g) * Lc * N, acc_c, k.valid);
+}
+
+template <typename T, int P, int N>
+struct BwdDb {
+  static constexpr size_t smem() { return 2 * (sizeof(float) * 2 * Lc + sizeof(T) * (Lc * ld16<P>() + P * ld16<N>())); }
+};
+
+// dB's chunk-state part: per (batch*chunk, hpb heads of a group), dB[l] += dt_l Ld_l x_l dS
+// summed over the heads (the backward of S = (dt Ld x)^T B), in registers and then added to dB
+// with atomics. The next head's x, dS, dt and Ld are on their way (cp.async, two buffers) while
+// the block works on this one.
+template <typename T, int P, int N>
+__global__ void __launch_bounds__(kThreads, 2) bwd_db_kernel(SsdChunkDims d, const T* __restrict__ x,
+                                                          const float* __restrict__ dt,
+                                                          const float* __restrict__ Ld,
+                                                          const T* __restrict__ dS, float* __restrict__ dB,
+                                                          int hpb) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* s_dt = reinterpret_cast<float*>(smem);     // [2][Lc]
+  float* s_Ld = s_dt + 2 * Lc;                      // [2][Lc]
+  T* xs = reinterpret_cast<T*>(s_Ld + 2 * Lc);      // 2 x [Lc][P+8]
+  T* ds = xs + 2 * Lc * ld16<P>();                  // 2 x [P][N+8]
+  const Heads hs = heads_of(d, hpb);
+  const Block& k = hs.k;
+  const int row = (threadIdx.x / 32) * 16 + (threadIdx.x % 32) / 4;  // this lane's rows: row, row + 8
+  auto fetch = [&](int64_t h, int buf) {
+    load_tile_async<T, P>(xs + buf * Lc * ld16<P>(), x + k.b * d.x_sb + k.t0 * d.x_st + h * P, d.x_st, k.valid);
+    load_tile_async<T, N, P>(ds + buf * P * ld16<N>(), dS + (k.bc * d.H + h) * P * N, N, P);
+    for (int l = threadIdx.x; l < Lc; l += kThreads) {
+      const bool live = l < k.valid;
+      cp_async<4>(s_dt + buf * Lc + l, live ? dt + (k.b * d.T + k.t0 + l) * d.H + h : dt, live);
+      cp_async<4>(s_Ld + buf * Lc + l, Ld + (k.bc * d.H + h) * Lc + l, true);
+    }
+    cp_async_commit();
+  };
+  float acc[N / 8][4];
+#pragma unroll
+  for (int n = 0; n < N / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  fetch(hs.h0, 0);
+  for (int64_t h = hs.h0; h < hs.h1; ++h) {
+    const int buf = static_cast<int>((h - hs.h0) & 1);
+    if (h + 1 < hs.h1) {
+      fetch(h + 1, buf ^ 1);  // buffer buf ^ 1 was freed by the barrier at the end of the last head
+      cp_async_wait_group<1>();
+    } else {
+      cp_async_wait_group<0>();
+    }
+    __syncthreads();
+    const float* sd = s_dt + buf * Lc;
+    const float* sl = s_Ld + buf * Lc;
+    cross_rows<T, P, N, true>(acc, xs + buf * Lc * ld16<P>(), ld16<P>(), ds + buf * P * ld16<N>(), ld16<N>(),
+                              sd[row] * sl[row], sd[row + 8] * sl[row + 8]);
+    __syncthreads();  // buffer buf is free
+  }
+  atomic_add_rows<N>(dB + (k.bc * d.G + hs.g) * Lc * N, acc, k.valid);
 }
 
 // The within-chunk backward on mma.sync tiles whose register layout is known (mma.cuh), so the
@@ -621,7 +745,7 @@ __global__ void __launch_bounds__(kThreads, 2)
                         const float* __restrict__ cum, const int32_t* __restrict__ seg,
                         const float* __restrict__ CB, const float* __restrict__ Ld, const T* __restrict__ Bm,
                         const float* __restrict__ dy, const T* __restrict__ dS, const float* __restrict__ D,
-                        T* __restrict__ dx, T* __restrict__ uL, float* __restrict__ ddt_u,
+                        T* __restrict__ dx, float* __restrict__ ddt_u,
                         float* __restrict__ dcum, float* __restrict__ dLd, float* __restrict__ dCB,
                         float* __restrict__ dD, int hpb) {
   using K = BwdDiag<T, P, N>;
@@ -687,18 +811,6 @@ __global__ void __launch_bounds__(kThreads, 2)
     load_tile_f32<T, P>(dys, dyb, d.H * P, k.valid, nullptr);
     cp_async_wait_group<1>();
     __syncthreads();
-    {  // uL = x dt Ld, time-major, straight from the x tile
-      constexpr int V = P / 8;
-      for (int i = threadIdx.x; i < Lc * V; i += kThreads) {
-        const int l = i / V, v = i % V;
-        const float sc = s_dt[l] * s_Ld[l];
-        const Pack<T, 8> in = *reinterpret_cast<const Pack<T, 8>*>(xs + l * ld16<P>() + v * 8);
-        float o[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o[e] = Num<T>::to_f(in.v[e]) * sc;
-        store_pack<T, 8>(uL + ((k.bc * Lc + l) * d.H + h) * P + v * 8, o);
-      }
-    }
 
     // dM = dy u^T on the lower-triangle half tiles; per element dML = dM * L goes into dCB and
     // W = dML * CB into the row and column sums (the log-decay gradient is rowsum - colsum).
@@ -880,6 +992,149 @@ __global__ void __launch_bounds__(kThreads, 2)
   }
 }
 
+// ------------------------------------------------------------ C.B and its backward
+
+template <typename T, int N>
+struct CbFwd {
+  static constexpr size_t smem() { return sizeof(T) * 2 * Lc * ld16<N>(); }
+};
+
+// CB[b,c,g] = C B^T over the chunk's positions, float32 (zero past T): per (batch*chunk,
+// group), on mma.sync tiles; warp w owns rows 16 w .. 16 w + 15.
+template <typename T, int N>
+__global__ void __launch_bounds__(kThreads, 2) cb_fwd_kernel(SsdChunkDims d, const T* __restrict__ Bm,
+                                                          const T* __restrict__ Cm, float* __restrict__ CB) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* cs = reinterpret_cast<T*>(smem);  // [Lc][N+8]
+  T* bs = cs + Lc * ld16<N>();         // [Lc][N+8]
+  const Block k = block_of(d, d.G);
+  const int64_t g = k.inner;
+  load_tile_async<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid);
+  load_tile_async<T, N>(bs, Bm + k.b * d.b_sb + k.t0 * d.b_st + g * N, d.b_st, k.valid);
+  cp_async_wait();
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+  float acc[Lc / 8][4];
+#pragma unroll
+  for (int n = 0; n < Lc / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    uint32_t a[4];
+    load_a(a, cs + warp * 16 * ld16<N>() + kk * 16, ld16<N>());
+    mma_strip_nk<T, Lc / 8>(acc, a, bs + kk * 16, ld16<N>());  // (n, s) = B[s][n]
+  }
+  float* out = CB + (k.bc * d.G + g) * Lc * Lc;
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int n = 0; n < Lc / 8; ++n)
+      *reinterpret_cast<float2*>(out + (warp * 16 + gr + 8 * r) * Lc + n * 8 + 2 * tq) =
+          make_float2(acc[n][2 * r], acc[n][2 * r + 1]);
+}
+
+// d += A B for one 16x8 tile on TF32 inputs (float32 registers, of which the tensor cores read
+// the TF32 part): mma.m16n8k8, with g = lane / 4, t = lane % 4,
+//   A: a[0] (row g, k t), a[1] (g + 8, t), a[2] (g, t + 4), a[3] (g + 8, t + 4);
+//   B: b0 (k t, col g), b1 (k t + 4, col g); d as for m16n8k16.
+__device__ __forceinline__ void mma1688_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// v as TF32 (round to nearest) and the TF32 part of the remainder: v ~ hi + lo to about 22 bits.
+__device__ __forceinline__ void split_tf32(float v, uint32_t& hi, uint32_t& lo) {
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(v));
+  const float rest = v - __uint_as_float(hi);
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(lo) : "f"(rest));
+}
+
+template <typename T, int N>
+struct CbBwd {
+  static constexpr int kLd = Lc + 8;  // float32 row length of the dCB tile (conflict-free both ways)
+  static constexpr size_t smem() { return sizeof(float) * Lc * kLd + sizeof(T) * Lc * ld16<N>(); }
+};
+
+// The backward of CB = C B^T, with the kernels' cross-head parts added and the result written
+// in the inputs' layout [B,T,G,N] (T, rows past T skipped): grid (batch*chunk*group) x 2,
+//   y = 0: dC = dC_off + dCB B,     y = 1: dB = dB_S + dCB^T C.
+// dCB is float32 and lower triangular (s <= l); the products run on TF32 tensor cores with dCB
+// split into two TF32 terms (about 22 bits; B and C, 16-bit, are exact in TF32). Warp w takes
+// row tiles w and 7 - w (the triangle gives them w + 1 and 8 - w k-tiles, or the reverse),
+// each on half of the N columns.
+template <typename T, int N>
+__global__ void __launch_bounds__(kThreads, 2) cb_bwd_kernel(SsdChunkDims d, const T* __restrict__ Bm,
+                                                          const T* __restrict__ Cm, const float* __restrict__ dCB,
+                                                          const float* __restrict__ dC_off,
+                                                          const float* __restrict__ dB_S, T* __restrict__ dC,
+                                                          T* __restrict__ dB) {
+  using K = CbBwd<T, N>;
+  constexpr int ld = K::kLd, NJ = N / 16;  // 8-column tiles per job (half of N)
+  static_assert(NJ % 4 == 0, "16-byte stores of the rows");
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* ds = reinterpret_cast<float*>(smem);    // [Lc][Lc+8]  dCB
+  T* ms = reinterpret_cast<T*>(ds + Lc * ld);    // [Lc][N+8]   B (y = 0) or C (y = 1)
+  const Block k = block_of(d, d.G);
+  const int64_t g = k.inner, base = k.bc * d.G + g;
+  const bool want_dC = blockIdx.y == 0;
+  if (want_dC) load_tile_async<T, N>(ms, Bm + k.b * d.b_sb + k.t0 * d.b_st + g * N, d.b_st, k.valid);
+  else load_tile_async<T, N>(ms, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid);
+  for (int i = threadIdx.x; i < Lc * Lc / 4; i += kThreads) {
+    const int l = i / (Lc / 4), v = i % (Lc / 4);
+    cp_async16(ds + l * ld + v * 4, dCB + base * Lc * Lc + l * Lc + v * 4, true);
+  }
+  cp_async_wait();
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
+  const float* add = (want_dC ? dC_off : dB_S) + base * Lc * N;
+  T* out = want_dC ? dC : dB;
+#pragma unroll 1
+  for (int job = 0; job < 2; ++job) {
+    const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (N / 2);
+    // dC: rows l of tile rt, k = s <= l (tiles 0 .. rt); dB: rows s of tile rt, k = l >= s.
+    const int k0 = want_dC ? 0 : rt * 16, k1 = want_dC ? rt * 16 + 16 : Lc;
+    float acc[NJ][4];
+#pragma unroll
+    for (int n = 0; n < NJ; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+#pragma unroll 1
+    for (int kb = k0; kb < k1; kb += 8) {
+      float av[4];  // A(m, k) = dCB[m][k] for dC, dCB[k][m] for dB
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int m = rt * 16 + gr + 8 * (q % 2), kq = kb + tq + 4 * (q / 2);
+        av[q] = want_dC ? ds[m * ld + kq] : ds[kq * ld + m];
+      }
+      uint32_t hi[4], lo[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) split_tf32(av[q], hi[q], lo[q]);
+#pragma unroll
+      for (int n = 0; n < NJ; ++n) {
+        const int col = j0 + n * 8 + gr;  // B(k, col) = ms[k][col]
+        const uint32_t b0 = __float_as_uint(Num<T>::to_f(ms[(kb + tq) * ld16<N>() + col]));
+        const uint32_t b1 = __float_as_uint(Num<T>::to_f(ms[(kb + tq + 4) * ld16<N>() + col]));
+        mma1688_tf32(acc[n], hi, b0, b1);
+        mma1688_tf32(acc[n], lo, b0, b1);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int l = rt * 16 + gr + 8 * r;
+      uint32_t o[NJ];
+#pragma unroll
+      for (int n = 0; n < NJ; ++n) {
+        const float2 a2 = *reinterpret_cast<const float2*>(add + l * N + j0 + n * 8 + 2 * tq);
+        o[n] = pack2<T>(acc[n][2 * r] + a2.x, acc[n][2 * r + 1] + a2.y);
+      }
+      store_row_pairs<T, NJ>(out + ((k.b * d.T + k.t0 + l) * d.G + g) * N + j0, o, l < k.valid);
+    }
+  }
+}
+
 // ---------------------------------------------------------------- launch
 
 // Calls f(T{}, P, N) with P and N as std::integral_constant.
@@ -993,21 +1248,54 @@ cudaError_t ssd_chunk_scan_fwd(int dtype, const SsdChunkDims& d, const void* x, 
 }
 
 cudaError_t ssd_chunk_bwd_off(int dtype, const SsdChunkDims& d, const float* dy, const float* E,
-                              const void* C, const void* prev, void* dyE, void* dH_off,
-                              float* dcum_E, cudaStream_t stream) {
+                              const void* C, const void* prev, void* dH_off, float* dcum_E, float* dC,
+                              cudaStream_t stream) {
+  const int hpb = heads_per_block(d);
   return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
     using T = decltype(tag);
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
-    return launch(bwd_off_kernel<T, P, N>, grid_1d(d.B * d.nc * d.H), BwdOff<T, P, N>::smem(), stream, d, dy, E,
-                  static_cast<const T*>(C), static_cast<const T*>(prev), static_cast<T*>(dyE),
-                  static_cast<T*>(dH_off), dcum_E);
+    return launch(bwd_off_kernel<T, P, N>, grid_1d(head_blocks(d, hpb)), BwdOff<T, P, N>::smem(), stream, d, dy, E,
+                  static_cast<const T*>(C), static_cast<const T*>(prev), static_cast<T*>(dH_off), dcum_E, dC, hpb);
+  });
+}
+
+cudaError_t ssd_chunk_cb(int dtype, const SsdChunkDims& d, const void* B, const void* C, float* CB,
+                         cudaStream_t stream) {
+  return by_shape(dtype, d.P, d.N, [&](auto tag, auto, auto n) {
+    using T = decltype(tag);
+    constexpr int N = decltype(n)::value;
+    return launch(cb_fwd_kernel<T, N>, grid_1d(d.B * d.nc * d.G), CbFwd<T, N>::smem(), stream, d,
+                  static_cast<const T*>(B), static_cast<const T*>(C), CB);
+  });
+}
+
+cudaError_t ssd_chunk_cb_bwd(int dtype, const SsdChunkDims& d, const void* B, const void* C, const float* dCB,
+                             const float* dC_off, const float* dB_S, void* dC, void* dB, cudaStream_t stream) {
+  return by_shape(dtype, d.P, d.N, [&](auto tag, auto, auto n) {
+    using T = decltype(tag);
+    constexpr int N = decltype(n)::value;
+    dim3 grid = grid_1d(d.B * d.nc * d.G);
+    grid.y = 2;
+    return launch(cb_bwd_kernel<T, N>, grid, CbBwd<T, N>::smem(), stream, d, static_cast<const T*>(B),
+                  static_cast<const T*>(C), dCB, dC_off, dB_S, static_cast<T*>(dC), static_cast<T*>(dB));
+  });
+}
+
+cudaError_t ssd_chunk_bwd_db(int dtype, const SsdChunkDims& d, const void* x, const float* dt, const float* Ld,
+                             const void* dS, float* dB, cudaStream_t stream) {
+  const int hpb = heads_per_block(d);
+  return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
+    using T = decltype(tag);
+    constexpr int P = decltype(p)::value, N = decltype(n)::value;
+    return launch(bwd_db_kernel<T, P, N>, grid_1d(head_blocks(d, hpb)), BwdDb<T, P, N>::smem(), stream, d,
+                  static_cast<const T*>(x), dt, Ld, static_cast<const T*>(dS), dB, hpb);
   });
 }
 
 cudaError_t ssd_chunk_bwd_diag(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
                                const float* cum, const int32_t* seg, const float* CB, const float* Ld,
                                const void* B, const float* dy, const void* dS, const float* D, void* dx,
-                               void* uL, float* ddt_u, float* dcum, float* dLd, float* dCB, float* dD,
+                               float* ddt_u, float* dcum, float* dLd, float* dCB, float* dD,
                                cudaStream_t stream) {
   // The block's heads share one dCB accumulation (fewer atomics).
   const int hpb = heads_per_block(d);
@@ -1016,7 +1304,7 @@ cudaError_t ssd_chunk_bwd_diag(int dtype, const SsdChunkDims& d, const void* x, 
     constexpr int P = decltype(p)::value, N = decltype(n)::value;
     return launch(bwd_diag_kernel<T, P, N>, grid_1d(head_blocks(d, hpb)), BwdDiag<T, P, N>::smem(), stream, d,
                   static_cast<const T*>(x), dt, cum, seg, CB, Ld, static_cast<const T*>(B), dy,
-                  static_cast<const T*>(dS), D, static_cast<T*>(dx), static_cast<T*>(uL), ddt_u, dcum, dLd, dCB,
+                  static_cast<const T*>(dS), D, static_cast<T*>(dx), ddt_u, dcum, dLd, dCB,
                   dD, hpb);
   });
 }

@@ -12,7 +12,7 @@
 //   dt [B,T,H] (after softplus / bias / limit), dy [B,T,H,P], y [B,T,H,P], dx [B,T,H,P] T: contiguous
 //   cum, Ld, E, ddt_u, dcum, dLd, dcum_E: [B,nc,H,Lc]; seg [B,nc,Lc] int32
 //   CB, dCB: [B,nc,G,Lc,Lc]; S, prev, dS, dH_off: [B,nc,H,P,N] T
-//   dyE, uL: [B,nc,Lc,H,P] T (time-major, for the cross-head GEMMs done by cuBLAS)
+//   dC_off, dB_S: [B,nc,G,Lc,N] (the cross-head parts of dC and dB, summed over the group's heads)
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -50,21 +50,37 @@ cudaError_t ssd_chunk_scan_fwd(int dtype, const SsdChunkDims& d, const void* x, 
                                const void* C, const void* prev, const float* D, float* y,
                                cudaStream_t stream);
 
-// Backward of the incoming-state term: dyE = dy * E, dH_off = dyE^T C,
-// dcum_E_l = dyE_l . (C_l prev^T).
+// Backward of the incoming-state term: with dyE = dy * E (never stored), dH_off = dyE^T C,
+// dcum_E_l = dyE_l . (C_l prev^T), and dC_off[l] += sum over the group's heads of dyE_l prev
+// (dC_off zeroed by the caller; float32 atomics, so the summation order varies).
 cudaError_t ssd_chunk_bwd_off(int dtype, const SsdChunkDims& d, const float* dy, const float* E,
-                              const void* C, const void* prev, void* dyE, void* dH_off,
-                              float* dcum_E, cudaStream_t stream);
+                              const void* C, const void* prev, void* dH_off, float* dcum_E, float* dC_off,
+                              cudaStream_t stream);
 
-// Backward of the within-chunk term and of the chunk states, given dS (the
-// gradient of the state leaving each chunk). Writes dx (incl. D dy), uL =
-// dt x Ld, ddt_u = du . x, dLd = Ld (u . B dS^T), dcum = rowsum(W) -
-// colsum(W) - dLd with W = dM * M; adds into dCB (zeroed by the caller) and
-// dD (zeroed, may be null together with D).
+// Backward of the chunk states S = (dt Ld x)^T B through B: dB_S[l] += sum over the group's
+// heads of dt_l Ld_l x_l dS (dB_S zeroed by the caller; float32 atomics).
+cudaError_t ssd_chunk_bwd_db(int dtype, const SsdChunkDims& d, const void* x, const float* dt, const float* Ld,
+                             const void* dS, float* dB_S, cudaStream_t stream);
+
+// Backward of the within-chunk term and of the chunk states (except through B, see
+// ssd_chunk_bwd_db), given dS (the gradient of the state leaving each chunk). Writes dx
+// (incl. D dy), ddt_u = du . x, dLd = Ld (u . B dS^T), dcum = rowsum(W) - colsum(W) - dLd
+// with W = dM * M; adds into dCB (zeroed by the caller) and dD (zeroed, may be null together
+// with D).
 cudaError_t ssd_chunk_bwd_diag(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
                                const float* cum, const int32_t* seg, const float* CB, const float* Ld,
                                const void* B, const float* dy, const void* dS, const float* D, void* dx,
-                               void* uL, float* ddt_u, float* dcum, float* dLd, float* dCB, float* dD,
+                               float* ddt_u, float* dcum, float* dLd, float* dCB, float* dD,
                                cudaStream_t stream);
+
+// CB [B,nc,G,Lc,Lc] = C B^T per chunk and group (float32 accumulation, zero past T).
+cudaError_t ssd_chunk_cb(int dtype, const SsdChunkDims& d, const void* B, const void* C, float* CB,
+                         cudaStream_t stream);
+
+// The gradients of B and C, [B,T,G,N] in the inputs' dtype T: dC = dC_off + dCB B and
+// dB = dB_S + dCB^T C per chunk (dCB lower triangular, float32; the products on TF32 tensor
+// cores with dCB split in two TF32 terms).
+cudaError_t ssd_chunk_cb_bwd(int dtype, const SsdChunkDims& d, const void* B, const void* C, const float* dCB,
+                             const float* dC_off, const float* dB_S, void* dC, void* dB, cudaStream_t stream);
 
 }  // namespace peftfw::kernels::mamba2::cuda

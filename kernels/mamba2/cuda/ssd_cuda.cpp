@@ -181,14 +181,52 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> chunk_bwd_off(const fuse
   auto dy = as_f32(dy_in);
   auto prev = prev_in.to(k.x.scalar_type()).contiguous();
   const auto& d = k.d;
-  auto dyE = torch::empty({d.B, d.nc, cuda::kSsdChunk, d.H, d.P}, k.x.options());
+  auto dC = torch::zeros({d.B, d.nc, d.G, cuda::kSsdChunk, d.N}, dy.options());
   auto dH_off = torch::empty({d.B, d.nc, d.H, d.P, d.N}, k.x.options());
   auto dcum_E = torch::empty({d.B, d.nc, d.H, cuda::kSsdChunk}, dy.options());
   check_launch(cuda::ssd_chunk_bwd_off(k.dtype, d, dy.data_ptr<float>(), k.E.data_ptr<float>(), k.C.data_ptr(),
-                                prev.data_ptr(), dyE.data_ptr(), dH_off.data_ptr(), dcum_E.data_ptr<float>(),
-                                at::cuda::getCurrentCUDAStream()),
-        "ssd_chunk_bwd_off");
-  return {dyE, dH_off, dcum_E};
+                                       prev.data_ptr(), dH_off.data_ptr(), dcum_E.data_ptr<float>(),
+                                       dC.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+               "ssd_chunk_bwd_off");
+  return {dC, dH_off, dcum_E};
+}
+
+torch::Tensor chunk_cb(const fused::ChunkInputs& in) {
+  c10::cuda::CUDAGuard guard(in.x.device());
+  auto k = chunk_of(in);
+  const auto& d = k.d;
+  auto CB = torch::empty({d.B, d.nc, d.G, cuda::kSsdChunk, cuda::kSsdChunk}, k.dt.options());
+  check_launch(cuda::ssd_chunk_cb(k.dtype, d, k.B.data_ptr(), k.C.data_ptr(), CB.data_ptr<float>(),
+                                  at::cuda::getCurrentCUDAStream()),
+               "ssd_chunk_cb");
+  return CB;
+}
+
+std::pair<torch::Tensor, torch::Tensor> chunk_cb_bwd(const fused::ChunkInputs& in, const torch::Tensor& dCB,
+                                                     const torch::Tensor& dC_off, const torch::Tensor& dB_S) {
+  c10::cuda::CUDAGuard guard(in.x.device());
+  auto k = chunk_of(in);
+  const auto& d = k.d;
+  auto dB = torch::empty({d.B, d.T, d.G, d.N}, k.x.options());
+  auto dC = torch::empty_like(dB);
+  auto dCBc = as_f32(dCB), dCo = as_f32(dC_off), dBs = as_f32(dB_S);
+  check_launch(cuda::ssd_chunk_cb_bwd(k.dtype, d, k.B.data_ptr(), k.C.data_ptr(), dCBc.data_ptr<float>(),
+                                      dCo.data_ptr<float>(), dBs.data_ptr<float>(), dC.data_ptr(), dB.data_ptr(),
+                                      at::cuda::getCurrentCUDAStream()),
+               "ssd_chunk_cb_bwd");
+  return {dB, dC};
+}
+
+torch::Tensor chunk_bwd_db(const fused::ChunkInputs& in, const torch::Tensor& dS_in) {
+  c10::cuda::CUDAGuard guard(in.x.device());
+  auto k = chunk_of(in);
+  auto dS = dS_in.to(k.x.scalar_type()).contiguous();
+  const auto& d = k.d;
+  auto dB = torch::zeros({d.B, d.nc, d.G, cuda::kSsdChunk, d.N}, k.dt.options());
+  check_launch(cuda::ssd_chunk_bwd_db(k.dtype, d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.Ld.data_ptr<float>(),
+                                      dS.data_ptr(), dB.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
+               "ssd_chunk_bwd_db");
+  return dB;
 }
 
 fused::ChunkGrads chunk_bwd_diag(const fused::ChunkInputs& in, const torch::Tensor& dy_in,
@@ -201,7 +239,6 @@ fused::ChunkGrads chunk_bwd_diag(const fused::ChunkInputs& in, const torch::Tens
   const auto f32 = dy.options();
   fused::ChunkGrads gr;
   gr.dx = torch::empty({d.B, d.T, d.H, d.P}, k.x.options());
-  gr.uL = torch::empty({d.B, d.nc, cuda::kSsdChunk, d.H, d.P}, k.x.options());
   gr.ddt_u = torch::empty({d.B, d.nc, d.H, cuda::kSsdChunk}, f32);
   gr.dcum = torch::empty_like(gr.ddt_u);
   gr.dLd = torch::empty_like(gr.ddt_u);
@@ -210,7 +247,7 @@ fused::ChunkGrads chunk_bwd_diag(const fused::ChunkInputs& in, const torch::Tens
   check_launch(cuda::ssd_chunk_bwd_diag(k.dtype, d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.cum.data_ptr<float>(),
                                  k.seg.data_ptr<int32_t>(), k.CB.data_ptr<float>(), k.Ld.data_ptr<float>(),
                                  k.B.data_ptr(), dy.data_ptr<float>(), dS.data_ptr(), ptr_or_null(k.D),
-                                 gr.dx.data_ptr(), gr.uL.data_ptr(), gr.ddt_u.data_ptr<float>(),
+                                 gr.dx.data_ptr(), gr.ddt_u.data_ptr<float>(),
                                  gr.dcum.data_ptr<float>(), gr.dLd.data_ptr<float>(), gr.dCB.data_ptr<float>(),
                                  gr.dD.defined() ? gr.dD.data_ptr<float>() : nullptr,
                                  at::cuda::getCurrentCUDAStream()),
@@ -329,6 +366,9 @@ void register_ssd_kernels() {
   k.chunk_scan = chunk_scan;
   k.chunk_bwd_off = chunk_bwd_off;
   k.chunk_bwd_diag = chunk_bwd_diag;
+  k.chunk_bwd_db = chunk_bwd_db;
+  k.chunk_cb = chunk_cb;
+  k.chunk_cb_bwd = chunk_cb_bwd;
   k.chunk_prep = chunk_prep;
   k.chunk_states_pass = chunk_states_pass;
   k.chunk_decay_grad = chunk_decay_grad;

@@ -29,7 +29,7 @@ struct ChunkInputs {
   int64_t nc = 0;
 };
 struct ChunkGrads {
-  torch::Tensor dx, uL, ddt_u, dcum, dLd, dCB, dD;
+  torch::Tensor dx, ddt_u, dcum, dLd, dCB, dD;
 };
 // The per-chunk bookkeeping of the fused path (see ssd_fused.cpp's Prep).
 struct ChunkPrep {
@@ -63,7 +63,8 @@ struct MaskKernels {
 
   // Fused per-chunk kernels (cuda/ssd_chunk.hpp). chunk_supported(x, B): whether they cover
   // these shapes and dtypes; the others compute S, y (incl. D x), the incoming-state backward
-  // (dyE, dH_off, dcum_E) and the within-chunk backward.
+  // (dC's part from it [B,nc,G,Lc,N] f32, dH_off, dcum_E), the within-chunk backward, and dB's
+  // part through the chunk states (inputs, dS) -> [B,nc,G,Lc,N] f32.
   std::function<bool(const torch::Tensor&, const torch::Tensor&)> chunk_supported;
   std::function<torch::Tensor(const ChunkInputs&)> chunk_states;
   std::function<torch::Tensor(const ChunkInputs&, const torch::Tensor&)> chunk_scan;
@@ -71,6 +72,14 @@ struct MaskKernels {
                                                                         const torch::Tensor&)>
       chunk_bwd_off;
   std::function<ChunkGrads(const ChunkInputs&, const torch::Tensor&, const torch::Tensor&)> chunk_bwd_diag;
+  std::function<torch::Tensor(const ChunkInputs&, const torch::Tensor&)> chunk_bwd_db;
+  // C.B per chunk and group: (inputs; cum, seg, Ld, E, CB unused) -> CB [B,nc,G,Lc,Lc] f32;
+  // and its backward with the cross-head parts added: (inputs, dCB, dC_off, dB_S) -> (dB, dC)
+  // [B,T,G,N] in x's dtype.
+  std::function<torch::Tensor(const ChunkInputs&)> chunk_cb;
+  std::function<std::pair<torch::Tensor, torch::Tensor>(const ChunkInputs&, const torch::Tensor&, const torch::Tensor&,
+                                                        const torch::Tensor&)>
+      chunk_cb_bwd;
 
   // v2 kernels (peftfw/kernels/v2.hpp), cuda/ssd_prep.hpp:
   // (dt [B,T,H] f32, A [H] f32, seq_ids [B,T] or undefined, nc) -> the chunk bookkeeping;
