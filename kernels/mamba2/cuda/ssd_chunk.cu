@@ -151,6 +151,22 @@ __device__ void load_tile_f32(T* dst, const float* src, int64_t stride, int vali
   }
 }
 
+// Asks L2 for [p, p + bytes) ahead of its use (bytes a multiple of 16, p 16-byte aligned): a
+// hint, no data reaches the thread. bwd_off issues it for the next head's operands, so that
+// the loads at the top of that head find them in L2 rather than in DRAM. (The same in the
+// output kernel and the within-chunk backward made them slower: 0.85 -> 0.92 and 1.86 ->
+// 2.31 ms at 32x1280 on the H100.)
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+// The same for `rows` rows of `bytes` each, `stride` elements of T apart, one row per thread.
+template <typename T>
+__device__ __forceinline__ void prefetch_rows_l2(const T* p, int64_t stride, unsigned bytes, int rows) {
+  for (int r = threadIdx.x; r < rows; r += kThreads) prefetch_l2(p + r * stride, bytes);
+}
+
 // Writes a 16x16 accumulator to a row-major T matrix in global memory through
 // the warp's 16x16 float32 staging area.
 template <typename T>
@@ -213,12 +229,29 @@ __global__ void __launch_bounds__(kThreads, 2) states_fwd_kernel(SsdChunkDims d,
 
 template <typename T, int P, int N>
 struct ScanFwd {
-  static constexpr int kOut = P / 2 + 8;  // row length of a warp's float32 output tile (conflict-free float2 stores)
+  static constexpr int kOut = P + 8;  // row length of a warp's float32 output tile (conflict-free float2 stores)
   static constexpr size_t smem() {
     return sizeof(float) * 3 * Lc + sizeof(int32_t) * Lc +
            sizeof(T) * (Lc * ld16<P>() + Lc * ld16<N>() + P * ld16<N>()) + sizeof(float) * kWarps * 16 * kOut;
   }
 };
+
+// Named barriers 1 + i, i < 4 (0 is __syncthreads'): two warps take part, one arriving (it goes
+// on at once; its earlier shared-memory writes are then visible to the other) and one waiting.
+// The barrier number is an immediate, so that the kernel reserves 5 barriers, not all 16.
+template <bool ARRIVE>
+__device__ __forceinline__ void pair_barrier(int i) {
+#define PEFTFW_PAIR_BAR(ID)                                                  \
+  if constexpr (ARRIVE) asm volatile("bar.arrive " #ID ", 64;\n" ::: "memory"); \
+  else asm volatile("bar.sync " #ID ", 64;\n" ::: "memory")
+  switch (i) {
+    case 0: PEFTFW_PAIR_BAR(1); break;
+    case 1: PEFTFW_PAIR_BAR(2); break;
+    case 2: PEFTFW_PAIR_BAR(3); break;
+    default: PEFTFW_PAIR_BAR(4); break;
+  }
+#undef PEFTFW_PAIR_BAR
+}
 
 // Two 16-bit values as one 32-bit mma.sync operand register, a in the low half.
 template <typename T>
@@ -292,7 +325,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
                                                             const T* __restrict__ prev,
                                                             const float* __restrict__ D, float* __restrict__ y,
                                                             int hpb) {
-  constexpr int NT = P / 16;  // 8-column accumulator tiles per job (P / 2 columns)
+  constexpr int NT = P / 8;  // 8-column accumulator tiles of a row tile (all P columns)
   static_assert(NT % 2 == 0, "B tiles are loaded in pairs");
   extern __shared__ __align__(128) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);         // [Lc][P+8]   x
@@ -303,7 +336,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
   float* s_E = s_dt + Lc;
   int32_t* s_seg = reinterpret_cast<int32_t*>(s_E + Lc);
   constexpr int kOut = ScanFwd<T, P, N>::kOut;
-  float* my_out = reinterpret_cast<float*>(s_seg + Lc) + (threadIdx.x / 32) * 16 * kOut;  // [16][P/2+8]
+  float* my_out = reinterpret_cast<float*>(s_seg + Lc) + (threadIdx.x / 32) * 16 * kOut;  // [16][P+8]
   const Heads hs = heads_of(d, hpb);
   const Block& k = hs.k;
   const int64_t g = hs.g, h0 = hs.h0, h1 = hs.h1;
@@ -325,62 +358,95 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
     cp_async_wait();
     __syncthreads();
 
-    // M is lower triangular, so row tile i of M' x costs i + 1 steps. Warp w takes row tile w
-    // on the first half of the P columns and row tile 7 - w on the second ("jobs"): 9 steps per
-    // warp in place of 1..8, and every (row tile, half) once.
+    // M is lower triangular, so row tile i of M' x costs i + 1 k-steps. Row tiles p and 7 - p
+    // (p = warp % 4) go to warps p ("low") and p + 4 ("high"), each over all P columns, so that
+    // every M' tile is built once: the low warp takes tile p and tile 7 - p's first 4 - p
+    // k-steps (a partial sum it hands over through the high warp's output tile), the high warp
+    // tile 7 - p's C prev^T and its remaining k-steps. With C prev^T as 8 steps, that is 13 and
+    // 12 steps a warp.
     const float Dh = D ? D[h] : 0.f;
+    const int pair = warp % 4, split = kWarps / 2 - pair;
+    const bool low = warp < kWarps / 2;
+    float* pair_out = my_out + (low ? kWarps / 2 : 0) * 16 * kOut;  // the high warp's output tile
+    float acc[NT][4];
+    // acc += M' x over k-steps [k0, k1) of row tile rt; `cur` holds step k0's C.B already.
+    auto decay_x = [&](int rt, int k0, int k1, DecayTile& cur) {
+      const DecayTile::Rows rows(rt * 16, s_cum, s_seg);
 #pragma unroll 1
-    for (int job = 0; job < 2; ++job) {
-      const int rt = job == 0 ? warp : kWarps - 1 - warp, j0 = job * (P / 2);
-      DecayTile cur;
-      cur.fetch(cb, rt * 16, 0);  // in flight during C prev^T
-      float acc[NT][4];
+      for (int kk = k0; kk < k1; ++kk) {
+        DecayTile next;
+        if (kk + 1 < k1) next.fetch(cb, rt * 16, (kk + 1) * 16);
+        uint32_t a[4];
+        cur.build<T>(a, rows, kk * 16, s_cum, s_seg, s_dt);
+        mma_strip_kn<T, NT>(acc, a, xs + kk * 16 * ld16<P>(), ld16<P>());  // (s, p) = x[s][p]
+        cur = next;
+      }
+    };
+    auto zero_acc = [&] {
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+    };
+    if (low) {  // tile 7 - p's first k-steps, handed over
+      DecayTile cur;
+      cur.fetch(cb, (kWarps - 1 - pair) * 16, 0);
+      zero_acc();
+      decay_x(kWarps - 1 - pair, 0, split, cur);
 #pragma unroll
-      for (int kk = 0; kk < N / 16; ++kk) {  // C prev^T
-        uint32_t a[4];
-        load_a(a, cs + rt * 16 * ld16<N>() + kk * 16, ld16<N>());
-        mma_strip_nk<T, NT>(acc, a, ps + j0 * ld16<N>() + kk * 16, ld16<N>());  // (n, p) = prev[p][n]
-      }
-      const int l0 = rt * 16 + gr;
-      const float E0 = s_E[l0], E1 = s_E[l0 + 8];
+      for (int r = 0; r < 2; ++r)
 #pragma unroll
-      for (int n = 0; n < NT; ++n) acc[n][0] *= E0, acc[n][1] *= E0, acc[n][2] *= E1, acc[n][3] *= E1;
-      const DecayTile::Rows rows(rt * 16, s_cum, s_seg);
-#pragma unroll 1
-      for (int kk = 0; kk <= rt; ++kk) {  // + M' x
-        DecayTile next;
-        if (kk < rt) next.fetch(cb, rt * 16, (kk + 1) * 16);
-        uint32_t a[4];
-        cur.build<T>(a, rows, kk * 16, s_cum, s_seg, s_dt);
-        mma_strip_kn<T, NT>(acc, a, xs + kk * 16 * ld16<P>() + j0, ld16<P>());  // (s, p) = x[s][p]
-        cur = next;
-      }
-      // y = acc + D x, through the warp's own tile so that the stores to y are whole rows.
+        for (int n = 0; n < NT; ++n)
+          *reinterpret_cast<float2*>(pair_out + (gr + 8 * r) * kOut + n * 8 + 2 * tq) =
+              make_float2(acc[n][2 * r], acc[n][2 * r + 1]);
+      pair_barrier<true>(pair);
+    }
+    const int rt = low ? pair : kWarps - 1 - pair, k0 = low ? 0 : split;
+    DecayTile cur;
+    cur.fetch(cb, rt * 16, k0 * 16);  // in flight during C prev^T
+    zero_acc();
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int l = l0 + 8 * r;
+    for (int kk = 0; kk < N / 16; ++kk) {  // C prev^T
+      uint32_t a[4];
+      load_a(a, cs + rt * 16 * ld16<N>() + kk * 16, ld16<N>());
+      mma_strip_nk<T, NT>(acc, a, ps + kk * 16, ld16<N>());  // (n, p) = prev[p][n]
+    }
+    const int l0 = rt * 16 + gr;
+    const float E0 = s_E[l0], E1 = s_E[l0 + 8];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) acc[n][0] *= E0, acc[n][1] *= E0, acc[n][2] *= E1, acc[n][3] *= E1;
+    decay_x(rt, k0, rt + 1, cur);
+    if (!low) {  // + the low warp's first k-steps
+      pair_barrier<false>(pair);
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          const int p = n * 8 + 2 * tq;
-          const Pack<T, 2> xv = *reinterpret_cast<const Pack<T, 2>*>(xs + l * ld16<P>() + j0 + p);
-          *reinterpret_cast<float2*>(my_out + (gr + 8 * r) * kOut + p) =
-              make_float2(acc[n][2 * r] + Dh * Num<T>::to_f(xv.v[0]), acc[n][2 * r + 1] + Dh * Num<T>::to_f(xv.v[1]));
+          const float2 v = *reinterpret_cast<const float2*>(my_out + (gr + 8 * r) * kOut + n * 8 + 2 * tq);
+          acc[n][2 * r] += v.x, acc[n][2 * r + 1] += v.y;
         }
-      }
       __syncwarp();
-      constexpr int V = P / 8, RPI = 32 / V;  // float4s per half row, rows per warp-wide step
+    }
+    // y = acc + D x, through the warp's own tile so that the stores to y are whole rows.
 #pragma unroll
-      for (int i = 0; i < 16 / RPI; ++i) {
-        const int r = i * RPI + lane / V, v = lane % V, l = rt * 16 + r;
-        if (l < k.valid)
-          *reinterpret_cast<float4*>(y + ((k.b * d.T + k.t0 + l) * d.H + h) * P + j0 + v * 4) =
-              *reinterpret_cast<const float4*>(my_out + r * kOut + v * 4);
+    for (int r = 0; r < 2; ++r) {
+      const int l = l0 + 8 * r;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int p = n * 8 + 2 * tq;
+        const Pack<T, 2> xv = *reinterpret_cast<const Pack<T, 2>*>(xs + l * ld16<P>() + p);
+        *reinterpret_cast<float2*>(my_out + (gr + 8 * r) * kOut + p) =
+            make_float2(acc[n][2 * r] + Dh * Num<T>::to_f(xv.v[0]), acc[n][2 * r + 1] + Dh * Num<T>::to_f(xv.v[1]));
       }
-      __syncwarp();  // the tile is free for the next job
+    }
+    __syncwarp();
+    constexpr int V = P / 4, RPI = 32 / V;  // float4s per row, rows per warp-wide step
+#pragma unroll
+    for (int i = 0; i < 16 / RPI; ++i) {
+      const int r = i * RPI + lane / V, v = lane % V, l = rt * 16 + r;
+      if (l < k.valid)
+        *reinterpret_cast<float4*>(y + ((k.b * d.T + k.t0 + l) * d.H + h) * P + v * 4) =
+            *reinterpret_cast<const float4*>(my_out + r * kOut + v * 4);
     }
   }
 }
@@ -601,8 +667,13 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
     __syncthreads();  // the previous head is done with dys, ps and s_E
     load_tile_async<T, N, P>(ps, prev + (k.bc * d.H + h) * P * N, N, P);
     for (int l = threadIdx.x; l < Lc; l += kThreads) s_E[l] = E[(k.bc * d.H + h) * Lc + l];
+    const float* dyb = dy + ((k.b * d.T + k.t0) * d.H + h) * P;
+    if (h + 1 < hs.h1) {
+      prefetch_rows_l2(dyb + P, d.H * P, P * sizeof(float), k.valid);
+      if (threadIdx.x == kThreads - 1) prefetch_l2(prev + (k.bc * d.H + h + 1) * P * N, P * N * sizeof(T));
+    }
     __syncthreads();
-    load_tile_f32<T, P>(dys, dy + ((k.b * d.T + k.t0) * d.H + h) * P, d.H * P, k.valid, s_E);
+    load_tile_f32<T, P>(dys, dyb, d.H * P, k.valid, s_E);
     cp_async_wait();
     __syncthreads();
     // dH_off = dyE^T C: rows p of tile warp / WP, columns n0 .. n0 + 8 NO, in PA passes of NOP
