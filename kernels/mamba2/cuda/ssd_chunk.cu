@@ -459,7 +459,8 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
 // S_c never reaches global memory, nor is it rounded to T before it is added. The next chunk's
 // x, dt and Ld are on their way (cp.async, two buffers) while the block works on this one; x
 // arrives unscaled and is scaled by dt Ld in shared memory. B (the group's, shared by all
-// heads and read from L2) is copied at the top of its own step.
+// heads and read from L2) is copied at the top of its own step and waited for only after the
+// scaling pass and the store of H_c.
 template <typename T, int P, int N, int PS>
 struct StatesPass {
   static constexpr int WR = kWarps / (PS / 16);  // warps per 16-row tile of the state
@@ -524,11 +525,12 @@ __global__ void __launch_bounds__(kThreads, 3) states_pass_kernel(SsdChunkDims d
     // before the barrier at the end of that step.
     load_tile_async<T, N>(bs, Bm + b * d.b_sb + c * Lc * d.b_st + g * N, d.b_st, valid_of(c));
     cp_async_commit();
-    if (c + 1 < d.nc) {
+    const bool more = c + 1 < d.nc;
+    if (more) {
       fetch(c + 1, buf ^ 1);
-      cp_async_wait_group<1>();  // chunk c's x and B have landed, c + 1's x may still be on its way
+      cp_async_wait_group<2>();  // chunk c's x has landed; B and c + 1's x may still be on their way
     } else {
-      cp_async_wait_group<0>();
+      cp_async_wait_group<1>();
     }
     __syncthreads();
     {  // x -> dt Ld x in place, 8 elements per step
@@ -554,7 +556,9 @@ __global__ void __launch_bounds__(kThreads, 3) states_pass_kernel(SsdChunkDims d
     }
     store_row_pairs<T, NO>(out, o0, true);
     store_row_pairs<T, NO>(out + 8 * N, o1, true);
-    __syncthreads();  // the scaled tile is in place
+    if (more) cp_async_wait_group<1>();  // B has landed too (its wait hidden behind the pass above)
+    else cp_async_wait_group<0>();
+    __syncthreads();  // the scaled tile and B are in place
 #pragma unroll 2
     for (int kk = 0; kk < Lc / 16; ++kk) {
       uint32_t a[4];  // (p, s) = us[s][p]
