@@ -107,6 +107,15 @@ __device__ __forceinline__ void mma_strip_nk(float (&acc)[NT][4], const uint32_t
   mma_strip<T, NT, false>(acc, a, bt, ldb);
 }
 
+// Zeroes NT accumulator tiles.
+template <int NT>
+__device__ __forceinline__ void zero_acc(float (&acc)[NT][4]) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+}
+
 // Sum over the 4 lanes of an accumulator row (lanes 4g .. 4g + 3), and over the 8 lanes of a
 // column (lanes t, t + 4, .., t + 28); every lane of the set gets the sum.
 __device__ __forceinline__ float row_quad_sum(float v) {

@@ -382,16 +382,10 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
         cur = next;
       }
     };
-    auto zero_acc = [&] {
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
-    };
     if (low) {  // tile 7 - p's first k-steps, handed over
       DecayTile cur;
       cur.fetch(cb, (kWarps - 1 - pair) * 16, 0);
-      zero_acc();
+      zero_acc(acc);
       decay_x(kWarps - 1 - pair, 0, split, cur);
 #pragma unroll
       for (int r = 0; r < 2; ++r)
@@ -404,7 +398,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
     const int rt = low ? pair : kWarps - 1 - pair, k0 = low ? 0 : split;
     DecayTile cur;
     cur.fetch(cb, rt * 16, k0 * 16);  // in flight during C prev^T
-    zero_acc();
+    zero_acc(acc);
 #pragma unroll
     for (int kk = 0; kk < N / 16; ++kk) {  // C prev^T
       uint32_t a[4];
@@ -662,10 +656,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
   load_tile_async<T, N>(cs, Cm + k.b * d.c_sb + k.t0 * d.c_st + g * N, d.c_st, k.valid);
   float acc_c[N / 8][4];  // dC's rows warp*16.., summed over the heads
-#pragma unroll
-  for (int n = 0; n < N / 8; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_c[n][e] = 0.f;
+  zero_acc(acc_c);
 
   for (int64_t h = hs.h0; h < hs.h1; ++h) {
     __syncthreads();  // the previous head is done with dys, ps and s_E
@@ -686,10 +677,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
     for (int pass = 0; pass < PA; ++pass) {
       const int pt = warp / WP, n0 = (warp % WP) * NO * 8 + pass * NOP * 8;
       float acc[NOP][4];
-#pragma unroll
-      for (int n = 0; n < NOP; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+      zero_acc(acc);
 #pragma unroll 2
       for (int kk = 0; kk < Lc / 16; ++kk) {
         uint32_t a[4];  // (p, l) = dyE[l][p]
@@ -710,10 +698,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_off_kernel(SsdChunkDims d, co
       for (int pass = 0; pass < 2; ++pass) {
         const int j0 = pass * (P / 2);
         float acc[NT / 2][4];
-#pragma unroll
-        for (int n = 0; n < NT / 2; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+        zero_acc(acc);
 #pragma unroll 2
         for (int kk = 0; kk < N / 16; ++kk) {
           uint32_t a[4];
@@ -774,10 +759,7 @@ __global__ void __launch_bounds__(kThreads, 2) bwd_db_kernel(SsdChunkDims d, con
     cp_async_commit();
   };
   float acc[N / 8][4];
-#pragma unroll
-  for (int n = 0; n < N / 8; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  zero_acc(acc);
   fetch(hs.h0, 0);
   for (int64_t h = hs.h0; h < hs.h1; ++h) {
     const int buf = static_cast<int>((h - hs.h0) & 1);
@@ -861,10 +843,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int l = threadIdx.x; l < Lc; l += kThreads) s_seg[l] = seg[k.bc * Lc + l];
 
   float acc_cb[kOwn][4];  // this lane's share of dCB on its half tiles, summed over the heads
-#pragma unroll
-  for (int o = 0; o < kOwn; ++o)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_cb[o][e] = 0.f;
+  zero_acc(acc_cb);
 
   for (int64_t h = h0; h < h1; ++h) {
     const int64_t row = (k.bc * d.H + h) * Lc;
@@ -960,10 +939,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           dyv[r][n] = s0 + 8 * r < k.valid ? *reinterpret_cast<const float2*>(src + n * 8) : make_float2(0.f, 0.f);
       }
       float acc[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+      zero_acc(acc);
 #pragma unroll 1
       for (int half = 0; half < 2; ++half) {
         if (job + half > 0) {  // the first half of the first job was fetched with x
@@ -1090,10 +1066,7 @@ __global__ void __launch_bounds__(kThreads, 2) cb_fwd_kernel(SsdChunkDims d, con
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, gr = lane / 4, tq = lane % 4;
   float acc[Lc / 8][4];
-#pragma unroll
-  for (int n = 0; n < Lc / 8; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+  zero_acc(acc);
 #pragma unroll
   for (int kk = 0; kk < N / 16; ++kk) {
     uint32_t a[4];
@@ -1172,10 +1145,7 @@ __global__ void __launch_bounds__(kThreads, 2) cb_bwd_kernel(SsdChunkDims d, con
     // dC: rows l of tile rt, k = s <= l (tiles 0 .. rt); dB: rows s of tile rt, k = l >= s.
     const int k0 = want_dC ? 0 : rt * 16, k1 = want_dC ? rt * 16 + 16 : Lc;
     float acc[NJ][4];
-#pragma unroll
-    for (int n = 0; n < NJ; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
+    zero_acc(acc);
 #pragma unroll 1
     for (int kb = k0; kb < k1; kb += 8) {
       float av[4];  // A(m, k) = dCB[m][k] for dC, dCB[k][m] for dB
