@@ -1,6 +1,6 @@
 // Fused per-chunk SSD kernels (tensor cores: mma.sync, WMMA in the earliest; 16-bit inputs,
 // float32 accumulation). A thread block works on one (batch, chunk) and one head, or a few
-// heads of one group in turn (the output kernel and the within-chunk backward), and keeps the
+// heads of one group in turn (all but the chunk-state kernels and C.B's), and keeps the
 // chunk's operands in shared memory or registers, so the [Lc,Lc] decay-weighted matrices and
 // the [Lc,P] partial products of the unfused scan (ssd_fused.cpp) never reach global memory. Chunk length Lc = 128, head dim P in {32, 64}, state N in
 // {64, 128}, dtype code 1 (float16) or 2 (bfloat16). Torch-free, so CI
