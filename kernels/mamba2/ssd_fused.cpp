@@ -125,9 +125,13 @@ Tensor group_states(const Tensor& t, const Prep& p, int64_t g) {
   return t.view({p.Bsz * p.nc, p.H * p.P, p.N}).narrow(1, g * p.Hg * p.P, p.Hg * p.P);
 }
 
-// Whether the fused per-chunk CUDA kernels take this call.
-bool chunk_kernels_for(const Tensor& x, const Tensor& B, int64_t chunk) {
-  return x.is_cuda() && chunk == 128 && g_mask_kernels.chunk_supported && g_mask_kernels.chunk_supported(x, B);
+// Whether the fused per-chunk CUDA kernels take this call: all of them registered, chunk 128,
+// and x, B and C of one 16-bit dtype (dB and dC come back in it).
+bool chunk_kernels_for(const Tensor& x, const Tensor& B, const Tensor& C, int64_t chunk) {
+  const auto& k = g_mask_kernels;
+  return x.is_cuda() && chunk == 128 && B.scalar_type() == x.scalar_type() && C.scalar_type() == x.scalar_type() &&
+         k.chunk_supported && k.chunk_scan && k.chunk_bwd_off && k.chunk_bwd_diag && k.chunk_bwd_db && k.chunk_cb &&
+         k.chunk_cb_bwd && k.chunk_supported(x, B);
 }
 
 // The forward's bookkeeping and C.B (fused path), saved after the node's inputs so that the
@@ -146,7 +150,7 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
   Prep p;
   p.Bsz = x.size(0), p.T = x.size(1), p.H = x.size(2), p.P = x.size(3);
   p.G = B.size(2), p.N = B.size(3), p.Hg = p.H / p.G;
-  p.fused = chunk_kernels_for(x, B, chunk);
+  p.fused = chunk_kernels_for(x, B, C, chunk);
   p.Lc = p.fused ? chunk : std::min<int64_t>(chunk, std::max<int64_t>(32, (p.T + 31) / 32 * 32));
   p.nc = (p.T + p.Lc - 1) / p.Lc, p.Tp = p.nc * p.Lc;
   const int64_t pad = p.Tp - p.T;
@@ -207,7 +211,7 @@ ChunkInputs chunk_inputs(const Prep& p, const Tensor& x, const Tensor& dt, const
 // C.B for prepare(): by the chunk kernel on the fused path, else from B and C group-major in
 // float32 (kept for the backward's float32 GEMMs).
 void add_cb(Prep& p, const Tensor& x, const Tensor& dt, const Tensor& B, const Tensor& C) {
-  if (p.fused && g_mask_kernels.chunk_cb) {
+  if (p.fused) {
     p.CB = g_mask_kernels.chunk_cb(chunk_inputs(p, x, dt, B, C, Tensor()));
     return;
   }
@@ -312,7 +316,7 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
     const Tensor init = init_in.numel() ? init_in : Tensor();
     const Tensor seq_ids = seq_in.numel() ? seq_in : Tensor();
     const Tensor D = D_in.numel() ? D_in : Tensor();
-    const bool fused = chunk_kernels_for(x, B, chunk);
+    const bool fused = chunk_kernels_for(x, B, C, chunk);
     Prep p = prepare(x, dt, A, B, C, seq_ids, chunk, nullptr, fused);
     const auto f32 = torch::kFloat32;
     const auto opt = x.options().dtype(p.cdt);

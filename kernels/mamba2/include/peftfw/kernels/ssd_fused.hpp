@@ -73,7 +73,7 @@ struct MaskKernels {
       chunk_bwd_off;
   std::function<ChunkGrads(const ChunkInputs&, const torch::Tensor&, const torch::Tensor&)> chunk_bwd_diag;
   std::function<torch::Tensor(const ChunkInputs&, const torch::Tensor&)> chunk_bwd_db;
-  // C.B per chunk and group: (inputs; cum, seg, Ld, E, CB unused) -> CB [B,nc,G,Lc,Lc] f32;
+  // C.B per chunk and group: (inputs; CB unused) -> CB [B,nc,G,Lc,Lc] f32;
   // and its backward with the cross-head parts added: (inputs, dCB, dC_off, dB_S) -> (dB, dC)
   // [B,T,G,N] in x's dtype.
   std::function<torch::Tensor(const ChunkInputs&)> chunk_cb;
