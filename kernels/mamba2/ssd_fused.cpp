@@ -135,18 +135,16 @@ bool chunk_kernels_for(const Tensor& x, const Tensor& B, const Tensor& C, int64_
 }
 
 // The forward's bookkeeping and C.B (fused path), saved after the node's inputs so that the
-// backward does not launch them again: [cum, seg, Ld, E, dec, Bg32, Cg32, CB]. (Saved tensors,
-// not saved_data: the engine frees them once the node's backward has run.)
-constexpr size_t kSavedInputs = 8, kKept = 8;
-std::vector<Tensor> kept_of(const Prep& p) { return {p.cum, p.seg, p.Ld, p.E, p.dec, p.Bg32, p.Cg32, p.CB}; }
+// backward does not launch them again: [cum, seg, Ld, E, dec, CB]. (Saved tensors, not
+// saved_data: the engine frees them once the node's backward has run. The fused path has no
+// Bg32 / Cg32: C.B and its backward are chunk kernels.)
+constexpr size_t kSavedInputs = 8, kKept = 6;
+std::vector<Tensor> kept_of(const Prep& p) { return {p.cum, p.seg, p.Ld, p.E, p.dec, p.CB}; }
 
 void add_cb(Prep& p, const Tensor& x, const Tensor& dt, const Tensor& B, const Tensor& C);
 
-// With defer_cb, Bg32, Cg32 and CB are left for add_cb (the fused forward launches the chunk
-// states first, so that the host builds C.B while that kernel runs).
 Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B, const Tensor& C,
-             const Tensor& seq_ids, int64_t chunk, const std::vector<Tensor>* kept = nullptr,
-             bool defer_cb = false) {
+             const Tensor& seq_ids, int64_t chunk, const std::vector<Tensor>* kept = nullptr) {
   Prep p;
   p.Bsz = x.size(0), p.T = x.size(1), p.H = x.size(2), p.P = x.size(3);
   p.G = B.size(2), p.N = B.size(3), p.Hg = p.H / p.G;
@@ -162,7 +160,7 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
   p.bookkept = p.fused && v2_kernels() && g_mask_kernels.chunk_prep;
   if (p.bookkept && kept != nullptr && kept->size() == kKept) {
     const auto& k = *kept;
-    p.cum = k[0], p.seg = k[1], p.Ld = k[2], p.E = k[3], p.dec = k[4], p.Bg32 = k[5], p.Cg32 = k[6], p.CB = k[7];
+    p.cum = k[0], p.seg = k[1], p.Ld = k[2], p.E = k[3], p.dec = k[4], p.CB = k[5];
     return p;
   }
   if (p.bookkept) {
@@ -195,7 +193,7 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
     p.Bt = time_major(B);
     p.Ct = time_major(C);
   }
-  if (!defer_cb) add_cb(p, x, dt, B, C);
+  add_cb(p, x, dt, B, C);
   return p;
 }
 
@@ -316,8 +314,7 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
     const Tensor init = init_in.numel() ? init_in : Tensor();
     const Tensor seq_ids = seq_in.numel() ? seq_in : Tensor();
     const Tensor D = D_in.numel() ? D_in : Tensor();
-    const bool fused = chunk_kernels_for(x, B, C, chunk);
-    Prep p = prepare(x, dt, A, B, C, seq_ids, chunk, nullptr, fused);
+    Prep p = prepare(x, dt, A, B, C, seq_ids, chunk);
     const auto f32 = torch::kFloat32;
     const auto opt = x.options().dtype(p.cdt);
     ctx->saved_data["chunk"] = chunk;
@@ -328,7 +325,6 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
                            ? g_mask_kernels.chunk_states_pass(chunk_inputs(p, x, dt, B, C, D), p.dec, init)
                            : g_mask_kernels.states(g_mask_kernels.chunk_states(chunk_inputs(p, x, dt, B, C, D)),
                                                    p.dec, init);
-      add_cb(p, x, dt, B, C);
       auto y = g_mask_kernels.chunk_scan(chunk_inputs(p, x, dt, B, C, D), prev);
       std::vector<Tensor> saved = {x, dt, A, B, C, seq_in, prev, D_in};
       if (p.bookkept) {
@@ -441,8 +437,8 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
       return {gr.dx,
               ddt.to(dt.scalar_type()),
               dA.to(A.scalar_type()),
-              dB.to(B.scalar_type()),
-              dC.to(C.scalar_type()),
+              dB,  // in x's dtype, which B and C share on this path
+              dC,
               has_init ? dinit : Tensor(),
               Tensor(),
               D.defined() ? gr.dD : Tensor(),
