@@ -1,4 +1,5 @@
-// Run-time plugin loading with Boost.DLL (std::filesystem mode).
+// Run-time plugin loading with Boost.DLL (std::filesystem mode). What a candidate file or
+// folder must pass before it reaches dlopen is in plugin_file.cpp.
 #define BOOST_DLL_USE_STD_FS 1
 #include "peftfw/plugin/registry.hpp"
 
@@ -7,13 +8,16 @@
 #include <algorithm>
 #include <boost/dll/runtime_symbol_info.hpp>
 #include <boost/dll/shared_library.hpp>
+#include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <sstream>
 
 #include "peftfw/error.hpp"
 #include "peftfw/plugin/adapter.hpp"
 #include "peftfw/plugin/architecture.hpp"
 #include "peftfw/plugin/persistence.hpp"
+#include "plugin_file.hpp"
 
 namespace fs = std::filesystem;
 
@@ -65,6 +69,11 @@ bool known_kind(const std::string& k) {
 
 std::string str_or_empty(const char* s) { return s ? std::string(s) : std::string(); }
 
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
 }  // namespace
 
 PluginRegistry::PluginRegistry() : state_(std::make_unique<State>()) {}
@@ -96,14 +105,32 @@ PluginRegistry& PluginRegistry::instance() {
 }
 
 void PluginRegistry::load_folder(const fs::path& folder) {
+  auto refuse_folder = [&](const std::string& reason) {
+    state_->refused.push_back({folder, reason});
+  };
+  bool missing = false;
+  if (auto why = plugin_file::check_folder(folder, missing)) return refuse_folder(*why);
+  if (missing) return;  // a missing search folder is not an error
   std::error_code ec;
-  if (!fs::is_directory(folder, ec)) return;  // a missing search folder is not an error
-  std::vector<fs::path> files;
-  for (const auto& entry : fs::directory_iterator(folder, ec)) {
-    if (entry.is_regular_file(ec) && entry.path().extension() == ".so") files.push_back(entry.path());
+  std::vector<fs::path> entries;
+  fs::directory_iterator it(folder, ec);
+  for (; !ec && it != fs::directory_iterator(); it.increment(ec)) entries.push_back(it->path());
+  if (ec)
+    return refuse_folder("plugin folder " + folder.string() + " cannot be listed: " +
+                         ec.message() + "; check its permissions (`ls -ld " + folder.string() +
+                         "`)");
+  std::sort(entries.begin(), entries.end());  // deterministic order: first one wins an id clash
+  for (const auto& entry : entries) {
+    const std::string name = entry.filename().string();
+    if (ends_with(name, ".so")) {
+      load_file(entry);
+    } else if (name.find(".so.") != std::string::npos) {
+      // foo.so.1 or foo.so.bak: perhaps meant as a plugin, perhaps left behind; say so.
+      state_->refused.push_back(
+          {entry, "not loaded: only names ending in '.so' are plugin files; if it is a plugin, "
+                  "rename it to end in '.so', otherwise move it out of the plugin folder"});
+    }
   }
-  std::sort(files.begin(), files.end());  // deterministic order: first one wins an id clash
-  for (const auto& f : files) load_file(f);
 }
 
 bool PluginRegistry::load_file(const fs::path& file) {
@@ -111,6 +138,7 @@ bool PluginRegistry::load_file(const fs::path& file) {
     state_->refused.push_back({file, reason});
     return false;
   };
+  if (auto problem = plugin_file::check_candidate(file)) return refuse(*problem);
   boost::dll::shared_library lib;
   try {
     lib.load(file, boost::dll::load_mode::rtld_now | boost::dll::load_mode::rtld_local);

@@ -1,11 +1,16 @@
 // Loads plugins from shared libraries at run time and hands out their factories.
 //
 // Discovery: the `plugins/` folder next to the peftfw executable, then every
-// folder in PEFTFW_PLUGIN_PATH (':'-separated). A file that is not a plugin,
-// has the wrong ABI, LibTorch version or compiler, or claims an id already
-// taken is refused with a message naming the file and the reason; the others
-// still load. Loaded libraries are never unloaded (objects they created may
-// live until process exit).
+// folder in PEFTFW_PLUGIN_PATH (':'-separated). Before dlopen, each candidate
+// is checked with plain file I/O: it must be a regular file (not a folder,
+// pipe or broken link), writable by nobody but this user and root (its folder
+// too), and an ELF shared library for this machine whose headers, segments and
+// dynamic section all lie inside the file (a truncated copy would otherwise
+// crash the process with SIGBUS inside dlopen). Then the plugin's manifest is
+// checked: ABI, LibTorch version, compiler, id not already taken. Everything
+// refused is recorded with the reason (see refused()); the others still load.
+// Loaded libraries are never unloaded (objects they created may live until
+// process exit).
 #pragma once
 
 #include <filesystem>
@@ -26,7 +31,7 @@ struct LoadedPlugin {
 };
 
 struct RefusedPlugin {
-  std::filesystem::path file;
+  std::filesystem::path file;  // a plugin file, or a whole plugin folder
   std::string reason;
 };
 
@@ -35,7 +40,9 @@ class PluginRegistry {
   // The process-wide registry, discovering plugins on first use.
   static PluginRegistry& instance();
 
-  // Loads every plugin file in `folder` (non-recursive, "*.so").
+  // Loads every plugin file in `folder` (non-recursive, "*.so", in name order). A missing
+  // folder is skipped silently; a folder others can write to is refused as a whole; entries
+  // named *.so that cannot be loaded, and names like foo.so.1, are recorded as refused.
   void load_folder(const std::filesystem::path& folder);
   // Loads one file; returns false (and records the reason) when refused.
   bool load_file(const std::filesystem::path& file);
