@@ -16,6 +16,8 @@
 #include "peftfw/eval/metrics.hpp"
 #include "peftfw/io/safetensors.hpp"
 #include "peftfw/model/causal_lm.hpp"
+#include "peftfw/model/fingerprint.hpp"
+#include "peftfw/model/loader.hpp"
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registry.hpp"
 #include "peftfw/recipe/recipe.hpp"
@@ -27,13 +29,16 @@ namespace peftfw::cli {
 
 namespace {
 
-const char* kEvalHelp = R"(Usage: peftfw eval [RECIPE] [section.key=value ...] [--samples N]
+const char* kEvalHelp = R"(Usage: peftfw eval [RECIPE] [section.key=value ...] [--samples N] [--strict]
   Evaluates the run in the recipe's [output] dir on its held-out examples (split.json, written
   by `peftfw run`): greedy generation (stops at <|end_of_text|> / <|start_of_role|>), the
   [eval] tasks' metrics as the seed study computed them (docs/evaluation.md), eval loss and
   perplexity, for the base model and for the trained adapter (RUN/peft). Writes
-  RUN/eval/results.json and prints the table.
+  RUN/eval/results.json and prints the table. Base weights or adapter tensors holding NaN/Inf,
+  or integers where float weights belong, are refused; an adapter whose recorded base
+  (peftfw_manifest.json fingerprint) is not the recipe's model gets a warning.
   --samples N   a seeded sample of N held-out examples (default [eval] samples; 0 = all)
+  --strict      refuse (exit 2) an adapter that was made for another base instead of warning
 Example:
   peftfw eval recipes/tiny/granite_v4.toml --samples 32
 )";
@@ -68,6 +73,7 @@ double eval_loss(CausalLM& model, const std::vector<data::TokenizedExample>& ex,
 int cmd_eval(const Args& all_args) {
   Args args;
   std::optional<int64_t> samples;
+  bool strict = false;
   for (size_t i = 0; i < all_args.size(); ++i) {
     if (all_args[i] == "-h" || all_args[i] == "--help") {
       std::cout << kEvalHelp;
@@ -81,6 +87,8 @@ int cmd_eval(const Args& all_args) {
         throw UsageError{"--samples expects an integer, got '" + all_args[i] + "'"};
       }
       if (*samples < 0) throw UsageError{"--samples must be >= 0"};
+    } else if (all_args[i] == "--strict") {
+      strict = true;
     } else {
       args.push_back(all_args[i]);
     }
@@ -137,7 +145,10 @@ int cmd_eval(const Args& all_args) {
     fs::path adapter;
   };
   std::vector<Variant> variants = {{"base", {}}};
-  if (fs::exists(run_dir / "peft" / "adapter_config.json")) variants.push_back({"adapted", run_dir / "peft"});
+  if (fs::exists(run_dir / "peft" / "adapter_config.json")) {
+    check_adapter_base(run_dir / "peft", source, strict, std::cerr);
+    variants.push_back({"adapted", run_dir / "peft"});
+  }
 
   std::vector<eval::RunScores> runs;
   nlohmann::ordered_json out;

@@ -10,6 +10,7 @@
 #include "peftfw/error.hpp"
 #include "peftfw/io/tensor_bridge.hpp"
 #include "peftfw/model/causal_lm.hpp"
+#include "peftfw/model/fingerprint.hpp"
 #include "peftfw/model/loader.hpp"
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registry.hpp"
@@ -18,11 +19,15 @@ namespace peftfw::cli {
 
 namespace {
 
-const char* kForwardHelp = R"(Usage: peftfw forward --model DIR [--adapter DIR] --ids "1 2 3;4 5 6" --out FILE [--dtype float32]
+const char* kForwardHelp = R"(Usage: peftfw forward --model DIR [--adapter DIR [--strict]] --ids "1 2 3;4 5 6" --out FILE [--dtype float32]
   Runs the model on each ';'-separated token sequence (one at a time, no padding) and writes
   float32 logits as FILE (safetensors): tensor "logits.I" [T_I, vocab] for sequence I.
+  Weights or adapter tensors holding NaN/Inf, or integers where float weights belong, are refused.
   --model DIR    HF checkpoint folder (config.json + safetensors)
-  --adapter DIR  adapter folder (HF PEFT LoRA/DoRA, with peftfw's SSM tensors if present)
+  --adapter DIR  adapter folder (HF PEFT LoRA/DoRA, with peftfw's SSM tensors if present); its
+                 recorded base (peftfw_manifest.json fingerprint) is compared with --model, and a
+                 mismatch is a warning
+  --strict       refuse (exit 2) an adapter that was made for another base instead of warning
   --dtype D      float32 (default), bfloat16 or float16 compute
 Example:
   peftfw forward --model ./tiny --ids "1 2 3;4 5" --out logits.safetensors
@@ -56,6 +61,7 @@ std::vector<std::vector<int64_t>> parse_ids(const std::string& text) {
 
 int cmd_forward(const Args& args) {
   std::string model_dir, adapter_dir, ids_text, out, dtype = "float32";
+  bool strict = false;
   for (size_t i = 0; i < args.size(); ++i) {
     const auto& a = args[i];
     if (a == "-h" || a == "--help") {
@@ -71,6 +77,7 @@ int cmd_forward(const Args& args) {
     else if (a == "--ids") ids_text = value();
     else if (a == "--out") out = value();
     else if (a == "--dtype") dtype = value();
+    else if (a == "--strict") strict = true;
     else throw UsageError{"unknown argument '" + a + "'"};
   }
   if (model_dir.empty() || ids_text.empty() || out.empty())
@@ -82,6 +89,7 @@ int cmd_forward(const Args& args) {
   ModelSource source;
   source.dir = model_dir;
   source.dtype = dtype;
+  if (!adapter_dir.empty()) check_adapter_base(adapter_dir, source, strict, std::cerr);
   auto loaded = load_model(source);
   auto& model = *loaded.model;
   if (!adapter_dir.empty()) {

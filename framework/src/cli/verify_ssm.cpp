@@ -2,7 +2,9 @@
 // trained SSM core tensors? (PEFT's save silently drops them; bf16 storage
 // rounds small updates away.) Per tensor: share of elements changed and mean
 // |delta| against the base checkpoint. Exit 1 when a claimed tensor is missing
-// or identical to the base.
+// or identical to the base. The comparison only means something against the
+// adapter's own base, so its recorded fingerprint is checked first: a warning,
+// or a refusal under --strict.
 #include <torch/torch.h>
 
 #include <fstream>
@@ -14,23 +16,46 @@
 #include "peftfw/error.hpp"
 #include "peftfw/io/safetensors.hpp"
 #include "peftfw/io/tensor_bridge.hpp"
+#include "peftfw/model/fingerprint.hpp"
+#include "peftfw/model/loader.hpp"
 
 namespace fs = std::filesystem;
 
 namespace peftfw::cli {
 
+namespace {
+
+// The base as a ModelSource for its fingerprint: the folder itself, or the folder
+// holding the given .safetensors / index file. nullopt when it has no config.json.
+std::optional<ModelSource> base_source(const std::string& base) {
+  ModelSource source;
+  source.dir = fs::is_directory(base) ? fs::path(base) : fs::path(base).parent_path();
+  if (source.dir.empty()) source.dir = ".";
+  if (!fs::exists(source.dir / "config.json")) return std::nullopt;
+  return source;
+}
+
+}  // namespace
+
 int cmd_verify_ssm(const Args& args) {
   std::string adapter, base;
+  bool strict = false;
   for (size_t i = 0; i < args.size(); ++i) {
     if (args[i] == "-h" || args[i] == "--help") {
-      std::cout << "Usage: peftfw verify-ssm ADAPTER_DIR --base MODEL_DIR\n"
+      std::cout << "Usage: peftfw verify-ssm ADAPTER_DIR --base MODEL_DIR [--strict]\n"
                    "  For every SSM core tensor the adapter carries (ssm_core_params.safetensors):\n"
                    "  share of elements changed and mean |delta| versus the base checkpoint.\n"
                    "  Exits 1 if a tensor the adapter claims is missing or identical to the base.\n"
+                   "  The adapter's recorded base (peftfw_manifest.json fingerprint) is\n"
+                   "  compared with MODEL_DIR first: against another base every tensor\n"
+                   "  'differs', so a mismatch is a loud warning.\n"
+                   "  --strict   refuse (exit 2) when MODEL_DIR is not the adapter's base\n"
                    "Example:\n  peftfw verify-ssm runs/granite_v4/adapter --base ./granite-4.0-h-micro\n";
       return 0;
     }
-    if (args[i] == "--base") {
+    if (args[i] == "--strict") {
+      strict = true;
+    } else if (args[i] == "--base") {
       if (i + 1 >= args.size()) throw UsageError{"--base needs a value"};
       base = args[++i];
     } else if (!args[i].empty() && args[i][0] == '-') {
@@ -42,6 +67,14 @@ int cmd_verify_ssm(const Args& args) {
     }
   }
   if (adapter.empty() || base.empty()) throw UsageError{"ADAPTER_DIR and --base MODEL_DIR are required"};
+
+  auto match = BaseMatch::kUnverified;
+  if (auto source = base_source(base)) {
+    match = check_adapter_base(adapter, *source, strict, std::cerr);
+  } else {
+    std::cerr << "note: " << base << " has no config.json beside it, so peftfw cannot check "
+              << "that it is the adapter's base (give the checkpoint folder)\n";
+  }
 
   std::vector<std::string> claimed;
   const auto manifest_path = fs::path(adapter) / "peftfw_manifest.json";
@@ -73,7 +106,9 @@ int cmd_verify_ssm(const Args& args) {
   for (const auto& name : ssm.names()) {
     if (!ckpt.has(name)) throw InputError(base + ": the base checkpoint has no tensor '" + name +
                                           "' (is this the adapter's base model?)");
-    auto a = io::to_tensor(ssm.view(name), name).to(torch::kFloat64);
+    auto a = io::to_float_tensor(ssm.view(name), ssm_path.string() + ": tensor '" + name + "'",
+                                 "SSM")
+                 .to(torch::kFloat64);
     auto b = io::to_tensor(ckpt.view(name), name).to(torch::kFloat64);
     if (a.sizes() != b.sizes())
       throw InputError(name + ": adapter shape " + io::shape_to_string(a.sizes().vec()) +
@@ -92,6 +127,12 @@ int cmd_verify_ssm(const Args& args) {
     std::cerr << "peftfw verify-ssm: " << problems.size() << " problem(s):\n";
     for (const auto& p : problems) std::cerr << "  " << p << "\n";
     return 1;
+  }
+  if (match == BaseMatch::kMismatch) {
+    std::cout << "all " << ssm.size() << " SSM tensors differ from " << base
+              << ", which is NOT the base this adapter was made for (see the warning): this says "
+                 "nothing about training\n";
+    return 0;
   }
   std::cout << "all " << ssm.size() << " SSM tensors differ from the base\n";
   return 0;

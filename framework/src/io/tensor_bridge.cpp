@@ -87,6 +87,71 @@ at::Tensor to_tensor(const TensorView& view, const std::string& what) {
   return out;
 }
 
+bool is_floating_point(DType dtype) {
+  return dtype == DType::F64 || dtype == DType::F32 || dtype == DType::F16 || dtype == DType::BF16;
+}
+
+std::string dtype_label(const at::Tensor& tensor) {
+  switch (tensor.scalar_type()) {
+    case torch::kFloat64:
+      return "float64";
+    case torch::kFloat32:
+      return "float32";
+    case torch::kFloat16:
+      return "float16";
+    case torch::kBFloat16:
+      return "bfloat16";
+    case torch::kInt64:
+      return "int64";
+    case torch::kInt32:
+      return "int32";
+    case torch::kInt16:
+      return "int16";
+    case torch::kInt8:
+      return "int8";
+    case torch::kUInt8:
+      return "uint8";
+    case torch::kBool:
+      return "bool";
+    default:
+      return c10::toString(tensor.scalar_type());
+  }
+}
+
+NonFiniteCount count_non_finite(const at::Tensor& tensor) {
+  NonFiniteCount out;
+  out.numel = tensor.numel();
+  if (!tensor.is_floating_point() || out.numel == 0) return out;
+  if (torch::isfinite(tensor).all().item<bool>()) return out;
+  out.nan = torch::isnan(tensor).sum().item<int64_t>();
+  out.inf = torch::isinf(tensor).sum().item<int64_t>();
+  return out;
+}
+
+std::string describe_non_finite(const NonFiniteCount& count) {
+  return std::to_string(count.nan) + " NaN and " + std::to_string(count.inf) + " Inf among " +
+         std::to_string(count.numel) + " values";
+}
+
+at::Tensor to_float_tensor(const TensorView& view, const std::string& what,
+                           const std::string& expected) {
+  if (!is_floating_point(view.dtype)) {
+    throw InputError(what + ": stored as " + dtype_name(view.dtype) +
+                     ", expected a floating-point type (F32, BF16, F16 or F64) for this " +
+                     expected +
+                     " parameter; an integer tensor here is a conversion or export bug, not "
+                     "weights (re-export the file with float tensors)");
+  }
+  at::Tensor out = to_tensor(view, what);
+  const auto bad = count_non_finite(out);
+  if (bad.any()) {
+    throw InputError(what + ": " + describe_non_finite(bad) +
+                     "; a model with non-finite weights computes NaN. The file is damaged or was "
+                     "saved after training diverged: use an earlier or re-exported copy");
+  }
+  return out;
+}
+
 NamedTensorBytes tensor_bytes(const std::string& name, const at::Tensor& tensor) {
   if (!tensor.defined()) {
     throw InputError("cannot save tensor '" + name + "': it is undefined");

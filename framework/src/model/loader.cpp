@@ -88,7 +88,7 @@ void load_weights(CausalLM& model, const fs::path& dir) {
   std::set<std::string> optional(inv.optional_checkpoint_keys.begin(),
                                  inv.optional_checkpoint_keys.end());
   std::set<std::string> used;
-  std::vector<std::string> missing, wrong_shape;
+  std::vector<std::string> missing, wrong_shape, wrong_dtype, non_finite;
   torch::NoGradGuard no_grad;
   for (auto& p : model.named_parameters()) {
     const auto& name = p.key();
@@ -97,20 +97,40 @@ void load_weights(CausalLM& model, const fs::path& dir) {
       continue;
     }
     auto view = ckpt.view(name);
+    const auto where = name + " (" + ckpt.file_of(name).path() + ")";
     if (view.shape != p.value().sizes().vec()) {
       wrong_shape.push_back(name + ": expected " + io::shape_to_string(p.value().sizes().vec()) +
                             ", found " + io::shape_to_string(view.shape));
       continue;
     }
-    p.value().copy_(io::to_tensor(view, name));
     used.insert(name);
+    // copy_ would silently turn integers into floats: a float parameter needs a float tensor.
+    if (p.value().is_floating_point() && !io::is_floating_point(view.dtype)) {
+      wrong_dtype.push_back(where + ": stored as " + io::dtype_name(view.dtype) +
+                            ", expected a floating-point type (F32, BF16, F16 or F64) for this " +
+                            io::dtype_label(p.value()) + " parameter");
+      continue;
+    }
+    auto value = io::to_tensor(view, name);
+    // One isfinite pass per tensor: NaN or Inf weights make every logit NaN downstream.
+    const auto bad = io::count_non_finite(value);
+    if (bad.any()) {
+      non_finite.push_back(where + ": " + io::describe_non_finite(bad));
+      continue;
+    }
+    p.value().copy_(value);
   }
   std::vector<std::string> unexpected;
   for (const auto& n : ckpt.names())
     if (!used.count(n) && !optional.count(n)) unexpected.push_back(n);
-  if (missing.empty() && wrong_shape.empty() && unexpected.empty()) return;
+  if (missing.empty() && wrong_shape.empty() && unexpected.empty() && wrong_dtype.empty() &&
+      non_finite.empty())
+    return;
 
-  std::string msg = ckpt.path() + ": checkpoint does not match the model built from its config";
+  const bool structural = !missing.empty() || !wrong_shape.empty() || !unexpected.empty();
+  std::string msg =
+      ckpt.path() + (structural ? ": checkpoint does not match the model built from its config"
+                                : ": checkpoint holds tensors peftfw refuses to load");
   auto list = [&](const char* what, const std::vector<std::string>& items) {
     if (items.empty()) return;
     msg += std::string("\n  ") + what + " (" + std::to_string(items.size()) + "):";
@@ -120,7 +140,15 @@ void load_weights(CausalLM& model, const fs::path& dir) {
   list("tensors with the wrong shape", wrong_shape);
   list("missing tensors", missing);
   list("unexpected tensors", unexpected);
-  msg += "\n  Check that config.json belongs to these weights.";
+  list("integer tensors where float weights belong", wrong_dtype);
+  list("tensors with non-finite values (NaN/Inf)", non_finite);
+  if (structural) msg += "\n  Check that config.json belongs to these weights.";
+  if (!wrong_dtype.empty())
+    msg += "\n  An integer tensor in place of a weight is a conversion or export bug; re-export "
+           "the checkpoint with float tensors.";
+  if (!non_finite.empty())
+    msg += "\n  Non-finite weights make every output NaN: the file is damaged or was saved after "
+           "training diverged; use an earlier or re-exported copy.";
   throw InputError(msg);
 }
 

@@ -45,8 +45,10 @@ struct LoadedModel {
 LoadedModel load_model(const ModelSource& source);
 
 // Copies a checkpoint folder's tensors into the model by name. Every model
-// parameter must be present with the right shape (tied aliases excepted) and
-// every checkpoint tensor must be used; otherwise InputError listing them.
+// parameter must be present with the right shape (tied aliases excepted), a
+// float parameter must be stored as a float type (never an integer one), every
+// value must be finite (no NaN/Inf), and every checkpoint tensor must be used;
+// otherwise InputError listing each offending tensor with its file.
 void load_weights(CausalLM& model, const std::filesystem::path& dir);
 
 }  // namespace peftfw

@@ -3,9 +3,12 @@
 
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "peftfw/model/fingerprint.hpp"
 
 namespace peftfw {
 
@@ -20,6 +23,9 @@ struct SaveRequest {
   std::filesystem::path base_model_dir;      // source checkpoint folder, if any
   std::string base_model_name;               // for adapter_config.json base_model_name_or_path
   std::string config_json;                   // the model's config.json text
+  // fingerprint_base(source) of the base the adapter was trained on, recorded in the adapter's
+  // manifest. Unset: the peft format computes it from base_model_dir (none for a random init).
+  std::optional<BaseFingerprint> base_fingerprint;
   std::vector<std::string> gguf_types = {"f16"};  // [output] gguf_types: one .gguf file per type
 };
 
