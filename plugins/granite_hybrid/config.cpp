@@ -19,8 +19,14 @@ namespace {
   throw InputError(j.path() + ": field '" + field + "': " + why);
 }
 
+// A dimension: positive, and small enough that products of a few of them cannot overflow
+// before the memory check sees the model's size (2^26 = 67,108,864 is far above any real model).
 int64_t positive(const io::JsonConfig& j, const std::string& key, int64_t value) {
+  constexpr int64_t kMax = int64_t{1} << 26;
   if (value <= 0) refuse(j, key, "must be a positive integer, found " + std::to_string(value));
+  if (value > kMax)
+    refuse(j, key, "found " + std::to_string(value) + ", more than the limit " + std::to_string(kMax) +
+                       "; is the config's value a typo?");
   return value;
 }
 

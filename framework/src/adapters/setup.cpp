@@ -38,11 +38,18 @@ bool uses_targets(const std::string& method) { return method == "lora" || method
 
 AdapterPlan plan_adapters(const ModelInventory& inv, const AdapterRequest& req) {
   AdapterPlan plan;
+  std::vector<std::string> problems;  // targets and SSM groups are both reported
+  bool targets_ok = true;
   if (uses_targets(req.spec.method)) {
-    auto resolved = adapters::resolve_targets(inv, req.targets);
-    plan.modules = resolved.modules;
-    plan.warnings = resolved.warnings;
-    plan.coverage = adapters::coverage_table(inv, plan.modules);
+    try {
+      auto resolved = adapters::resolve_targets(inv, req.targets);
+      plan.modules = resolved.modules;
+      plan.warnings = resolved.warnings;
+      plan.coverage = adapters::coverage_table(inv, plan.modules);
+    } catch (const InputError& e) {
+      problems.push_back(e.what());
+      targets_ok = false;
+    }
   }
   std::set<std::string> known;
   for (const auto& g : inv.ssm_groups) known.insert(g.name);
@@ -50,13 +57,19 @@ AdapterPlan plan_adapters(const ModelInventory& inv, const AdapterRequest& req) 
     if (!known.count(group)) {
       std::string list;
       for (const auto& g : inv.ssm_groups) list += (list.empty() ? "" : ", ") + g.name;
-      throw InputError("[ssm] train: '" + group + "' is not an SSM parameter group of " +
-                       inv.architecture + (list.empty() ? " (it has none)" : "; its groups are: " + list));
+      problems.push_back("[ssm] train: '" + group + "' is not an SSM parameter group of " + inv.architecture +
+                         (list.empty() ? " (it has none)" : "; its groups are: " + list));
+      continue;
     }
     for (const auto& p : inv.params)
       if (p.ssm_group == group) plan.ssm_tensors.push_back(p.name);
   }
-  if (uses_targets(req.spec.method))
+  if (!problems.empty()) {
+    std::string msg = problems[0];
+    for (size_t i = 1; i < problems.size(); ++i) msg += "\n" + problems[i];
+    throw InputError(msg);
+  }
+  if (uses_targets(req.spec.method) && targets_ok)
     plan.report = adapters::parameter_report(inv, plan.modules, req.spec.r, req.spec.method == "dora",
                                    req.ssm_groups);
   return plan;

@@ -1,7 +1,13 @@
 // metrics.jsonl, metrics.csv and loss.svg of a run.
 #include "peftfw/train/metrics.hpp"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -13,13 +19,87 @@ namespace fs = std::filesystem;
 
 namespace peftfw::train {
 
-MetricsLog::MetricsLog(const fs::path& run_dir, bool resuming) : dir_(run_dir) {
-  const auto mode = resuming ? std::ios::app : std::ios::trunc;
-  const bool csv_existed = resuming && fs::exists(run_dir / "metrics.csv");
-  jsonl_.open(run_dir / "metrics.jsonl", std::ios::out | mode);
-  csv_.open(run_dir / "metrics.csv", std::ios::out | mode);
-  if (!jsonl_ || !csv_) throw RuntimeError("cannot write metrics files in " + run_dir.string());
-  if (!csv_existed) csv_ << "kind,step,epoch,loss,lr,grad_norm,tokens_per_s\n";
+namespace {
+
+const char* kCsvHeader = "kind,step,epoch,loss,lr,grad_norm,tokens_per_s\n";
+
+std::string csv_row(const nlohmann::json& row) {
+  auto field = [&](const char* key) -> std::string {
+    if (!row.contains(key) || row[key].is_null()) return "";
+    std::ostringstream os;
+    if (row[key].is_number_integer()) os << row[key].get<int64_t>();
+    else os << row[key].get<double>();
+    return os.str();
+  };
+  return row.value("kind", "") + "," + field("step") + "," + field("epoch") + "," + field("loss") + "," +
+         field("lr") + "," + field("grad_norm") + "," + field("tokens_per_s") + "\n";
+}
+
+int open_append(const fs::path& file) {
+  const int fd = ::open(file.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) throw RuntimeError(file.string() + ": cannot open for writing: " + std::strerror(errno));
+  return fd;
+}
+
+void append(int fd, const fs::path& file, const std::string& text) {
+  const char* p = text.data();
+  size_t n = text.size();
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) throw RuntimeError(file.string() + ": write failed: " + std::strerror(errno));
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+}
+
+}  // namespace
+
+MetricsLog::MetricsLog(const fs::path& run_dir, int64_t resume_step) : dir_(run_dir) {
+  std::string jsonl, csv = kCsvHeader;
+  if (resume_step >= 0) {
+    // Keep the rows up to the checkpoint's step; the steps after it run again.
+    std::ifstream in(run_dir / "metrics.jsonl");
+    std::string line;
+    while (std::getline(in, line)) {
+      if (in.eof()) break;  // no newline: a line torn by a kill
+      auto row = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (row.is_discarded() || !row.is_object() || !row.contains("step") || !row["step"].is_number_integer())
+        continue;
+      if (row["step"].get<int64_t>() > resume_step) continue;
+      jsonl += row.dump() + "\n";
+      csv += csv_row(row);
+      remember(row);
+    }
+  }
+  io::write_file_atomic((run_dir / "metrics.jsonl").string(), jsonl);
+  io::write_file_atomic((run_dir / "metrics.csv").string(), csv);
+  jsonl_fd_ = open_append(run_dir / "metrics.jsonl");
+  csv_fd_ = open_append(run_dir / "metrics.csv");
+}
+
+MetricsLog::~MetricsLog() {
+  if (jsonl_fd_ >= 0) ::close(jsonl_fd_);
+  if (csv_fd_ >= 0) ::close(csv_fd_);
+}
+
+void MetricsLog::record(const nlohmann::json& row) {
+  append(jsonl_fd_, dir_ / "metrics.jsonl", row.dump() + "\n");
+  append(csv_fd_, dir_ / "metrics.csv", csv_row(row));
+  remember(row);
+}
+
+void MetricsLog::remember(const nlohmann::json& row) {
+  const auto step = row["step"].get<int64_t>();
+  const auto number = [&](const char* key) {
+    return row.contains(key) && row[key].is_number() ? row[key].get<double>() : std::nan("");
+  };
+  if (row.value("kind", "") == "eval") {
+    eval_loss_.emplace_back(step, number("loss"));
+  } else {
+    train_loss_.emplace_back(step, number("loss"));
+    lr_.emplace_back(step, number("lr"));
+  }
 }
 
 void MetricsLog::step(int64_t step, int64_t epoch, double loss, double lr, double grad_norm, double tps,
@@ -28,18 +108,11 @@ void MetricsLog::step(int64_t step, int64_t epoch, double loss, double lr, doubl
                       {"loss", loss},    {"lr", lr},               {"grad_norm", grad_norm},
                       {"tokens_per_s", tps}};
   if (gpu_peak_gib >= 0) j["gpu_mem_peak_gib"] = gpu_peak_gib;
-  jsonl_ << j.dump() << "\n" << std::flush;
-  csv_ << "train," << step << "," << epoch << "," << loss << "," << lr << "," << grad_norm << "," << tps
-       << "\n" << std::flush;
-  train_loss_.emplace_back(step, loss);
-  lr_.emplace_back(step, lr);
+  record(j);
 }
 
 void MetricsLog::eval(int64_t step, double loss) {
-  nlohmann::json j = {{"kind", "eval"}, {"step", step}, {"loss", loss}};
-  jsonl_ << j.dump() << "\n" << std::flush;
-  csv_ << "eval," << step << ",," << loss << ",,,\n" << std::flush;
-  eval_loss_.emplace_back(step, loss);
+  record({{"kind", "eval"}, {"step", step}, {"loss", loss}});
   write_svg();
 }
 

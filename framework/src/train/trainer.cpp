@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include "peftfw/adapters/setup.hpp"
 #include "peftfw/data/batching.hpp"
@@ -27,10 +28,14 @@
 #include "peftfw/io/safetensors.hpp"
 #include "peftfw/io/tensor_bridge.hpp"
 #include "peftfw/model/causal_lm.hpp"
+#include "peftfw/model/fingerprint.hpp"
 #include "peftfw/model/loader.hpp"
 #include "peftfw/model/report.hpp"
 #include "peftfw/nn/checkpoint.hpp"
 #include "peftfw/train/device_memory.hpp"
+#include "peftfw/train/optimizer_state.hpp"
+#include "peftfw/train/preflight.hpp"
+#include "peftfw/train/run_folder.hpp"
 
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registry.hpp"
@@ -65,24 +70,29 @@ struct DataSetup {
   std::unique_ptr<data::Tokenizer> tokenizer;
   std::unique_ptr<data::BatchStream> train, eval;
   int64_t accumulation = 1;
+  data::DataSplit split;
+  bool split_is_new = true;  // split.json still to be written
+  std::string summary;       // for the log, once the run starts
 };
 
+// Reads, splits and tokenizes the data; writes nothing (split.json is written by the caller
+// once every input has been checked).
 DataSetup setup_data(const recipe::Recipe& r, const ModelSource& source, int64_t vocab_size,
-                     const fs::path& run_dir, bool resuming, std::ostream& log) {
+                     const fs::path& run_dir, bool resuming) {
   DataSetup d;
   d.tokenizer = recipe_tokenizer(r, source, vocab_size);
 
+  std::ostringstream log;
   auto dataset = recipe_dataset(r, log);
 
   const auto split_path = run_dir / "split.json";
-  data::DataSplit split;
   if (resuming && fs::exists(split_path)) {
-    split = data::read_split(split_path.string());
-    data::check_split_matches(split, dataset, split_path.string());
+    d.split = data::read_split(split_path.string());
+    data::check_split_matches(d.split, dataset, split_path.string());
+    d.split_is_new = false;
   } else {
-    split = data::make_split(dataset, r.get_float("data", "eval_fraction"),
-                             static_cast<uint64_t>(r.get_int("data", "split_seed")));
-    data::write_split(split, run_dir.string());
+    d.split = data::make_split(dataset, r.get_float("data", "eval_fraction"),
+                               static_cast<uint64_t>(r.get_int("data", "split_seed")));
   }
 
   auto tmpl = recipe_template(r);
@@ -110,16 +120,17 @@ DataSetup setup_data(const recipe::Recipe& r, const ModelSource& source, int64_t
   bo.pad_id = d.tokenizer->pad_id().value_or(0);
   bo.seed = static_cast<uint64_t>(r.get_int("train", "seed"));
   bo.shuffle = true;
-  if (split.train.empty()) throw InputError("data: the split left no training examples");
-  d.train = std::make_unique<data::BatchStream>(pick(split.train), bo);
-  if (!split.eval.empty()) {
+  if (d.split.train.empty()) throw InputError("data: the split left no training examples");
+  d.train = std::make_unique<data::BatchStream>(pick(d.split.train), bo);
+  if (!d.split.eval.empty()) {
     bo.shuffle = false;
-    d.eval = std::make_unique<data::BatchStream>(pick(split.eval), bo);
+    d.eval = std::make_unique<data::BatchStream>(pick(d.split.eval), bo);
   }
-  log << "data: " << dataset.examples.size() << " examples (" << split.train.size() << " train, "
-      << split.eval.size() << " eval), " << (bo.layout == data::BatchLayout::Packed ? "packed" : "padded")
+  log << "data: " << dataset.examples.size() << " examples (" << d.split.train.size() << " train, "
+      << d.split.eval.size() << " eval), " << (bo.layout == data::BatchLayout::Packed ? "packed" : "padded")
       << " to " << bo.max_length << " tokens, tokenizer " << d.tokenizer->name() << "\n";
   if (const auto t = d.train->truncation().summary(); !t.empty()) log << "data: " << t << "\n";
+  d.summary = log.str();
   return d;
 }
 
@@ -192,10 +203,19 @@ fs::path checkpoint_dir(const fs::path& run_dir, int64_t step) {
   return run_dir / "checkpoints" / name.str();
 }
 
-void save_checkpoint(const fs::path& dir, CausalLM& model, torch::optim::Optimizer& opt, const RunState& s) {
+// PEFTFW_TEST_SAVE_DELAY_MS: a pause between the files of a checkpoint, so that the
+// crash-consistency test can kill a run in the middle of a checkpoint write.
+void test_save_delay() {
+  static const char* ms = std::getenv("PEFTFW_TEST_SAVE_DELAY_MS");
+  if (ms) std::this_thread::sleep_for(std::chrono::milliseconds(std::atoll(ms)));
+}
+
+void save_checkpoint(const fs::path& dir, CausalLM& model, const torch::optim::AdamW& opt, const RunState& s) {
   write_folder_atomic(dir, [&](const fs::path& tmp) {
     io::save_tensors((tmp / "trainable.safetensors").string(), snapshot(model), {{"format", "pt"}});
-    torch::save(opt, (tmp / "optimizer.pt").string());
+    test_save_delay();
+    save_adamw_state(tmp, opt, trainable(model));
+    test_save_delay();
     io::save_tensors((tmp / "rng.safetensors").string(), {{"cpu", cpu_rng_state()}});
     nlohmann::json j = {{"step", s.step},
                         {"epoch", s.position.epoch},
@@ -206,29 +226,44 @@ void save_checkpoint(const fs::path& dir, CausalLM& model, torch::optim::Optimiz
   });
 }
 
-std::vector<fs::path> list_checkpoints(const fs::path& run_dir) {
-  std::vector<fs::path> out;
-  std::error_code ec;
-  for (const auto& e : fs::directory_iterator(run_dir / "checkpoints", ec))
-    if (e.is_directory() && e.path().filename().string().rfind("step-", 0) == 0 &&
-        fs::exists(e.path() / "state.json"))
-      out.push_back(e.path());
-  std::sort(out.begin(), out.end());
-  return out;
-}
-
-RunState load_checkpoint(const fs::path& dir, CausalLM& model, torch::optim::Optimizer& opt) {
-  restore(model, io::load_checkpoint_tensors((dir / "trainable.safetensors").string()), dir.string());
-  torch::load(opt, (dir / "optimizer.pt").string());
-  auto rng = io::load_checkpoint_tensors((dir / "rng.safetensors").string());
-  set_cpu_rng_state(rng.at("cpu"));
-  std::ifstream f(dir / "state.json");
-  auto j = nlohmann::json::parse(f);
+// Reads a checkpoint; a file that is missing or does not parse is named in the InputError.
+RunState load_checkpoint(const fs::path& dir, CausalLM& model, torch::optim::AdamW& opt, std::ostream& log) {
+  auto damaged = [&](const fs::path& file, const std::string& why) {
+    return InputError(file.string() + ": " + why + "; this checkpoint is damaged: delete the folder " +
+                      dir.string() + " to resume from the checkpoint before it");
+  };
   RunState s;
-  s.step = j.at("step").get<int64_t>();
-  s.position = {j.at("epoch").get<int64_t>(), j.at("batch_index").get<int64_t>()};
-  if (!j.at("best_eval_loss").is_null()) s.best_eval = j.at("best_eval_loss").get<double>();
-  s.best_step = j.at("best_step").get<int64_t>();
+  const auto state_file = dir / "state.json";
+  std::ifstream f(state_file);
+  const auto j = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+  try {
+    if (j.is_discarded()) throw damaged(state_file, "not valid JSON");
+    s.step = j.at("step").get<int64_t>();
+    s.position = {j.at("epoch").get<int64_t>(), j.at("batch_index").get<int64_t>()};
+    if (!j.at("best_eval_loss").is_null()) s.best_eval = j.at("best_eval_loss").get<double>();
+    s.best_step = j.at("best_step").get<int64_t>();
+  } catch (const nlohmann::json::exception& e) {
+    throw damaged(state_file, std::string("missing or mistyped field (") + e.what() + ")");
+  }
+  if (s.step < 0 || s.position.epoch < 0 || s.position.batch_index < 0)
+    throw damaged(state_file, "negative step or data position");
+  auto tensors = [&](const char* name) {
+    try {
+      return io::load_checkpoint_tensors((dir / name).string());
+    } catch (const Error& e) {
+      throw damaged(dir / name, e.what());
+    }
+  };
+  restore(model, tensors("trainable.safetensors"), dir.string());
+  load_adamw_state(dir, opt, trainable(model), log);
+  auto rng = tensors("rng.safetensors");
+  if (!rng.count("cpu") || rng.at("cpu").scalar_type() != torch::kByte)
+    throw damaged(dir / "rng.safetensors", "no uint8 tensor 'cpu' (the random generator state)");
+  try {
+    set_cpu_rng_state(rng.at("cpu"));
+  } catch (const c10::Error& e) {
+    throw damaged(dir / "rng.safetensors", e.what_without_backtrace());
+  }
   return s;
 }
 
@@ -265,17 +300,17 @@ std::vector<std::string> training_identity(const recipe::Recipe& r) {
   return out;
 }
 
+// InputError when the run folder was made by a recipe that trains something else.
 void check_same_training(const recipe::Recipe& r, const fs::path& run_dir) {
   const auto file = run_dir / "run_identity.json";
+  if (!fs::exists(file)) return;
   const auto now = training_identity(r);
-  if (!fs::exists(file)) {
-    io::write_file_atomic(file.string(), nlohmann::json(now).dump(1) + "\n");
-    return;
-  }
   std::ifstream f(file);
   auto before = nlohmann::json::parse(f, nullptr, false);
-  if (before.is_discarded() || !before.is_array())
-    throw InputError(file.string() + ": unreadable; cannot tell which recipe made this run folder");
+  if (before.is_discarded() || !before.is_array() ||
+      !std::all_of(before.begin(), before.end(), [](const nlohmann::json& v) { return v.is_string(); }))
+    throw InputError(file.string() + ": unreadable; cannot tell which recipe made this run folder. "
+                     "Use another output.dir, or output.overwrite=true to start over there.");
   std::vector<std::string> old = before.get<std::vector<std::string>>(), diffs;
   for (size_t i = 0; i < std::max(old.size(), now.size()); ++i) {
     const auto a = i < old.size() ? old[i] : std::string("(absent)");
@@ -284,7 +319,8 @@ void check_same_training(const recipe::Recipe& r, const fs::path& run_dir) {
   }
   if (diffs.empty()) return;
   std::string msg = "cannot resume " + run_dir.string() + ": it was made with different settings:";
-  for (const auto& d : diffs) msg += "\n  " + d;
+  for (size_t i = 0; i < diffs.size() && i < 50; ++i) msg += "\n  " + diffs[i];
+  if (diffs.size() > 50) msg += "\n  ... and " + std::to_string(diffs.size() - 50) + " more";
   throw InputError(msg + "\nUse another output.dir, or output.overwrite=true to start over there.");
 }
 
@@ -296,86 +332,164 @@ int64_t resident_mib() {
   return resident * ::sysconf(_SC_PAGESIZE) / (1024 * 1024);
 }
 
-bool folder_has_content(const fs::path& p) {
-  std::error_code ec;
-  return fs::is_directory(p, ec) && fs::directory_iterator(p, ec) != fs::directory_iterator();
+// The files a run reads, so that clearing its folder can never delete one of them.
+std::vector<fs::path> run_inputs(const recipe::Recipe& r) {
+  std::vector<fs::path> in;
+  for (const auto& f : r.files()) in.emplace_back(f);
+  for (const auto& [section, key] : std::vector<std::pair<std::string, std::string>>{
+           {"model", "path"}, {"model", "config"}, {"data", "path"}, {"adapter", "init_from"}})
+    if (r.has_value(section, key)) in.push_back(r.get_path(section, key));
+  const auto tok = r.get_string("data", "tokenizer");
+  if (tok != "byte" && tok != "auto") in.emplace_back(tok);
+  return in;
 }
+
+// Why the training loss became non-finite, from what can be checked after the fact.
+std::string nonfinite_loss_cause(CausalLM& model, const ModelBatch& batch, double lr) {
+  torch::NoGradGuard ng;
+  for (auto& p : model.named_parameters()) {
+    const auto bad = torch::logical_not(torch::isfinite(p.value())).sum().item<int64_t>();
+    if (bad == 0) continue;
+    if (p.value().requires_grad())
+      return "the trainable tensor '" + p.key() + "' holds " + std::to_string(bad) +
+             " non-finite values: the updates diverged. The learning rate is the likely cause (lr at "
+             "this step: " + std::to_string(lr) + "); try a lower [train] lr or a smaller max_grad_norm";
+    return "the frozen base tensor '" + p.key() + "' holds " + std::to_string(bad) +
+           " non-finite values: the weights are the cause; check the checkpoint";
+  }
+  const auto targets = batch.labels.narrow(1, 1, batch.labels.size(1) - 1).ne(-100).sum().item<int64_t>();
+  if (targets == 0)
+    return "every label of this batch is masked (no token to learn from): the inputs are the cause; "
+           "check [data] loss_on and max_length (prompts longer than max_length leave no answer tokens)";
+  return "every weight is finite, so the forward pass overflowed: the learning rate (lr at this step: " +
+         std::to_string(lr) + ") or a 16-bit dtype is the likely cause; try a lower [train] lr, a smaller "
+         "max_grad_norm, or [model] dtype = \"float32\"";
+}
+
+enum class FolderAction { kFresh, kResume, kStartOver, kOverwrite };
 
 }  // namespace
 
-TrainSummary train(const recipe::Recipe& r) {
+TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
   auto& log = std::cerr;
   TrainSummary summary;
   const fs::path run_dir = fs::absolute(r.get_string("output", "dir")).lexically_normal();
   summary.run_dir = run_dir;
+  const auto formats = r.get_strings("output", "formats");
 
-  // --- what the exports will need, checked before anything is trained or cleared ----------
-  auto source = model_source_from_recipe(r);
-  for (const auto& format : r.get_strings("output", "formats"))
-    PluginRegistry::instance().persistence(format)->preflight(source.dir);
+  // --- preflight: every input checked and every problem reported at once; nothing written --
+  ProblemList problems;
+  std::optional<ModelSource> source;
+  std::optional<ModelInventory> inventory;
+  std::optional<AdapterRequest> request;
+  std::optional<AdapterPlan> plan;
+  problems.check([&] { source = model_source_from_recipe(r); });
+  std::string config_path;
+  if (source) {
+    problems.check([&] {
+      auto config = read_model_config(*source);
+      config_path = config.path();
+      auto arch = find_architecture(config, source->architecture);
+      inventory = arch->describe(config);
+    });
+    if (!source->random_init) problems.check([&] { io::Checkpoint::open(source->dir.string()); });
+  }
+  problems.check([&] { request = adapter_request_from_recipe(r); });
+  if (inventory && request) problems.check([&] { plan = plan_adapters(*inventory, *request); });
+  if (inventory)
+    problems.check([&] {
+      const int64_t extra = plan && request ? adapter_parameters(*inventory, plan->modules, request->spec.r) : 0;
+      check_model_fits(*inventory, source->dtype, source->device, config_path, extra);
+    });
+  for (const auto& format : formats)
+    problems.check([&] {
+      PluginRegistry::instance().persistence(format)->preflight(source ? source->dir : fs::path());
+    });
+  problems.check([&] {
+    const bool keep_narrow = r.get_string("train", "checkpoint_keep") == "narrow_projections";
+    if (keep_narrow && !r.get_bool("train", "grad_checkpointing"))
+      throw InputError("[train] checkpoint_keep = \"narrow_projections\" only applies with activation "
+                       "checkpointing: set grad_checkpointing = true, or checkpoint_keep = \"none\"");
+    if (r.get_float("train", "checkpoint_keep_wide_gib") > 0 && !keep_narrow)
+      throw InputError("[train] checkpoint_keep_wide_gib > 0 only applies with checkpoint_keep = "
+                       "\"narrow_projections\" (and grad_checkpointing = true): set checkpoint_keep = "
+                       "\"narrow_projections\", or checkpoint_keep_wide_gib = 0");
+  });
+  if (r.has_value("adapter", "init_from"))
+    problems.check([&] {
+      const auto from = r.get_path("adapter", "init_from");
+      if (!fs::exists(from / "adapter_model.safetensors"))
+        throw InputError("[adapter] init_from: " + (from / "adapter_model.safetensors").string() +
+                         " does not exist; give a folder written by the peft export "
+                         "(adapter_model.safetensors + adapter_config.json)");
+      if (source) check_adapter_base(from, *source, options.strict, log);
+    });
 
-  // --- the run folder: fresh, resumed, or refused ------------------------------------------
-  const bool has_checkpoints = !list_checkpoints(run_dir).empty();
-  bool resuming = false;
-  if (folder_has_content(run_dir)) {
-    if (r.get_bool("output", "overwrite")) {
-      log << "output: overwrite = true: clearing " << run_dir.string() << "\n";
-      io::remove_tree_or_throw(run_dir);
-    } else if (has_checkpoints && r.get_string("train", "resume") == "auto") {
-      resuming = true;
+  // The run folder: new, resumed, started over (no checkpoint yet), or cleared on request.
+  FolderAction action = FolderAction::kFresh;
+  RunFolderContents contents;
+  problems.check([&] {
+    contents = inspect_run_folder(run_dir, formats);
+    if (!contents.exists || contents.empty) return;
+    const bool overwrite = r.get_bool("output", "overwrite");
+    if (contents.is_run && !overwrite && !contents.has_checkpoints) {
+      action = FolderAction::kStartOver;
+      check_clearable(run_dir, contents, run_inputs(r),
+                      "output.dir holds a run that stopped before its first checkpoint, so it starts over");
+    } else if (overwrite) {
+      action = FolderAction::kOverwrite;
+      check_clearable(run_dir, contents, run_inputs(r), "output.overwrite = true");
+    } else if (contents.is_run && r.get_string("train", "resume") == "auto") {
+      action = FolderAction::kResume;
+      check_same_training(r, run_dir);
     } else {
       throw InputError("output folder " + run_dir.string() + " exists and is not empty" +
-                       (has_checkpoints ? " (it has checkpoints, but [train] resume = \"never\")" : "") +
-                       "; choose another with output.dir=DIR, or set output.overwrite=true to replace it");
+                       (contents.has_checkpoints ? " (it has checkpoints, but [train] resume = \"never\")"
+                                                 : contents.is_run ? "" : " and is not a peftfw run folder") +
+                       "; choose another with output.dir=DIR" +
+                       (contents.is_run ? ", or set output.overwrite=true to replace it"
+                                        : " (output.overwrite=true clears only a folder holding a peftfw run)"));
     }
-  }
-  fs::create_directories(run_dir);
-  check_same_training(r, run_dir);
-  io::write_file_atomic((run_dir / "recipe.resolved.toml").string(), r.to_toml());
+  });
+  const bool resuming = action == FolderAction::kResume;
+  std::optional<DataSetup> data_setup;
+  if (source && inventory)
+    problems.check([&] { data_setup.emplace(setup_data(r, *source, inventory->vocab_size, run_dir, resuming)); });
+  problems.throw_if_any(r.source_name());
+  auto& d = *data_setup;
 
-  // --- model and adapter -------------------------------------------------------------------
-  auto loaded = load_model(source);
+  // --- model and adapter (still nothing written: a bad checkpoint stops here) ------------------
+  auto loaded = load_model(*source);
+  const auto base_fingerprint = fingerprint_base(*source);
   auto& model = *loaded.model;
   const auto& inv = model.inventory();
-  auto request = adapter_request_from_recipe(r);
-  auto plan = plan_adapters(inv, request);
-  for (const auto& w : plan.warnings) log << "warning: " << w << "\n";
-  auto applied = apply_adapters(model, request, plan);
-  const torch::Device device(source.device);
-  log << "peftfw run: " << r.source_name() << "\nmodel: " << inv.architecture << " ("
-      << inv.layer_kinds.size() << " layers, " << with_commas(inv.total_params()) << " parameters), "
-      << source.dtype << " on " << device.str() << (source.random_init ? ", random init" : "") << "\n";
-  if (!plan.coverage.empty()) log << plan.coverage;
-  if (!plan.report.empty()) log << plan.report;
-  if (!plan.ssm_tensors.empty())
-    log << "ssm: co-training " << plan.ssm_tensors.size() << " tensors (float32 master copies)\n";
+  auto applied = apply_adapters(model, *request, *plan);
+  const torch::Device device(source->device);
   if (r.get_bool("train", "grad_checkpointing") && !model.set_gradient_checkpointing(true))
     throw InputError("[train] grad_checkpointing = true: architecture " + inv.architecture +
                      " does not support activation checkpointing; set it to false");
   const bool keep_narrow = r.get_string("train", "checkpoint_keep") == "narrow_projections";
-  if (keep_narrow && !r.get_bool("train", "grad_checkpointing"))
-    throw InputError("[train] checkpoint_keep = \"narrow_projections\" only applies with activation "
-                     "checkpointing: set grad_checkpointing = true, or checkpoint_keep = \"none\"");
   peftfw::nn::set_keep_policy(keep_narrow ? peftfw::nn::KeepPolicy::kNarrowProjections
                                           : peftfw::nn::KeepPolicy::kNone);
-  const double wide_gib = r.get_float("train", "checkpoint_keep_wide_gib");
-  if (wide_gib > 0 && !keep_narrow)
-    throw InputError("[train] checkpoint_keep_wide_gib > 0 only applies with checkpoint_keep = "
-                     "\"narrow_projections\" (and grad_checkpointing = true): set checkpoint_keep = "
-                     "\"narrow_projections\", or checkpoint_keep_wide_gib = 0");
-  peftfw::nn::set_wide_keep_budget(static_cast<int64_t>(wide_gib * 1073741824.0));
+  peftfw::nn::set_wide_keep_budget(static_cast<int64_t>(r.get_float("train", "checkpoint_keep_wide_gib") * 1073741824.0));
   auto params = trainable(model);
   if (params.empty()) throw InputError("nothing to train: the adapter and [ssm] train select no parameters");
   if (r.has_value("adapter", "init_from")) {
     const auto from = r.get_path("adapter", "init_from");
     std::map<std::string, torch::Tensor> start;
-    for (auto& [key, t] : io::load_checkpoint_tensors((from / "adapter_model.safetensors").string())) {
-      const std::string prefix = "base_model.model.";
-      start[key.rfind(prefix, 0) == 0 ? key.substr(prefix.size()) : key] = t;
-    }
-    if (fs::exists(from / "ssm_core_params.safetensors"))
-      for (auto& [key, t] : io::load_checkpoint_tensors((from / "ssm_core_params.safetensors").string()))
-        start[key] = t;
+    auto take = [&](const fs::path& file, const std::string& prefix) {
+      for (auto& [key, t] : io::load_checkpoint_tensors(file.string())) {
+        const auto bad = io::count_non_finite(t);
+        if (!t.is_floating_point() || bad.nan || bad.inf)
+          throw InputError(file.string() + ": tensor '" + key + "' " +
+                           (t.is_floating_point() ? "holds " + io::describe_non_finite(bad)
+                                                  : "is stored as " + io::dtype_label(t) + ", not a floating-point type") +
+                           "; [adapter] init_from needs a finite float adapter (re-export it from a good run)");
+        start[key.rfind(prefix, 0) == 0 ? key.substr(prefix.size()) : key] = t;
+      }
+    };
+    take(from / "adapter_model.safetensors", "base_model.model.");
+    if (fs::exists(from / "ssm_core_params.safetensors")) take(from / "ssm_core_params.safetensors", "");
     std::set<std::string> names;
     for (auto& [name, t] : params) names.insert(name);
     for (const auto& [name, t] : start)
@@ -383,14 +497,10 @@ TrainSummary train(const recipe::Recipe& r) {
         throw InputError(from.string() + ": tensor '" + name + "' is not trained by this recipe "
                          "([adapter] init_from must match the recipe's adapter, targets and [ssm] train)");
     restore(model, start, from.string());
-    log << "adapter: starting from " << from.string() << " (" << start.size() << " tensors)\n";
   }
 
-  // --- data ------------------------------------------------------------------------------
-  auto d = setup_data(r, source, inv.vocab_size, run_dir, resuming, log);
-
   // --- optimizer: adapter parameters and SSM tensors in separate groups ----------------------
-  std::set<std::string> ssm(plan.ssm_tensors.begin(), plan.ssm_tensors.end());
+  std::set<std::string> ssm(plan->ssm_tensors.begin(), plan->ssm_tensors.end());
   std::vector<torch::Tensor> main_params, ssm_params;
   for (auto& [name, t] : params) (ssm.count(name) ? ssm_params : main_params).push_back(t);
   const double lr = r.get_float("train", "lr");
@@ -430,17 +540,55 @@ TrainSummary train(const recipe::Recipe& r) {
 
   RunState state;
   torch::manual_seed(static_cast<uint64_t>(r.get_int("train", "seed")));
+  fs::path last_good;
   if (resuming) {
-    const auto last = list_checkpoints(run_dir).back();
-    state = load_checkpoint(last, model, optimizer);
-    log << "resume: continuing from " << last.string() << " (step " << state.step << ", "
-        << data::to_string(state.position) << ")\n";
+    last_good = list_checkpoints(run_dir).back();
+    state = load_checkpoint(last_good, model, optimizer, log);
   }
+
+  // --- the run folder: every input is good, so it is now made (or cleared) and written -------
+  RunFolderLock lock(run_dir, formats);
+  if (action == FolderAction::kOverwrite || action == FolderAction::kStartOver) {
+    log << "output: " << (action == FolderAction::kOverwrite ? "overwrite = true" : "no checkpoint yet")
+        << ": clearing what peftfw made in " << run_dir.string() << "\n";
+    clear_run_folder(contents);
+  }
+  for (const auto& note : remove_stale_temporaries(run_dir)) log << "output: " << note << " (left by a killed run)\n";
+
+  log << "peftfw run: " << r.source_name() << "\nmodel: " << inv.architecture << " ("
+      << inv.layer_kinds.size() << " layers, " << with_commas(inv.total_params()) << " parameters), "
+      << source->dtype << " on " << device.str() << (source->random_init ? ", random init" : "") << "\n";
+  for (const auto& w : plan->warnings) log << "warning: " << w << "\n";
+  if (!plan->coverage.empty()) log << plan->coverage;
+  if (!plan->report.empty()) log << plan->report;
+  if (!plan->ssm_tensors.empty())
+    log << "ssm: co-training " << plan->ssm_tensors.size() << " tensors (float32 master copies)\n";
+  if (r.has_value("adapter", "init_from"))
+    log << "adapter: starting from " << r.get_path("adapter", "init_from").string() << "\n";
+  log << d.summary;
+  if (resuming)
+    log << "resume: continuing from " << last_good.string() << " (step " << state.step << ", "
+        << data::to_string(state.position) << ")\n";
+
+  const bool finished = resuming && state.step >= total;
+  const bool exports_present = std::all_of(formats.begin(), formats.end(), [&](const std::string& f) {
+    return fs::is_directory(run_dir / f);
+  });
+  if (finished && exports_present) {
+    log << "nothing left to do: " << run_dir.string() << " finished all " << total
+        << " steps and holds its exports\n";
+    summary.steps = state.step;
+    return summary;
+  }
+  if (!resuming || !fs::exists(run_dir / "run_identity.json"))
+    io::write_file_atomic((run_dir / "run_identity.json").string(), nlohmann::json(training_identity(r)).dump(1) + "\n");
+  io::write_file_atomic((run_dir / "recipe.resolved.toml").string(), r.to_toml());
+  if (d.split_is_new) data::write_split(d.split, run_dir.string());
   log << "train: " << total << " optimizer steps (" << steps_per_epoch << " per epoch, batch "
       << r.get_int("train", "batch_size") << " = " << d.accumulation << " x "
       << d.train->options().batch_size << "), warmup " << warmup << ", " << schedule << " schedule\n";
 
-  MetricsLog metrics(run_dir, resuming);
+  MetricsLog metrics(run_dir, resuming ? state.step : -1);
   std::map<std::string, torch::Tensor> best_snapshot;
   const auto best_file = run_dir / "checkpoints" / "best" / "trainable.safetensors";
   if (resuming && fs::exists(best_file)) best_snapshot = io::load_checkpoint_tensors(best_file.string());
@@ -451,8 +599,6 @@ TrainSummary train(const recipe::Recipe& r) {
   auto t_start = std::chrono::steady_clock::now();
   int64_t tokens_since = 0;
   auto t_since = t_start;
-  fs::path last_good;
-  if (resuming) last_good = list_checkpoints(run_dir).back();
 
   auto do_eval = [&]() {
     if (!d.eval) return;
@@ -481,6 +627,10 @@ TrainSummary train(const recipe::Recipe& r) {
       for (size_t i = 0; i + static_cast<size_t>(keep_last) < all.size(); ++i) io::remove_tree_or_throw(all[i]);
     }
   };
+  struct RestoreSignal {
+    void (*handler)(int);
+    ~RestoreSignal() { std::signal(SIGINT, handler); }
+  } restore_signal{previous_handler};
 
   if (!resuming) do_eval();  // the starting point of the curve
   while (state.step < total) {
@@ -502,12 +652,12 @@ TrainSummary train(const recipe::Recipe& r) {
       auto out = model.forward(mb);
       const double loss_value = out.loss.item<double>();
       if (!std::isfinite(loss_value)) {
-        std::signal(SIGINT, previous_handler);
+        const double cur = peak_lr[0] * lr_factor(schedule, state.step, total, warmup);
         throw RuntimeError("step " + std::to_string(state.step + 1) + ": the training loss is " +
-                           std::to_string(loss_value) + "; stopping. " +
+                           std::to_string(loss_value) + "; stopping. " + nonfinite_loss_cause(model, mb, cur) +
+                           ". " +
                            (last_good.empty() ? std::string("No checkpoint was written yet.")
-                                              : "The last good checkpoint is " + last_good.string() + ".") +
-                           " Try a lower [train] lr, a smaller max_grad_norm, or float32.");
+                                              : "The last good checkpoint is " + last_good.string() + "."));
       }
       (out.loss / static_cast<double>(d.accumulation)).backward();
       step_loss += loss_value / static_cast<double>(d.accumulation);
@@ -552,14 +702,14 @@ TrainSummary train(const recipe::Recipe& r) {
           << "; run the same command again to resume\n";
       summary.interrupted = true;
       summary.steps = state.step;
-      std::signal(SIGINT, previous_handler);
       return summary;
     }
   }
-  std::signal(SIGINT, previous_handler);
   if (tty) log << "\n";
-  do_eval();
-  do_save();
+  if (!finished) {
+    do_eval();
+    do_save();
+  }
   if (r.get_bool("train", "load_best") && !best_snapshot.empty() && state.best_step != state.step) {
     restore(model, best_snapshot, (run_dir / "checkpoints" / "best").string());
     log << "best: restored the trainable tensors of step " << state.best_step << " (eval loss "
@@ -570,14 +720,15 @@ TrainSummary train(const recipe::Recipe& r) {
   // --- exports ----------------------------------------------------------------------------
   SaveRequest save;
   save.model = &model;
-  save.adapter = &request.spec;
+  save.adapter = &request->spec;
   save.adapted_modules = applied.adapted_modules;
-  save.ssm_tensors = plan.ssm_tensors;
-  save.base_model_dir = source.dir;
-  save.base_model_name = source.dir.empty() ? std::string("random-init:") + inv.model_type : source.dir.string();
+  save.ssm_tensors = plan->ssm_tensors;
+  save.base_model_dir = source->dir;
+  save.base_model_name = source->dir.empty() ? std::string("random-init:") + inv.model_type : source->dir.string();
   save.config_json = loaded.config_json;
+  save.base_fingerprint = base_fingerprint;
   save.gguf_types = r.get_strings("output", "gguf_types");
-  for (const auto& format : r.get_strings("output", "formats")) {
+  for (const auto& format : formats) {
     const auto dir = run_dir / format;
     PluginRegistry::instance().persistence(format)->save(save, dir);
     log << "output: " << format << " -> " << dir.string() << "\n";

@@ -31,6 +31,11 @@ struct TrainSummary {
   int64_t best_step = -1;
 };
 
-TrainSummary train(const recipe::Recipe& recipe);
+struct TrainOptions {
+  // An [adapter] init_from folder made for another base is refused instead of warned about.
+  bool strict = false;
+};
+
+TrainSummary train(const recipe::Recipe& recipe, const TrainOptions& options = {});
 
 }  // namespace peftfw::train
