@@ -23,7 +23,8 @@ printf '#pragma once\ntypedef struct cublasLtContext* cublasLtHandle_t;\n' > "$s
 printf '#pragma once\ntypedef struct cusolverDnContext* cusolverDnHandle_t;\ntypedef int cusolverStatus_t;\n' > "$stubs/cusolverDn.h"
 echo '#pragma once' > "$stubs/cusolver_common.h"
 files=(kernels/mamba2/cuda/ops_cuda.cpp kernels/mamba2/cuda/ssd_cuda.cpp kernels/common/row_nll.cpp
-       kernels/common/lora_down.cpp kernels/mamba2/dispatch.cpp tests/gpu/test_kernels_cuda.cpp)
+       kernels/common/lora_down.cpp kernels/mamba2/dispatch.cpp tests/gpu/test_kernels_cuda.cpp
+       framework/src/train/device_memory.cpp)
 status=0
 for f in "${files[@]}"; do
   if ! g++ -std=c++17 -fsyntax-only -Wall -Werror=return-type -DPEFTFW_HAVE_CUDA=1 -DPEFTFW_MICRO_CONFIG='"unused"' \
