@@ -40,7 +40,7 @@ for s in "${stages[@]}"; do
       stamp kernels
       PEFTFW_V2_KERNELS=0 "$bin/peftfw_bench_kernels" "$out/kernels.json" > "$out/kernels.log" 2>&1
       PEFTFW_V2_KERNELS=1 "$bin/peftfw_bench_kernels" "$out/kernels_v2.json" > "$out/kernels_v2.log" 2>&1
-      tail -12 "$out/kernels.log" "$out/kernels_v2.log" | tee -a "$out/session.log" ;;
+      tail -n 12 "$out/kernels.log" "$out/kernels_v2.log" | tee -a "$out/session.log" ;;
     ktrace)
       stamp ktrace
       PEFTFW_BENCH_SHAPES=32x1280,1x4096 PEFTFW_PROFILE_TRACE=/tmp/ssd "$bin/peftfw_bench_kernels" /tmp/ktrace.json \
@@ -68,7 +68,7 @@ for s in "${stages[@]}"; do
         > "$out/e2e.log" 2>&1
       PEFTFW_V2_KERNELS=1 python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --shapes 32x1280 --steps 7 \
         --out /tmp/e2e_v2 > "$out/e2e_v2.log" 2>&1
-      tail -6 "$out/e2e.log" "$out/e2e_v2.log" | tee -a "$out/session.log" ;;
+      tail -n 6 "$out/e2e.log" "$out/e2e_v2.log" | tee -a "$out/session.log" ;;
     profile)
       stamp profile
       PEFTFW_V2_KERNELS=1 PEFTFW_PROFILE_TRACE=/tmp/trace.json PEFTFW_PROFILE_STEP=6 \
