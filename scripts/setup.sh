@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(g++ cmake ninja-build ccache pkg-config libboost-dev libtomlplusplus-dev
-          nlohmann-json3-dev libgtest-dev libgmock-dev libpcre2-dev libfmt-dev)
+          nlohmann-json3-dev libgtest-dev libgmock-dev libpcre2-dev libfmt-dev
+          clang libclang-rt-14-dev)  # clang + libFuzzer: scripts/fuzz.sh, ctest -L fuzz
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

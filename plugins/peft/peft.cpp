@@ -9,11 +9,14 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "adapter_config.hpp"
 #include "peftfw/error.hpp"
 #include "peftfw/io/json_config.hpp"
 #include "peftfw/io/safetensors.hpp"
 #include "peftfw/io/tensor_bridge.hpp"
 #include "peftfw/model/causal_lm.hpp"
+#include "peftfw/model/fingerprint.hpp"
+#include "peftfw/model/loader.hpp"
 #include "peftfw/plugin/adapter.hpp"
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registrar.hpp"
@@ -114,6 +117,17 @@ class PeftFormat final : public PersistencePlugin {
     manifest["adapted_modules"] = req.adapted_modules;
     manifest["ssm_tensors"] = req.ssm_tensors;
     manifest["ssm_file"] = req.ssm_tensors.empty() ? nlohmann::json(nullptr) : nlohmann::json(kSsmFile);
+    // The base's fingerprint (peftfw forward/eval/verify-ssm compare it with the base they are
+    // given): from the trainer when it sets one, else from the source checkpoint folder.
+    std::optional<BaseFingerprint> base = req.base_fingerprint;
+    if (!base && !req.base_model_dir.empty()) {
+      ModelSource source;
+      source.dir = req.base_model_dir;
+      base = fingerprint_base(source);
+    }
+    manifest["base"] = base
+                           ? nlohmann::ordered_json(base_manifest_entry(*base, req.base_model_name))
+                           : nlohmann::ordered_json(nullptr);
     manifest["note"] =
         "adapter_model.safetensors + adapter_config.json load with PEFT; the co-trained SSM core "
         "tensors are in ssm_core_params.safetensors under their checkpoint names (PEFT does not "
@@ -134,21 +148,12 @@ class PeftFormat final : public PersistencePlugin {
     if (!fs::exists(cfg_path))
       throw InputError(dir.string() + ": not an adapter folder (no " + kConfigFile + ")");
     auto cfg = io::JsonConfig::load(cfg_path.string());
-    const auto type = cfg.get_string("peft_type", "");
-    if (type != "LORA")
-      throw InputError(cfg_path.string() + ": field 'peft_type': only \"LORA\" adapters can be "
-                       "loaded, found \"" + type + "\"");
-    for (const char* key : {"rank_pattern", "alpha_pattern"})
-      if (cfg.has(key) && !cfg.raw()[key].is_null() && !cfg.raw()[key].empty())
-        throw InputError(cfg_path.string() + ": field '" + key +
-                         "' (per-module ranks) is not supported yet");
-    if (cfg.get_bool("fan_in_fan_out", false))
-      throw InputError(cfg_path.string() + ": field 'fan_in_fan_out' = true is not supported");
+    const AdapterConfig parsed = parse_adapter_config(cfg);
     AdapterSpec spec;
-    spec.method = cfg.get_bool("use_dora", false) ? "dora" : "lora";
-    spec.r = cfg.require_int("r");
-    spec.alpha = cfg.get_float("lora_alpha", 8.0);
-    spec.use_rslora = cfg.get_bool("use_rslora", false);
+    spec.method = parsed.method;
+    spec.r = parsed.r;
+    spec.alpha = parsed.alpha;
+    spec.use_rslora = parsed.use_rslora;
     spec.dropout = 0.0;  // inference
 
     const auto file = dir / kAdapterFile;
@@ -179,13 +184,33 @@ class PeftFormat final : public PersistencePlugin {
       throw InputError(file.string() + ": " + std::to_string(unknown.size()) +
                        " tensor(s) are not LoRA/DoRA weights peftfw understands:" + list);
     }
+    // PEFT attaches by target_modules, not by the tensors: the two must agree.
+    check_target_modules(cfg.raw(), cfg_path.string(), modules, file.string());
     std::vector<std::string> module_list(modules.begin(), modules.end());
     auto adapter = PluginRegistry::instance().adapter_for_method(spec.method);
     adapter->apply(model, spec, module_list);
 
     torch::NoGradGuard no_grad;
     auto params = model.named_parameters();
-    std::vector<std::string> problems;
+    std::vector<std::string> problems, bad_values;
+    // A float parameter needs a float tensor (copy_ would cast integers silently) and finite
+    // values.
+    auto checked = [&](const io::TensorView& view, const torch::Tensor& param,
+                       const std::string& where) -> std::optional<torch::Tensor> {
+      if (!io::is_floating_point(view.dtype)) {
+        bad_values.push_back(where + ": stored as " + io::dtype_name(view.dtype) +
+                             ", expected a floating-point type (F32, BF16, F16 or F64) for this " +
+                             io::dtype_label(param) + " parameter");
+        return std::nullopt;
+      }
+      auto value = io::to_tensor(view, where);
+      const auto bad = io::count_non_finite(value);
+      if (bad.any()) {
+        bad_values.push_back(where + ": " + io::describe_non_finite(bad));
+        return std::nullopt;
+      }
+      return value;
+    };
     for (const auto& key : st.names()) {
       const auto name = key.substr(std::string(kPrefix).size());
       auto* p = params.find(name);
@@ -199,7 +224,8 @@ class PeftFormat final : public PersistencePlugin {
                            ", found " + io::shape_to_string(view.shape));
         continue;
       }
-      p->copy_(io::to_tensor(view, key));
+      if (auto value = checked(view, *p, file.string() + ": tensor '" + key + "'"))
+        p->copy_(*value);
     }
     LoadedAdapter out;
     out.method = spec.method;
@@ -220,7 +246,8 @@ class PeftFormat final : public PersistencePlugin {
                              io::shape_to_string(view.shape));
           continue;
         }
-        p->copy_(io::to_tensor(view, name));
+        if (auto value = checked(view, *p, ssm_file.string() + ": tensor '" + name + "'"))
+          p->copy_(*value);
         out.ssm_tensors.push_back(name);
       }
     }
@@ -228,6 +255,14 @@ class PeftFormat final : public PersistencePlugin {
       std::string list;
       for (const auto& p : problems) list += "\n  " + p;
       throw InputError(dir.string() + ": adapter does not fit this model:" + list);
+    }
+    if (!bad_values.empty()) {
+      std::string list;
+      for (const auto& b : bad_values) list += "\n  " + b;
+      throw InputError(dir.string() + ": adapter tensors peftfw refuses to load:" + list +
+                       "\n  NaN/Inf values make every output NaN (the run that saved them "
+                       "diverged, or the file is damaged); an integer tensor in place of a weight "
+                       "is an export bug. Use an earlier checkpoint or re-export the adapter.");
     }
     return out;
   }

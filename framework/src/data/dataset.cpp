@@ -206,18 +206,6 @@ bool is_blank(std::string_view line) {
                      [](char c) { return c == ' ' || c == '\t' || c == '\r'; });
 }
 
-// nlohmann's message after "parse error at line L, column C: ", without the
-// "[json.exception...]" prefix and its own position.
-std::string parse_error_detail(const std::string& what) {
-  const auto column = what.find("column ");
-  if (column != std::string::npos) {
-    const auto colon = what.find(": ", column);
-    if (colon != std::string::npos) return what.substr(colon + 2);
-  }
-  const auto bracket = what.find("] ");
-  return bracket == std::string::npos ? what : what.substr(bracket + 2);
-}
-
 // A line that is not a valid example; `what` has no "file:line: " prefix.
 struct LineError {
   std::string what;
@@ -313,11 +301,16 @@ std::optional<DataFormat> detect_format(const json& obj) {
   return std::nullopt;
 }
 
+// The object's field names for a message, cut like any excerpt of the line
+// (a line can hold a million fields, or one very long name).
 std::string key_list(const json& obj) {
   std::string keys;
   for (const auto& item : obj.items()) {
     if (!keys.empty()) keys += ", ";
     keys += item.key();
+    if (keys.size() > io::kMaxExcerptBytes) {
+      return io::make_excerpt(keys).text + " (" + std::to_string(obj.size()) + " fields)";
+    }
   }
   return keys.empty() ? "none" : keys;
 }
@@ -361,8 +354,15 @@ Dataset parse_jsonl(std::string_view text, const std::string& source,
     try {
       obj = json::parse(line.begin(), line.end());
     } catch (const json::parse_error& e) {
+      // The detail quotes the line ("last read: '...'", for an unclosed
+      // string the rest of it), cut so that a 100 MB line does not come back.
       report(lineno, "invalid JSON at column " + std::to_string(std::max<std::size_t>(e.byte, 1)) +
-                         ": " + parse_error_detail(e.what()));
+                         ": " + io::json_error_detail(e.what()));
+      continue;
+    } catch (const json::out_of_range& e) {
+      // A number beyond a double (1e999); nlohmann gives no column for it.
+      report(lineno, "invalid JSON: " + io::json_error_detail(e.what()) +
+                         " (a number beyond the range of a 64-bit float)");
       continue;
     }
     if (!obj.is_object()) {
@@ -540,7 +540,7 @@ PromptTemplate PromptTemplate::custom(std::string_view template_string, const st
       kind = Piece::Output;
       ++outputs;
     } else {
-      throw InputError(source + ": unknown placeholder {" + std::string(name) + "} at offset " +
+      throw InputError(source + ": unknown placeholder {" + io::excerpt(name) + "} at offset " +
                        std::to_string(i) + hint);
     }
     flush();
@@ -560,8 +560,9 @@ PromptTemplate PromptTemplate::named(std::string_view name, std::string system_p
   if (name == "granite") return granite(std::move(system_prompt));
   if (name == "alpaca") return alpaca();
   if (name == "raw") return raw();
-  throw InputError("data.template: unknown template \"" + std::string(name) +
-                   "\"; expected granite, alpaca or raw (or set data.template_string to a "
+  const io::Excerpt shown = io::make_excerpt(name);
+  throw InputError("data.template: unknown template \"" + shown.text + "\"" + shown.note() +
+                   "; expected granite, alpaca or raw (or set data.template_string to a "
                    "custom template)");
 }
 

@@ -30,6 +30,13 @@ using namespace detail;
 
 // ---- JSON access with file and path in every message ---------------------------
 
+// A string from the file (a token, a type name) or from the text being
+// encoded, JSON-quoted for a message and cut to io::kMaxExcerptBytes.
+std::string json_quoted(std::string_view s) {
+  const io::Excerpt e = io::make_excerpt(s);
+  return json(e.text).dump(-1, ' ', false, json::error_handler_t::replace) + e.note();
+}
+
 class Source {
  public:
   explicit Source(std::string file) : file_(std::move(file)) {}
@@ -126,8 +133,8 @@ std::string component_type(const Source& src, const json& node, const std::strin
 
 [[noreturn]] void unsupported(const Source& src, const std::string& path, const char* what,
                               const std::string& type, const char* supported) {
-  src.fail(Source::join(path, "type"), std::string("unsupported ") + what + " \"" + type +
-                                           "\"; peftfw supports " + supported);
+  src.fail(Source::join(path, "type"), std::string("unsupported ") + what + " " +
+                                           json_quoted(type) + "; peftfw supports " + supported);
 }
 
 // ---- Splitting with a delimiter behavior ----------------------------------------
@@ -310,17 +317,30 @@ class ByteLevelPreTokenizer final : public PreTokenizer {
 
 constexpr const char* kSupportedPreTokenizers = "null, Sequence, Split, ByteLevel and Digits";
 
+// Sequences nest in real files once or twice; a hostile file nesting them a
+// hundred thousand deep would exhaust the stack (parsing, applying and
+// destroying them all recurse).
+constexpr int kMaxSequenceNesting = 32;
+
+void check_nesting(const Source& src, const std::string& path, int depth) {
+  if (depth > kMaxSequenceNesting) {
+    src.fail(path, "Sequence nested more than " + std::to_string(kMaxSequenceNesting) +
+                       " deep; flatten it into one Sequence");
+  }
+}
+
 std::unique_ptr<PreTokenizer> parse_pre_tokenizer(const Source& src, const json& node,
-                                                  const std::string& path) {
+                                                  const std::string& path, int depth = 0) {
   const std::string type =
       component_type(src, node, path, "pre-tokenizer", kSupportedPreTokenizers);
   if (type == "Sequence") {
+    check_nesting(src, path, depth + 1);
     const std::string list_path = Source::join(path, "pretokenizers");
     const json& list = src.require(node, "pretokenizers", path);
     src.expect_array(list, list_path);
     std::vector<std::unique_ptr<PreTokenizer>> steps;
     for (std::size_t i = 0; i < list.size(); ++i) {
-      steps.push_back(parse_pre_tokenizer(src, list[i], Source::index(list_path, i)));
+      steps.push_back(parse_pre_tokenizer(src, list[i], Source::index(list_path, i), depth + 1));
     }
     return std::make_unique<SequencePreTokenizer>(std::move(steps));
   }
@@ -351,8 +371,8 @@ std::unique_ptr<PreTokenizer> parse_pre_tokenizer(const Source& src, const json&
       behavior = Behavior::Contiguous;
     } else {
       src.fail(Source::join(path, "behavior"),
-               "unknown split behavior \"" + behavior_name +
-                   "\"; expected Removed, Isolated, MergedWithPrevious, MergedWithNext or "
+               "unknown split behavior " + json_quoted(behavior_name) +
+                   "; expected Removed, Isolated, MergedWithPrevious, MergedWithNext or "
                    "Contiguous");
     }
     const bool invert = src.get_bool(node, "invert", false, path);
@@ -436,12 +456,12 @@ BpeModel::BpeModel(const Source& src, const json& node) : file_(src.file()) {
   const std::string path = "model";
   const json& vocab = src.require_object(node, "vocab", path);
   for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-    const std::string entry_path = "model.vocab[" + json(it.key()).dump() + "]";
+    const std::string entry_path = "model.vocab[" + json_quoted(it.key()) + "]";
     const int32_t id = src.as_id(it.value(), entry_path);
     const auto [existing, inserted] = vocab_r_.emplace(id, it.key());
     if (!inserted) {
       src.fail(entry_path, "id " + std::to_string(id) + " is also the id of " +
-                               json(existing->second).dump() + "; every token needs its own id");
+                               json_quoted(existing->second) + "; every token needs its own id");
     }
     vocab_.emplace(it.key(), id);
     max_id_ = std::max(max_id_, id);
@@ -464,7 +484,7 @@ BpeModel::BpeModel(const Source& src, const json& node) : file_(src.file()) {
     // The library only fails once an unknown character shows up; a broken
     // file is better reported when it is loaded.
     if (!unk_id_) {
-      src.fail("model.unk_token", "token " + json(*unk).dump() + " is not in model.vocab");
+      src.fail("model.unk_token", "token " + json_quoted(*unk) + " is not in model.vocab");
     }
   }
   byte_ids_.fill(-1);
@@ -511,16 +531,16 @@ BpeModel::BpeModel(const Source& src, const json& node) : file_(src.file()) {
     }
     const auto a_id = token_to_id(a);
     const auto b_id = token_to_id(b);
-    if (!a_id) src.fail(merge_path, "token " + json(a).dump() + " is not in model.vocab");
-    if (!b_id) src.fail(merge_path, "token " + json(b).dump() + " is not in model.vocab");
+    if (!a_id) src.fail(merge_path, "token " + json_quoted(a) + " is not in model.vocab");
+    if (!b_id) src.fail(merge_path, "token " + json_quoted(b) + " is not in model.vocab");
     if (b.size() < prefix_length) {
-      src.fail(merge_path, "token " + json(b).dump() + " is shorter than the continuing subword "
-                           "prefix " + json(*continuing_subword_prefix_).dump());
+      src.fail(merge_path, "token " + json_quoted(b) + " is shorter than the continuing subword "
+                           "prefix " + json_quoted(*continuing_subword_prefix_));
     }
     const std::string merged = a + b.substr(prefix_length);
     const auto new_id = token_to_id(merged);
     if (!new_id) {
-      src.fail(merge_path, "the merged token " + json(merged).dump() + " is not in model.vocab");
+      src.fail(merge_path, "the merged token " + json_quoted(merged) + " is not in model.vocab");
     }
     // A repeated pair takes its last rank, as the library's HashMap collect.
     merges_[pair_key(*a_id, *b_id)] = {static_cast<int32_t>(rank), *new_id};
@@ -574,7 +594,7 @@ std::vector<int32_t> BpeModel::merge_word(const std::string& word) const {
     }
     if (!unk_id_) {
       throw InputError(file_ + ": the character " + code_point_name(cp) + " (" +
-                       word.substr(start, i - start) + ") in the pre-token " + json(word).dump() +
+                       word.substr(start, i - start) + ") in the pre-token " + json_quoted(word) +
                        " is not in the vocabulary, and the model has no unk_token or "
                        "byte_fallback for it (the tokenizers library would drop it silently)");
     }
@@ -768,24 +788,31 @@ class AddedVocabulary {
       : word_start_("[\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\p{Join_Control}]",
                     "added-token word check") {}
 
-  // AddedVocabulary::add_tokens for one token; returns the id it gets.
-  int32_t add(const AddedToken& token, const BpeModel& model) {
+  // AddedVocabulary::add_tokens for one token; returns the id it gets, or
+  // nullopt (adding nothing) when that id would be past the int32 range.
+  std::optional<int32_t> add(const AddedToken& token, const BpeModel& model) {
     if (token.special && special_set_.insert(token.content).second) {
       special_tokens_.push_back(token);
     }
-    for (const auto& [id, existing] : by_id_) {
-      if (existing == token) return id;  // an identical token is ignored
-    }
+    // An identical token is ignored. A content keeps the id it first got, so
+    // an identical token can only sit at by_content_'s id (a lookup, where a
+    // scan of every added token made loading quadratic).
     int32_t id;
     if (const auto it = by_content_.find(token.content); it != by_content_.end()) {
       id = it->second;
+      if (const auto same = by_id_.find(id); same != by_id_.end() && same->second == token) {
+        return id;
+      }
     } else if (const auto model_id = model.token_to_id(token.content)) {
       id = *model_id;
     } else {
-      id = next_id(model);
+      const int64_t next = next_id(model);
+      if (next > std::numeric_limits<int32_t>::max()) return std::nullopt;
+      id = static_cast<int32_t>(next);
     }
     by_content_[token.content] = id;
     by_id_[id] = token;
+    max_id_ = std::max(max_id_, id);
     if (special_set_.count(token.content) == 0) classic_tokens_.push_back(token);
     return id;
   }
@@ -811,11 +838,7 @@ class AddedVocabulary {
     return it == by_id_.end() ? nullptr : &it->second;
   }
   bool is_special(const std::string& content) const { return special_set_.count(content) != 0; }
-  int32_t max_id() const {
-    int32_t m = -1;
-    for (const auto& [content, id] : by_content_) m = std::max(m, id);
-    return m;
-  }
+  int32_t max_id() const { return max_id_; }
 
   // extract_and_normalize: the non-normalized tokens are found on the text,
   // then the normalized ones on the pieces between them (no normalizer is
@@ -835,11 +858,12 @@ class AddedVocabulary {
   }
 
  private:
-  int32_t next_id(const BpeModel& model) const {
+  // The id a new token gets; may be one past the int32 range.
+  int64_t next_id(const BpeModel& model) const {
     const auto vocab_size = static_cast<int32_t>(model.size());
     if (by_content_.empty()) return vocab_size;
     const int32_t max = max_id();
-    return max >= vocab_size || vocab_size == 0 ? max + 1 : vocab_size;
+    return max >= vocab_size || vocab_size == 0 ? int64_t{max} + 1 : vocab_size;
   }
 
   bool is_word_char_at(std::string_view text, std::size_t offset) const {
@@ -896,6 +920,7 @@ class AddedVocabulary {
 
   std::unordered_map<std::string, int32_t> by_content_;
   std::unordered_map<int32_t, AddedToken> by_id_;
+  int32_t max_id_ = -1;  // the largest value in by_content_
   std::vector<AddedToken> special_tokens_;
   std::vector<AddedToken> classic_tokens_;
   std::unordered_set<std::string> special_set_;
@@ -937,7 +962,8 @@ class HfTokenizer final : public Tokenizer {
   };
 
   void parse_added_tokens(const Source& src, const json& root);
-  void parse_post_processor(const Source& src, const json& node, const std::string& path);
+  void parse_post_processor(const Source& src, const json& node, const std::string& path,
+                            int depth = 0);
   void read_tokenizer_config();
   const std::string& token_text(int64_t id, std::size_t position) const;
 
@@ -1021,10 +1047,18 @@ void HfTokenizer::parse_added_tokens(const Source& src, const json& root) {
       // The library re-adds the tokens in file order and keeps the ids that
       // gives, warning when they differ from the file's. Which of the two a
       // model was trained with cannot be known, so peftfw refuses.
-      const int32_t id = added_.add(token, *model_);
+      const std::optional<int32_t> added = added_.add(token, *model_);
+      if (!added) {
+        src.fail(Source::join(path, "id"),
+                 "the added token " + json_quoted(token.content) +
+                     " would be numbered past the largest token id " +
+                     std::to_string(std::numeric_limits<int32_t>::max()) +
+                     " (added tokens are numbered after the largest id in use)");
+      }
+      const int32_t id = *added;
       if (id != file_id) {
         src.fail(Source::join(path, "id"),
-                 "the added token " + json(token.content).dump() + " has id " +
+                 "the added token " + json_quoted(token.content) + " has id " +
                      std::to_string(file_id) + " here, but the tokenizers library gives it id " +
                      std::to_string(id) + " when it loads this file (" +
                      (model_->token_to_id(token.content) ? "the model vocabulary has it"
@@ -1038,16 +1072,17 @@ void HfTokenizer::parse_added_tokens(const Source& src, const json& root) {
 }
 
 void HfTokenizer::parse_post_processor(const Source& src, const json& node,
-                                       const std::string& path) {
+                                       const std::string& path, int depth) {
   static constexpr const char* kSupported = "null, ByteLevel, TemplateProcessing and Sequence";
   const std::string type = component_type(src, node, path, "post-processor", kSupported);
   if (type == "ByteLevel") return;  // changes offsets only
   if (type == "Sequence") {
+    check_nesting(src, path, depth + 1);
     const std::string list_path = Source::join(path, "processors");
     const json& list = src.require(node, "processors", path);
     src.expect_array(list, list_path);
     for (std::size_t i = 0; i < list.size(); ++i) {
-      parse_post_processor(src, list[i], Source::index(list_path, i));
+      parse_post_processor(src, list[i], Source::index(list_path, i), depth + 1);
     }
     return;
   }
@@ -1067,7 +1102,7 @@ void HfTokenizer::parse_post_processor(const Source& src, const json& node,
           src.require_string(*sequence, "id", Source::join(piece_path, "Sequence"));
       if (id != "A") {
         src.fail(Source::join(piece_path, "Sequence.id"),
-                 "a single-sequence template can only hold sequence A, found " + json(id).dump());
+                 "a single-sequence template can only hold sequence A, found " + json_quoted(id));
       }
       pieces.push_back({true, {}});
     } else if (const json* special = src.find(piece, "SpecialToken")) {
@@ -1076,10 +1111,10 @@ void HfTokenizer::parse_post_processor(const Source& src, const json& node,
       const json* entry = specials != nullptr ? src.find(*specials, name) : nullptr;
       if (entry == nullptr || !entry->is_object()) {
         src.fail(Source::join(special_path, "id"),
-                 "special token " + json(name).dump() + " is not in " + path + ".special_tokens");
+                 "special token " + json_quoted(name) + " is not in " + path + ".special_tokens");
       }
       const std::string entry_path =
-          Source::join(path, "special_tokens[" + json(name).dump() + "]");
+          Source::join(path, "special_tokens[" + json_quoted(name) + "]");
       const std::string ids_path = Source::join(entry_path, "ids");
       const json& ids = src.expect_array(src.require(*entry, "ids", entry_path), ids_path);
       TemplatePiece out;
@@ -1117,7 +1152,7 @@ void HfTokenizer::read_tokenizer_config() {
     }
     const auto id = token_id(content);
     if (!id) {
-      src.fail(key, "token " + json(content).dump() + " is not in the vocabulary of " + file_);
+      src.fail(key, "token " + json_quoted(content) + " is not in the vocabulary of " + file_);
     }
     return id;
   };

@@ -8,6 +8,7 @@
 #include <pcre2.h>
 
 #include "peftfw/error.hpp"
+#include "peftfw/io/json_config.hpp"
 #include "tokenizer_internal.hpp"
 
 namespace peftfw::data::detail {
@@ -151,7 +152,7 @@ std::string onig_to_pcre2(const std::string& pattern, const std::string& where) 
     if (c == '&' && i + 1 < n && pattern[i + 1] == '&') {
       throw InputError(where + ": the regex uses a character class intersection ('&&'), which "
                        "peftfw's regex engine (PCRE2) does not support; pattern: " +
-                       pattern);
+                       io::excerpt(pattern));
     }
     if (c == '[') {
       // POSIX classes: [:alpha:], [:word:], [:digit:] and [:space:] are
@@ -170,7 +171,7 @@ std::string onig_to_pcre2(const std::string& pattern, const std::string& where) 
       throw InputError(where + ": the regex nests a character class inside another (an "
                        "Oniguruma class union), which peftfw's regex engine (PCRE2) does not "
                        "support; pattern: " +
-                       pattern);
+                       io::excerpt(pattern));
     }
     out += c;
     ++i;
@@ -192,9 +193,9 @@ Regex::Regex(const std::string& onig_pattern, const std::string& where) : where_
       pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
                     PCRE2_UTF | PCRE2_UCP | PCRE2_MULTILINE, &error, &error_offset, context.get());
   if (code == nullptr) {
-    throw InputError(where + ": invalid regex " + onig_pattern + ": " + pcre2_message(error) +
-                     " (at offset " + std::to_string(error_offset) + " of the PCRE2 form " +
-                     pattern + ")");
+    throw InputError(where + ": invalid regex " + io::excerpt(onig_pattern) + ": " +
+                     pcre2_message(error) + " (at offset " + std::to_string(error_offset) +
+                     " of the PCRE2 form " + io::excerpt(pattern) + ")");
   }
   // JIT is an optimisation: where it is unavailable, pcre2_match interprets.
   pcre2_jit_compile(code, PCRE2_JIT_COMPLETE);

@@ -106,18 +106,6 @@ std::size_t original_position(std::size_t pos, const std::vector<Replacement>& r
   return pos - shift;
 }
 
-// nlohmann's message after "parse error at line L, column C: ", without the
-// "[json.exception...]" prefix and its own (shifted) position.
-std::string parse_error_detail(const std::string& what) {
-  const auto column = what.find("column ");
-  if (column != std::string::npos) {
-    const auto colon = what.find(": ", column);
-    if (colon != std::string::npos) return what.substr(colon + 2);
-  }
-  const auto bracket = what.find("] ");
-  return bracket == std::string::npos ? what : what.substr(bracket + 2);
-}
-
 // "line:column" (both 1-based) of byte `pos` in `text`.
 std::string line_column(const std::string& text, std::size_t pos) {
   pos = std::min(pos, text.size());
@@ -128,13 +116,62 @@ std::string line_column(const std::string& text, std::size_t pos) {
   return std::to_string(line) + ":" + std::to_string(column);
 }
 
+// A JSON string value in a message: quoted, cut to 60 bytes (a value is
+// shown beside other text, so it gets less room than a line excerpt).
 std::string quote_truncated(const std::string& s) {
-  constexpr std::size_t kMax = 60;
-  std::string shown = s.size() > kMax ? s.substr(0, kMax) + "..." : s;
-  return json(shown).dump(-1, ' ', false, json::error_handler_t::replace);
+  const Excerpt e = make_excerpt(s, 60);
+  return json(e.text).dump(-1, ' ', false, json::error_handler_t::replace) + e.note();
 }
 
 }  // namespace
+
+std::string Excerpt::note() const {
+  return cut ? " (" + std::to_string(original) + " bytes in all)" : std::string();
+}
+
+Excerpt make_excerpt(std::string_view text, std::size_t max_bytes) {
+  Excerpt e;
+  e.original = text.size();
+  if (text.size() <= max_bytes) {
+    e.text = std::string(text);
+    return e;
+  }
+  // Back up to the start of a UTF-8 character (at most 3 continuation bytes)
+  // so that the excerpt is not cut inside one.
+  std::size_t cut = max_bytes;
+  for (int i = 0; i < 3 && cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80; ++i) {
+    --cut;
+  }
+  e.text = std::string(text.substr(0, cut)) + "...";
+  e.cut = true;
+  return e;
+}
+
+std::string excerpt(std::string_view text, std::size_t max_bytes) {
+  const Excerpt e = make_excerpt(text, max_bytes);
+  return e.text + e.note();
+}
+
+std::string json_error_detail(const std::string& what) {
+  std::string detail = what;
+  if (const auto column = what.find("column "); column != std::string::npos) {
+    if (const auto colon = what.find(": ", column); colon != std::string::npos) {
+      detail = what.substr(colon + 2);
+    }
+  } else if (const auto bracket = what.find("] "); bracket != std::string::npos) {
+    detail = what.substr(bracket + 2);
+  }
+  // "...; last read: '<the token so far>'": cut the token, keep the description.
+  const std::string marker = "last read: '";
+  const auto at = detail.find(marker);
+  if (at != std::string::npos && detail.size() > at + marker.size() && detail.back() == '\'') {
+    const std::size_t begin = at + marker.size();
+    const Excerpt token =
+        make_excerpt(std::string_view(detail).substr(begin, detail.size() - 1 - begin));
+    return detail.substr(0, begin) + token.text + "'" + token.note();
+  }
+  return excerpt(detail);
+}
 
 std::string describe_json_value(const json& value) {
   switch (value.type()) {
@@ -229,7 +266,11 @@ json parse_json_text(const std::string& text, const std::string& source) {
   } catch (const json::parse_error& e) {
     const std::size_t pos = original_position(e.byte > 0 ? e.byte - 1 : 0, replacements);
     throw InputError(source + ":" + line_column(text, pos) + ": invalid JSON (byte " +
-                     std::to_string(pos) + "): " + parse_error_detail(e.what()));
+                     std::to_string(pos) + "): " + json_error_detail(e.what()));
+  } catch (const json::out_of_range& e) {
+    // A number beyond a double (1e999); nlohmann gives no position for it.
+    throw InputError(source + ": invalid JSON: " + json_error_detail(e.what()) +
+                     " (a number beyond the range of a 64-bit float)");
   }
   if (marker_as_key) {
     throw InputError(source + ": invalid JSON: NaN or Infinity used as an object key");

@@ -12,6 +12,7 @@
 #include <limits>
 #include <numeric>
 #include <set>
+#include <stdexcept>
 #include <tuple>
 #include <utility>
 
@@ -61,7 +62,12 @@ const DTypeInfo& info(DType dtype) {
   throw std::logic_error("peftfw::io: DType value out of range");
 }
 
-std::string in_quotes(const std::string& s) { return "'" + s + "'"; }
+// A name from the file (tensor, dtype, shard) as messages quote it: cut to
+// kMaxExcerptBytes, so that a 100 MB tensor name does not come back whole.
+std::string in_quotes(const std::string& s) {
+  const Excerpt e = make_excerpt(s);
+  return "'" + e.text + "'" + e.note();
+}
 
 std::string offsets_to_string(uint64_t begin, uint64_t end) {
   return "[" + std::to_string(begin) + ", " + std::to_string(end) + "]";
@@ -283,8 +289,16 @@ std::string supported_dtype_names() {
 }
 
 int64_t TensorView::numel() const {
+  // A zero anywhere makes the product 0, however large the other dimensions
+  // ([2^62, 4, 0] is a valid empty tensor whose partial product overflows).
+  if (std::find(shape.begin(), shape.end(), 0) != shape.end()) return 0;
   int64_t n = 1;
-  for (const int64_t d : shape) n *= d;
+  for (const int64_t d : shape) {
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) {
+      throw std::overflow_error("TensorView::numel: shape " + shape_to_string(shape) +
+                                " has a negative dimension or overflows int64");
+    }
+  }
   return n;
 }
 
@@ -346,9 +360,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   const auto file_size = static_cast<uint64_t>(st.st_size);
   if (file_size < 8) {
     ::close(fd);
-    throw InputError(path + ": file is " + std::to_string(file_size) +
-                     " bytes, shorter than the 8-byte header length that starts a safetensors "
-                     "file (truncated or not a safetensors file)");
+    file.parse(nullptr, file_size);  // throws: too short (an empty file cannot be mapped)
   }
   void* map = ::mmap(nullptr, file_size, PROT_READ, MAP_PRIVATE, fd, 0);
   const int map_err = errno;
@@ -356,8 +368,25 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   if (map == MAP_FAILED) throw RuntimeError(path + ": mmap failed: " + errno_text(map_err));
   file.map_ = map;
   file.map_size_ = file_size;
-  const auto* bytes = static_cast<const uint8_t*>(map);
+  file.parse(static_cast<const uint8_t*>(map), file_size);
+  return file;
+}
 
+SafetensorsFile SafetensorsFile::from_bytes(const std::string& name, const uint8_t* bytes,
+                                            std::size_t size) {
+  SafetensorsFile file;
+  file.path_ = name;
+  file.parse(bytes, size);
+  return file;
+}
+
+void SafetensorsFile::parse(const uint8_t* bytes, uint64_t file_size) {
+  const std::string& path = path_;
+  if (file_size < 8) {
+    throw InputError(path + ": file is " + std::to_string(file_size) +
+                     " bytes, shorter than the 8-byte header length that starts a safetensors "
+                     "file (truncated or not a safetensors file)");
+  }
   const uint64_t header_len = read_u64_le(bytes);
   if (header_len > kMaxHeaderBytes) {
     throw InputError(path + ": header length " + std::to_string(header_len) +
@@ -370,7 +399,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
                      " bytes follow the length prefix (file truncated?)");
   }
   const uint64_t data_size = file_size - 8 - header_len;
-  file.data_section_ = bytes + 8 + header_len;
+  data_section_ = bytes + 8 + header_len;
 
   // Duplicate tensor names would silently shadow each other in a map, so the
   // parse callback records them (depth 1 = keys of the top-level object).
@@ -399,12 +428,14 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   }
   try {
     header = json::parse(header_begin, header_begin + header_len, check_keys);
-  } catch (const json::parse_error& e) {
-    // nlohmann's text is "[json.exception.parse_error.101] parse error at ...".
+  } catch (const json::exception& e) {
+    // nlohmann's text is "[json.exception.parse_error.101] parse error at ...", or
+    // "[json.exception.out_of_range.406] number overflow parsing '1e999'".
     // Its "last read" excerpt may be binary garbage: show non-ASCII as \xNN.
     std::string what = e.what();
     const auto bracket = what.find("] ");
     if (bracket != std::string::npos) what = what.substr(bracket + 2);
+    what = excerpt(what);
     std::string detail;
     for (const char c : what) {
       const auto u = static_cast<unsigned char>(c);
@@ -442,7 +473,7 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
           throw InputError(path + ": __metadata__ key " + in_quotes(m.key()) +
                            ": expected a string, found " + describe_json_value(*m));
         }
-        file.metadata_[m.key()] = m->get<std::string>();
+        metadata_[m.key()] = m->get<std::string>();
       }
       continue;
     }
@@ -487,11 +518,10 @@ SafetensorsFile SafetensorsFile::open(const std::string& path) {
   }
 
   for (auto& [name, e] : parsed) {
-    file.entries_.emplace(name, Entry{e.dtype, std::move(e.shape),
+    entries_.emplace(name, Entry{e.dtype, std::move(e.shape),
                                       static_cast<std::size_t>(e.begin),
                                       static_cast<std::size_t>(e.end)});
   }
-  return file;
 }
 
 std::vector<std::string> SafetensorsFile::names() const {
@@ -652,7 +682,7 @@ CheckpointIndex CheckpointIndex::load(const std::string& index_path) {
   const json& raw = weight_map.raw();
   if (raw.empty()) throw InputError(index_path + ": field 'weight_map' is empty");
   for (auto it = raw.begin(); it != raw.end(); ++it) {
-    const std::string field = "weight_map." + it.key();
+    const std::string field = "weight_map." + excerpt(it.key());
     if (!it->is_string()) {
       throw InputError(index_path + ": field '" + field + "': expected a shard file name, found " +
                        describe_json_value(*it));

@@ -7,6 +7,7 @@
 #include <cctype>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <map>
@@ -16,6 +17,8 @@
 #include <toml++/toml.h>
 #include <tuple>
 #include <utility>
+
+#include "peftfw/io/json_config.hpp"
 
 namespace peftfw::recipe {
 
@@ -29,19 +32,24 @@ std::string Diagnostic::to_string() const {
 
 namespace {
 
-std::string join_lines(const std::vector<Diagnostic>& diagnostics) {
+std::string join_lines(const std::vector<Diagnostic>& diagnostics, std::size_t omitted) {
   std::string out;
   for (const Diagnostic& d : diagnostics) {
     if (!out.empty()) out += '\n';
     out += d.to_string();
+  }
+  if (omitted > 0) {
+    out += "\n... and " + std::to_string(omitted) + " more error" + (omitted == 1 ? "" : "s");
   }
   return out;
 }
 
 }  // namespace
 
-RecipeError::RecipeError(std::vector<Diagnostic> diagnostics)
-    : InputError(join_lines(diagnostics)), diagnostics_(std::move(diagnostics)) {}
+RecipeError::RecipeError(std::vector<Diagnostic> diagnostics, std::size_t omitted)
+    : InputError(join_lines(diagnostics, omitted)),
+      diagnostics_(std::move(diagnostics)),
+      omitted_(omitted) {}
 
 namespace {
 
@@ -67,29 +75,43 @@ struct RecipeData {
 // Suggestions.
 
 // Optimal string alignment distance (a transposition costs 1), ignoring case.
+// Three rows of the table are enough: a transposition looks two rows back.
 std::size_t edit_distance(std::string_view a, std::string_view b) {
   const auto lower = [](char c) {
     return static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   };
-  std::vector<std::vector<std::size_t>> d(a.size() + 1, std::vector<std::size_t>(b.size() + 1));
-  for (std::size_t i = 0; i <= a.size(); ++i) d[i][0] = i;
-  for (std::size_t j = 0; j <= b.size(); ++j) d[0][j] = j;
+  std::vector<std::size_t> before(b.size() + 1), previous(b.size() + 1), current(b.size() + 1);
+  for (std::size_t j = 0; j <= b.size(); ++j) previous[j] = j;
   for (std::size_t i = 1; i <= a.size(); ++i) {
+    current[0] = i;
     for (std::size_t j = 1; j <= b.size(); ++j) {
       const std::size_t cost = lower(a[i - 1]) == lower(b[j - 1]) ? 0 : 1;
-      d[i][j] = std::min({d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + cost});
+      current[j] = std::min({previous[j] + 1, current[j - 1] + 1, previous[j - 1] + cost});
       const bool swapped = i > 1 && j > 1 && lower(a[i - 1]) == lower(b[j - 2]) &&
                            lower(a[i - 2]) == lower(b[j - 1]);
       if (swapped) {
-        d[i][j] = std::min(d[i][j], d[i - 2][j - 2] + 1);
+        current[j] = std::min(current[j], before[j - 2] + 1);
       }
     }
+    std::swap(before, previous);
+    std::swap(previous, current);
   }
-  return d[a.size()][b.size()];
+  return previous[b.size()];
 }
 
 // A name counts as a likely typo of `word` within this distance.
 std::size_t typo_budget(std::string_view word) { return word.size() <= 3 ? 1 : 2; }
+
+// The difference of the lengths: a lower bound of the edit distance, so a
+// long hostile key costs nothing against short names.
+std::size_t length_gap(std::string_view a, std::string_view b) {
+  return a.size() > b.size() ? a.size() - b.size() : b.size() - a.size();
+}
+
+// edit_distance(a, b) <= budget.
+bool within_distance(std::string_view a, std::string_view b, std::size_t budget) {
+  return length_gap(a, b) <= budget && edit_distance(a, b) <= budget;
+}
 
 // "'a'", "'a' or 'b'", "'a', 'b' or 'c'" (with the given quoting).
 std::string or_list(const std::vector<std::string>& items) {
@@ -113,6 +135,7 @@ std::vector<std::size_t> closest(std::string_view word,
   std::vector<std::size_t> best;
   std::size_t best_distance = typo_budget(word) + 1;
   for (std::size_t i = 0; i < candidates.size(); ++i) {
+    if (length_gap(word, candidates[i]) >= best_distance) continue;
     const std::size_t d = edit_distance(word, candidates[i]);
     if (d < best_distance) {
       best_distance = d;
@@ -124,7 +147,12 @@ std::vector<std::size_t> closest(std::string_view word,
 }
 
 std::string section_label(std::string_view name) { return "[" + std::string(name) + "]"; }
-std::string single_quoted(std::string_view s) { return "'" + std::string(s) + "'"; }
+// User text in quotes, cut to io::kMaxExcerptBytes (the note on the original
+// length goes after the closing quote).
+std::string single_quoted(std::string_view s) {
+  const io::Excerpt e = io::make_excerpt(s);
+  return "'" + e.text + "'" + e.note();
+}
 
 std::string sections_list(const Schema& schema) {
   std::vector<std::string> names;
@@ -170,7 +198,7 @@ std::string unknown_key_message(const Schema& schema, const SectionSpec& section
 std::string unknown_section_message(const Schema& schema, std::string_view name) {
   std::vector<std::string> names;
   for (const SectionSpec& s : schema.sections) names.push_back(s.name);
-  const std::string head = "unknown section " + section_label(name);
+  const std::string head = "unknown section " + section_label(io::excerpt(name));
   if (const auto near = closest(name, names); !near.empty()) {
     std::vector<std::string> labels;
     for (const std::size_t i : near) labels.push_back(section_label(names[i]));
@@ -189,7 +217,7 @@ std::string unknown_top_level_message(const Schema& schema, std::string_view key
     return single_quoted(key) + " is not a top-level key; it belongs in " + or_list(homes);
   }
   const std::string head = "unknown top-level key " + single_quoted(key);
-  if (edit_distance(key, kExtendsKey) <= typo_budget(key)) {
+  if (within_distance(key, kExtendsKey, typo_budget(key))) {
     return head + "; did you mean " + single_quoted(kExtendsKey) + "?";
   }
   return head + "; the top level holds only " + single_quoted(kExtendsKey) + " and the sections " +
@@ -258,12 +286,10 @@ const char* kind_name(const toml::node& node) {
   return "nothing";
 }
 
-// "string \"abc\"", "integer 5", "array [1, 2]" (long values shortened).
+// "string \"abc\"", "integer 5", "array [1, 2]" (long values cut to 60
+// bytes, with their length).
 std::string describe(const toml::node& node) {
-  std::string text = render(node);
-  constexpr std::size_t kMax = 60;
-  if (text.size() > kMax) text = text.substr(0, kMax - 3) + "...";
-  return std::string(kind_name(node)) + " " + text;
+  return std::string(kind_name(node)) + " " + io::excerpt(render(node), 60);
 }
 
 const char* expected_phrase(ValueType type) {
@@ -359,24 +385,47 @@ void deep_merge(json& into, const json& from) {
 // ---------------------------------------------------------------------------
 // Files.
 
+// "the limit of 1048576 bytes (1 MiB) for a recipe; ...": the end of a size message.
+std::string size_limit_text() {
+  return "the limit of " + std::to_string(kMaxRecipeBytes) +
+         " bytes (1 MiB) for a recipe (a recipe holds settings; training data goes in the "
+         "file named by data.path)";
+}
+
+// Reads at most kMaxRecipeBytes: a larger file is refused before it is read
+// or parsed, and so is a special file that never ends (extends = "/dev/zero").
 std::optional<std::string> read_file(const fs::path& file, std::string& why) {
   std::error_code ec;
-  if (!fs::exists(file, ec)) {
+  const fs::file_status status = fs::status(file, ec);
+  if (!fs::exists(status)) {
     why = "no such file";
     return std::nullopt;
   }
-  if (fs::is_directory(file, ec)) {
+  if (fs::is_directory(status)) {
     why = "it is a folder, not a recipe file";
     return std::nullopt;
+  }
+  if (fs::is_regular_file(status)) {
+    const std::uintmax_t size = fs::file_size(file, ec);
+    if (!ec && size > kMaxRecipeBytes) {
+      why = "it is " + std::to_string(size) + " bytes, over " + size_limit_text();
+      return std::nullopt;
+    }
   }
   std::ifstream in(file, std::ios::binary);
   if (!in) {
     why = std::string("cannot open it: ") + std::strerror(errno);
     return std::nullopt;
   }
-  std::ostringstream text;
-  text << in.rdbuf();
-  return text.str();
+  std::string text(kMaxRecipeBytes + 1, '\0');
+  in.read(text.data(), static_cast<std::streamsize>(text.size()));
+  text.resize(static_cast<std::size_t>(in.gcount()));
+  if (text.size() > kMaxRecipeBytes) {
+    why = "it holds more than " + std::to_string(kMaxRecipeBytes) + " bytes, over " +
+          size_limit_text();
+    return std::nullopt;
+  }
+  return text;
 }
 
 // Stable identity of a file, for cycle detection.
@@ -398,19 +447,68 @@ std::string trim(std::string_view s) {
   return std::string(s);
 }
 
-// Diagnostics are one per line: show line breaks in user text as \n.
+// "\x07": a byte as messages and comments show it.
+std::string hex_escape(unsigned char c) {
+  char buf[8];
+  std::snprintf(buf, sizeof buf, "\\x%02X", c);
+  return buf;
+}
+
+// Diagnostics are one per line: show line breaks in user text as \n, and
+// other control characters (a terminal escape, a NUL) as \xNN.
 std::string one_line(std::string_view s) {
   std::string out;
   for (const char c : s) {
+    const auto u = static_cast<unsigned char>(c);
     if (c == '\n') {
       out += "\\n";
     } else if (c == '\r') {
       out += "\\r";
+    } else if ((u < 0x20 && c != '\t') || u == 0x7F) {
+      out += hex_escape(u);
     } else {
       out += c;
     }
   }
   return out;
+}
+
+// Bytes in the well-formed UTF-8 character at s[i] (no overlong forms,
+// surrogates or code points past U+10FFFF), or 0 when there is none.
+std::size_t utf8_char_length(std::string_view s, std::size_t i) {
+  const auto byte = [&](std::size_t k) { return static_cast<unsigned char>(s[k]); };
+  const unsigned char b = byte(i);
+  if (b < 0x80) return 1;
+  std::size_t n = 0;
+  unsigned char lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+  if (b >= 0xC2 && b <= 0xDF) {
+    n = 2;
+  } else if (b >= 0xE0 && b <= 0xEF) {
+    n = 3;
+    if (b == 0xE0) lo = 0xA0;  // overlong
+    if (b == 0xED) hi = 0x9F;  // surrogates
+  } else if (b >= 0xF0 && b <= 0xF4) {
+    n = 4;
+    if (b == 0xF0) lo = 0x90;  // overlong
+    if (b == 0xF4) hi = 0x8F;  // past U+10FFFF
+  } else {
+    return 0;
+  }
+  if (i + n > s.size() || byte(i + 1) < lo || byte(i + 1) > hi) return 0;
+  for (std::size_t k = 2; k < n; ++k) {
+    if (byte(i + k) < 0x80 || byte(i + k) > 0xBF) return 0;
+  }
+  return n;
+}
+
+// Byte offset of the first byte that does not start a well-formed UTF-8 character.
+std::optional<std::size_t> invalid_utf8_at(std::string_view s) {
+  for (std::size_t i = 0; i < s.size();) {
+    const std::size_t n = utf8_char_length(s, i);
+    if (n == 0) return i;
+    i += n;
+  }
+  return std::nullopt;
 }
 
 // ---------------------------------------------------------------------------
@@ -433,11 +531,18 @@ class Loader {
                    const std::string& id) {
     const Layer layer{name, base_dir, next_rank_++, true};
     out_.files.push_back(name);
+    if (text.size() > kMaxRecipeBytes) {  // files are cut in read_file; this is for from_string
+      add(Diagnostic{name, 0, 0,
+                     "cannot read recipe: it is " + std::to_string(text.size()) + " bytes, over " +
+                         size_limit_text()},
+          layer.rank);
+      return;
+    }
     toml::table doc;
     try {
       doc = toml::parse(text, std::string_view(name));
     } catch (const toml::parse_error& e) {
-      report(layer, e.source(), "TOML syntax error: " + std::string(e.description()));
+      report(layer, e.source(), "TOML syntax error: " + io::excerpt(e.description()));
       return;
     }
     chain_.push_back({id, name});
@@ -454,8 +559,9 @@ class Loader {
   void apply_overrides(const std::vector<std::string>& overrides) {
     const fs::path cwd = fs::current_path();
     for (std::size_t i = 0; i < overrides.size(); ++i) {
-      const Layer layer{"<override " + std::to_string(i + 1) + ": " + one_line(overrides[i]) + ">",
-                        cwd, kOverrideRank + static_cast<int>(i), false};
+      const Layer layer{
+          "<override " + std::to_string(i + 1) + ": " + one_line(io::excerpt(overrides[i])) + ">",
+          cwd, kOverrideRank + static_cast<int>(i), false};
       apply_override(overrides[i], layer);
     }
   }
@@ -476,22 +582,24 @@ class Loader {
     }
   }
 
+  // The first kMaxDiagnostics diagnostics in file order (files as read, then
+  // the overrides), each file's by line and column.
   std::vector<Diagnostic> diagnostics() const {
     std::vector<Ranked> sorted = diagnostics_;
-    std::stable_sort(sorted.begin(), sorted.end(), [](const Ranked& a, const Ranked& b) {
-      return std::tie(a.rank, a.diagnostic.line, a.diagnostic.column) <
-             std::tie(b.rank, b.diagnostic.line, b.diagnostic.column);
-    });
+    std::sort(sorted.begin(), sorted.end(), before);
     std::vector<Diagnostic> out;
     for (Ranked& r : sorted) out.push_back(std::move(r.diagnostic));
     return out;
   }
+  // Diagnostics found beyond those diagnostics() lists.
+  std::size_t omitted() const { return found_ - diagnostics_.size(); }
 
  private:
   static constexpr int kOverrideRank = 1 << 20;  // after every file
 
   struct Ranked {
     int rank;
+    std::size_t sequence;  // order of finding: ties keep it
     Diagnostic diagnostic;
   };
   struct Link {
@@ -504,7 +612,36 @@ class Loader {
     json table;
   };
 
-  void add(Diagnostic d, int rank) { diagnostics_.push_back({rank, std::move(d)}); }
+  static bool before(const Ranked& a, const Ranked& b) {
+    return std::tie(a.rank, a.diagnostic.line, a.diagnostic.column, a.sequence) <
+           std::tie(b.rank, b.diagnostic.line, b.diagnostic.column, b.sequence);
+  }
+
+  // Keeps the kMaxDiagnostics first diagnostics (in the order of `before`)
+  // and counts the rest, so that a recipe of a million unknown keys costs
+  // neither minutes nor gigabytes.
+  void add(Diagnostic d, int rank) {
+    Ranked r{rank, found_++, std::move(d)};
+    if (diagnostics_.size() < kMaxDiagnostics) {
+      diagnostics_.push_back(std::move(r));
+      return;
+    }
+    const auto last = std::max_element(diagnostics_.begin(), diagnostics_.end(), before);
+    if (before(r, *last)) *last = std::move(r);
+  }
+
+  // Whether a diagnostic at this place would be kept; if not, it is only
+  // counted, and its message (with its did-you-mean search) is never built.
+  bool keeps(const Layer& layer, const toml::source_region& at) {
+    if (diagnostics_.size() < kMaxDiagnostics) return true;
+    const Ranked probe{layer.rank, found_, Diagnostic{"", layer.positions ? at.begin.line : 0,
+                                                      layer.positions ? at.begin.column : 0, ""}};
+    if (before(probe, *std::max_element(diagnostics_.begin(), diagnostics_.end(), before))) {
+      return true;
+    }
+    ++found_;
+    return false;
+  }
 
   void report(const Layer& layer, const toml::source_region& at, std::string message) {
     if (layer.positions) {
@@ -560,6 +697,7 @@ class Loader {
       if (name.str() == kExtendsKey) continue;  // read first, in read_recipe
       const SectionSpec* section = schema_.find_section(name.str());
       if (!section) {
+        if (!keeps(layer, name.source())) continue;
         report(layer, name.source(),
                node.is_table() ? unknown_section_message(schema_, name.str())
                                : unknown_top_level_message(schema_, name.str()));
@@ -575,6 +713,7 @@ class Loader {
       for (auto&& [key, value] : *table) {
         const KeySpec* spec = section->find(key.str());
         if (!spec) {
+          if (!keeps(layer, key.source())) continue;
           report(layer, key.source(), unknown_key_message(schema_, *section, key.str()));
           continue;
         }
@@ -587,6 +726,15 @@ class Loader {
 
   void apply_override(const std::string& text, const Layer& layer) {
     const toml::source_region nowhere{};
+    // Recipes are UTF-8 (toml++ checks files); an override's bytes come from the
+    // shell and must be checked here, or they would reach the resolved recipe.
+    if (const auto bad = invalid_utf8_at(text)) {
+      report(layer, nowhere,
+             "byte " + std::to_string(*bad + 1) + " (" +
+                 hex_escape(static_cast<unsigned char>(text[*bad])) +
+                 ") is not valid UTF-8; overrides, like recipes, are UTF-8 text");
+      return;
+    }
     const std::size_t eq = text.find('=');
     const std::string lhs = trim(std::string_view(text).substr(0, eq));
     std::vector<std::string> parts;
@@ -683,8 +831,9 @@ class Loader {
       }
       std::vector<std::string> shown;
       for (const std::string& c : spec.choices) shown.push_back(toml_literal(c));
+      const io::Excerpt found = io::make_excerpt(s);
       std::string message = prefix + "expected one of " + comma_list(shown) + ", found " +
-                            toml_literal(s);
+                            toml_literal(found.text) + found.note();
       if (const auto near = closest(s, spec.choices); !near.empty()) {
         message += "; did you mean " + toml_literal(spec.choices[near.front()]) + "?";
       }
@@ -798,7 +947,8 @@ class Loader {
   RecipeData& out_;
   const Schema& schema_;
   std::vector<Link> chain_;  // files being read, outermost first
-  std::vector<Ranked> diagnostics_;
+  std::vector<Ranked> diagnostics_;  // at most kMaxDiagnostics
+  std::size_t found_ = 0;            // all diagnostics, kept or not
   int next_rank_ = 0;
 };
 
@@ -845,7 +995,7 @@ void load_into(RecipeData& data, const std::vector<std::string>& overrides, Read
   read(loader);
   loader.apply_overrides(overrides);
   std::vector<Diagnostic> diagnostics = loader.diagnostics();
-  if (!diagnostics.empty()) throw RecipeError(std::move(diagnostics));
+  if (!diagnostics.empty()) throw RecipeError(std::move(diagnostics), loader.omitted());
   loader.fill_defaults();
 }
 
@@ -945,10 +1095,26 @@ std::optional<std::string> Recipe::where(std::string_view section, std::string_v
 
 std::string Recipe::to_toml() const {
   const RecipeData& d = impl_->data;
-  const auto comment = [](std::string s) {
-    std::replace(s.begin(), s.end(), '\n', ' ');
-    std::replace(s.begin(), s.end(), '\r', ' ');
-    return s;
+  // A comment holds one line of printable UTF-8 (TOML refuses control
+  // characters in comments): line breaks become spaces, other control
+  // characters and bytes that are not UTF-8 (a file name can hold any) \xNN.
+  const auto comment = [](const std::string& s) {
+    std::string out;
+    for (std::size_t i = 0; i < s.size();) {
+      const auto c = static_cast<unsigned char>(s[i]);
+      const std::size_t n = utf8_char_length(s, i);
+      if (c == '\n' || c == '\r') {
+        out += ' ';
+      } else if (n == 0 || (c < 0x20 && c != '\t') || c == 0x7F) {
+        out += hex_escape(c);
+      } else {
+        out.append(s, i, n);
+        i += n;
+        continue;
+      }
+      ++i;
+    }
+    return out;
   };
   std::ostringstream out;
   out << "# Resolved recipe: every key with the value the run uses, defaults included.\n"

@@ -257,6 +257,39 @@ TEST(Jsonl, AutoDetectionNamesTheFieldsWhenNothingFits) {
             "(fields: bar, foo; data.format = auto)");
 }
 
+// Hostile lines: a message quotes at most 200 bytes of a line, and says how long it was.
+TEST(Jsonl, HugeLinesAreNotEchoedBack) {
+  // An unclosed string: nlohmann quotes the token read so far, the quote and 10^6 bytes.
+  const std::string line = "{\"text\": \"" + std::string(1000000, 'a');
+  const Dataset ds = parse_jsonl(line + "\n{\"text\": \"ok\"}\n", "big.jsonl",
+                                 {DataFormat::Auto, BadLinePolicy::Skip});
+  ASSERT_EQ(ds.skipped.first.size(), 1u);
+  const std::string& message = ds.skipped.first[0];
+  EXPECT_LT(message.size(), 500u) << message.substr(0, 600);
+  expect_contains(message, "big.jsonl:1: invalid JSON at column ");
+  expect_contains(message, "missing closing quote; last read: '\"" + std::string(199, 'a') +
+                               "...' (1000001 bytes in all)");
+  // An object of 1000 unknown fields: the field list is cut too.
+  std::string fields = "{";
+  for (int i = 0; i < 1000; ++i) fields += (i ? ", \"f" : "\"f") + std::to_string(i) + "\": 1";
+  const Dataset many = parse_jsonl(fields + "}\n{\"text\": \"ok\"}\n", "wide.jsonl",
+                                   {DataFormat::Auto, BadLinePolicy::Skip});
+  ASSERT_EQ(many.skipped.first.size(), 1u);
+  EXPECT_LT(many.skipped.first[0].size(), 500u) << many.skipped.first[0].substr(0, 600);
+  expect_contains(many.skipped.first[0], "(fields: f0, f1, f10, f100, ");
+  expect_contains(many.skipped.first[0], "... (1000 fields); data.format = auto)");
+}
+
+TEST(Jsonl, NumberBeyondADoubleIsABadLine) {
+  const Dataset ds = parse_jsonl("{\"text\": \"a\", \"score\": 1e400}\n{\"text\": \"b\"}\n",
+                                 "n.jsonl", {DataFormat::Auto, BadLinePolicy::Skip});
+  ASSERT_EQ(ds.skipped.first.size(), 1u);
+  EXPECT_EQ(ds.skipped.first[0],
+            "n.jsonl:1: invalid JSON: number overflow parsing '1e400' (a number beyond the range "
+            "of a 64-bit float)");
+  EXPECT_EQ(ds.examples.size(), 1u);
+}
+
 TEST(Jsonl, ExplicitFormatAndChatFieldErrors) {
   const std::string text =
       "{\"text\": \"t\"}\n"

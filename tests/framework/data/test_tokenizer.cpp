@@ -255,6 +255,37 @@ TEST(HfTokenizerErrorsTest, UnsupportedModelType) {
   expect_load_error(t, {"model.type", "unsupported model \"WordPiece\"", "supports BPE"});
 }
 
+TEST(HfTokenizerErrorsTest, SequencesNestedTooDeep) {
+  // 33 Sequences, one inside the other, around a ByteLevel step.
+  json inner = {{"type", "ByteLevel"}};
+  for (int i = 0; i < 33; ++i) inner = {{"type", "Sequence"}, {"pretokenizers", {inner}}};
+  json t = tiny_tokenizer();
+  t["pre_tokenizer"] = inner;
+  expect_load_error(t, {"Sequence nested more than 32 deep"});
+  // 32 load.
+  t["pre_tokenizer"] = inner["pretokenizers"][0];
+  TempDir dir;
+  EXPECT_NO_THROW(load_hf_tokenizer(dir.write("tokenizer.json", t.dump())));
+}
+
+TEST(HfTokenizerErrorsTest, AddedTokenPastTheLargestId) {
+  // "a" holds id 2^31 - 1; the next added token would be numbered 2^31.
+  json t = tiny_tokenizer();
+  t["model"]["vocab"] = {{"a", 2147483647}};
+  t["model"]["merges"] = json::array();
+  t["added_tokens"] = json::parse(R"([{"id": 2147483647, "content": "a"},
+                                      {"id": 0, "content": "b"}])");
+  expect_load_error(t, {"added_tokens[1].id: the added token \"b\" would be numbered past the "
+                        "largest token id 2147483647"});
+}
+
+TEST(HfTokenizerErrorsTest, LongStringsFromTheFileAreCut) {
+  json t = tiny_tokenizer();
+  t["model"]["type"] = std::string(5000, 'W');
+  expect_load_error(t, {"model.type: unsupported model \"" + std::string(200, 'W') +
+                        "...\" (5000 bytes in all); peftfw supports BPE"});
+}
+
 TEST(HfTokenizerErrorsTest, BadMergesEntries) {
   json t = tiny_tokenizer();
   t["model"]["merges"][1] = "ab";

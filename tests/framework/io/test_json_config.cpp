@@ -186,6 +186,45 @@ TEST(JsonConfigTest, SyntaxErrorsNameLineAndColumn) {
                      "elements");
 }
 
+TEST(Excerpt, CutsAt200BytesOnACharacterBoundaryAndGivesTheLength) {
+  EXPECT_EQ(excerpt("short"), "short");
+  EXPECT_EQ(excerpt(std::string(200, 'a')), std::string(200, 'a'));
+  EXPECT_EQ(excerpt(std::string(300, 'a')), std::string(200, 'a') + "... (300 bytes in all)");
+  // "x" then 150 two-byte characters (301 bytes): byte 200 is the second byte of the
+  // 100th character, so the cut moves back to byte 199 (x + 99 characters).
+  std::string accents = "x";
+  for (int i = 0; i < 150; ++i) accents += "\xC3\xA9";  // U+00E9
+  std::string kept = "x";
+  for (int i = 0; i < 99; ++i) kept += "\xC3\xA9";
+  const Excerpt e = make_excerpt(accents);
+  EXPECT_TRUE(e.cut);
+  EXPECT_EQ(e.text, kept + "...");
+  EXPECT_EQ(e.original, 301u);
+  EXPECT_EQ(e.note(), " (301 bytes in all)");
+  EXPECT_EQ(excerpt(std::string(100, 'b'), 60), std::string(60, 'b') + "... (100 bytes in all)");
+}
+
+TEST(JsonConfigTest, SyntaxErrorsQuoteAtMost200BytesOfTheInput) {
+  // An unclosed string: nlohmann's "last read" is the quote and the 10^6 bytes after it.
+  try {
+    JsonConfig::parse("{\"a\": \"" + std::string(1000000, 'x'), "big.json");
+    ADD_FAILURE() << "expected InputError";
+  } catch (const InputError& e) {
+    const std::string message = e.what();
+    EXPECT_LT(message.size(), 400u) << message.substr(0, 500);
+    EXPECT_NE(message.find("last read: '\"" + std::string(199, 'x') +
+                           "...' (1000001 bytes in all)"),
+              std::string::npos)
+        << message.substr(0, 500);
+  }
+}
+
+TEST(JsonConfigTest, NumberBeyondADoubleNamesTheFile) {
+  expect_input_error([] { JsonConfig::parse("{\"vocab_size\": 1e400}", "config.json"); },
+                     "config.json: invalid JSON: number overflow parsing '1e400' (a number "
+                     "beyond the range of a 64-bit float)");
+}
+
 TEST(JsonConfigTest, LoadsFilesAndReportsMissingOnes) {
   std::string tmpl = (fs::temp_directory_path() / "peftfw_json_XXXXXX").string();
   ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);

@@ -281,6 +281,57 @@ TEST_F(SafetensorsTest, RejectsNulAndByteOrderMarkInHeader) {
                      {"byte order mark"});
 }
 
+TEST_F(SafetensorsTest, HeaderNumberBeyondADoubleIsInvalidJson) {
+  write_bytes(path("f.safetensors"), raw_file(R"({"__metadata__": 1e400})", 0));
+  expect_input_error([&] { SafetensorsFile::open(path("f.safetensors")); },
+                     {"f.safetensors: header is not valid JSON (number overflow parsing '1e400'"});
+}
+
+TEST_F(SafetensorsTest, LongNamesFromTheFileAreCutInMessages) {
+  const std::string name(100000, 'n');
+  const std::string entry = R"({"dtype":"F8","shape":[2],"data_offsets":[0,2]})";
+  write_bytes(path("f.safetensors"), raw_file("{\"" + name + "\":" + entry + "}", 2));
+  try {
+    SafetensorsFile::open(path("f.safetensors"));
+    ADD_FAILURE() << "expected InputError";
+  } catch (const InputError& e) {
+    const std::string message = e.what();
+    EXPECT_LT(message.size(), 600u) << message.substr(0, 700);
+    EXPECT_NE(message.find("tensor '" + std::string(200, 'n') + "...' (100000 bytes in all): "
+                           "dtype 'F8' is not supported"),
+              std::string::npos)
+        << message.substr(0, 700);
+  }
+}
+
+TEST_F(SafetensorsTest, FromBytesChecksLikeOpen) {
+  // "e": 2^32 * 2^31 = 2^63 bytes fit a uint64 byte count, but not an int64 element count.
+  const std::string header = R"({"e":{"dtype":"U8","shape":[4294967296,2147483648,0],)"
+                             R"("data_offsets":[0,0]},"w":{"dtype":"U8","shape":[3],)"
+                             R"("data_offsets":[0,3]}})";
+  const std::string bytes = raw_file(header, 0) + "abc";
+  const SafetensorsFile file = SafetensorsFile::from_bytes(
+      "mem.safetensors", reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+  EXPECT_EQ(file.names(), (std::vector<std::string>{"e", "w"}));
+  // The partial product 2^63 overflows int64 before the 0: numel is 0 all the same.
+  EXPECT_EQ(file.view("e").numel(), 0);
+  EXPECT_EQ(file.view("w").numel(), 3);
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>(file.view("w").data), 3), "abc");
+  expect_input_error(
+      [&] {
+        SafetensorsFile::from_bytes("mem.safetensors",
+                                    reinterpret_cast<const uint8_t*>(bytes.data()), 7);
+      },
+      {"mem.safetensors: file is 7 bytes, shorter than the 8-byte header length"});
+  expect_input_error(
+      [&] {
+        SafetensorsFile::from_bytes("mem.safetensors",
+                                    reinterpret_cast<const uint8_t*>(bytes.data()),
+                                    bytes.size() - 1);
+      },
+      {"mem.safetensors: tensor 'w': data_offsets [0, 3] reach beyond the 2-byte data section"});
+}
+
 TEST_F(SafetensorsTest, RejectsHeaderThatIsNotAnObject) {
   write_bytes(path("f.safetensors"), raw_file("[1, 2]", 0));
   expect_input_error([&] { SafetensorsFile::open(path("f.safetensors")); },

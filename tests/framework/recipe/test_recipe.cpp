@@ -3,6 +3,9 @@
 // defaults, path resolution, to_toml round trips and the generated docs.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -196,7 +199,7 @@ TEST(Recipe, ValueOutsideChoicesListsThem) {
 
 TEST(Recipe, ValueOutsideRangeIsReported) {
   EXPECT_EQ(errors_of("[adapter]\nr = 0\ndropout = 1.5\n[data]\neval_fraction = -0.1\n"),
-            (Lines{"recipe.toml:2:5: [adapter] r: must be at least 1, found 0",
+            (Lines{"recipe.toml:2:5: [adapter] r: must be between 1 and 65536, found 0",
                    "recipe.toml:3:11: [adapter] dropout: must be between 0 and 1, found 1.5",
                    "recipe.toml:5:17: [data] eval_fraction: must be between 0 and 1, found -0.1"}));
   // The bounds themselves are allowed.
@@ -332,7 +335,7 @@ TEST_F(RecipeFiles, ErrorsInBaseAndExtendingFilePointIntoTheirFiles) {
   EXPECT_EQ(file_errors("child_errors.toml"),
             (Lines{R"(child_errors.toml:4:14: [train] batch_size: expected an integer, found )"
                    R"(string "big")",
-                   "bases/base_errors.toml:3:5: [adapter] r: must be at least 1, found 0"}));
+                   "bases/base_errors.toml:3:5: [adapter] r: must be between 1 and 65536, found 0"}));
 }
 
 // ---------------------------------------------------------------------------
@@ -381,7 +384,7 @@ TEST(Recipe, BadOverridesAreReportedWithTheirText) {
             Lines{R"(<override 1: train.schedule=cosin>: [train] schedule: expected one of )"
                   R"("cosine", "linear", "constant", found "cosin"; did you mean "cosine"?)"});
   EXPECT_EQ(errors_of("", {"adapter.r=0"}),
-            Lines{"<override 1: adapter.r=0>: [adapter] r: must be at least 1, found 0"});
+            Lines{"<override 1: adapter.r=0>: [adapter] r: must be between 1 and 65536, found 0"});
 }
 
 TEST(Recipe, FileErrorsComeBeforeOverrideErrors) {
@@ -488,7 +491,7 @@ TEST(Schema, TextListsEveryKeyWithTypeAndDefault) {
   // Columns: key padded to "exclude_modules" (15), type to "string or string array" (22),
   // default to "\"error\"" (7), each followed by two spaces.
   EXPECT_NE(text.find("  r" + std::string(14 + 2, ' ') + "integer" + std::string(15 + 2, ' ') +
-                      "16" + std::string(5 + 2, ' ') + "LoRA rank. (at least 1)\n"),
+                      "16" + std::string(5 + 2, ' ') + "LoRA rank. (between 1 and 65536)\n"),
             std::string::npos)
       << text;
   for (const SectionSpec& section : builtin_schema().sections) {
@@ -527,6 +530,184 @@ TEST(Schema, DocsRecipesMdIsUpToDate) {
 #else
   GTEST_SKIP() << "PEFTFW_DOCS_RECIPES_MD is not defined by this build";
 #endif
+}
+
+// ---------------------------------------------------------------------------
+// Limits on hostile recipes: size cap, at most 50 diagnostics, excerpts.
+
+// A folder of its own under the system temp folder, removed at the end.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    std::string templ = (fs::temp_directory_path() / "peftfw_recipe_XXXXXX").string();
+    if (::mkdtemp(templ.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = templ;
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  fs::path write(const std::string& name, const std::string& text) const {
+    std::ofstream(path_ / name, std::ios::binary) << text;
+    return path_ / name;
+  }
+
+ private:
+  fs::path path_;
+};
+
+// A valid recipe padded with a comment to exactly `bytes` bytes.
+std::string recipe_of_size(std::size_t bytes) {
+  std::string text = "[train]\nlr = 0.5\n#";
+  text.append(bytes - text.size() - 1, 'x');
+  return text + "\n";
+}
+
+const std::string kCapText =
+    "over the limit of 1048576 bytes (1 MiB) for a recipe (a recipe holds settings; training "
+    "data goes in the file named by data.path)";
+
+TEST(RecipeLimits, FileOverOneMibIsRefusedBeforeParsing) {
+  ScratchDir dir;
+  // 1 MiB = 2^20 = 1048576 bytes is allowed; one byte more is not.
+  const fs::path ok = dir.write("ok.toml", recipe_of_size(1048576));
+  EXPECT_EQ(Recipe::load(ok).get_float("train", "lr"), 0.5);
+  const fs::path big = dir.write("big.toml", recipe_of_size(1048577));
+  EXPECT_EQ(file_errors(big),
+            Lines{big.string() + ": cannot read recipe: it is 1048577 bytes, " + kCapText});
+  EXPECT_EQ(errors_of(recipe_of_size(1048577)),
+            Lines{"recipe.toml: cannot read recipe: it is 1048577 bytes, " + kCapText});
+}
+
+TEST(RecipeLimits, EndlessBaseIsCutAtTheCap) {
+  // extends = "/dev/zero": the value starts at column 11. Reading it whole would never end.
+  EXPECT_EQ(errors_of("extends = \"/dev/zero\"\n"),
+            Lines{"recipe.toml:1:11: cannot read base recipe '/dev/zero': it holds more than "
+                  "1048576 bytes, " + kCapText});
+}
+
+// "[train]" then `n` unknown keys, one per line from line 2.
+std::string unknown_keys(int n) {
+  std::string text = "[train]\n";
+  for (int i = 0; i < n; ++i) text += "unknown_" + std::to_string(i) + " = 1\n";
+  return text;
+}
+
+TEST(RecipeLimits, AtMostFiftyDiagnosticsThenACount) {
+  try {
+    Recipe::from_string(unknown_keys(120), "recipe.toml", fs::current_path());
+    FAIL() << "expected RecipeError";
+  } catch (const RecipeError& e) {
+    // The first 50 in file order (lines 2..51), then 120 - 50 = 70 counted.
+    ASSERT_EQ(e.diagnostics().size(), 50u);
+    for (std::size_t i = 0; i < 50; ++i) EXPECT_EQ(e.diagnostics()[i].line, i + 2);
+    EXPECT_EQ(e.omitted(), 70u);
+    const std::string what = e.what();
+    EXPECT_EQ(what.substr(what.rfind('\n') + 1), "... and 70 more errors");
+    EXPECT_EQ(std::count(what.begin(), what.end(), '\n'), 50);  // 50 lines + the count line
+  }
+  try {
+    Recipe::from_string(unknown_keys(51), "recipe.toml", fs::current_path());
+    FAIL() << "expected RecipeError";
+  } catch (const RecipeError& e) {
+    const std::string what = e.what();
+    EXPECT_EQ(what.substr(what.rfind('\n') + 1), "... and 1 more error");
+  }
+  try {
+    Recipe::from_string(unknown_keys(50), "recipe.toml", fs::current_path());
+    FAIL() << "expected RecipeError";
+  } catch (const RecipeError& e) {
+    EXPECT_EQ(e.omitted(), 0u);
+    EXPECT_EQ(std::string(e.what()).find("more error"), std::string::npos);
+  }
+}
+
+TEST(RecipeLimits, FileDiagnosticsComeFirstWhenTheCapCuts) {
+  // 60 file errors and one override error: the file's first 50 are kept.
+  try {
+    Recipe::from_string(unknown_keys(60), "recipe.toml", fs::current_path(), {"train.nope=1"});
+    FAIL() << "expected RecipeError";
+  } catch (const RecipeError& e) {
+    ASSERT_EQ(e.diagnostics().size(), 50u);
+    for (const Diagnostic& d : e.diagnostics()) EXPECT_EQ(d.file, "recipe.toml");
+    EXPECT_EQ(e.omitted(), 11u);
+  }
+}
+
+TEST(RecipeLimits, LongValuesAreCutTo200Bytes) {
+  const std::string x(5000, 'x');
+  // The value starts at column 10 of line 2.
+  EXPECT_EQ(errors_of("[adapter]\nmethod = \"" + x + "\"\n"),
+            Lines{"recipe.toml:2:10: [adapter] method: expected one of \"lora\", \"dora\", "
+                  "\"bitfit\", \"full\", \"none\", found \"" + std::string(200, 'x') +
+                  "...\" (5000 bytes in all)"});
+  const Lines key = errors_of("[train]\n" + std::string(100000, 'k') + " = 1\n");
+  ASSERT_EQ(key.size(), 1u);
+  EXPECT_NE(key[0].find("unknown key '" + std::string(200, 'k') +
+                        "...' (100000 bytes in all) in [train]"),
+            std::string::npos)
+      << key[0].substr(0, 400);
+  EXPECT_LT(key[0].size(), 2000u);
+  // An override is named by its text: "train.lr=" + 5000 bytes = 5009 bytes.
+  const Lines override = errors_of("", {"train.lr=" + x});
+  ASSERT_EQ(override.size(), 1u);
+  const std::string expected = "<override 1: train.lr=" + std::string(191, 'x') +
+                               "... (5009 bytes in all)>: [train] lr: expected a float, found '" +
+                               std::string(200, 'x') +
+                               "...' (5000 bytes in all), which is not a TOML value";
+  EXPECT_EQ(override[0], expected);
+}
+
+// Found by tests/fuzz/fuzz_recipe.cpp: an override's bytes reached the resolved recipe, whose
+// comments may not hold control characters and whose text must be UTF-8.
+TEST(RecipeLimits, ResolvedRecipeLoadsAgainWhateverTheOverrideBytes) {
+  const Recipe r = Recipe::from_string("", "recipe.toml", fs::current_path(),
+                                       {std::string("output.dir=h\x07\x00\x10/x", 17)});
+  EXPECT_EQ(r.get_string("output", "dir"), std::string("h\x07\x00\x10/x", 6));
+  const std::string resolved = r.to_toml();
+  EXPECT_NE(resolved.find("# <override 1: output.dir=h\\x07\\x00\\x10/x>"), std::string::npos)
+      << resolved;
+  const Recipe again = Recipe::from_string(resolved, "resolved.toml", fs::current_path());
+  EXPECT_EQ(again.get_string("output", "dir"), std::string("h\x07\x00\x10/x", 6));
+  // Bytes that are not UTF-8 are refused, in the value or in a table key (byte 1 is 'd').
+  EXPECT_EQ(errors_of("", {"data.template=\xff"}),
+            Lines{"<override 1: data.template=\xff>: byte 15 (\\xFF) is not valid UTF-8; "
+                  "overrides, like recipes, are UTF-8 text"});
+  EXPECT_EQ(errors_of("", {"model.config_inline.\xc3\x28=1"}).size(), 1u);
+}
+
+// toml++ 3.3.0 (Debian 12) has two debug assertions that malformed recipes reach
+// (marzer/tomlplusplus#301 and #190, fixed upstream); with NDEBUG, as peftfw links it, they
+// are skipped and the input must still end in a TOML syntax error or its right value. The fuzz
+// build compiles toml++ with its checks off (tests/fuzz/CMakeLists.txt) and relies on this test.
+TEST(RecipeLimits, TomlPlusPlusAssertionPathsGiveSyntaxErrors) {
+  const auto utf8 = [](uint32_t cp) {
+    std::string s;
+    if (cp < 0x800) {
+      s += static_cast<char>(0xC0 | (cp >> 6));
+    } else {
+      s += static_cast<char>(0xE0 | (cp >> 12));
+      s += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
+    }
+    return s + static_cast<char>(0x80 | (cp & 0x3F));
+  };
+  for (const char* text : {"[#]\n", "[[[1]]]\n", "[[=\n"}) {
+    const Lines errors = errors_of(text);
+    ASSERT_EQ(errors.size(), 1u) << text;
+    EXPECT_NE(errors[0].find("TOML syntax error"), std::string::npos) << errors[0];
+  }
+  // U+00A1..U+0499 reach the unreachable default of toml++'s non-ASCII whitespace check.
+  for (uint32_t cp = 0xA1; cp <= 0x499; ++cp) {
+    SCOPED_TRACE(cp);
+    const Lines errors = errors_of("[train" + utf8(cp) + "x]\n");
+    ASSERT_EQ(errors.size(), 1u);
+    EXPECT_NE(errors[0].find("TOML syntax error"), std::string::npos) << errors[0];
+    // After a line-ending backslash in a multi-line string, the character is the text.
+    const Recipe r = Recipe::from_string("[data]\ntemplate_string = \"\"\"\\\n" + utf8(cp) +
+                                             "{output}\"\"\"\n",
+                                         "recipe.toml", fs::current_path());
+    EXPECT_EQ(r.get_string("data", "template_string"), utf8(cp) + "{output}");
+  }
 }
 
 }  // namespace

@@ -10,10 +10,12 @@
 // the parser accepts those tokens outside strings, as Python does.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json_fwd.hpp>
@@ -93,7 +95,35 @@ nlohmann::json parse_json_text(const std::string& text, const std::string& sourc
 std::string read_text_file(const std::string& path);
 
 // `value` as messages quote it: string "abc", integer 3, float 0.5, boolean
-// true, null, array of 4 elements, object.
+// true, null, array of 4 elements, object. Long strings are cut (see Excerpt).
 std::string describe_json_value(const nlohmann::json& value);
+
+// User text quoted in a message (a recipe value, a JSONL line, a token, a
+// tensor name) is cut to at most kMaxExcerptBytes bytes, at a UTF-8
+// character boundary, so that hostile input (a 100 MB line) never comes back
+// whole in an error. A cut text ends in "..." and note() gives the original
+// length: "abc..." + " (5000 bytes in all)"; callers that quote the text put
+// the note after the closing quote.
+inline constexpr std::size_t kMaxExcerptBytes = 200;
+
+struct Excerpt {
+  std::string text;          // the text, or its first bytes followed by "..."
+  std::size_t original = 0;  // bytes in the original text
+  bool cut = false;
+
+  // " (N bytes in all)" when cut, else "".
+  std::string note() const;
+};
+
+Excerpt make_excerpt(std::string_view text, std::size_t max_bytes = kMaxExcerptBytes);
+
+// make_excerpt(text).text + note(): "abc... (5000 bytes in all)", or the text itself.
+std::string excerpt(std::string_view text, std::size_t max_bytes = kMaxExcerptBytes);
+
+// nlohmann::json's exception text as peftfw's messages quote it: without the
+// "[json.exception...]" prefix and nlohmann's own position, and with the
+// input it quotes ("last read: '...'", for an unclosed string the rest of
+// the file) cut like any excerpt.
+std::string json_error_detail(const std::string& what);
 
 }  // namespace peftfw::io

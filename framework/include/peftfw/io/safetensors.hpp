@@ -61,6 +61,11 @@ std::string shape_to_string(const std::vector<int64_t>& shape);
 class SafetensorsFile {
  public:
   static SafetensorsFile open(const std::string& path);
+  // The same checks on a file's bytes already in memory (the fuzz target's
+  // entry point). `bytes` are not copied: they must outlive the result and its
+  // views. `name` names the file in messages.
+  static SafetensorsFile from_bytes(const std::string& name, const uint8_t* bytes,
+                                    std::size_t size);
 
   SafetensorsFile(SafetensorsFile&&) noexcept;
   SafetensorsFile& operator=(SafetensorsFile&&) noexcept;
@@ -88,6 +93,9 @@ class SafetensorsFile {
 
   SafetensorsFile() = default;
   void unmap() noexcept;
+  // Validates the whole file (length prefix, header, offsets) and fills
+  // data_section_, entries_ and metadata_.
+  void parse(const uint8_t* bytes, uint64_t size);
 
   std::string path_;
   void* map_ = nullptr;

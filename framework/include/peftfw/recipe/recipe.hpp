@@ -3,12 +3,13 @@
 //
 // Loading collects every problem (TOML syntax, unknown section or key, wrong
 // type, value outside its choices or range, extends cycle) and throws one
-// RecipeError listing them all, one `file:line:col: message` per line. A
-// Recipe that exists is valid; its accessors cannot fail on user input, only
-// on programming errors (asking for an undeclared key or the wrong type
-// throws std::logic_error).
+// RecipeError listing them, one `file:line:col: message` per line (the first
+// kMaxDiagnostics, then a count). A Recipe that exists is valid; its
+// accessors cannot fail on user input, only on programming errors (asking
+// for an undeclared key or the wrong type throws std::logic_error).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <memory>
@@ -33,14 +34,25 @@ struct Diagnostic {
   std::string to_string() const;
 };
 
-// Everything wrong with a recipe. what() is every diagnostic, one per line.
+// Limits that keep a hostile recipe from costing minutes and gigabytes: a
+// recipe file (or text) larger than kMaxRecipeBytes is refused before it is
+// parsed, and at most kMaxDiagnostics diagnostics are reported (the first
+// ones in file order), then a count of the rest.
+inline constexpr std::size_t kMaxRecipeBytes = std::size_t{1} << 20;  // 1 MiB
+inline constexpr std::size_t kMaxDiagnostics = 50;
+
+// Everything wrong with a recipe. what() is every diagnostic, one per line,
+// then "... and N more errors" when `omitted` were left out.
 class RecipeError : public InputError {
  public:
-  explicit RecipeError(std::vector<Diagnostic> diagnostics);
+  explicit RecipeError(std::vector<Diagnostic> diagnostics, std::size_t omitted = 0);
   const std::vector<Diagnostic>& diagnostics() const noexcept { return diagnostics_; }
+  // Diagnostics found but not listed (beyond kMaxDiagnostics).
+  std::size_t omitted() const noexcept { return omitted_; }
 
  private:
   std::vector<Diagnostic> diagnostics_;
+  std::size_t omitted_ = 0;
 };
 
 // A "string or string array" value, as PEFT reads target_modules: a string is
