@@ -235,7 +235,7 @@ Schema make_builtin_schema() {
       text   ("template", "granite", "Prompt template by name (granite, alpaca, raw); template_string replaces it."),
       text   ("template_string", kUnset, "A custom prompt template, used instead of template when set."),
       choice ("synth_task", "none", {"none", "classification", "mapping", "rules"}, "Generate a synthetic task instead of reading path; \"none\" reads path."),
-      integer("synth_n", 512, "Number of synthetic examples.").at_least(1).at_most(10000000),
+      integer("synth_n", 512, "Number of synthetic examples.").at_least(1).at_most(1000000),
       integer("max_length", 1280, "Maximum sequence length in tokens.").at_least(1).at_most(1048576),
       flag   ("packing", false, "Pack several examples into each max_length sequence."),
       choice ("loss_on", "all", {"all", "response"}, "Tokens that count in the loss: all, or the response only."),
