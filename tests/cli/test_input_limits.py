@@ -2,24 +2,15 @@
 size cap, the 50-diagnostic cap and the 200-byte excerpts. Each case runs `peftfw` with a
 time limit and checks the exit code, that the message names the input and the limit, and that
 nothing was written. Expected numbers come from arithmetic on the inputs written here."""
-import argparse
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-passed = failed = 0
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from checks import Checks, script_args  # noqa: E402
 
-
-def check(name, cond, detail=""):
-    global passed, failed
-    if cond:
-        passed += 1
-        print(f"ok    {name}")
-    else:
-        failed += 1
-        print(f"FAIL  {name}\n{textwrap.indent(detail, '      ')}")
+check = Checks("cli_input_limits")
 
 
 def run(args, timeout=120):
@@ -104,13 +95,9 @@ def main():
           r.returncode == 2 and '"' + "x" * 200 + '..." (5000 bytes in all)' in r.stderr
           and "x" * 201 not in r.stderr, show(r))
 
-    print(f"cli_input_limits: {passed} passed, {failed} failed")
-    return 1 if failed else 0
+    return check.finish()
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--peftfw", required=True)
-    p.add_argument("--workdir", required=True)
-    ARGS = p.parse_args()
+    ARGS = script_args("--workdir")
     sys.exit(main())

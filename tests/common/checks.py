@@ -30,3 +30,20 @@ def show(result):
     if result.returncode < 0:
         how += f" (killed by {signal.Signals(-result.returncode).name})"
     return f"{how}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def script_args(*options, extra=()):
+    """The command line of an end-to-end script: --peftfw (made absolute, since tests change
+    folders), then each of `options` (e.g. "--source", "--workdir") as a required value, then
+    `extra` flags (store_true)."""
+    import argparse
+    import os
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--peftfw", required=True)
+    for name in options:
+        ap.add_argument(name, required=True)
+    for name in extra:
+        ap.add_argument(name, action="store_true")
+    args = ap.parse_args()
+    args.peftfw = os.path.abspath(args.peftfw)
+    return args

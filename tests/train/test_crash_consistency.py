@@ -1,7 +1,6 @@
 """Crash consistency: `peftfw run` killed with SIGKILL at 5 random moments (one of them in the
 middle of a checkpoint write) and run again each time ends with an adapter, SSM tensors and
 merged model byte-identical to an uninterrupted run's."""
-import argparse
 import json
 import os
 import random
@@ -12,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
-from checks import Checks  # noqa: E402
+from checks import Checks, script_args  # noqa: E402
 
 check = Checks("crash consistency")
 
@@ -89,10 +88,5 @@ def main():
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--peftfw", required=True)
-    ap.add_argument("--source", required=True)
-    ap.add_argument("--workdir", required=True)
-    ARGS = ap.parse_args()
-    ARGS.peftfw = os.path.abspath(ARGS.peftfw)
+    ARGS = script_args("--source", "--workdir")
     sys.exit(main())

@@ -4,7 +4,6 @@ space again, the same command resumes from that checkpoint and finishes.
 
 The tmpfs is mounted in a private mount namespace (unshare), so nothing is left mounted; as a
 user without root, a user namespace provides the right to mount it."""
-import argparse
 import json
 import os
 import re
@@ -14,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
-from checks import Checks, show  # noqa: E402
+from checks import Checks, script_args, show  # noqa: E402
 
 check = Checks("full disk")
 
@@ -89,11 +88,5 @@ def main():
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--peftfw", required=True)
-    ap.add_argument("--source", required=True)
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--inner", action="store_true")
-    ARGS = ap.parse_args()
-    ARGS.peftfw = os.path.abspath(ARGS.peftfw)
+    ARGS = script_args("--source", "--workdir", extra=["--inner"])
     sys.exit(main())

@@ -4,7 +4,6 @@ before its first checkpoint starts over; a full disk during a checkpoint ends wi
 the path and the OS reason, the previous checkpoint intact and no temporary left; stale
 temporaries of a killed run are removed; resumed runs record each step once; checkpoints hold no
 pickle."""
-import argparse
 import json
 import os
 import re
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
-from checks import Checks, show  # noqa: E402
+from checks import Checks, script_args, show  # noqa: E402
 
 check = Checks("reliability")
 
@@ -252,14 +251,16 @@ def main():
     check("init_from an adapter with a NaN is refused naming the tensor",
           r.returncode == 2 and first.split("base_model.model.")[-1] in r.stderr and "NaN" in r.stderr, show(r))
 
+    # 10. A NaN training loss names its likely cause.
+    r = peftfw("run", *quick, "train.lr=1e30", "train.max_steps=6", "train.warmup_steps=1",
+               f"output.dir={work / 'nan'}")
+    check("a diverged run names the learning rate as the likely cause",
+          r.returncode == 1 and "the training loss is" in r.stderr and "the learning rate" in r.stderr
+          and "likely cause" in r.stderr and "lr at this step: " in r.stderr, show(r))
+
     return check.finish()
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--peftfw", required=True)
-    ap.add_argument("--source", required=True)
-    ap.add_argument("--workdir", required=True)
-    ARGS = ap.parse_args()
-    ARGS.peftfw = os.path.abspath(ARGS.peftfw)
+    ARGS = script_args("--source", "--workdir")
     sys.exit(main())

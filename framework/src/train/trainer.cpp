@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <chrono>
 #include <csignal>
 #include <fstream>
@@ -347,23 +348,25 @@ std::vector<fs::path> run_inputs(const recipe::Recipe& r) {
 // Why the training loss became non-finite, from what can be checked after the fact.
 std::string nonfinite_loss_cause(CausalLM& model, const ModelBatch& batch, double lr) {
   torch::NoGradGuard ng;
+  char lr_text[32];
+  std::snprintf(lr_text, sizeof lr_text, "%.3g", lr);
   for (auto& p : model.named_parameters()) {
     const auto bad = torch::logical_not(torch::isfinite(p.value())).sum().item<int64_t>();
     if (bad == 0) continue;
     if (p.value().requires_grad())
-      return "the trainable tensor '" + p.key() + "' holds " + std::to_string(bad) +
-             " non-finite values: the updates diverged. The learning rate is the likely cause (lr at "
-             "this step: " + std::to_string(lr) + "); try a lower [train] lr or a smaller max_grad_norm";
-    return "the frozen base tensor '" + p.key() + "' holds " + std::to_string(bad) +
+      return "The trainable tensor '" + p.key() + "' holds " + std::to_string(bad) +
+             " non-finite values: the updates diverged, and the learning rate is the likely cause (lr at "
+             "this step: " + lr_text + "); try a lower [train] lr or a smaller max_grad_norm";
+    return "The frozen base tensor '" + p.key() + "' holds " + std::to_string(bad) +
            " non-finite values: the weights are the cause; check the checkpoint";
   }
   const auto targets = batch.labels.narrow(1, 1, batch.labels.size(1) - 1).ne(-100).sum().item<int64_t>();
   if (targets == 0)
-    return "every label of this batch is masked (no token to learn from): the inputs are the cause; "
+    return "Every label of this batch is masked (no token to learn from): the inputs are the cause; "
            "check [data] loss_on and max_length (prompts longer than max_length leave no answer tokens)";
-  return "every weight is finite, so the forward pass overflowed: the learning rate (lr at this step: " +
-         std::to_string(lr) + ") or a 16-bit dtype is the likely cause; try a lower [train] lr, a smaller "
-         "max_grad_norm, or [model] dtype = \"float32\"";
+  return std::string("Every weight is finite, so the forward pass overflowed: the learning rate (lr at this step: ") +
+         lr_text + ") or a 16-bit dtype is the likely cause; try a lower [train] lr, a smaller max_grad_norm, "
+         "or [model] dtype = \"float32\"";
 }
 
 enum class FolderAction { kFresh, kResume, kStartOver, kOverwrite };
