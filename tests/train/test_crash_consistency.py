@@ -58,7 +58,7 @@ def main():
     rng = random.Random(7)
     env = dict(os.environ, PEFTFW_TEST_SAVE_DELAY_MS="300")
     # Kill points spread over the whole run (a restart replays from its last checkpoint).
-    planned = sorted(rng.sample(range(2, total - 1), 4))
+    planned = sorted(rng.sample(range(2, total - 4), 4))
     for k in range(5):
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         if k == 1:  # in the middle of a checkpoint write
@@ -68,8 +68,8 @@ def main():
                 time.sleep(0.005)
             hit = saving(run)
         else:
-            target = min(total - 1, max(train_rows(run) + 1, planned.pop(0)))
-            delay_ms = rng.randint(0, 300)
+            target = min(total - 4, max(train_rows(run) + 1, planned.pop(0)))
+            delay_ms = rng.randint(0, 100)
             what = f"{delay_ms} ms after step {target} was recorded"
             t0 = time.time()
             while train_rows(run) < target and p.poll() is None and time.time() - t0 < 300:
