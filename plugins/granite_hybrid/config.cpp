@@ -3,7 +3,9 @@
 
 #include <cmath>
 #include <nlohmann/json.hpp>
+#include <tuple>
 
+#include "peftfw/blocks/config_fields.hpp"
 #include "peftfw/error.hpp"
 #include "peftfw/io/json_config.hpp"
 
@@ -13,24 +15,8 @@ const char* layer_kind_name(LayerKind kind) {
   return kind == LayerKind::Mamba ? "mamba" : "attention";
 }
 
-namespace {
-
-[[noreturn]] void refuse(const io::JsonConfig& j, const std::string& field, const std::string& why) {
-  throw InputError(j.path() + ": field '" + field + "': " + why);
-}
-
-// A dimension: positive, and small enough that products of a few of them cannot overflow
-// before the memory check sees the model's size (2^26 = 67,108,864 is far above any real model).
-int64_t positive(const io::JsonConfig& j, const std::string& key, int64_t value) {
-  constexpr int64_t kMax = int64_t{1} << 26;
-  if (value <= 0) refuse(j, key, "must be a positive integer, found " + std::to_string(value));
-  if (value > kMax)
-    refuse(j, key, "found " + std::to_string(value) + ", more than the limit " + std::to_string(kMax) +
-                       "; is the config's value a typo?");
-  return value;
-}
-
-}  // namespace
+using blocks::positive;
+using blocks::refuse;
 
 GraniteConfig parse_config(const io::JsonConfig& j) {
   GraniteConfig c;
@@ -144,25 +130,7 @@ GraniteConfig parse_config(const io::JsonConfig& j) {
     refuse(j, "mamba_n_groups",
            "must divide mamba_n_heads (" + std::to_string(c.mamba_heads) + "), found " +
                std::to_string(c.mamba_groups));
-  if (!j.is_unset("time_step_limit")) {
-    // transformers >= 5 writes non-finite floats as {"__float__": "Infinity"}.
-    const auto& lim = j.raw()["time_step_limit"];
-    auto number = [&](const nlohmann::json& v) -> double {
-      if (v.is_number()) return v.get<double>();
-      if (v.is_object() && v.contains("__float__") && v["__float__"].is_string()) {
-        const auto s = v["__float__"].get<std::string>();
-        if (s == "Infinity") return std::numeric_limits<double>::infinity();
-        if (s == "-Infinity") return -std::numeric_limits<double>::infinity();
-      }
-      refuse(j, "time_step_limit", "expected [min, max] numbers, found " + v.dump());
-    };
-    if (!lim.is_array() || lim.size() != 2)
-      refuse(j, "time_step_limit", "expected [min, max], found " + lim.dump());
-    c.time_step_min = number(lim[0]);
-    c.time_step_max = number(lim[1]);
-    if (!(c.time_step_min <= c.time_step_max))
-      refuse(j, "time_step_limit", "min must be <= max, found " + lim.dump());
-  }
+  std::tie(c.time_step_min, c.time_step_max) = blocks::time_step_limit(j);
   if (auto pad = j.optional_int("pad_token_id"); pad && *pad >= 0 && *pad < c.vocab_size)
     c.pad_token_id = *pad;
   return c;

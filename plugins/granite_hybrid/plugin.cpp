@@ -2,10 +2,10 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
+#include "builder.hpp"
 #include "gguf_layout.hpp"
-#include "inventory.hpp"
-#include "model.hpp"
 #include "peftfw/io/json_config.hpp"
+#include "peftfw/nn/param_init.hpp"
 #include "peftfw/plugin/architecture.hpp"
 #include "peftfw/plugin/registrar.hpp"
 
@@ -18,14 +18,13 @@ class GranitePlugin final : public ArchitecturePlugin {
   std::vector<std::string> model_types() const override { return {"granitemoehybrid"}; }
 
   ModelInventory describe(const io::JsonConfig& json) const override {
-    return describe_granite(parse_config(json));
+    nn::MetaScope meta;  // shapes only, no storage
+    return build_granite(parse_config(json))->inventory();
   }
 
   std::shared_ptr<CausalLM> build(const io::JsonConfig& json,
                                   const BuildOptions& options) const override {
-    auto config = parse_config(json);
-    auto inventory = describe_granite(config);
-    auto model = std::make_shared<GraniteForCausalLM>(std::move(config), std::move(inventory));
+    auto model = build_granite(parse_config(json));
     if (options.random_init) model->init_random(options.seed, json.get_float("initializer_range", 0.02));
     torch::Dtype dtype = options.dtype == "bfloat16" ? torch::kBFloat16
                          : options.dtype == "float16" ? torch::kFloat16

@@ -4,13 +4,25 @@
 #include <torch/torch.h>
 
 #include "peftfw/nn/checkpoint.hpp"
+#include "peftfw/nn/param_init.hpp"
 
 namespace peftfw::nn {
 
+namespace {
+thread_local bool t_meta = false;
+}
+
+torch::TensorOptions param_options() {
+  return t_meta ? torch::TensorOptions().device(torch::kMeta) : torch::TensorOptions();
+}
+
+MetaScope::MetaScope() : previous_(t_meta) { t_meta = true; }
+MetaScope::~MetaScope() { t_meta = previous_; }
+
 LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool has_bias)
     : in_features_(in_features), out_features_(out_features) {
-  weight = register_parameter("weight", torch::empty({out_features, in_features}));
-  if (has_bias) bias = register_parameter("bias", torch::zeros({out_features}));
+  weight = register_parameter("weight", torch::empty({out_features, in_features}, param_options()));
+  if (has_bias) bias = register_parameter("bias", torch::zeros({out_features}, param_options()));
 }
 
 torch::Tensor LinearImpl::base_forward(const torch::Tensor& x) const {

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace peftfw {
@@ -17,6 +18,8 @@ struct ModuleDesc {
   std::string layer_kind;  // "mamba", "attention", ... or "" for non-layer modules
   std::string role;        // e.g. "attention.q", "mamba.in_proj", "mlp.input", "moe.experts"
   int layer = -1;          // decoder layer index, -1 for embeddings / final norm / head
+  // Name relative to its layer ("mamba.in_proj"), or the full name outside the layers.
+  std::string local_name;
   int64_t in_features = 0;
   int64_t out_features = 0;
   bool has_bias = false;
@@ -46,17 +49,26 @@ struct SsmGroupDesc {
   bool optional = false;  // not part of the default core set
 };
 
+// What one decoder layer holds: its residual units, each a list of parallel parts
+// ({{"mamba"}, {"moe", "mlp"}} for a Granite MoE layer; {{"attention", "mamba"}, {"mlp"}}
+// for Falcon-H1's parallel mixers).
+using LayerParts = std::vector<std::vector<std::string>>;
+
 struct ModelInventory {
   std::string architecture;              // plugin id
   std::string model_type;                // config's model_type
   int64_t vocab_size = 0;
   std::vector<std::string> layer_kinds;  // per decoder layer
+  std::vector<LayerParts> layer_parts;   // per decoder layer (may be empty for old plugins)
   std::vector<ModuleDesc> modules;
   std::vector<ParamDesc> params;         // every distinct trainable tensor (tied ones once)
   std::vector<SsmGroupDesc> ssm_groups;
   // Checkpoint keys that may be absent because they alias another tensor
   // (e.g. a tied lm_head.weight).
   std::vector<std::string> optional_checkpoint_keys;
+  // Other keys files use for a tensor: (alias key, parameter name), e.g. Mamba-2's legacy
+  // ("backbone.embedding.weight", "backbone.embeddings.weight").
+  std::vector<std::pair<std::string, std::string>> checkpoint_aliases;
 
   int64_t total_params() const {
     int64_t n = 0;

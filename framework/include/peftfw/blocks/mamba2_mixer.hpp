@@ -1,0 +1,60 @@
+// The Mamba-2 mixer (SSD): in_proj -> causal depthwise conv1d + SiLU -> chunked
+// selective scan -> gated RMSNorm -> out_proj, on the kernels/ dispatch point so
+// CUDA kernels replace the reference ops. Serves Granite 4.0-H, Bamba, pure
+// Mamba-2 (and Codestral Mamba) and every other Mamba-2 hybrid.
+#pragma once
+
+#include <limits>
+
+#include "peftfw/blocks/sublayer.hpp"
+#include "peftfw/nn/linear.hpp"
+
+namespace peftfw::blocks {
+
+struct Mamba2MixerOptions {
+  int64_t hidden_size = 0;
+  int64_t num_heads = 0;
+  int64_t head_dim = 0;
+  int64_t n_groups = 1;
+  int64_t state_size = 0;
+  int64_t conv_kernel = 4;
+  int64_t chunk_size = 256;
+  bool conv_bias = true;
+  bool proj_bias = false;
+  double dt_min = 0.0;
+  double dt_max = std::numeric_limits<double>::infinity();
+  double norm_eps = 1e-6;
+  // Gated norm: 0 normalises all inner channels together (transformers); g > 0 normalises
+  // groups of g channels (mamba_ssm's group_size). norm_before_gate: w*norm(y)*silu(z)
+  // instead of w*norm(y*silu(z)).
+  int64_t norm_group_size = 0;
+  bool norm_before_gate = false;
+  // Pure Mamba-2 (mamba_ssm) may give in_proj 2*d_mlp extra channels [z0 | x0] ahead of
+  // [z | xBC | dt]; silu(z0)*x0 joins the scan output before out_proj.
+  int64_t d_mlp = 0;
+
+  int64_t inner() const { return num_heads * head_dim; }
+  int64_t conv_dim() const { return inner() + 2 * n_groups * state_size; }
+  int64_t in_proj_out() const { return 2 * d_mlp + inner() + conv_dim() + num_heads; }
+};
+
+// The SSM core groups a Mamba-2 mixer holds, for [ssm] train = [...].
+std::vector<std::string> mamba2_ssm_group_names();
+
+class Mamba2MixerImpl : public SublayerImpl {
+ public:
+  explicit Mamba2MixerImpl(Mamba2MixerOptions options);
+  torch::Tensor forward(const torch::Tensor& h, const ForwardContext& ctx, LayerCache* cache) override;
+  std::string part() const override { return "mamba"; }
+  const Mamba2MixerOptions& options() const { return o_; }
+
+  nn::Linear in_proj{nullptr}, out_proj{nullptr};
+  Weights conv1d{nullptr}, norm{nullptr};
+  torch::Tensor dt_bias, A_log, D;
+
+ private:
+  torch::Tensor gated_norm(const torch::Tensor& y, const torch::Tensor& z, torch::Dtype out) const;
+  Mamba2MixerOptions o_;
+};
+
+}  // namespace peftfw::blocks

@@ -1,0 +1,131 @@
+// The Mamba-2 mixer block (transformers' Mamba2Mixer / GraniteMoeHybridMambaLayer /
+// BambaMixer torch path), on the kernels/ dispatch point.
+#include "peftfw/blocks/mamba2_mixer.hpp"
+
+#include <torch/torch.h>
+
+#include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/nn/param_init.hpp"
+
+namespace peftfw::blocks {
+
+namespace ops = peftfw::kernels::mamba2;
+namespace F = torch::nn::functional;
+
+namespace {
+
+const char* kConvWhy =
+    "depthwise conv1d (groups = channels): LoRA would need r divisible by the channel count, and "
+    "fused Mamba kernels read its weight directly; train it fully with [ssm] train = [\"conv1d\"]";
+
+// transformers' apply_mask_to_padding_states; `mask` is only defined when it applies.
+torch::Tensor mask_padding(const torch::Tensor& h, const torch::Tensor& mask) {
+  return mask.defined() ? (h * mask.unsqueeze(-1)).to(h.scalar_type()) : h;
+}
+
+}  // namespace
+
+std::vector<std::string> mamba2_ssm_group_names() { return {"A_log", "D", "dt_bias", "conv1d"}; }
+
+Mamba2MixerImpl::Mamba2MixerImpl(Mamba2MixerOptions o) : o_(std::move(o)) {
+  const auto opts = nn::param_options();
+  in_proj = add("in_proj", nn::Linear(o_.hidden_size, o_.in_proj_out(), o_.proj_bias),
+                linear("mamba.in_proj"));
+  conv1d = add("conv1d",
+               Weights(std::vector<int64_t>{o_.conv_dim(), 1, o_.conv_kernel},
+                       o_.conv_bias ? std::vector<int64_t>{o_.conv_dim()} : std::vector<int64_t>{}),
+               Tag{"conv1d", "mamba.conv1d", kConvWhy, "conv1d"});
+  dt_bias = add_parameter("dt_bias", torch::ones({o_.num_heads}, opts), "dt_bias");
+  A_log = add_parameter("A_log", torch::zeros({o_.num_heads}, opts), "A_log");
+  D = add_parameter("D", torch::ones({o_.num_heads}, opts), "D");
+  norm = add("norm", Weights(std::vector<int64_t>{o_.inner()}), blocks::norm("mamba.norm"));
+  out_proj = add("out_proj", nn::Linear(o_.d_mlp + o_.inner(), o_.hidden_size, o_.proj_bias),
+                 linear("mamba.out_proj"));
+}
+
+torch::Tensor Mamba2MixerImpl::gated_norm(const torch::Tensor& y, const torch::Tensor& z,
+                                          torch::Dtype out) const {
+  if (o_.norm_group_size == 0 && !o_.norm_before_gate)
+    return ops::gated_rms_norm(y, z, norm->weight, o_.norm_eps, out);
+  // Grouped or norm-before-gate (mamba_ssm's RMSNormGated): plain LibTorch ops.
+  const int64_t g = o_.norm_group_size == 0 ? y.size(-1) : o_.norm_group_size;
+  auto x = y.to(torch::kFloat32);
+  auto gate = F::silu(z.to(torch::kFloat32));
+  if (!o_.norm_before_gate) x = x * gate;
+  auto sizes = x.sizes().vec();
+  auto grouped = x.reshape({-1, x.size(-1) / g, g});
+  grouped = grouped * torch::rsqrt(grouped.pow(2).mean(-1, true) + o_.norm_eps);
+  x = grouped.reshape(sizes) * norm->weight.to(torch::kFloat32);
+  if (o_.norm_before_gate) x = x * gate;
+  return x.to(out);
+}
+
+torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& h, const ForwardContext& ctx,
+                                       LayerCache* cache) {
+  const int64_t B = h.size(0), T = h.size(1);
+  const int64_t Im = o_.inner(), CD = o_.conv_dim(), H = o_.num_heads, P = o_.head_dim,
+                G = o_.n_groups, N = o_.state_size, K = o_.conv_kernel, Dm = o_.d_mlp;
+  auto proj = in_proj(mask_padding(h, ctx.ssm_mask));  // [B,T, 2*Dm + Im + CD + H]
+  // One split node (its backward writes the gradients into one buffer), not several narrows.
+  std::vector<int64_t> sizes = {Im, CD, H};
+  if (Dm > 0) sizes = {Dm, Dm, Im, CD, H};
+  auto parts = proj.split_with_sizes(sizes, -1);
+  const size_t at = Dm > 0 ? 2 : 0;
+  auto z = parts[at];
+  auto xBC = parts[at + 1];
+  auto dt = parts[at + 2];
+  // Co-trained SSM tensors are float32 master copies even in a bf16 model: compute in h's dtype.
+  auto conv_w = conv1d->weight.squeeze(1).to(h.scalar_type());  // [CD,K]
+  auto conv_b = conv1d->bias.defined() ? conv1d->bias.to(h.scalar_type()) : torch::Tensor();
+
+  torch::Tensor y;  // [B,T,Im] float32
+  if (ctx.decode_step) {
+    // One token with cached conv and SSM state (transformers' cached branch).
+    auto xBC_t = ops::causal_conv1d_step(cache->conv_state, xBC.select(1, 0), conv_w, conv_b,
+                                         /*silu=*/true);
+    ops::SsdStepArgs s;
+    s.state = cache->ssm_state;
+    s.x = xBC_t.narrow(-1, 0, Im).reshape({B, H, P});
+    s.B = xBC_t.narrow(-1, Im, G * N).reshape({B, G, N});
+    s.C = xBC_t.narrow(-1, Im + G * N, G * N).reshape({B, G, N});
+    s.dt = dt.select(1, 0);
+    s.A_log = A_log;
+    s.D = D;
+    s.dt_bias = dt_bias;
+    s.dt_min = o_.dt_min;
+    s.dt_max = o_.dt_max;
+    y = ops::ssd_step(s).reshape({B, 1, Im});
+    cache->ssm_state = s.state;
+  } else {
+    auto xBC_act = ops::causal_conv1d(xBC, conv_w, conv_b, ctx.seq_ids, /*silu=*/true);
+    xBC_act = mask_padding(xBC_act, ctx.ssm_mask);
+    auto xs = xBC_act.split_with_sizes({Im, G * N, G * N}, -1);
+    ops::SsdArgs s;
+    s.x = xs[0].reshape({B, T, H, P});
+    s.B = xs[1].reshape({B, T, G, N});
+    s.C = xs[2].reshape({B, T, G, N});
+    s.dt = dt;
+    s.A_log = A_log;
+    s.D = D;
+    s.dt_bias = dt_bias;
+    s.dt_min = o_.dt_min;
+    s.dt_max = o_.dt_max;
+    s.chunk_size = o_.chunk_size;
+    s.seq_ids = ctx.seq_ids;
+    auto res = ops::ssd_chunk_scan(s);
+    y = res.y.reshape({B, T, Im});
+    if (cache) {
+      // Prefill: keep the last K raw conv inputs (left-padded) and the final state.
+      auto xt = xBC.transpose(1, 2);  // [B,CD,T]
+      cache->conv_state = T >= K ? xt.narrow(2, T - K, K).contiguous()
+                                 : F::pad(xt, F::PadFuncOptions({K - T, 0}));
+      cache->ssm_state = res.final_state;
+    }
+  }
+  // y is float32: the norm's float32 result is rounded to h's dtype once, in the kernel.
+  auto n = gated_norm(y, z, h.scalar_type());
+  if (Dm > 0) n = torch::cat({F::silu(parts[0]) * parts[1], n}, -1);
+  return out_proj(n);
+}
+
+}  // namespace peftfw::blocks
