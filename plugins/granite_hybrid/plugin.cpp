@@ -33,6 +33,12 @@ class GranitePlugin final : public ArchitecturePlugin {
     return model;
   }
 
+  // Granite 4.0's role tokens (the study's template, §1.3).
+  std::vector<data::ChatFormat> chat_formats() const override {
+    return {{"granite", "<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>\n",
+             "Granite 4.0 role tokens"}};
+  }
+
   std::optional<GgufLayout> gguf_layout(const io::JsonConfig& json) const override {
     return gguf_layout_of(json);
   }

@@ -5,8 +5,10 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
+#include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 
 #include "adapter_config.hpp"
@@ -55,6 +57,35 @@ std::vector<std::string> target_modules_for(const CausalLM& model,
       if (m.name == l || ends_with(m.name, "." + l)) got.insert(m.name);
   if (got != want) return adapted;
   return {local.begin(), local.end()};
+}
+
+// HF PEFT (0.17 and later, checked with 0.21) refuses LoRA on `out_proj` and `conv1d` for these
+// model types, because transformers' fused Mamba kernel reads those weights directly
+// (peft/tuners/tuners_utils.py, _check_lora_target_modules_mamba): PeftModel.from_pretrained
+// raises ValueError on such a folder. peftfw's LoRA goes through every projection, so it
+// writes the folder anyway and says so.
+std::optional<std::string> peft_refusal(const SaveRequest& req) {
+  static const std::set<std::string> kTypes = {"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"};
+  std::string model_type;
+  try {
+    model_type = nlohmann::json::parse(req.config_json).value("model_type", "");
+  } catch (const nlohmann::json::exception&) {
+    return std::nullopt;
+  }
+  if (!kTypes.count(model_type)) return std::nullopt;
+  std::set<std::string> refused;
+  for (const auto& m : req.adapted_modules) {
+    const auto leaf = m.substr(m.rfind('.') + 1);
+    if (leaf == "out_proj" || leaf == "conv1d") refused.insert(leaf);
+  }
+  if (refused.empty()) return std::nullopt;
+  std::string names;
+  for (const auto& r : refused) names += (names.empty() ? "" : ", ") + r;
+  return "HF PEFT refuses LoRA on " + names + " for model_type '" + model_type +
+         "' (PeftModel.from_pretrained raises ValueError: \"Module '" + *refused.begin() +
+         "' is incompatible with Mamba-based models\"), because transformers' fused Mamba kernel "
+         "bypasses those layers. The folder is complete: peftfw forward/eval/run init_from load it, "
+         "and the \"merged\" format gives a checkpoint transformers loads with the adapter applied.";
 }
 
 class PeftFormat final : public PersistencePlugin {
@@ -132,6 +163,12 @@ class PeftFormat final : public PersistencePlugin {
         "adapter_model.safetensors + adapter_config.json load with PEFT; the co-trained SSM core "
         "tensors are in ssm_core_params.safetensors under their checkpoint names (PEFT does not "
         "save them): load them into the base model too, or use the 'merged' format.";
+
+    if (auto refusal = peft_refusal(req)) {
+      // The folder is still complete and valid; say who cannot read it, and what can.
+      std::cerr << "peftfw: note: " << dir.string() << ": " << *refusal << "\n";
+      manifest["consumers_refusing"] = nlohmann::ordered_json::array({*refusal});
+    }
 
     write_folder_atomic(dir, [&](const fs::path& tmp) {
       io::save_tensors((tmp / kAdapterFile).string(), adapter_tensors, {{"format", "pt"}});

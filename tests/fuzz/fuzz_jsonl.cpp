@@ -27,7 +27,8 @@ void use(const Dataset& dataset) {
                   "the split covers every example once");
   });
   static const PromptTemplate templates[] = {
-      PromptTemplate::granite(), PromptTemplate::alpaca(), PromptTemplate::raw(),
+      PromptTemplate::chat({"granite", "<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>\n", ""}),
+      PromptTemplate::alpaca(), PromptTemplate::raw(),
       PromptTemplate::custom("Q: {instruction} {input}\nA: {output}")};
   for (std::size_t i = 0; i < dataset.examples.size() && i < 8; ++i) {
     const Example& example = dataset.examples[i];

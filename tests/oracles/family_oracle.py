@@ -376,6 +376,18 @@ GLOBAL_NOTES = {
 # --------------------------------------------------------------------------------------------------------------------
 
 
+
+def strict_json(value):
+    """JSON without NaN/Infinity literals (C++ parsers reject them): non-finite floats become
+    {"__float__": "Infinity"}, as transformers writes them in config.json."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")}
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
 def check_environment():
     if transformers.__version__ != EXPECTED_TRANSFORMERS:
         raise RuntimeError(f"expected transformers {EXPECTED_TRANSFORMERS}, got {transformers.__version__}")
@@ -739,11 +751,6 @@ def run_case(family, case, case_idx, outdir):
             raise RuntimeError(f"embedding row {PAD_ID} gradient {row0_grad_absmax} does not match padding_idx "
                                f"{model.get_input_embeddings().padding_idx}")
 
-    # ---- bf16 forward on a deep copy ------------------------------------------------------------------------------
-    model_bf16 = copy.deepcopy(model).to(torch.bfloat16).eval()
-    logits_bf16, dtype_flow = bf16_dtype_flow(model_bf16, input_ids, attention_mask)
-    del model_bf16
-
     # ---- decode reference ----------------------------------------------------------------------------------------
     gen_prefill_logits, gen_step_logits, cache_snap, _ = decode_reference(model, gen_prompt_ids, gen_step_ids)
     with torch.no_grad():
@@ -778,7 +785,6 @@ def run_case(family, case, case_idx, outdir):
     logit_std = float(real_logits.std())
     if not (0.3 < logit_std < 20.0 and logit_absmax < 100.0):
         raise RuntimeError(f"logits out of the intended range: std={logit_std} absmax={logit_absmax}")
-    bf16_diff = float((logits_bf16[real] - real_logits).abs().max())
 
     # ---- left padding: real positions equal the unpadded run ------------------------------------------------------
     padded_vs_unpadded = None
@@ -810,6 +816,13 @@ def run_case(family, case, case_idx, outdir):
     for n, k in mapping.items():
         if ckpt[k].dtype != torch.float32 or not torch.equal(ckpt[k], params[n].detach()):
             raise RuntimeError(f"checkpoint tensor {k} differs from parameter {n}")
+
+    # ---- bf16 forward, loaded as users load it: from_pretrained(dtype=bfloat16) ---------------------------------------
+    # (model.to(bfloat16) would also round the RoPE inv_freq buffer to bf16; from_pretrained keeps it float32.)
+    model_bf16 = model_cls.from_pretrained(cdir, dtype=torch.bfloat16, attn_implementation=attn_impl).eval()
+    logits_bf16, dtype_flow = bf16_dtype_flow(model_bf16, input_ids, attention_mask)
+    del model_bf16
+    bf16_diff = float((logits_bf16[real] - real_logits).abs().max())
 
     # ---- reference tensors -------------------------------------------------------------------------------------------
     ref = {
@@ -918,7 +931,7 @@ def run_case(family, case, case_idx, outdir):
         elapsed_s=round(time.time() - t0, 3),
     )
     with open(os.path.join(cdir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+        json.dump(strict_json(meta), f, indent=2, allow_nan=False)
 
     print(
         f"[{family}-oracle] {name:11s} B={meta['B']} T={meta['T']} loss={stats['loss']:.6f} "
@@ -975,7 +988,7 @@ def write_legacy_copy(fam, src, dst, meta, ckpt, ckpt_metadata, logits, input_id
     legacy_meta["stats"]["from_pretrained_reproduces_logits"] = same
     legacy_meta["elapsed_s"] = round(time.time() - t0, 3)
     with open(os.path.join(dst, "meta.json"), "w") as f:
-        json.dump(legacy_meta, f, indent=2)
+        json.dump(strict_json(legacy_meta), f, indent=2, allow_nan=False)
     print(
         f"[mamba2-oracle] base_legacy embedding key {old}; load_state_dict reproduces base, from_pretrained "
         f"{'reproduces' if same else 'does not (hook not run)'} ({legacy_meta['elapsed_s']:.1f}s) OK",
@@ -1017,7 +1030,7 @@ def write_default_counts(family, outdir):
         cfg.save_pretrained(d)
         print(f"[{family}-oracle] {key}: {total:,} parameters -> {dirname}/config.json", flush=True)
     with open(path, "w") as f:
-        json.dump(counts, f, indent=2, sort_keys=True)
+        json.dump(strict_json(counts), f, indent=2, sort_keys=True, allow_nan=False)
 
 
 def main():

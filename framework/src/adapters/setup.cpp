@@ -46,6 +46,14 @@ AdapterPlan plan_adapters(const ModelInventory& inv, const AdapterRequest& req) 
       plan.modules = resolved.modules;
       plan.warnings = resolved.warnings;
       plan.coverage = adapters::coverage_table(inv, plan.modules);
+      if (!resolved.default_roles.empty()) {
+        std::string roles;
+        for (const auto& r : resolved.default_roles) roles += (roles.empty() ? "\"" : ", \"") + r + "\"";
+        plan.coverage = "Default targets: [adapter] names no target_modules or roles, so every adaptable "
+                        "projection " + inv.architecture + " lists is adapted:\n  roles = [" + roles +
+                        "]\nSet target_modules or roles to choose.\n" + plan.coverage;
+        plan.default_targets_used = true;
+      }
     } catch (const InputError& e) {
       problems.push_back(e.what());
       targets_ok = false;

@@ -53,13 +53,10 @@ std::string leaf(const std::string& name) {
   return pos == std::string::npos ? name : name.substr(pos + 1);
 }
 
-// "model.layers.3.mamba.in_proj" -> "mamba.in_proj"; modules outside the
-// layers keep their full name.
+// The name relative to its layer ("mamba.in_proj"), as the architecture gives it; modules
+// outside the layers keep their full name.
 std::string local_name(const ModuleDesc& m) {
-  if (m.layer < 0) return m.name;
-  const std::string marker = "layers." + std::to_string(m.layer) + ".";
-  auto pos = m.name.find(marker);
-  return pos == std::string::npos ? m.name : m.name.substr(pos + marker.size());
+  return m.layer < 0 || m.local_name.empty() ? m.name : m.local_name;
 }
 
 size_t edit_distance(const std::string& a, const std::string& b) {
@@ -179,14 +176,16 @@ Example example_of(const ModelInventory& inv) {
     for (char c : text) out += c == '.' ? std::string("\\.") : std::string(1, c);
     return out;
   };
-  const std::string layer = std::to_string(pick->layer);
-  auto at = pick->layer >= 0 ? pick->name.find("layers." + layer + ".") : std::string::npos;
-  if (at == std::string::npos) {
+  // The layer's own name ends in its index ("model.layers.3"): any index matches.
+  const std::string local = local_name(*pick);
+  const bool in_layer = pick->layer >= 0 && local != pick->name;
+  const std::string layer_name = in_layer ? pick->name.substr(0, pick->name.size() - local.size() - 1) : "";
+  const std::string index = std::to_string(pick->layer);
+  if (!in_layer || layer_name.size() <= index.size() ||
+      layer_name.compare(layer_name.size() - index.size(), index.size(), index) != 0) {
     ex.regex = escape(pick->name);
   } else {
-    const size_t digits = at + std::string("layers.").size();
-    ex.regex = escape(pick->name.substr(0, digits)) + "\\d+" +
-               escape(pick->name.substr(digits + layer.size()));
+    ex.regex = escape(layer_name.substr(0, layer_name.size() - index.size())) + "\\d+\\." + escape(local);
   }
   return ex;
 }
@@ -231,12 +230,16 @@ class Resolver {
 
     TargetResolution res;
     for (const auto* m : adapted) res.modules.push_back(m->name);
+    if (used_defaults_) res.default_roles = roles_;
     if (req_.on_unmatched == "warn")
       for (const auto& p : problems_) res.warnings.push_back(req_.source + ": " + p);
     return res;
   }
 
  private:
+  std::vector<std::string> roles_;  // the request's roles, or the architecture's defaults
+  bool used_defaults_ = false;
+
   bool is_final(size_t i) const { return selected_by_[i] >= 0 && !excluded_[i]; }
 
   void check_request() {
@@ -246,6 +249,13 @@ class Resolver {
                        " is not one of \"error\", \"warn\", \"ignore\"");
     const bool has_targets = req_.target_modules &&
                              (req_.target_modules->is_regex || !req_.target_modules->names.empty());
+    roles_ = req_.roles;
+    if (!has_targets && req_.roles.empty() && !inv_.default_targets.empty()) {
+      // Nothing named: the architecture's default targets (every adaptable projection).
+      roles_ = inv_.default_targets;
+      used_defaults_ = true;
+      return;
+    }
     if (!has_targets && req_.roles.empty()) {
       // The examples adapt every adaptable module inside the layers.
       auto locals =
@@ -342,8 +352,8 @@ class Resolver {
 
   void select_by_roles() {
     std::vector<std::string> unmatched;
-    for (const auto& entry : req_.roles) {
-      int sel = add_selector("roles entry " + quote(entry));
+    for (const auto& entry : roles_) {
+      int sel = add_selector((used_defaults_ ? "default target " : "roles entry ") + quote(entry));
       std::vector<const ModuleDesc*> fixed;
       bool any = false;
       for (size_t i = 0; i < inv_.modules.size(); ++i) {

@@ -105,6 +105,17 @@ ModelInventory derive_inventory(HybridLM& model) {
     inv.params.push_back(std::move(d));
   }
 
+  // Default targets: the roles of every adaptable projection inside the layers (the router
+  // of a MoE, which picks experts, is left to an explicit request).
+  if (o.default_targets.empty()) {
+    std::set<std::string> seen;
+    for (const auto& m : inv.modules)
+      if (m.adaptable && m.layer >= 0 && m.role != "moe.router" && seen.insert(m.role).second)
+        inv.default_targets.push_back(m.role);
+  } else {
+    inv.default_targets = o.default_targets;
+  }
+
   bool any_ssm = false;
   for (const auto& p : inv.params) any_ssm = any_ssm || !p.ssm_group.empty();
   if (any_ssm)

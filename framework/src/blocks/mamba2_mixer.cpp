@@ -1,5 +1,5 @@
-// The Mamba-2 mixer block (transformers' Mamba2Mixer / GraniteMoeHybridMambaLayer /
-// BambaMixer torch path), on the kernels/ dispatch point.
+// The Mamba-2 mixer block (the torch path of transformers' Mamba2Mixer and its hybrid
+// copies), on the kernels/ dispatch point.
 #include "peftfw/blocks/mamba2_mixer.hpp"
 
 #include <torch/torch.h>

@@ -99,7 +99,7 @@ int cmd_validate(const Args& args) {
   if (wants_help(args)) {
     std::cout << "Usage: peftfw validate RECIPE [section.key=value ...]\n  Checks the recipe "
                  "against the schema and reports every error as file:line:col.\n  Example: "
-                 "peftfw validate recipes/granite_v4.toml train.lr=1e-4\n";
+                 "peftfw validate my_recipe.toml train.lr=1e-4\n";
     return 0;
   }
   auto recipe = load_recipe_args(args, /*require_file=*/true);
@@ -112,7 +112,7 @@ int cmd_plan(const Args& args) {
     std::cout << "Usage: peftfw plan [RECIPE] [section.key=value ...]\n  Reads only the model "
                  "config (no weights) and prints the module inventory per layer kind,\n  the SSM "
                  "core parameter groups and the total parameter count.\n  Example: peftfw plan "
-                 "recipes/granite_v2.toml model.path=tests/assets/granite-4.0-h-micro\n";
+                 "my_recipe.toml model.path=/models/my-base\n";
     return 0;
   }
   auto recipe = load_recipe_args(args, /*require_file=*/false);
@@ -141,7 +141,7 @@ int cmd_run(const Args& args) {
   if (wants_help(args)) {
     std::cout << R"(Usage: peftfw run [RECIPE] [section.key=value ...] [--strict]
   Fine-tunes as the recipe says; with no RECIPE, the embedded tiny default
-  (recipes/tiny/granite_v4.toml: a small random-init Granite hybrid on generated data).
+  (a small random-init hybrid on generated data).
   Everything goes into [output] dir: resolved recipe, split.json, metrics.jsonl/.csv,
   loss.svg, checkpoints/ and one folder per [output] formats entry.
   An interrupted run (Ctrl-C saves a checkpoint, a kill leaves the last one) continues when
@@ -150,8 +150,8 @@ Options:
   --strict   refuse an [adapter] init_from adapter made for another base (default: warn)
 Examples:
   peftfw run
-  peftfw run recipes/granite_v4.toml model.path=/models/granite-4.0-h-micro
-  peftfw run recipes/tiny/granite_v4.toml train.max_steps=20 output.dir=/tmp/try
+  peftfw run my_recipe.toml model.path=/models/my-base
+  peftfw run my_recipe.toml train.max_steps=20 output.dir=/tmp/try
 )";
     return 0;
   }

@@ -40,7 +40,7 @@ const char* kEvalHelp = R"(Usage: peftfw eval [RECIPE] [section.key=value ...] [
   --samples N   a seeded sample of N held-out examples (default [eval] samples; 0 = all)
   --strict      refuse (exit 2) an adapter that was made for another base instead of warning
 Example:
-  peftfw eval recipes/tiny/granite_v4.toml --samples 32
+  peftfw eval my_recipe.toml --samples 32
 )";
 
 // Token-weighted eval loss of `model` on already tokenized examples.

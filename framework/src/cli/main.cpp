@@ -36,12 +36,12 @@ Options:
   --version       version, LibTorch version and plugin ABI
 
 Overrides use TOML syntax for the value and are type-checked like the recipe:
-  peftfw run recipes/granite_v4.toml train.lr=1e-4 'adapter.target_modules=["in_proj"]'
+  peftfw run my_recipe.toml train.lr=1e-4 'adapter.target_modules=["in_proj"]'
 
 Examples:
   peftfw run                                    # train the embedded tiny default (~1 minute)
   peftfw plan                                   # the embedded tiny default
-  peftfw plan recipes/granite_v2.toml model.path=tests/assets/granite-4.0-h-micro
+  peftfw plan my_recipe.toml model.path=/models/my-base
   peftfw validate my_recipe.toml
   peftfw schema --markdown > docs/recipes.md
   peftfw forward --model ./tiny-ckpt --ids "1 2 3;4 5 6" --out logits.safetensors

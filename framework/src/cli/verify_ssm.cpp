@@ -50,7 +50,7 @@ int cmd_verify_ssm(const Args& args) {
                    "  compared with MODEL_DIR first: against another base every tensor\n"
                    "  'differs', so a mismatch is a loud warning.\n"
                    "  --strict   refuse (exit 2) when MODEL_DIR is not the adapter's base\n"
-                   "Example:\n  peftfw verify-ssm runs/granite_v4/adapter --base ./granite-4.0-h-micro\n";
+                   "Example:\n  peftfw verify-ssm runs/my_run/adapter --base /models/my-base\n";
       return 0;
     }
     if (args[i] == "--strict") {

@@ -445,14 +445,6 @@ void append(RenderedExample& out, const std::string& text, bool response) {
   }
 }
 
-std::string role_header(const std::string& role) {
-  return std::string(kStartOfRole) + role + kEndOfRole;
-}
-
-std::string granite_turn(const std::string& role, const std::string& content) {
-  return role_header(role) + content + kEndOfText + "\n";
-}
-
 std::optional<std::size_t> last_assistant(const ChatExample& ex) {
   for (std::size_t i = ex.messages.size(); i > 0; --i) {
     if (ex.messages[i - 1].role == "assistant") return i - 1;
@@ -462,7 +454,7 @@ std::optional<std::size_t> last_assistant(const ChatExample& ex) {
 
 const char* formats_supported(TemplateKind kind) {
   switch (kind) {
-    case TemplateKind::Granite:
+    case TemplateKind::Chat:
       return "instruction and messages examples";
     case TemplateKind::Alpaca:
     case TemplateKind::Custom:
@@ -489,8 +481,10 @@ std::string RenderedExample::prompt_text() const {
   return out;
 }
 
-PromptTemplate PromptTemplate::granite(std::string system_prompt) {
-  return PromptTemplate(TemplateKind::Granite, std::move(system_prompt));
+PromptTemplate PromptTemplate::chat(ChatFormat format, std::string system_prompt) {
+  PromptTemplate t(TemplateKind::Chat, std::move(system_prompt));
+  t.chat_ = std::move(format);
+  return t;
 }
 
 PromptTemplate PromptTemplate::alpaca() { return PromptTemplate(TemplateKind::Alpaca, ""); }
@@ -556,20 +550,24 @@ PromptTemplate PromptTemplate::custom(std::string_view template_string, const st
   return t;
 }
 
-PromptTemplate PromptTemplate::named(std::string_view name, std::string system_prompt) {
-  if (name == "granite") return granite(std::move(system_prompt));
+PromptTemplate PromptTemplate::named(std::string_view name, const std::vector<ChatFormat>& chat_formats,
+                                     std::string system_prompt) {
   if (name == "alpaca") return alpaca();
   if (name == "raw") return raw();
+  std::string chats;
+  for (const auto& f : chat_formats) {
+    if (f.name == name) return chat(f, std::move(system_prompt));
+    chats += ", " + f.name + " (" + f.description + ")";
+  }
   const io::Excerpt shown = io::make_excerpt(name);
   throw InputError("data.template: unknown template \"" + shown.text + "\"" + shown.note() +
-                   "; expected granite, alpaca or raw (or set data.template_string to a "
-                   "custom template)");
+                   "; expected alpaca, raw" + chats + " (or set data.template_string to a custom template)");
 }
 
-const char* PromptTemplate::name() const {
+std::string PromptTemplate::name() const {
   switch (kind_) {
-    case TemplateKind::Granite:
-      return "granite";
+    case TemplateKind::Chat:
+      return chat_.name;
     case TemplateKind::Alpaca:
       return "alpaca";
     case TemplateKind::Raw:
@@ -582,7 +580,7 @@ const char* PromptTemplate::name() const {
 
 bool PromptTemplate::supports(DataFormat format) const {
   switch (kind_) {
-    case TemplateKind::Granite:
+    case TemplateKind::Chat:
       return format == DataFormat::Instruction || format == DataFormat::Messages;
     case TemplateKind::Alpaca:
     case TemplateKind::Custom:
@@ -598,9 +596,10 @@ void PromptTemplate::unsupported(DataFormat format, const std::string& where) co
   if (format == DataFormat::Text) {
     hint = "; text examples are rendered as is: set data.template = \"raw\"";
   } else if (format == DataFormat::Messages) {
-    hint = "; chat examples use the role tokens: set data.template = \"granite\"";
+    hint = "; chat examples need a chat template: set data.template to the model's chat format "
+           "(`peftfw plugins` lists them)";
   } else {
-    hint = "; use data.template = \"granite\" or \"alpaca\", or a data.template_string";
+    hint = "; use a chat format or \"alpaca\" as data.template, or a data.template_string";
   }
   throw InputError(where + ": template " + name() + " cannot render " + data_format_name(format) +
                    " examples (it renders " + formats_supported(kind_) + ")" + hint);
@@ -613,14 +612,13 @@ void PromptTemplate::check_format(DataFormat format, const std::string& source) 
 RenderedExample PromptTemplate::render_instruction(const InstructionExample& ex) const {
   RenderedExample out;
   switch (kind_) {
-    case TemplateKind::Granite: {
+    case TemplateKind::Chat: {
       std::string prompt;
-      if (!system_prompt_.empty()) prompt += granite_turn("system", system_prompt_);
-      prompt += granite_turn("user", ex.input.empty() ? ex.instruction
-                                                      : ex.instruction + "\n\n" + ex.input);
-      prompt += role_header("assistant");
+      if (!system_prompt_.empty()) prompt += chat_.turn("system", system_prompt_);
+      prompt += chat_.turn("user", ex.input.empty() ? ex.instruction : ex.instruction + "\n\n" + ex.input);
+      prompt += chat_.header("assistant");
       append(out, prompt, false);
-      append(out, ex.output + kEndOfText + "\n", true);
+      append(out, ex.output + chat_.turn_end, true);
       break;
     }
     case TemplateKind::Alpaca: {
@@ -663,10 +661,10 @@ RenderedExample PromptTemplate::render_chat(const ChatExample& ex) const {
   RenderedExample out;
   for (const auto& m : ex.messages) {
     if (m.role == "assistant") {
-      append(out, role_header(m.role), false);
-      append(out, m.content + kEndOfText + "\n", true);
+      append(out, chat_.header(m.role), false);
+      append(out, m.content + chat_.turn_end, true);
     } else {
-      append(out, granite_turn(m.role, m.content), false);
+      append(out, chat_.turn(m.role, m.content), false);
     }
   }
   return out;
@@ -702,9 +700,9 @@ std::string PromptTemplate::render_prompt(const Example& example) const {
   }
   std::string prompt;
   for (std::size_t i = 0; i < *last; ++i) {
-    prompt += granite_turn(chat.messages[i].role, chat.messages[i].content);
+    prompt += chat_.turn(chat.messages[i].role, chat.messages[i].content);
   }
-  return prompt + role_header("assistant");
+  return prompt + chat_.header("assistant");
 }
 
 std::string expected_output(const Example& example) {

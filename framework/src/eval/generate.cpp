@@ -19,7 +19,7 @@ namespace {
 
 // Fed at left padding and for finished rows. Those positions are masked (pads)
 // or their logits are ignored (finished rows), so any valid id would do; 0 is
-// the Granite pad id and in every vocabulary.
+// in every vocabulary.
 constexpr int64_t kPadId = 0;
 
 void check_options(const std::vector<std::vector<int64_t>>& prompts,

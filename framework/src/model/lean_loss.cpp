@@ -1,6 +1,6 @@
 // Memory-lean causal-LM loss: cross-entropy over the vocabulary a block of
-// rows at a time, with the logits recomputed in backward. At the Granite
-// vocabulary (100k) and 32 x 1280 tokens, full float32 logits are 16 GB; here
+// rows at a time, with the logits recomputed in backward. At a 100k
+// vocabulary and 32 x 1280 tokens, full float32 logits are 16 GB; here
 // at most `max_elements` (1 GB in float32 by default) exist at once.
 #include <torch/torch.h>
 

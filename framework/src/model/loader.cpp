@@ -90,11 +90,18 @@ void load_weights(CausalLM& model, const fs::path& dir) {
   std::set<std::string> used;
   std::vector<std::string> missing, wrong_shape, wrong_dtype, non_finite;
   torch::NoGradGuard no_grad;
+  // A tensor may be stored under an alias the architecture accepts (e.g. a legacy name).
+  std::map<std::string, std::string> alias_of;
+  for (const auto& [alias, target] : inv.checkpoint_aliases) alias_of.emplace(target, alias);
   for (auto& p : model.named_parameters()) {
-    const auto& name = p.key();
+    std::string name = p.key();
     if (!ckpt.has(name)) {
-      missing.push_back(name);
-      continue;
+      auto a = alias_of.find(name);
+      if (a == alias_of.end() || !ckpt.has(a->second)) {
+        missing.push_back(name);
+        continue;
+      }
+      name = a->second;
     }
     auto view = ckpt.view(name);
     const auto where = name + " (" + ckpt.file_of(name).path() + ")";

@@ -18,12 +18,9 @@ std::string with_commas(int64_t n) {
 }
 
 namespace {
-// "model.layers.3.mamba.in_proj" -> "mamba.in_proj"
-std::string local_name(const std::string& name, int layer) {
-  if (layer < 0) return name;
-  const std::string prefix = "layers." + std::to_string(layer) + ".";
-  auto pos = name.find(prefix);
-  return pos == std::string::npos ? name : name.substr(pos + prefix.size());
+// "mamba.in_proj" for "model.layers.3.mamba.in_proj", as the architecture names it.
+std::string local_name(const ModuleDesc& m) {
+  return m.layer < 0 || m.local_name.empty() ? m.name : m.local_name;
 }
 }  // namespace
 
@@ -44,7 +41,7 @@ std::string inventory_report(const ModelInventory& inv) {
   std::map<std::pair<std::string, std::string>, Row> rows;  // (kind, local name)
   for (const auto& m : inv.modules) {
     if (m.layer < 0) continue;
-    auto& r = rows[{m.layer_kind, local_name(m.name, m.layer)}];
+    auto& r = rows[{m.layer_kind, local_name(m)}];
     r.count++;
     r.type = m.type;
     r.adaptable = m.adaptable;

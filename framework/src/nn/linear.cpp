@@ -25,8 +25,10 @@ LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool has_bias)
   if (has_bias) bias = register_parameter("bias", torch::zeros({out_features}, param_options()));
 }
 
+// at::linear, as PyTorch's F.linear: a biased projection of contiguous 3D input is one fused
+// addmm (torch::nn::functional::linear would round matmul and bias add separately in bf16).
 torch::Tensor LinearImpl::base_forward(const torch::Tensor& x) const {
-  return torch::nn::functional::linear(x, weight, bias);
+  return at::linear(x, weight, bias.defined() ? std::optional<torch::Tensor>(bias) : std::nullopt);
 }
 
 torch::Tensor LinearAdapter::forward_from_input(const torch::Tensor& x, const LinearImpl& base) {
@@ -42,7 +44,7 @@ struct KeptLinearFn : public torch::autograd::Function<KeptLinearFn> {
                                const torch::Tensor& weight, const std::optional<torch::Tensor>& bias) {
     ctx->save_for_backward({weight});
     if (auto kept = take_kept_output(x.numel() / weight.size(1), weight.size(0)); kept.defined()) return kept;
-    auto out = torch::nn::functional::linear(x, weight, bias ? *bias : torch::Tensor());
+    auto out = at::linear(x, weight, bias);
     keep_projection_output(weight.size(1), weight.size(0), out);
     return out;
   }

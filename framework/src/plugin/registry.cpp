@@ -219,6 +219,13 @@ std::shared_ptr<ArchitecturePlugin> PluginRegistry::architecture_for_model_type(
                    refused_hint(state_->refused));
 }
 
+std::vector<data::ChatFormat> PluginRegistry::chat_formats() const {
+  std::vector<data::ChatFormat> out;
+  for (const auto& a : state_->architectures)
+    for (auto& f : a->chat_formats()) out.push_back(std::move(f));
+  return out;
+}
+
 std::shared_ptr<ArchitecturePlugin> PluginRegistry::architecture(const std::string& id) const {
   for (const auto& a : state_->architectures)
     if (a->id() == id) return a;

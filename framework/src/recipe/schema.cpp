@@ -232,7 +232,7 @@ Schema make_builtin_schema() {
     {"data", "Training data, and how examples become token sequences.", {
       path   ("path", kUnset, "Data file, one JSON example per line."),
       choice ("format", "auto", {"auto", "instruction", "text", "messages"}, "Layout of each example; \"auto\" detects it from the fields present."),
-      text   ("template", "granite", "Prompt template by name (granite, alpaca, raw); template_string replaces it."),
+      text   ("template", "auto", "Prompt template by name: \"auto\" (the model architecture's chat format, else alpaca), alpaca, raw, or a chat format from `peftfw plugins`; template_string replaces it."),
       text   ("template_string", kUnset, "A custom prompt template, used instead of template when set."),
       choice ("synth_task", "none", {"none", "classification", "mapping", "rules"}, "Generate a synthetic task instead of reading path; \"none\" reads path."),
       integer("synth_n", 512, "Number of synthetic examples.").at_least(1).at_most(1000000),

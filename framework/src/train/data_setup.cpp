@@ -3,6 +3,9 @@
 
 #include "peftfw/data/synth.hpp"
 #include "peftfw/error.hpp"
+#include "peftfw/model/loader.hpp"
+#include "peftfw/plugin/architecture.hpp"
+#include "peftfw/plugin/registry.hpp"
 #include "peftfw/recipe/recipe.hpp"
 
 namespace fs = std::filesystem;
@@ -53,9 +56,22 @@ data::Dataset recipe_dataset(const recipe::Recipe& r, std::ostream& log) {
 }
 
 data::PromptTemplate recipe_template(const recipe::Recipe& r) {
-  return r.has_value("data", "template_string")
-             ? data::PromptTemplate::custom(r.get_string("data", "template_string"), "[data] template_string")
-             : data::PromptTemplate::named(r.get_string("data", "template"));
+  if (r.has_value("data", "template_string"))
+    return data::PromptTemplate::custom(r.get_string("data", "template_string"), "[data] template_string");
+  auto name = r.get_string("data", "template");
+  if (name == "auto") {
+    // The chat format of the architecture that runs the recipe's model; alpaca without one.
+    // An unreadable config is reported where the model is loaded.
+    name = "alpaca";
+    try {
+      auto source = model_source_from_recipe(r);
+      auto arch = find_architecture(read_model_config(source), source.architecture);
+      auto formats = arch->chat_formats();
+      if (!formats.empty()) return data::PromptTemplate::chat(formats.front());
+    } catch (const InputError&) {
+    }
+  }
+  return data::PromptTemplate::named(name, PluginRegistry::instance().chat_formats());
 }
 
 }  // namespace peftfw::train

@@ -68,6 +68,9 @@ class Builder {
     m.layer_kind = kind;
     m.role = role;
     m.layer = layer;
+    // The architecture gives the name relative to the layer; here: after "model.layers.<i>.".
+    const std::string prefix = "model.layers." + std::to_string(layer) + ".";
+    if (layer >= 0 && name.rfind(prefix, 0) == 0) m.local_name = name.substr(prefix.size());
     m.in_features = in;
     m.out_features = out;
     m.adaptable = adaptable;

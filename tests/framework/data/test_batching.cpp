@@ -14,6 +14,13 @@
 namespace peftfw::data {
 namespace {
 
+// Granite 4.0's chat format, as the granite_hybrid plugin supplies it.
+const ChatFormat kGraniteChat{"granite", "<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>\n",
+                              "Granite 4.0 role tokens"};
+PromptTemplate granite_template(std::string system = kDefaultSystemPrompt) {
+  return PromptTemplate::chat(kGraniteChat, std::move(system));
+}
+
 constexpr int64_t X = kIgnoreIndex;
 constexpr int64_t kEot = 100257;  // Granite's <|end_of_text|> id
 
@@ -93,7 +100,7 @@ TEST(Tokenize, GraniteTrainingTextEndsLikeTrl) {
   // The study's text ends "<|end_of_text|>\n"; TRL then appends EOS.
   const FakeTokenizer tok;
   const std::vector<Example> examples = {Example{InstructionExample{"I", "", "O"}, 1}};
-  const auto t = tokenize_examples(examples, PromptTemplate::granite(""), encoder_of(tok),
+  const auto t = tokenize_examples(examples, granite_template(""), encoder_of(tok),
                                    {LossOn::Response, kEot});
   ASSERT_EQ(t.size(), 1u);
   // <|start_of_role|>user<|end_of_role|>I<|end_of_text|>\n<|start_of_role|>assistant<|end_of_role|>

@@ -25,6 +25,13 @@
 namespace peftfw::data {
 namespace {
 
+// Granite 4.0's chat format, as the granite_hybrid plugin supplies it.
+const ChatFormat kGraniteChat{"granite", "<|start_of_role|>", "<|end_of_role|>", "<|end_of_text|>\n",
+                              "Granite 4.0 role tokens"};
+PromptTemplate granite_template(std::string system = kDefaultSystemPrompt) {
+  return PromptTemplate::chat(kGraniteChat, std::move(system));
+}
+
 namespace fs = std::filesystem;
 
 std::string input_error_message(const std::function<void()>& fn) {
@@ -345,7 +352,7 @@ Example instruction(const std::string& ins, const std::string& input, const std:
 }
 
 TEST(Template, GraniteWithInputIsTheStudyText) {
-  const auto r = PromptTemplate::granite().render(
+  const auto r = granite_template().render(
       instruction("Classify this document and return the schema label.", "a\tb\n1\t2",
                   "access_review"));
   ASSERT_EQ(r.segments.size(), 2u);
@@ -362,7 +369,7 @@ TEST(Template, GraniteWithInputIsTheStudyText) {
 
 TEST(Template, GraniteEmptyInputDropsTheBlankLine) {
   const auto ex = instruction("Say hi.", "", "hi");
-  const auto t = PromptTemplate::granite();
+  const auto t = granite_template();
   EXPECT_EQ(t.render(ex).text(),
             "<|start_of_role|>system<|end_of_role|>You are a compliance analysis "
             "assistant.<|end_of_text|>\n"
@@ -378,11 +385,11 @@ TEST(Template, GraniteEmptyInputDropsTheBlankLine) {
 
 TEST(Template, GraniteSystemTextIsAParameter) {
   const auto ex = instruction("Q", "", "A");
-  EXPECT_EQ(PromptTemplate::granite("Be brief.").render(ex).text(),
+  EXPECT_EQ(granite_template("Be brief.").render(ex).text(),
             "<|start_of_role|>system<|end_of_role|>Be brief.<|end_of_text|>\n"
             "<|start_of_role|>user<|end_of_role|>Q<|end_of_text|>\n"
             "<|start_of_role|>assistant<|end_of_role|>A<|end_of_text|>\n");
-  EXPECT_EQ(PromptTemplate::granite("").render(ex).text(),
+  EXPECT_EQ(granite_template("").render(ex).text(),
             "<|start_of_role|>user<|end_of_role|>Q<|end_of_text|>\n"
             "<|start_of_role|>assistant<|end_of_role|>A<|end_of_text|>\n");
 }
@@ -419,7 +426,7 @@ TEST(Template, ChatUsesRoleTokensAndTrainsAssistantTurns) {
                                 {"user", "U2"},
                                 {"assistant", "A2"}}},
                    2};
-  const auto t = PromptTemplate::granite();
+  const auto t = granite_template();
   const auto r = t.render(ex);
   ASSERT_EQ(r.segments.size(), 4u);
   EXPECT_EQ(r.segments[0].text,
@@ -478,17 +485,20 @@ TEST(Template, CustomErrorsNameThePlaceholder) {
 }
 
 TEST(Template, NamedAndFormatChecks) {
-  EXPECT_EQ(PromptTemplate::named("alpaca").kind(), TemplateKind::Alpaca);
-  EXPECT_EQ(input_error_message([] { PromptTemplate::named("chatml"); }),
-            "data.template: unknown template \"chatml\"; expected granite, alpaca or raw (or set "
-            "data.template_string to a custom template)");
+  EXPECT_EQ(PromptTemplate::named("alpaca", {}).kind(), TemplateKind::Alpaca);
+  EXPECT_EQ(PromptTemplate::named("granite", {kGraniteChat}).kind(), TemplateKind::Chat);
+  EXPECT_EQ(PromptTemplate::named("granite", {kGraniteChat}).name(), "granite");
+  EXPECT_EQ(input_error_message([] { PromptTemplate::named("chatml", {kGraniteChat}); }),
+            "data.template: unknown template \"chatml\"; expected alpaca, raw, granite (Granite 4.0 "
+            "role tokens) (or set data.template_string to a custom template)");
   const auto alpaca = PromptTemplate::alpaca();
   EXPECT_FALSE(alpaca.supports(DataFormat::Messages));
   EXPECT_EQ(input_error_message([&] { alpaca.check_format(DataFormat::Messages, "c.jsonl"); }),
             "c.jsonl: template alpaca cannot render messages examples (it renders instruction "
-            "examples); chat examples use the role tokens: set data.template = \"granite\"");
+            "examples); chat examples need a chat template: set data.template to the model's chat "
+            "format (`peftfw plugins` lists them)");
   EXPECT_EQ(input_error_message([] {
-              PromptTemplate::granite().render(Example{TextExample{"x"}, 12});
+              granite_template().render(Example{TextExample{"x"}, 12});
             }),
             "line 12: template granite cannot render text examples (it renders instruction and "
             "messages examples); text examples are rendered as is: set data.template = \"raw\"");

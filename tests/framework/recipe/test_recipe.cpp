@@ -227,7 +227,7 @@ TEST(Recipe, DefaultsAreFilledAndMarkedUnset) {
   EXPECT_FALSE(r.get_bool("adapter", "use_rslora"));
   EXPECT_EQ(r.get_strings("output", "formats"), std::vector<std::string>{"peft"});
   EXPECT_EQ(r.get_strings("ssm", "train"), std::vector<std::string>{});
-  EXPECT_EQ(r.get_string("data", "template"), "granite");
+  EXPECT_EQ(r.get_string("data", "template"), "auto");
   EXPECT_EQ(r.get_string("output", "dir"), "runs/default");  // relative to the working directory
   EXPECT_FALSE(r.is_set("train", "lr"));
   EXPECT_EQ(r.where("train", "lr"), std::nullopt);

@@ -12,10 +12,18 @@
    gguf.quants' dequantised reference.
 3. When llama-cpp-python is installed: llama.cpp loads the dense f32 file and its logits for a
    token sequence match `peftfw forward` on the merged checkpoint (bf16 tolerance). Skipped otherwise.
+4. Checks 1-2 for a tiny Mamba2ForCausalLM (llama.cpp arch "mamba2", tied) and BambaForCausalLM (llama.cpp runs it
+   as "granitehybrid"), both with 2 SSM groups, exported in f32 and q8_0. Expected keys are those
+   convert_hf_to_gguf.py's Mamba2Model / GraniteHybridModel write, plus the keys peftfw adds (listed, neutral values);
+   no other `<arch>.` key may appear. Expected tensors come from the merged safetensors through gguf-py's
+   TensorNameMap and the converter's reshapes. Bamba's partial RoPE (head_dim/2 rotated) departs from the converter
+   on purpose: rope.dimension_count is the rotary dim and only the rotated rows of q/k are permuted; a check
+   recomputes the attention logits with ggml's NORM RoPE from the file and compares them with transformers'.
 Usage: gguf_export_check.py --peftfw BIN --workdir DIR
 """
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # for torch here and in peftfw: spinning waits slow 2-core runs
 passed = failed = skipped = 0
 
 
@@ -33,10 +42,9 @@ def check(name, ok, detail=""):
     print(("ok    " if ok else "FAIL  ") + name + ("" if ok else "\n      " + str(detail)[-3000:]))
 
 
-def make_checkpoint(dirpath, moe):
-    import torch
+def make_tokenizer(dirpath):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,7 +58,14 @@ def make_checkpoint(dirpath, moe):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end_of_text|>", pad_token="<|pad|>",
                                    bos_token="<|end_of_text|>")
     fast.save_pretrained(dirpath)
-    n_tok = tok.get_vocab_size()
+    return fast, tok.get_vocab_size()
+
+
+def make_checkpoint(dirpath, moe):
+    import torch
+    from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
+
+    fast, n_tok = make_tokenizer(dirpath)
     cfg = dict(vocab_size=320, hidden_size=64, intermediate_size=32, shared_intermediate_size=96,
                num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"],
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
@@ -67,9 +82,15 @@ def make_checkpoint(dirpath, moe):
     return n_tok
 
 
-def train_and_export(args, case, ckpt):
+GRANITE_TARGETS = '''["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "shared_mlp.input_linear",
+                  "shared_mlp.output_linear"]'''
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def train_and_export(args, case, ckpt, targets=GRANITE_TARGETS, types=GGUF_TYPES):
     run = Path(args.workdir) / f"run_{case}"
     recipe = Path(args.workdir) / f"{case}.toml"
+    gguf_types = json.dumps(list(types))
     recipe.write_text(f"""
 [model]
 path = "{ckpt}"
@@ -78,8 +99,7 @@ dtype = "float32"
 method = "lora"
 r = 8
 alpha = 16.0
-target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "shared_mlp.input_linear",
-                  "shared_mlp.output_linear"]
+target_modules = {targets}
 [ssm]
 train = ["A_log", "D", "dt_bias"]
 [data]
@@ -97,7 +117,7 @@ load_best = false
 [output]
 dir = "{run}"
 formats = ["merged", "gguf"]
-gguf_types = ["f32", "f16", "bf16", "q8_0"]
+gguf_types = {gguf_types}
 overwrite = true
 """)
     r = subprocess.run([args.peftfw, "run", str(recipe)], capture_output=True, text=True)
@@ -152,8 +172,6 @@ def expected_layout(cfg, sd):
 
 def check_file(case, path, ftype, cfg, sd, tokjson):
     import gguf
-    from gguf import GGMLQuantizationType as Q
-    from gguf import quants
 
     r = gguf.GGUFReader(str(path))
     fields = {k: f for k, f in r.fields.items()}
@@ -200,7 +218,13 @@ def check_file(case, path, ftype, cfg, sd, tokjson):
     check(f"{case}/{ftype}: {len(expect)} hyperparameter keys", not bad, bad)
     ftypes = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
     check(f"{case}/{ftype}: general.file_type", val(K.General.FILE_TYPE) == ftypes[ftype], val(K.General.FILE_TYPE))
+    check_tokenizer(case, ftype, val, cfg, tokjson)
+    check_tensors(case, ftype, r, expected_layout(cfg, sd))
 
+
+def check_tokenizer(case, ftype, val, cfg, tokjson):
+    import gguf
+    K = gguf.Keys
     vocab = tokjson["model"]["vocab"]
     added = {t["id"]: t for t in tokjson.get("added_tokens", [])}
     tokens = val(K.Tokenizer.LIST)
@@ -214,7 +238,12 @@ def check_file(case, path, ftype, cfg, sd, tokjson):
     check(f"{case}/{ftype}: bos/eos/pad ids", (val(K.Tokenizer.BOS_ID), val(K.Tokenizer.EOS_ID), val(K.Tokenizer.PAD_ID))
           == (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]))
 
-    want = expected_layout(cfg, sd)
+
+def check_tensors(case, ftype, r, want):
+    """Every tensor of `want` (name -> float32 array) in the file: type by llama.cpp's rules, shape, values."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
     got = {t.name: t for t in r.tensors}
     check(f"{case}/{ftype}: tensor names", set(got) == set(want),
           f"missing {sorted(set(want) - set(got))} extra {sorted(set(got) - set(want))}")
@@ -255,6 +284,212 @@ def check_file(case, path, ftype, cfg, sd, tokjson):
             problems.append(f"{name}: values differ (max |diff| "
                             f"{np.max(np.abs(np.asarray(v, np.float64).reshape(-1)[:ref.size] - np.asarray(ref, np.float64).reshape(-1))) if qt in (Q.F32, Q.F16) else 'raw bytes'})")
     check(f"{case}/{ftype}: {len(want)} tensors: type, shape, values", not problems, problems[:8])
+
+
+# ---- mamba2 and bamba -------------------------------------------------------------------------------------------
+# Tiny checkpoints of the other families peftfw exports to GGUF: llama.cpp arch "mamba2" (Mamba2ForCausalLM) and
+# "granitehybrid" (BambaForCausalLM, as convert_hf_to_gguf.py's GraniteHybridModel converts it). Both use 2 SSM
+# groups, so the gated-norm weight is stored [G, inner/G].
+FAMILY_TARGETS = {
+    "mamba2": '''["in_proj", "out_proj"]''',
+    "bamba": '''["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"]''',
+}
+FAMILY_TYPES = ("f32", "q8_0")
+
+
+def make_family_checkpoint(dirpath, family):
+    import torch
+    import transformers
+    from transformers import BambaConfig, BambaForCausalLM, Mamba2Config, Mamba2ForCausalLM
+
+    transformers.logging.disable_progress_bar()
+    fast, _ = make_tokenizer(dirpath)
+    ids = dict(bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    torch.manual_seed(2)
+    if family == "mamba2":  # tied, as state-spaces/mamba2-*; llama.cpp's mamba2 has no in/out_proj bias
+        model = Mamba2ForCausalLM(Mamba2Config(
+            vocab_size=320, hidden_size=64, num_hidden_layers=3, num_heads=8, head_dim=16, expand=2, n_groups=2,
+            state_size=16, conv_kernel=4, chunk_size=16, use_bias=False, use_conv_bias=True,
+            tie_word_embeddings=True, residual_in_fp32=True, layer_norm_epsilon=1e-5, initializer_range=0.1, **ids))
+    else:  # untied; llama.cpp's granitehybrid has no mamba/MLP bias and needs mamba_expand 2
+        model = BambaForCausalLM(BambaConfig(
+            vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4, attn_layer_indices=[1],
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, mamba_n_heads=8, mamba_d_head=16,
+            mamba_n_groups=2, mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16,
+            mamba_conv_bias=True, mamba_proj_bias=False, mlp_bias=False, attention_bias=False,
+            tie_word_embeddings=False, initializer_range=0.1, **ids))
+    model.save_pretrained(dirpath)
+
+
+def bamba_rope(cfg):
+    """(head_dim, rotary_dim, theta) of transformers' Bamba attention."""
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    rp = cfg.get("rope_parameters") or {}
+    factor = rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))
+    return head_dim, int(head_dim * factor), rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
+
+
+def family_keys(family, cfg):
+    """(keys convert_hf_to_gguf.py writes, with its values; keys peftfw writes besides) for `<arch>.` keys."""
+    from gguf import Keys as K
+    if family == "mamba2":  # Mamba2Model.set_gguf_parameters
+        inner = cfg["num_heads"] * cfg["head_dim"]
+        conv = {K.LLM.CONTEXT_LENGTH: 2**20, K.LLM.EMBEDDING_LENGTH: cfg["hidden_size"], K.LLM.FEED_FORWARD_LENGTH: 0,
+                K.Attention.HEAD_COUNT: 0, K.LLM.BLOCK_COUNT: cfg["num_hidden_layers"],
+                K.SSM.CONV_KERNEL: cfg["conv_kernel"], K.SSM.INNER_SIZE: inner, K.SSM.STATE_SIZE: cfg["state_size"],
+                K.SSM.TIME_STEP_RANK: inner // cfg["head_dim"], K.SSM.GROUP_COUNT: cfg["n_groups"],
+                K.Attention.LAYERNORM_RMS_EPS: cfg["layer_norm_epsilon"]}
+        extra = {K.LLM.VOCAB_SIZE: cfg["vocab_size"]}
+        return conv, extra
+    # GraniteHybridModel.set_gguf_parameters (TextModel + LlamaModel + Granite* + its own keys)
+    head_dim, rotary, theta = bamba_rope(cfg)
+    attn = set(cfg.get("attn_layer_indices") or [])
+    conv = {K.LLM.VOCAB_SIZE: cfg["vocab_size"], K.LLM.CONTEXT_LENGTH: cfg["max_position_embeddings"],
+            K.LLM.EMBEDDING_LENGTH: cfg["hidden_size"], K.LLM.BLOCK_COUNT: cfg["num_hidden_layers"],
+            K.LLM.FEED_FORWARD_LENGTH: cfg["intermediate_size"], K.Attention.HEAD_COUNT: cfg["num_attention_heads"],
+            K.Attention.HEAD_COUNT_KV: [cfg["num_key_value_heads"] if i in attn else 0
+                                        for i in range(cfg["num_hidden_layers"])],
+            K.Rope.FREQ_BASE: theta, K.Attention.LAYERNORM_RMS_EPS: cfg["rms_norm_eps"],
+            # The converter writes attn_rotary_emb when config.json has it, else head_dim (LlamaModel), i.e. full
+            # RoPE; transformers' Bamba rotates head_dim x partial_rotary_factor (0.5) dims, which is what
+            # llama.cpp's n_rot must be.
+            K.Rope.DIMENSION_COUNT: rotary,
+            K.Rope.SCALING_FINETUNED: True,  # Bamba uses RoPE
+            K.SSM.CONV_KERNEL: cfg["mamba_d_conv"], K.SSM.STATE_SIZE: cfg["mamba_d_state"],
+            K.SSM.GROUP_COUNT: cfg["mamba_n_groups"], K.SSM.INNER_SIZE: cfg["mamba_expand"] * cfg["hidden_size"],
+            K.SSM.TIME_STEP_RANK: cfg["mamba_n_heads"]}
+    # Keys the converter leaves out for Bamba (no num_local_experts / *_multiplier / logits_scaling in its config);
+    # peftfw writes llama.cpp's neutral values.
+    extra = {K.LLM.EXPERT_COUNT: 0, K.LLM.EXPERT_USED_COUNT: 0, K.Attention.SCALE: head_dim ** -0.5,
+             K.LLM.EMBEDDING_SCALE: 1.0, K.LLM.RESIDUAL_SCALE: 1.0, K.LLM.LOGIT_SCALE: 1.0}
+    return conv, extra
+
+
+def rope_rows(w, n_heads, head_dim, rotary):
+    """ggml's RoPE rotates pairs (2i, 2i+1), transformers (i, i + rotary/2): within each head the first `rotary`
+    rows go from [2, rotary/2] to [rotary/2, 2] order (convert_hf_to_gguf.py's LlamaModel.permute, restricted to
+    the rotated part under partial RoPE); the other rows stay."""
+    h = w.reshape(n_heads, head_dim, *w.shape[1:]).copy()
+    r = h[:, :rotary]
+    h[:, :rotary] = r.reshape(n_heads, 2, rotary // 2, *w.shape[1:]).swapaxes(1, 2).reshape(r.shape)
+    return h.reshape(w.shape)
+
+
+def family_layout(family, cfg, sd):
+    """name -> float32 array: each merged HF tensor named by gguf-py's TensorNameMap (the converter's name table)
+    and reshaped as convert_hf_to_gguf.py's Mamba2Model / GraniteHybridModel do."""
+    import gguf
+    arch = {"mamba2": gguf.MODEL_ARCH.MAMBA2, "bamba": gguf.MODEL_ARCH.GRANITE_HYBRID}[family]
+    tmap = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
+    groups = cfg["n_groups"] if family == "mamba2" else cfg["mamba_n_groups"]
+    out, unmapped = {}, []
+    for hf, w in sd.items():
+        if hf == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+            continue  # tied: llama.cpp uses token_embd
+        name = hf[: -len(".dt_bias")] + ".dt_proj.bias" if hf.endswith(".dt_bias") else hf  # Mamba2Model
+        new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            unmapped.append(hf)
+            continue
+        if new.endswith("ssm_conv1d.weight"):
+            w = w.squeeze()
+        elif new.endswith(("ssm_a", "ssm_d")):
+            w = w.reshape(*w.shape, 1)
+        elif new.endswith("ssm_norm.weight"):
+            w = w.reshape(groups, -1)
+        if hf.endswith(".A_log"):
+            w = (-np.exp(w.astype(np.float64))).astype(np.float32)
+        if family == "bamba" and new.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+            head_dim, rotary, _ = bamba_rope(cfg)
+            w = rope_rows(w, w.shape[0] // head_dim, head_dim, rotary)
+        out[new] = w
+    assert not unmapped, f"gguf-py has no llama.cpp name for {unmapped}"
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def check_rope_semantics(case, r, cfg, sd, model_dir):
+    """llama.cpp's attention logits from the file (attn_q/attn_k rows, NORM RoPE over rope.dimension_count dims
+    with rope.freq_base) equal transformers' Bamba attention logits (partial RoPE) on the merged weights."""
+    import torch
+    from transformers.models.bamba.modeling_bamba import BambaRotaryEmbedding, apply_rotary_pos_emb
+    from transformers import BambaConfig
+
+    fields = {k: f.contents() for k, f in r.fields.items()}
+    n_rot, base = fields["granitehybrid.rope.dimension_count"], fields["granitehybrid.rope.freq_base"]
+    tensors = {t.name: np.array(t.data) for t in r.tensors if t.name.endswith(("attn_q.weight", "attn_k.weight"))}
+    layer = (cfg.get("attn_layer_indices") or [])[0]
+    H, KV = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim, _, _ = bamba_rope(cfg)
+    T = 24
+    x = torch.randn(T, cfg["hidden_size"], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pos = torch.arange(T)
+
+    def scores(q, k):  # [T, H, d], [T, KV, d] -> [H, T, T]
+        k = k.repeat_interleave(H // KV, dim=1)
+        return torch.einsum("thd,shd->hts", q, k)
+
+    p = f"model.layers.{layer}.self_attn."
+    q = (x @ torch.from_numpy(sd[p + "q_proj.weight"]).double().T).view(T, H, head_dim).transpose(0, 1)[None]
+    k = (x @ torch.from_numpy(sd[p + "k_proj.weight"]).double().T).view(T, KV, head_dim).transpose(0, 1)[None]
+    rotary = BambaRotaryEmbedding(BambaConfig.from_pretrained(str(model_dir)))
+    cos, sin = rotary(q.float(), pos[None])
+    q, k = apply_rotary_pos_emb(q, k, cos.double(), sin.double())
+    want = scores(q[0].transpose(0, 1), k[0].transpose(0, 1))
+
+    def ggml_rope(v):  # ggml_rope_ext, mode NORM: rotate (2i, 2i+1) by pos * base^(-2i/n_rot), i < n_rot/2
+        v = v.clone()
+        i = torch.arange(n_rot // 2, dtype=torch.float64)
+        ang = pos[:, None].double() * base ** (-2 * i / n_rot)
+        c, s = torch.cos(ang)[:, None], torch.sin(ang)[:, None]
+        a, b = v[..., 0:n_rot:2].clone(), v[..., 1:n_rot:2].clone()
+        v[..., 0:n_rot:2], v[..., 1:n_rot:2] = a * c - b * s, a * s + b * c
+        return v
+
+    b = f"blk.{layer}."
+    qg = (x @ torch.from_numpy(tensors[b + "attn_q.weight"]).double().T).view(T, H, head_dim)
+    kg = (x @ torch.from_numpy(tensors[b + "attn_k.weight"]).double().T).view(T, KV, head_dim)
+    got = scores(ggml_rope(qg), ggml_rope(kg))
+    err = float((got - want).abs().max() / want.abs().max())
+    check(f"{case}/f32: attention logits with ggml NORM RoPE (n_rot {n_rot}) on attn_q/attn_k == transformers' "
+          f"partial RoPE: rel diff {err:.1e}", err < 1e-5, err)
+
+
+def check_family_file(case, family, path, ftype, cfg, sd, tokjson, model_dir):
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+    fields = {k: f for k, f in r.fields.items()}
+
+    def val(key):
+        f = fields.get(key)
+        return None if f is None else f.contents()
+
+    A = {"mamba2": "mamba2", "bamba": "granitehybrid"}[family]
+    arch = val("general.architecture")
+    check(f"{case}/{ftype}: architecture {A}", arch == A, arch)
+    conv, extra = family_keys(family, cfg)
+    bad = []
+    for key, want in {**conv, **extra}.items():
+        got = val(key.format(arch=A))
+        if isinstance(want, float):
+            ok = got is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
+        else:
+            ok = got == want
+        if not ok:
+            bad.append(f"{key.format(arch=A)}: {got!r} != {want!r}")
+    names = {k.format(arch=A) for k in {**conv, **extra}}
+    written = {k for k in fields if k.startswith(A + ".")}
+    if written != names:
+        bad.append(f"missing {sorted(names - written)} extra {sorted(written - names)}")
+    check(f"{case}/{ftype}: {len(conv)} converter keys + {len(extra)} peftfw keys, no others", not bad, bad)
+    ftypes = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+    K = gguf.Keys
+    check(f"{case}/{ftype}: general.file_type", val(K.General.FILE_TYPE) == ftypes[ftype], val(K.General.FILE_TYPE))
+    check_tokenizer(case, ftype, val, cfg, tokjson)
+    check_tensors(case, ftype, r, family_layout(family, cfg, sd))
+    if family == "bamba" and ftype == "f32":
+        check_rope_semantics(case, r, cfg, sd, model_dir)
 
 
 def llama_cpp_logits(args, run, cfg):
@@ -319,6 +554,26 @@ def main():
           r.returncode == 2 and "tokenizer.json" in r.stderr, r.stderr)
     check("... refused before training: no step logged, no output folder",
           "step 1/" not in r.stderr and not (work / "no_tok").exists(), r.stderr)
+    for family, probes in (("mamba2", ("backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.in_proj.weight",
+                                       "backbone.layers.2.mixer.out_proj.weight")),
+                           ("bamba", ("model.layers.0.mamba.A_log", "model.layers.0.mamba.in_proj.weight",
+                                      "model.layers.1.self_attn.q_proj.weight",
+                                      "model.layers.3.feed_forward.down_proj.weight"))):
+        ckpt = work / f"ckpt_{family}"
+        make_family_checkpoint(ckpt, family)
+        run = train_and_export(args, family, ckpt, FAMILY_TARGETS[family], FAMILY_TYPES)
+        if not (run / "gguf").is_dir():
+            continue
+        cfg = json.loads((run / "merged" / "config.json").read_text())
+        sd = {k: v.astype(np.float32) for k, v in load_file(str(run / "merged" / "model.safetensors")).items()}
+        base = load_file(str(ckpt / "model.safetensors"))
+        changed = [k for k in probes if not np.array_equal(base[k], sd[k])]
+        check(f"{family}: training changed the merged SSM and LoRA-target tensors", len(changed) == len(probes),
+              changed)
+        tokjson = json.loads((ckpt / "tokenizer.json").read_text())
+        for ftype in FAMILY_TYPES:
+            check_family_file(family, family, run / "gguf" / f"model-{ftype}.gguf", ftype, cfg, sd, tokjson,
+                              run / "merged")
     print(f"gguf export: {passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 

@@ -32,6 +32,7 @@ struct AdapterPlan {
   std::vector<std::string> ssm_tensors;  // co-trained SSM core tensors (checkpoint names)
   std::vector<std::string> warnings;
   std::string coverage;                  // coverage table text
+  bool default_targets_used = false;     // no targets named: the architecture's defaults
   std::string report;                    // PEFT-style parameter report text
 };
 

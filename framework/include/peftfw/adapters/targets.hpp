@@ -55,6 +55,9 @@ struct TargetRequest {
 struct TargetResolution {
   std::vector<std::string> modules;   // adapted module full names, inventory order
   std::vector<std::string> warnings;  // on_unmatched = "warn": the problems found
+  // Set when the request named no target_modules and no roles: the architecture's default
+  // targets (roles) that were adapted instead.
+  std::vector<std::string> default_roles;
 };
 
 // Throws InputError listing every problem at once.

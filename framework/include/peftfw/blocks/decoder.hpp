@@ -4,11 +4,10 @@
 //
 // A decoder layer is a sequence of residual units. Each unit normalises the
 // stream, applies one or more sublayers in parallel (their outputs summed),
-// and adds the result back:
-//   Granite    input_layernorm -> mamba | self_attn;  post_attention_layernorm -> moe + shared_mlp
-//   Bamba      input_layernorm -> mamba | self_attn;  pre_ff_layernorm -> feed_forward
-//   Mamba-2    norm -> mixer
-//   Falcon-H1  input_layernorm -> self_attn + mamba (parallel mixers); pre_ff_layernorm -> feed_forward
+// and adds the result back, e.g.
+//   input_layernorm -> mamba | self_attn;  post_attention_layernorm -> block_sparse_moe + shared_mlp
+//   norm -> mixer                           (pure Mamba-2: one unit)
+//   input_layernorm -> self_attn + mamba    (two mixers in parallel);  pre_ff_layernorm -> feed_forward
 #pragma once
 
 #include <functional>
@@ -80,6 +79,9 @@ struct LMOptions {
   double logits_divisor = 1.0;  // logits = head(h) / logits_divisor
   double z_loss = 0.0;          // loss += z_loss * mean(logsumexp(logits)^2) (Bamba)
   RopeOptions rope;
+  // Roles adapted when a recipe names no targets; empty: every adaptable projection in the
+  // layers except a MoE router.
+  std::vector<std::string> default_targets;
   // Checkpoint key aliases: a key some files use (e.g. "backbone.embedding.weight") -> the name.
   std::vector<std::pair<std::string, std::string>> checkpoint_aliases;
 };

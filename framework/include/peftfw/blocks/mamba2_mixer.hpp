@@ -1,7 +1,7 @@
 // The Mamba-2 mixer (SSD): in_proj -> causal depthwise conv1d + SiLU -> chunked
 // selective scan -> gated RMSNorm -> out_proj, on the kernels/ dispatch point so
-// CUDA kernels replace the reference ops. Serves Granite 4.0-H, Bamba, pure
-// Mamba-2 (and Codestral Mamba) and every other Mamba-2 hybrid.
+// CUDA kernels replace the reference ops. Serves pure Mamba-2 and every
+// Mamba-2 hybrid.
 #pragma once
 
 #include <limits>

@@ -11,7 +11,7 @@ enum class Activation { Silu, Relu2 };  // relu2: squared ReLU (Nemotron-H)
 
 struct MlpOptions {
   enum class Layout {
-    Fused,  // input_linear [2F,H] = [gate | up], output_linear (Granite's shared MLP)
+    Fused,  // input_linear [2F,H] = [gate | up], output_linear (one stored matrix)
     Split,  // gate_proj, up_proj, down_proj (Llama, Bamba)
     Plain,  // up_proj, down_proj, no gate (Nemotron-H)
   };
@@ -50,7 +50,7 @@ class MoeImpl : public SublayerImpl {
   torch::Tensor forward(const torch::Tensor& x, const ForwardContext& ctx, LayerCache* cache) override;
   std::string part() const override { return "moe"; }
 
-  // The router's linear sits one level down ("router.layer"), as in Granite checkpoints.
+  // The router's linear sits one level down ("router.layer").
   class RouterImpl : public BlockImpl {
    public:
     RouterImpl(int64_t hidden, int64_t experts);

@@ -29,6 +29,8 @@
 #include <variant>
 #include <vector>
 
+#include "peftfw/data/chat_format.hpp"
+
 namespace peftfw::data {
 
 // ---------------------------------------------------------------------------
@@ -156,11 +158,6 @@ Dataset parse_jsonl(std::string_view text, const std::string& source,
 // The study's system message (seed study §1.3).
 inline constexpr const char* kDefaultSystemPrompt = "You are a compliance analysis assistant.";
 
-// Granite 4.0 role tokens.
-inline constexpr const char* kStartOfRole = "<|start_of_role|>";
-inline constexpr const char* kEndOfRole = "<|end_of_role|>";
-inline constexpr const char* kEndOfText = "<|end_of_text|>";
-
 struct TextSegment {
   std::string text;
   bool response = false;  // trained on under loss_on = "response"
@@ -175,19 +172,19 @@ struct RenderedExample {
   std::string prompt_text() const;  // the prompt segments, concatenated
 };
 
-enum class TemplateKind { Granite, Alpaca, Raw, Custom };
+enum class TemplateKind { Chat, Alpaca, Raw, Custom };
 
 // How examples become text:
-//   granite  the study's role-token template (§1.3); instruction and messages data.
-//            <|start_of_role|>system<|end_of_role|>{system}<|end_of_text|>\n
-//            <|start_of_role|>user<|end_of_role|>{instruction}\n\n{input}<|end_of_text|>\n
-//            <|start_of_role|>assistant<|end_of_role|>   <- end of the prompt
-//            {output}<|end_of_text|>\n                   <- the response
-//            "\n\n{input}" is left out when input is "" (as the study's `if input`); an
-//            empty system text leaves out the system turn. Chat messages render each
-//            turn as <|start_of_role|>{role}<|end_of_role|>{content}<|end_of_text|>\n,
-//            as given (no system turn is added); assistant content and its
-//            "<|end_of_text|>\n" are the response.
+//   chat     an architecture's role-token chat format (ChatFormat, named by its plugin);
+//            instruction and messages data. With T(role, text) = header(role) + text +
+//            turn_end:
+//              T(system, {system})            <- left out when the system text is empty
+//              T(user, {instruction}\n\n{input})
+//              header(assistant)              <- end of the prompt
+//              {output}{turn_end}             <- the response
+//            "\n\n{input}" is left out when input is "" (as the study's `if input`).
+//            Chat messages render each turn as T(role, content), as given (no system
+//            turn is added); assistant content and its turn_end are the response.
 //   alpaca   the Alpaca text (with / without input), instruction data; the prompt ends
 //            with "### Response:\n" (torchtune's and axolotl's form of it).
 //   raw      text data as is, all of it response.
@@ -199,19 +196,20 @@ enum class TemplateKind { Granite, Alpaca, Raw, Custom };
 // (batching.hpp), not here.
 class PromptTemplate {
  public:
-  static PromptTemplate granite(std::string system_prompt = kDefaultSystemPrompt);
+  static PromptTemplate chat(ChatFormat format, std::string system_prompt = kDefaultSystemPrompt);
   static PromptTemplate alpaca();
   static PromptTemplate raw();
   // Throws InputError naming `source` (the recipe key) for an unknown
   // placeholder, an unmatched brace or {output} not exactly once.
   static PromptTemplate custom(std::string_view template_string,
                                const std::string& source = "data.template_string");
-  // "granite", "alpaca" or "raw"; anything else is an InputError listing them.
-  static PromptTemplate named(std::string_view name,
+  // "alpaca", "raw" or the name of one of `chat_formats`; anything else is an InputError
+  // listing them.
+  static PromptTemplate named(std::string_view name, const std::vector<ChatFormat>& chat_formats,
                               std::string system_prompt = kDefaultSystemPrompt);
 
   TemplateKind kind() const { return kind_; }
-  const char* name() const;  // "granite", "alpaca", "raw", "custom"
+  std::string name() const;  // the chat format's name, "alpaca", "raw" or "custom"
 
   bool supports(DataFormat format) const;
   // InputError, e.g. "data.jsonl: template alpaca cannot render messages
@@ -222,8 +220,7 @@ class PromptTemplate {
   // template does not support the example's format.
   RenderedExample render(const Example& example) const;
   // The evaluation prompt: the prompt of the last response. Instruction data:
-  // the training prompt (granite ends after "<|start_of_role|>assistant
-  // <|end_of_role|>"); chat: the turns before the last assistant message,
+  // the training prompt (a chat format's ends with the assistant header); chat: the turns before the last assistant message,
   // then the assistant header. InputError for text data and for chats without
   // an assistant message.
   std::string render_prompt(const Example& example) const;
@@ -236,6 +233,7 @@ class PromptTemplate {
 
   PromptTemplate(TemplateKind kind, std::string system_prompt)
       : kind_(kind), system_prompt_(std::move(system_prompt)) {}
+  ChatFormat chat_;  // TemplateKind::Chat
   [[noreturn]] void unsupported(DataFormat format, const std::string& where) const;
   RenderedExample render_instruction(const InstructionExample& ex) const;
   RenderedExample render_chat(const ChatExample& ex) const;

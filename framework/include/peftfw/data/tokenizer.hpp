@@ -1,5 +1,5 @@
-// Tokenizers: Hugging Face `tokenizer.json` (byte-level BPE, as Granite 4.0
-// ships) and a built-in byte tokenizer for tiny and demo models.
+// Tokenizers: Hugging Face `tokenizer.json` (byte-level BPE, the
+// usual kind) and a built-in byte tokenizer for tiny and demo models.
 //
 // The Hugging Face tokenizer reproduces the Python `tokenizers` library
 // (tests/framework/data/tokenizer_oracle.py checks it id for id): added tokens
@@ -77,7 +77,7 @@ class Tokenizer {
   virtual std::optional<int64_t> pad_id() const = 0;
   // `ids` with the tokens the post-processor adds around a single sequence
   // (TemplateProcessing, e.g. a BOS); unchanged when there is none, as for
-  // Granite 4.0 and the byte tokenizer. encode + add_template_tokens equals
+  // byte-level BPE files without a post-processor and the byte tokenizer. encode + add_template_tokens equals
   // the library's encode(text, add_special_tokens=True).
   virtual std::vector<int64_t> add_template_tokens(std::vector<int64_t> ids) const = 0;
   // "byte", or "hf:<path of tokenizer.json>".
@@ -95,7 +95,7 @@ std::unique_ptr<Tokenizer> load_hf_tokenizer(const std::filesystem::path& tokeni
 //   256 <|end_of_text|>  (eos and pad)
 //   257 <|start_of_role|>
 //   258 <|end_of_role|>
-// so that the Granite prompt template works on tiny models. vocab_size() is
+// so that role-token chat formats work on tiny models. vocab_size() is
 // 259; a model may have a larger embedding. There is no bos.
 std::unique_ptr<Tokenizer> make_byte_tokenizer();
 

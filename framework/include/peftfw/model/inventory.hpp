@@ -50,7 +50,7 @@ struct SsmGroupDesc {
 };
 
 // What one decoder layer holds: its residual units, each a list of parallel parts
-// ({{"mamba"}, {"moe", "mlp"}} for a Granite MoE layer; {{"attention", "mamba"}, {"mlp"}}
+// ({{"mamba"}, {"moe", "mlp"}} for a layer with a MoE and a shared MLP; {{"attention", "mamba"}, {"mlp"}}
 // for Falcon-H1's parallel mixers).
 using LayerParts = std::vector<std::vector<std::string>>;
 
@@ -63,6 +63,9 @@ struct ModelInventory {
   std::vector<ModuleDesc> modules;
   std::vector<ParamDesc> params;         // every distinct trainable tensor (tied ones once)
   std::vector<SsmGroupDesc> ssm_groups;
+  // The architecture's default targets: roles adapted when a recipe names no target_modules
+  // and no roles (every adaptable projection of every layer kind). Empty: no defaults.
+  std::vector<std::string> default_targets;
   // Checkpoint keys that may be absent because they alias another tensor
   // (e.g. a tied lm_head.weight).
   std::vector<std::string> optional_checkpoint_keys;

@@ -44,7 +44,7 @@ extern "C" {
 
 struct peftfw_plugin_manifest {
   uint32_t abi_version;        // must equal PEFTFW_PLUGIN_ABI_VERSION of the host
-  const char* id;              // unique plugin id, e.g. "granite_hybrid"
+  const char* id;              // unique plugin id, e.g. "mamba2"
   const char* kind;            // "architecture" | "adapter" | "persistence"
   const char* version;         // the plugin's own version string
   const char* torch_version;   // LibTorch version the plugin was compiled against

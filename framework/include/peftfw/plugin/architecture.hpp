@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "peftfw/data/chat_format.hpp"
 #include "peftfw/model/inventory.hpp"
 
 namespace peftfw {
@@ -35,7 +36,7 @@ struct BuildOptions {
 // architecture plugin knows it.
 struct GgufValue {
   enum class Type { u32, f32, boolean, string, i32_array };
-  std::string key;  // full key, e.g. "granitehybrid.ssm.state_size"
+  std::string key;  // full key, e.g. "mamba2.ssm.state_size"
   Type type = Type::u32;
   double number = 0;               // u32, f32, boolean
   std::string text;                // string
@@ -69,6 +70,8 @@ class ArchitecturePlugin {
   // Builds the module tree with checkpoint-identical parameter names.
   virtual std::shared_ptr<CausalLM> build(const io::JsonConfig& config,
                                           const BuildOptions& options) const = 0;
+  // The family's chat templates, selectable by name with [data] template.
+  virtual std::vector<data::ChatFormat> chat_formats() const { return {}; }
   // The GGUF layout of this config, or nullopt when the family has none.
   // Throws InputError for a config llama.cpp cannot run, naming the field.
   virtual std::optional<GgufLayout> gguf_layout(const io::JsonConfig& config) const {

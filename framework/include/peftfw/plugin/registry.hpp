@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "peftfw/data/chat_format.hpp"
+
 #include "peftfw/plugin/registrar.hpp"
 
 namespace peftfw {
@@ -55,6 +57,8 @@ class PluginRegistry {
   std::shared_ptr<ArchitecturePlugin> architecture(const std::string& id) const;
   std::shared_ptr<AdapterPlugin> adapter_for_method(const std::string& method) const;
   std::shared_ptr<PersistencePlugin> persistence(const std::string& id) const;
+  // Every chat format the loaded architecture plugins supply, in load order.
+  std::vector<data::ChatFormat> chat_formats() const;
 
   PluginRegistry();
   ~PluginRegistry();

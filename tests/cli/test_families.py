@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""The model zoo from the command line: every architecture plugin is listed, `plan` with only a
+[model] section prints the inventory, adapts the architecture's default targets and says so,
+and `plan` on each family's default transformers config counts what transformers counts
+(default_counts.json, written by tests/oracles/family_oracle.py).
+
+Usage: test_families.py --peftfw BIN --oracle BUILD/oracle --workdir DIR
+"""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from checks import Checks, script_args, show  # noqa: E402
+
+
+def run(peftfw, *args, cwd=None):
+    return subprocess.run([peftfw, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def main():
+    args = script_args("--oracle", "--workdir")
+    check = Checks("families")
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    oracle = Path(args.oracle)
+
+    r = run(args.peftfw, "plugins")
+    for plugin in ("granite_hybrid", "mamba2", "bamba"):
+        check(f"peftfw plugins lists the {plugin} library",
+              r.returncode == 0 and re.search(rf"^\s*{plugin}\s+kind=architecture", r.stdout, re.M), show(r))
+
+    # plan with only [model]: inventory, default targets, exit 0.
+    cases = {"mamba2": oracle / "mamba2" / "base", "bamba": oracle / "bamba" / "base",
+             "granite_hybrid": oracle / "granite" / "moe"}
+    expected_roles = {
+        "mamba2": ["mamba.in_proj", "mamba.out_proj"],
+        "bamba": ["mamba.in_proj", "mamba.out_proj", "attention.q", "attention.k", "attention.v",
+                  "attention.o", "mlp.gate", "mlp.up", "mlp.down"],
+        "granite_hybrid": ["mamba.in_proj", "mamba.out_proj", "attention.q", "attention.k", "attention.v",
+                           "attention.o", "mlp.input", "mlp.output"],
+    }
+    for family, ckpt in cases.items():
+        recipe = work / f"{family}.toml"
+        recipe.write_text(f'[model]\npath = "{ckpt}"\n')
+        r = run(args.peftfw, "plan", recipe)
+        ok = r.returncode == 0
+        check(f"{family}: plan with only a [model] section exits 0", ok, show(r))
+        if not ok:
+            continue
+        out = r.stdout
+        check(f"{family}: plan prints the inventory (model type and total parameters)",
+              f"Model: {family}" in out and "Total parameters:" in out, out)
+        m = re.search(r"roles = \[([^\]]*)\]", out)
+        roles = re.findall(r'"([^"]+)"', m.group(1)) if m else []
+        check(f"{family}: plan says the architecture's default targets were used",
+              "Default targets:" in out and m is not None, out)
+        check(f"{family}: the default targets are every adaptable projection ({', '.join(expected_roles[family])})",
+              sorted(roles) == sorted(expected_roles[family]), f"roles {roles}\n{out}")
+        # Every layer kind is covered: no kind reports 0 adapted modules.
+        check(f"{family}: the coverage table leaves no layer kind without adapters",
+              not re.search(r"\b0 of \d+", out), out)
+        # The model's checkpoint must match the inventory: each parameter counted once.
+        st = json.loads((ckpt / "meta.json").read_text())
+        n = sum(int(__import__("math").prod(s)) for s in st["param_shapes"].values()) if isinstance(
+            st.get("param_shapes"), dict) else None
+        if n is not None:
+            total = int(re.search(r"Total parameters: ([\d,]+)", out).group(1).replace(",", ""))
+            check(f"{family}: plan's total equals transformers' parameter count ({n:,})", total == n,
+                  f"plan {total:,} vs transformers {n:,}")
+
+    # plan on the default transformers configs (Mamba2Config() = 7,285,403,648).
+    for family in ("mamba2", "bamba"):
+        counts = json.loads((oracle / family / "default_counts.json").read_text())
+        for name, entry in counts.items():
+            sub = "default_codestral_7b" if name == "codestral_7b" else f"default_{entry['model_type']}"
+            recipe = work / f"{family}_{sub}.toml"
+            recipe.write_text(f'[model]\nconfig = "{oracle / family / sub / "config.json"}"\ninit = "random"\n')
+            r = run(args.peftfw, "plan", recipe)
+            m = re.search(r"Total parameters: ([\d,]+)", r.stdout)
+            total = int(m.group(1).replace(",", "")) if m else None
+            check(f"{family}: plan on {name} counts {entry['total_params']:,} parameters, as transformers",
+                  r.returncode == 0 and total == entry["total_params"], show(r))
+    sys.exit(check.finish())
+
+
+if __name__ == "__main__":
+    main()
