@@ -4,7 +4,10 @@
 and `plan` on each family's default transformers config counts what transformers counts
 (default_counts.json, written by tests/oracles/family_oracle.py).
 
-Usage: test_families.py --peftfw BIN --oracle BUILD/oracle --workdir DIR
+The tiny recipes of the new families train a few steps with the default targets, and the
+mamba2 export says which consumer refuses its out_proj adapters.
+
+Usage: test_families.py --peftfw BIN --source REPO --oracle BUILD/oracle --workdir DIR
 """
 import json
 import re
@@ -22,7 +25,7 @@ def run(peftfw, *args, cwd=None):
 
 
 def main():
-    args = script_args("--oracle", "--workdir")
+    args = script_args("--source", "--oracle", "--workdir")
     check = Checks("families")
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
@@ -85,6 +88,21 @@ def main():
             total = int(m.group(1).replace(",", "")) if m else None
             check(f"{family}: plan on {name} counts {entry['total_params']:,} parameters, as transformers",
                   r.returncode == 0 and total == entry["total_params"], show(r))
+    # The tiny recipes train with the default targets.
+    for family in ("mamba2", "bamba"):
+        out = work / f"run_{family}"
+        r = run(args.peftfw, "run", Path(args.source) / "recipes" / "tiny" / f"{family}.toml",
+                "train.max_steps=3", "train.eval_every=0", f"output.dir={out}", cwd=work)
+        check(f"{family}: the tiny recipe trains 3 steps and exports peft + merged",
+              r.returncode == 0 and (out / "peft" / "adapter_config.json").exists()
+              and (out / "merged" / "config.json").exists(), show(r))
+        check(f"{family}: run says it adapted the default targets", "Default targets:" in r.stdout + r.stderr, show(r))
+        refusal = "HF PEFT refuses LoRA on out_proj for model_type 'mamba2'"
+        if family == "mamba2":
+            check("mamba2: the peft export says PEFT refuses its out_proj adapters", refusal in r.stderr, show(r))
+        else:
+            check("bamba: no consumer refusal is reported (PEFT accepts every bamba target)",
+                  "refuses" not in r.stderr, show(r))
     sys.exit(check.finish())
 
 
