@@ -58,6 +58,8 @@ double masked_max_diff(const torch::Tensor& a, const torch::Tensor& b, const tor
 struct Param {
   std::string family, name;
 };
+// How gtest prints a case in its messages.
+void PrintTo(const Param& p, std::ostream* os) { *os << p.family << "/" << p.name; }
 
 std::vector<Param> all_cases() {
   std::vector<Param> out;
