@@ -2,7 +2,6 @@
 // they are built (PEFTFW_HAVE_CUDA), the LibTorch reference otherwise. PEFTFW_KERNELS=reference
 // in the environment forces the reference (for comparisons and bisecting).
 #include "peftfw/kernels/dispatch.hpp"
-#include "peftfw/kernels/v2.hpp"
 
 #include <atomic>
 #include <cstdlib>
@@ -17,7 +16,6 @@ bool env_is(const char* name, const char* value) {
 }
 
 std::atomic<bool> g_force_reference{env_is("PEFTFW_KERNELS", "reference")};
-std::atomic<bool> g_v2{!env_is("PEFTFW_V2_KERNELS", "0")};
 
 }  // namespace
 
@@ -31,9 +29,6 @@ bool use_cuda(const torch::Device& device) {
   return false;
 #endif
 }
-
-bool v2_kernels() { return g_v2.load(); }
-void set_v2_kernels(bool on) { g_v2.store(on); }
 
 const char* implementation_for(const torch::Device& device) {
   return use_cuda(device) ? "cuda" : "reference";

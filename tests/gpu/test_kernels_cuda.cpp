@@ -13,7 +13,6 @@
 #include "peftfw/kernels/lora_down.hpp"
 #include "peftfw/kernels/mamba2.hpp"
 #include "peftfw/kernels/ops.hpp"
-#include "peftfw/kernels/v2.hpp"
 #include "peftfw/kernels/row_nll.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 #include "peftfw/model/causal_lm.hpp"
@@ -110,18 +109,9 @@ void check_fused_against_reference(const SsdShape& s) {
   for (size_t i = 0; i < wrt.size(); ++i) expect_close(g_got[i], g_ref[i], tol_grad, names[i]);
 }
 
-// The fused path with the v2 kernels (peftfw/kernels/v2.hpp: the chunk bookkeeping, the
-// log-decay gradient chain and the chunk states with their recurrence; the default) and with
-// the earlier path they replace.
-TEST_P(SsdCuda, FusedWithV2KernelsEqualsReference) {
-  peftfw::kernels::set_v2_kernels(true);
-  check_fused_against_reference(GetParam());
-}
-TEST_P(SsdCuda, FusedEqualsReference) {
-  peftfw::kernels::set_v2_kernels(false);
-  check_fused_against_reference(GetParam());
-  peftfw::kernels::set_v2_kernels(true);
-}
+// The fused path (ssd_fused.cpp with the CUDA kernels: the per-chunk kernels where they cover
+// the shape, the decay-matrix and state-recurrence kernels elsewhere).
+TEST_P(SsdCuda, FusedEqualsReference) { check_fused_against_reference(GetParam()); }
 
 const auto f32 = torch::kFloat32;
 const auto bf16 = torch::kBFloat16;
@@ -510,7 +500,6 @@ TEST(ModelCuda, Bf16KernelsAsAccurateAsBf16Reference) {
 // the mask redrawn from the same generator state by lora_down on ones (whose own arithmetic
 // LoraDownCuda checks).
 TEST(LoraCuda, FusedNodeWithDropoutMatchesFloat32Oracle) {
-  ASSERT_TRUE(peftfw::kernels::v2_kernels());
   auto model = small_model("bfloat16");
   for (auto& p : model->parameters()) p.set_requires_grad(false);
   peftfw::AdapterRequest req;

@@ -149,7 +149,7 @@ inline int heads_per_block(const SsdChunkDims& d) {
 }
 
 // Every 16-bit tile is a multiple of 32 bytes long, so the float32 areas that
-// follow them keep the 256-bit alignment WMMA needs.
+// follow them stay 32-byte aligned (their vector accesses need 16).
 template <typename Kernel, typename... Args>
 cudaError_t launch(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, Args... args) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));

@@ -1,112 +1,10 @@
 // The forward of the fused per-chunk SSD kernels (see ssd_chunk.hpp; shared machinery in
-// ssd_chunk_common.cuh): the chunk states with their recurrence over chunks (states_pass),
-// the output (scan_fwd), and the earlier chunk-state kernel on WMMA (states_fwd). The
-// products run on mma.sync tiles of known register layout (mma.cuh), WMMA in states_fwd.
-#include <mma.h>
-
+// ssd_chunk_common.cuh): the chunk states with their recurrence over chunks (states_pass) and
+// the output (scan_fwd). The products run on mma.sync tiles of known register layout (mma.cuh).
 #include "ssd_chunk_common.cuh"
 
 namespace peftfw::kernels::mamba2::cuda {
 namespace {
-
-using namespace nvcuda;
-
-template <typename T>
-using FragACol = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major>;
-template <typename T>
-using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major>;
-using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
-
-// dst[r][0..W) = src[r*stride + 0..W) (times scale[r] when given) for r < valid,
-// zero for valid <= r < ROWS. 16-byte vectors; src rows must be 16-byte aligned.
-// All of a thread's loads are issued before its first store (latency hiding).
-template <typename T, int W, int ROWS = Lc>
-__device__ void load_tile(T* dst, const T* src, int64_t stride, int valid, const float* scale) {
-  constexpr int V = W / 8, IT = (ROWS * V + kThreads - 1) / kThreads;
-  Pack<T, 8> in[IT];
-#pragma unroll
-  for (int it = 0; it < IT; ++it) {
-    const int i = threadIdx.x + it * kThreads, r = i / V, v = i % V;
-    if (i < ROWS * V && r < valid) in[it] = *reinterpret_cast<const Pack<T, 8>*>(src + r * stride + v * 8);
-  }
-#pragma unroll
-  for (int it = 0; it < IT; ++it) {
-    const int i = threadIdx.x + it * kThreads, r = i / V, v = i % V;
-    if (i >= ROWS * V) break;
-    Pack<T, 8> out;
-    if (r < valid) {
-      if (scale) {
-        const float sc = scale[r];
-#pragma unroll
-        for (int k = 0; k < 8; ++k) out.v[k] = Num<T>::from_f(Num<T>::to_f(in[it].v[k]) * sc);
-      } else {
-        out = in[it];
-      }
-    } else {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) out.v[k] = Num<T>::from_f(0.f);
-    }
-    *reinterpret_cast<Pack<T, 8>*>(dst + r * ld16<W>() + v * 8) = out;
-  }
-}
-
-// Writes a 16x16 accumulator to a row-major T matrix in global memory through
-// the warp's 16x16 float32 staging area.
-template <typename T>
-__device__ void store_acc(const Acc& acc, float* stage, T* dst, int64_t ld) {
-  wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
-  __syncwarp();
-  const int lane = threadIdx.x % 32, r = lane / 2, c0 = (lane % 2) * 8;
-  float o[8];
-#pragma unroll
-  for (int k = 0; k < 8; ++k) o[k] = stage[r * 16 + c0 + k];
-  store_pack<T, 8>(dst + r * ld + c0, o);
-  __syncwarp();
-}
-
-template <typename T, int P, int N>
-struct StatesFwd {
-  static constexpr size_t smem() {
-    return sizeof(T) * (Lc * ld16<P>() + Lc * ld16<N>()) + sizeof(float) * (kWarps * 256 + Lc);
-  }
-};
-
-template <typename T, int P, int N>
-__global__ void __launch_bounds__(kThreads, 2) states_fwd_kernel(SsdChunkDims d, const T* __restrict__ x,
-                                                              const float* __restrict__ dt,
-                                                              const float* __restrict__ Ld,
-                                                              const T* __restrict__ Bm, T* __restrict__ S) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  float* stage = reinterpret_cast<float*>(smem);  // [8][256]
-  T* us = reinterpret_cast<T*>(stage + kWarps * 256);  // [Lc][P+8]  dt Ld x
-  T* bs = us + Lc * ld16<P>();                         // [Lc][N+8]
-  float* scale = reinterpret_cast<float*>(bs + Lc * ld16<N>());  // [Lc]
-  const Block k = block_of(d, d.H);
-  const int64_t h = k.inner, g = h / (d.H / d.G);
-  for (int l = threadIdx.x; l < Lc; l += kThreads)
-    scale[l] = l < k.valid ? dt[(k.b * d.T + k.t0 + l) * d.H + h] * Ld[(k.bc * d.H + h) * Lc + l] : 0.f;
-  __syncthreads();
-  load_tile<T, P>(us, x + k.b * d.x_sb + k.t0 * d.x_st + h * P, d.x_st, k.valid, scale);
-  load_tile<T, N>(bs, Bm + k.b * d.b_sb + k.t0 * d.b_st + g * N, d.b_st, k.valid, nullptr);
-  __syncthreads();
-  const int warp = threadIdx.x / 32;
-  constexpr int TP = P / 16, TN = N / 16;
-  T* out = S + (k.bc * d.H + h) * P * N;
-  for (int tile = warp; tile < TP * TN; tile += kWarps) {
-    const int i = tile / TN, j = tile % TN;
-    Acc acc;
-    wmma::fill_fragment(acc, 0.f);
-#pragma unroll
-    for (int kk = 0; kk < Lc / 16; ++kk) {
-      FragACol<T> a;  // (p, s) = us[s][p]
-      FragBRow<T> bf;
-      wmma::load_matrix_sync(a, us + kk * 16 * ld16<P>() + i * 16, ld16<P>());
-      wmma::load_matrix_sync(bf, bs + kk * 16 * ld16<N>() + j * 16, ld16<N>());
-      wmma::mma_sync(acc, a, bf, acc);
-    }
-    store_acc(acc, stage + warp * 256, out + i * 16 * N + j * 16, N);
-  }
-}
 
 template <typename T, int P, int N>
 struct ScanFwd {
@@ -317,8 +215,7 @@ __global__ void __launch_bounds__(kThreads, 2) scan_fwd_kernel(SsdChunkDims d, c
   }
 }
 
-// The chunk states and their recurrence in one pass (a v2 kernel, peftfw/kernels/v2.hpp): a block owns
-// head h of batch b and PS of its P rows of the state, walks the chunks in order and keeps
+// The chunk states and their recurrence in one pass: a block owns head h of batch b and PS of its P rows of the state, walks the chunks in order and keeps
 // the running state H in registers (float32, the mma.sync accumulators of mma.cuh; each warp
 // owns 16 rows and N / WR columns of it):
 //   prev[b,c,h] = H (rounded to T);  H = dec[b,c,h] H + (dt Ld x)_c^T B_c;  final[b,h] = H.
@@ -444,16 +341,6 @@ __global__ void __launch_bounds__(kThreads, 3) states_pass_kernel(SsdChunkDims d
 
 bool ssd_chunk_supported(int64_t P, int64_t N, int dtype) {
   return (dtype == 1 || dtype == 2) && (P == 32 || P == 64) && (N == 64 || N == 128);
-}
-
-cudaError_t ssd_chunk_states_fwd(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
-                                 const float* Ld, const void* B, void* S, cudaStream_t stream) {
-  return by_shape(dtype, d.P, d.N, [&](auto tag, auto p, auto n) {
-    using T = decltype(tag);
-    constexpr int P = decltype(p)::value, N = decltype(n)::value;
-    return launch(states_fwd_kernel<T, P, N>, grid_1d(d.B * d.nc * d.H), StatesFwd<T, P, N>::smem(), stream, d,
-                  static_cast<const T*>(x), dt, Ld, static_cast<const T*>(B), static_cast<T*>(S));
-  });
 }
 
 cudaError_t ssd_chunk_states_pass(int dtype, const SsdChunkDims& d, const void* x, const float* dt,

@@ -123,7 +123,7 @@ Chunk chunk_of(const fused::ChunkInputs& in) {
   k.C = rows(in.C, st);
   k.dt = as_f32(in.dt);
   k.cum = as_f32(in.cum);
-  if (in.CB.defined()) k.CB = as_f32(in.CB);  // not needed by the chunk-state kernels
+  if (in.CB.defined()) k.CB = as_f32(in.CB);  // undefined where C.B is being computed (chunk_cb)
   k.Ld = as_f32(in.Ld);
   k.E = as_f32(in.E);
   k.seg = in.seg.scalar_type() == torch::kInt32 && in.seg.is_contiguous() ? in.seg : in.seg.to(torch::kInt32).contiguous();
@@ -139,16 +139,6 @@ bool chunk_supported(const torch::Tensor& x, const torch::Tensor& B) {
   const auto st = x.scalar_type();
   if (st != torch::kBFloat16 && st != torch::kHalf) return false;
   return cuda::ssd_chunk_supported(x.size(3), B.size(3), dtype_code(st));
-}
-
-torch::Tensor chunk_states(const fused::ChunkInputs& in) {
-  c10::cuda::CUDAGuard guard(in.x.device());
-  auto k = chunk_of(in);
-  auto S = torch::empty({k.d.B, k.d.nc, k.d.H, k.d.P, k.d.N}, k.x.options());
-  check_launch(cuda::ssd_chunk_states_fwd(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.Ld.data_ptr<float>(),
-                                   k.B.data_ptr(), S.data_ptr(), at::cuda::getCurrentCUDAStream()),
-        "ssd_chunk_states_fwd");
-  return S;
 }
 
 std::pair<torch::Tensor, torch::Tensor> chunk_states_pass(const fused::ChunkInputs& in, const torch::Tensor& dec_in,
@@ -429,7 +419,6 @@ void register_ssd_kernels() {
   k.states = states;
   k.states_backward = states_backward;
   k.chunk_supported = chunk_supported;
-  k.chunk_states = chunk_states;
   k.chunk_scan = chunk_scan;
   k.chunk_bwd_off = chunk_bwd_off;
   k.chunk_bwd_diag = chunk_bwd_diag;
