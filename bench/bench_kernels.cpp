@@ -20,10 +20,12 @@
 #include <vector>
 
 #include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/ops.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 #include "peftfw/train/device_memory.hpp"
 
 namespace ops = peftfw::kernels::mamba2;
+namespace kernels = peftfw::kernels;
 using torch::Tensor;
 
 namespace {
@@ -58,7 +60,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "peftfw_bench_kernels: no CUDA device\n");
     return 1;
   }
-  if (std::string(ops::implementation_for(torch::kCUDA)) != "cuda") {  // also registers the kernels
+  if (std::string(kernels::implementation_for(torch::kCUDA)) != "cuda") {
     std::fprintf(stderr, "peftfw_bench_kernels: the CUDA kernels are not in use (PEFTFW_KERNELS=reference?)\n");
     return 1;
   }
@@ -121,7 +123,7 @@ int main(int argc, char** argv) {
     auto seq = torch::zeros({Bsz, T}, torch::TensorOptions().device(torch::kCUDA).dtype(torch::kLong));
     auto dc = torch::randn({Bsz, T, Cc}, o);
     const double conv = median_ms([&] {
-      auto y = ops::causal_conv1d(xc, w, bias, seq, true);
+      auto y = kernels::causal_conv1d(xc, w, bias, seq, true);
       torch::autograd::grad({y}, {xc, w, bias}, {dc});
     });
     auto yn = torch::randn({Bsz * T, H * P}, o).requires_grad_(true);
@@ -129,7 +131,7 @@ int main(int argc, char** argv) {
     auto wn = torch::ones({H * P}, o).requires_grad_(true);
     auto dn = torch::randn({Bsz * T, H * P}, o);
     const double norm = median_ms([&] {
-      auto y = ops::gated_rms_norm(yn, zn, wn, 1e-5);
+      auto y = kernels::gated_rms_norm(yn, zn, wn, 1e-5);
       torch::autograd::grad({y}, {yn, zn, wn}, {dn});
     });
     char ref_s[32];

@@ -22,9 +22,12 @@ printf '#pragma once\ntypedef struct cublasContext* cublasHandle_t;\ntypedef int
 printf '#pragma once\ntypedef struct cublasLtContext* cublasLtHandle_t;\n' > "$stubs/cublasLt.h"
 printf '#pragma once\ntypedef struct cusolverDnContext* cusolverDnHandle_t;\ntypedef int cusolverStatus_t;\n' > "$stubs/cusolverDn.h"
 echo '#pragma once' > "$stubs/cusolver_common.h"
-files=(kernels/mamba2/cuda/ops_cuda.cpp kernels/mamba2/cuda/ssd_cuda.cpp kernels/common/row_nll.cpp
-       kernels/common/lora_down.cpp kernels/mamba2/dispatch.cpp tests/gpu/test_kernels_cuda.cpp
-       framework/src/train/device_memory.cpp)
+# The GLUE files of every kernel family (kernels/CMakeLists.txt), the sources whose CUDA parts
+# sit under PEFTFW_HAVE_CUDA, and the CUDA-only tests.
+files=(kernels/common/cuda/ops_cuda.cpp kernels/common/ops.cpp kernels/common/dispatch.cpp
+       kernels/common/row_nll.cpp kernels/common/lora_down.cpp
+       kernels/mamba2/cuda/ssd_cuda.cpp kernels/mamba2/dispatch.cpp
+       tests/gpu/test_kernels_cuda.cpp framework/src/train/device_memory.cpp)
 status=0
 for f in "${files[@]}"; do
   if ! g++ -std=c++17 -fsyntax-only -Wall -Werror=return-type -DPEFTFW_HAVE_CUDA=1 -DPEFTFW_MICRO_CONFIG='"unused"' \

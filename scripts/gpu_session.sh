@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of GPU work, logs under $OUT (or ./gpu_session): build, the GPU
-# tests, compute-sanitizer on the newest kernels, the kernel bench and the end-to-end bench,
-# each of the last two with the v2 kernels (the default) and without (PEFTFW_V2_KERNELS=0,
-# peftfw/kernels/v2.hpp). Stages can be picked:
+# tests, compute-sanitizer on the newest kernels, the kernel bench and the end-to-end bench.
+# Stages can be picked:
 #   scripts/gpu_session.sh [build] [test] [sanitize] [kernels] [ktrace] [ncu] [e2e] [profile]
 # (default: build test sanitize kernels e2e; ktrace: a Kineto trace of one SSD forward+backward
 # at 32x1280 and 1x4096, summarised per kernel; ncu: Nsight Compute's throughput, occupancy and
@@ -31,16 +30,15 @@ for s in "${stages[@]}"; do
     sanitize)
       stamp sanitize
       compute-sanitizer --tool memcheck "$bin/peftfw_gpu_tests" \
-        --gtest_filter='LoraDownCuda.*:LoraCuda.*:*SsdCuda.FusedWithV2*' > "$out/memcheck.log" 2>&1
+        --gtest_filter='LoraDownCuda.*:LoraCuda.*:*SsdCuda.FusedEqualsReference*' > "$out/memcheck.log" 2>&1
       tail -3 "$out/memcheck.log" | tee -a "$out/session.log"
       compute-sanitizer --tool racecheck "$bin/peftfw_gpu_tests" \
-        --gtest_filter='*SsdCuda.FusedWithV2*' > "$out/racecheck.log" 2>&1
+        --gtest_filter='*SsdCuda.FusedEqualsReference*' > "$out/racecheck.log" 2>&1
       tail -3 "$out/racecheck.log" | tee -a "$out/session.log" ;;
     kernels)
       stamp kernels
-      PEFTFW_V2_KERNELS=0 "$bin/peftfw_bench_kernels" "$out/kernels.json" > "$out/kernels.log" 2>&1
-      PEFTFW_V2_KERNELS=1 "$bin/peftfw_bench_kernels" "$out/kernels_v2.json" > "$out/kernels_v2.log" 2>&1
-      tail -n 12 "$out/kernels.log" "$out/kernels_v2.log" | tee -a "$out/session.log" ;;
+      "$bin/peftfw_bench_kernels" "$out/kernels.json" > "$out/kernels.log" 2>&1
+      tail -n 12 "$out/kernels.log" | tee -a "$out/session.log" ;;
     ktrace)
       stamp ktrace
       PEFTFW_BENCH_SHAPES=32x1280,1x4096 PEFTFW_PROFILE_TRACE=/tmp/ssd "$bin/peftfw_bench_kernels" /tmp/ktrace.json \
@@ -64,14 +62,12 @@ for s in "${stages[@]}"; do
         | grep -v "^    ---" | head -150 | tee -a "$out/session.log" ;;
     e2e)
       stamp e2e
-      PEFTFW_V2_KERNELS=0 python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --shapes 32x1280 --steps 7 --out /tmp/e2e \
+      python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --shapes 32x1280 --steps 7 --out /tmp/e2e \
         > "$out/e2e.log" 2>&1
-      PEFTFW_V2_KERNELS=1 python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --shapes 32x1280 --steps 7 \
-        --out /tmp/e2e_v2 > "$out/e2e_v2.log" 2>&1
-      tail -n 6 "$out/e2e.log" "$out/e2e_v2.log" | tee -a "$out/session.log" ;;
+      tail -n 6 "$out/e2e.log" | tee -a "$out/session.log" ;;
     profile)
       stamp profile
-      PEFTFW_V2_KERNELS=1 PEFTFW_PROFILE_TRACE=/tmp/trace.json PEFTFW_PROFILE_STEP=6 \
+      PEFTFW_PROFILE_TRACE=/tmp/trace.json PEFTFW_PROFILE_STEP=6 \
         python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --shapes 32x1280 --steps 7 --out /tmp/e2e_prof \
         > "$out/profile_run.log" 2>&1
       python3 bench/profile_summary.py /tmp/trace.json > "$out/profile.txt" 2>&1

@@ -5,7 +5,7 @@
 
 #include <torch/torch.h>
 
-#include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/dispatch.hpp"
 
 #ifdef PEFTFW_HAVE_CUDA
 #include <ATen/cuda/CUDAGeneratorImpl.h>
@@ -42,7 +42,7 @@ cuda::DropDraw draw_of(const DropMask& m) { return {m.p, m.seed, m.offset}; }
 
 bool lora_down_kernel_applies(const torch::Tensor& x, const torch::Tensor& a) {
 #ifdef PEFTFW_HAVE_CUDA
-  if (!x.is_cuda() || std::string(mamba2::implementation_for(x.device())) != "cuda") return false;
+  if (!use_cuda(x)) return false;
   const int code = dtype_code(x);
   // A's fragments are read straight from global memory: 32-byte alignment.
   return code > 0 && rows_aligned(x) && a.scalar_type() == x.scalar_type() && a.device() == x.device() &&

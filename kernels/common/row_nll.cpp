@@ -1,11 +1,11 @@
-// row_nll: the LibTorch reference, the CUDA glue, and the choice between them (the same
-// switch as the Mamba-2 ops: CUDA tensors take the kernels when built, unless
+// row_nll: the LibTorch reference, the CUDA glue, and the choice between them (the kernels'
+// one switch, peftfw/kernels/dispatch.hpp: CUDA tensors take the kernels when built, unless
 // PEFTFW_KERNELS=reference).
 #include "peftfw/kernels/row_nll.hpp"
 
 #include <torch/torch.h>
 
-#include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/dispatch.hpp"
 
 #ifdef PEFTFW_HAVE_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -26,7 +26,7 @@ void check_args(const torch::Tensor& logits, const torch::Tensor& targets) {
 #ifdef PEFTFW_HAVE_CUDA
 // The kernels' dtype code, or -1 where they do not apply.
 int kernel_dtype(const torch::Tensor& logits, const torch::Tensor& targets) {
-  if (!logits.is_cuda() || std::string(mamba2::implementation_for(logits.device())) != "cuda") return -1;
+  if (!use_cuda(logits)) return -1;
   if (logits.stride(1) != 1 || targets.scalar_type() != torch::kInt64) return -1;
   switch (logits.scalar_type()) {
     case torch::kFloat32: return 0;

@@ -41,7 +41,6 @@
 #include <vector>
 
 #include "peftfw/kernels/mamba2.hpp"
-#include "peftfw/kernels/v2.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 
 namespace peftfw::kernels::mamba2::fused {
@@ -56,11 +55,10 @@ MaskKernels g_mask_kernels;  // CUDA implementations, registered when built
 // Everything the forward and the backward both derive from the inputs.
 struct Prep {
   int64_t Bsz, T, H, P, G, N, Hg, Lc, nc, Tp;
-  bool fused;             // the per-chunk CUDA kernels do the heavy work (Lc = 128; xc, Bt, Ct unused)
-  bool bookkept;          // cum, seg, Ld, E, dec came from the chunk_prep kernel (dtp unused)
+  bool fused;             // the per-chunk CUDA kernels do the heavy work (Lc = 128; xc, dtp, Bt, Ct unused)
   torch::ScalarType cdt;  // GEMM dtype: the input's 16-bit type, else float32
   Tensor xc;              // [B,nc,Lc,H,P] x (input dtype), zero padded (a view when no padding)
-  Tensor dtp;             // [B,nc,Lc,H] float32, zero padded (undefined when bookkept)
+  Tensor dtp;             // [B,nc,Lc,H] float32, zero padded (undefined when fused)
   Tensor cum;             // [B,nc,H,Lc] float32 within-chunk cumulative log-decay
   Tensor seg;             // [B,nc,Lc] int32 segment index within the chunk
   Tensor Bt, Ct;          // [B,nc,Lc,G,N] cdt, contiguous (time-major)
@@ -125,13 +123,15 @@ Tensor group_states(const Tensor& t, const Prep& p, int64_t g) {
   return t.view({p.Bsz * p.nc, p.H * p.P, p.N}).narrow(1, g * p.Hg * p.P, p.Hg * p.P);
 }
 
-// Whether the fused per-chunk CUDA kernels take this call: all of them registered, chunk 128,
-// and x, B and C of one 16-bit dtype (dB and dC come back in it).
+// Whether the fused per-chunk CUDA kernels take this call: all of them registered (with the
+// bookkeeping, the chunk states and the state recurrence's backward), chunk 128, and x, B and C
+// of one 16-bit dtype (dB and dC come back in it).
 bool chunk_kernels_for(const Tensor& x, const Tensor& B, const Tensor& C, int64_t chunk) {
   const auto& k = g_mask_kernels;
   return x.is_cuda() && chunk == 128 && B.scalar_type() == x.scalar_type() && C.scalar_type() == x.scalar_type() &&
          k.chunk_supported && k.chunk_scan && k.chunk_bwd_off && k.chunk_bwd_diag && k.chunk_bwd_db && k.chunk_cb &&
-         k.chunk_cb_bwd && k.chunk_supported(x, B);
+         k.chunk_cb_bwd && k.chunk_prep && k.chunk_states_pass && k.chunk_decay_grad && k.states_backward &&
+         k.chunk_supported(x, B);
 }
 
 // The forward's bookkeeping and C.B (fused path), saved after the node's inputs so that the
@@ -157,13 +157,12 @@ Prep prepare(const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B
   const auto f32 = torch::kFloat32;
 
   if (!p.fused) p.xc = chunked(pad_time(x, pad), p.nc, p.Lc);  // [B,nc,Lc,H,P]
-  p.bookkept = p.fused && v2_kernels() && g_mask_kernels.chunk_prep;
-  if (p.bookkept && kept != nullptr && kept->size() == kKept) {
+  if (p.fused && kept != nullptr && kept->size() == kKept) {
     const auto& k = *kept;
     p.cum = k[0], p.seg = k[1], p.Ld = k[2], p.E = k[3], p.dec = k[4], p.CB = k[5];
     return p;
   }
-  if (p.bookkept) {
+  if (p.fused) {
     auto k = g_mask_kernels.chunk_prep(dt, A, seq_ids, p.nc);
     p.seg = k.seg, p.cum = k.cum, p.Ld = k.Ld, p.E = k.E, p.dec = k.dec;
   } else {
@@ -293,15 +292,6 @@ ChunkInputs chunk_inputs(const Prep& p, const Tensor& x, const Tensor& dt, const
   return in;
 }
 
-// The log-decay chain, dcum -> (ddt [B,nc,Lc,H], dA [H]), in LibTorch: cum = cumsum(A dt).
-std::pair<Tensor, Tensor> decay_grads(const Prep& p, const Tensor& A, Tensor dcum, const Tensor& dlast,
-                                      const Tensor& ddt_u) {
-  dcum.select(-1, p.Lc - 1).add_(dlast);
-  auto da = dcum.sum(-1, true) - dcum.cumsum(-1) + dcum;  // [B,nc,H,Lc]
-  auto ddt = ddt_u + da * A.to(torch::kFloat32).view({1, 1, p.H, 1});
-  return {ddt.permute({0, 1, 3, 2}), (da * p.dtp.permute({0, 1, 3, 2})).sum({0, 1, 3})};
-}
-
 class SsdFunction : public torch::autograd::Function<SsdFunction> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
@@ -321,16 +311,11 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
     ctx->saved_data["has_init"] = init.defined();
 
     if (p.fused) {
-      auto [prev, h] = v2_kernels() && g_mask_kernels.chunk_states_pass
-                           ? g_mask_kernels.chunk_states_pass(chunk_inputs(p, x, dt, B, C, D), p.dec, init)
-                           : g_mask_kernels.states(g_mask_kernels.chunk_states(chunk_inputs(p, x, dt, B, C, D)),
-                                                   p.dec, init);
+      auto [prev, h] = g_mask_kernels.chunk_states_pass(chunk_inputs(p, x, dt, B, C, D), p.dec, init);
       auto y = g_mask_kernels.chunk_scan(chunk_inputs(p, x, dt, B, C, D), prev);
       std::vector<Tensor> saved = {x, dt, A, B, C, seq_in, prev, D_in};
-      if (p.bookkept) {
-        auto kept = kept_of(p);
-        saved.insert(saved.end(), kept.begin(), kept.end());
-      }
+      auto kept = kept_of(p);
+      saved.insert(saved.end(), kept.begin(), kept.end());
       ctx->save_for_backward(saved);
       return {y, h};
     }
@@ -426,17 +411,10 @@ class SsdFunction : public torch::autograd::Function<SsdFunction> {
       auto gr = g_mask_kernels.chunk_bwd_diag(in, dy, dS);
       auto dB_S = g_mask_kernels.chunk_bwd_db(in, dS);
       auto [dB, dC] = g_mask_kernels.chunk_cb_bwd(in, gr.dCB, dC_off, dB_S);
-      Tensor ddt, dA;
-      if (p.bookkept) {
-        auto g = g_mask_kernels.chunk_decay_grad(dcum_E, gr.dcum, gr.dLd, ddec, p.dec, gr.ddt_u, dt, A);
-        ddt = g.ddt, dA = g.dA;
-      } else {
-        auto [ddt_c, dA_c] = decay_grads(p, A, dcum_E + gr.dcum, ddec * p.dec + gr.dLd.sum(-1), gr.ddt_u);
-        ddt = to_time(ddt_c), dA = dA_c;
-      }
+      auto g = g_mask_kernels.chunk_decay_grad(dcum_E, gr.dcum, gr.dLd, ddec, p.dec, gr.ddt_u, dt, A);
       return {gr.dx,
-              ddt.to(dt.scalar_type()),
-              dA.to(A.scalar_type()),
+              g.ddt.to(dt.scalar_type()),
+              g.dA.to(A.scalar_type()),
               dB,  // in x's dtype, which B and C share on this path
               dC,
               has_init ? dinit : Tensor(),
@@ -577,7 +555,9 @@ SsdResult ssd_chunk_scan(const SsdArgs& a, int64_t chunk) {
   TORCH_CHECK(a.C.sizes() == a.B.sizes(), "ssd_chunk_scan: C must match B's shape");
   TORCH_CHECK(a.x.size(2) % a.B.size(2) == 0, "ssd_chunk_scan: heads must be a multiple of groups");
   Tensor dt, A;
-  if (a.dt.is_cuda() && v2_kernels() && g_mask_kernels.dt_prep) {
+  const auto raw_t = a.dt.scalar_type();
+  const bool dt_kernel = raw_t == torch::kFloat32 || raw_t == torch::kHalf || raw_t == torch::kBFloat16;
+  if (a.dt.is_cuda() && dt_kernel && g_mask_kernels.dt_prep) {
     std::tie(dt, A) = g_mask_kernels.dt_prep(a.dt, a.dt_bias, a.A_log, a.dt_min, a.dt_max);
   } else {
     dt = ssd_dt(a.dt, a.dt_bias, a.dt_min, a.dt_max).to(torch::kFloat32);

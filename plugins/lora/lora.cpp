@@ -6,7 +6,6 @@
 #include <cmath>
 
 #include "peftfw/kernels/lora_down.hpp"
-#include "peftfw/kernels/v2.hpp"
 #include "peftfw/nn/checkpoint.hpp"
 
 namespace peftfw::lora {
@@ -50,8 +49,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     // The down projection: one CUDA pass over x with a counter-based mask (the backward
     // redraws it), else LibTorch's dropout (a stored byte mask) and a GEMM.
     // (the same choice in a checkpoint's two runs, whether or not the output was kept)
-    const bool kernel = (dropout > 0.0 || wide) && kernels::v2_kernels() &&
-                        kernels::lora_down_kernel_applies(x2, a);
+    const bool kernel = (dropout > 0.0 || wide) && kernels::lora_down_kernel_applies(x2, a);
     kernels::DropMask drawn;
     torch::Tensor xd = x2, mask, h, xh;
     if (concat) xh = torch::empty({M, K + r}, x2.options());

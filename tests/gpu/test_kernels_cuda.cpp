@@ -12,7 +12,7 @@
 #include "peftfw/adapters/setup.hpp"
 #include "peftfw/kernels/lora_down.hpp"
 #include "peftfw/kernels/mamba2.hpp"
-#include "peftfw/kernels/v2.hpp"
+#include "peftfw/kernels/ops.hpp"
 #include "peftfw/kernels/row_nll.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 #include "peftfw/model/causal_lm.hpp"
@@ -20,6 +20,7 @@
 #include "peftfw/nn/linear.hpp"
 
 namespace ops = peftfw::kernels::mamba2;
+namespace kernels = peftfw::kernels;
 using torch::Tensor;
 
 namespace {
@@ -91,7 +92,7 @@ void check_fused_against_reference(const SsdShape& s) {
   a.initial_state = init, a.seq_ids = seq, a.chunk_size = 256;
   a.dt_min = 0.001, a.dt_max = 5.0;
   auto ref = ops::reference::ssd_chunk_scan(a);
-  ASSERT_STREQ(ops::implementation_for(kCuda), "cuda");
+  ASSERT_STREQ(kernels::implementation_for(kCuda), "cuda");
   auto got = ops::ssd_chunk_scan(a);  // the dispatch point: CUDA tensors take the fast path
 
   const bool low = s.dtype != torch::kFloat32;
@@ -108,18 +109,9 @@ void check_fused_against_reference(const SsdShape& s) {
   for (size_t i = 0; i < wrt.size(); ++i) expect_close(g_got[i], g_ref[i], tol_grad, names[i]);
 }
 
-// The fused path with the v2 kernels (peftfw/kernels/v2.hpp: the chunk bookkeeping, the
-// log-decay gradient chain and the chunk states with their recurrence; the default) and with
-// the earlier path they replace.
-TEST_P(SsdCuda, FusedWithV2KernelsEqualsReference) {
-  peftfw::kernels::set_v2_kernels(true);
-  check_fused_against_reference(GetParam());
-}
-TEST_P(SsdCuda, FusedEqualsReference) {
-  peftfw::kernels::set_v2_kernels(false);
-  check_fused_against_reference(GetParam());
-  peftfw::kernels::set_v2_kernels(true);
-}
+// The fused path (ssd_fused.cpp with the CUDA kernels: the per-chunk kernels where they cover
+// the shape, the decay-matrix and state-recurrence kernels elsewhere).
+TEST_P(SsdCuda, FusedEqualsReference) { check_fused_against_reference(GetParam()); }
 
 const auto f32 = torch::kFloat32;
 const auto bf16 = torch::kBFloat16;
@@ -134,7 +126,7 @@ INSTANTIATE_TEST_SUITE_P(
                       SsdShape{2, 50, 8, 32, 2, 64, false, true, bf16},
                       SsdShape{2, 300, 4, 128, 1, 64, true, true, bf16},
                       SsdShape{1, 512, 8, 64, 4, 128, true, false, bf16},
-                      // 16-bit P 32/64 with N 64/128 take the fused per-chunk kernels (cuda/ssd_chunk.cu):
+                      // 16-bit P 32/64 with N 64/128 take the fused per-chunk kernels (mamba2/cuda/ssd_chunk_*.cu):
                       SsdShape{2, 700, 24, 64, 2, 128, true, true, bf16, true},  // 12 heads/group: 2 head blocks
                       SsdShape{1, 256, 4, 64, 1, 64, false, false, bf16, true},  // T a chunk multiple
                       SsdShape{2, 1000, 8, 64, 1, 128, false, false, fp16},
@@ -168,10 +160,10 @@ TEST_P(ConvCuda, EqualsReference) {
     seq.narrow(1, s.T / 3, s.T - s.T / 3).add_(1);
     seq.narrow(1, s.T / 3 + 1, s.T - s.T / 3 - 1).add_(1);  // a one-token sequence
   }
-  ops::set_force_reference(true);
-  auto ref = ops::causal_conv1d(x, w, b, seq, s.silu);
-  ops::set_force_reference(false);
-  auto got = ops::causal_conv1d(x, w, b, seq, s.silu);
+  kernels::set_force_reference(true);
+  auto ref = kernels::causal_conv1d(x, w, b, seq, s.silu);
+  kernels::set_force_reference(false);
+  auto got = kernels::causal_conv1d(x, w, b, seq, s.silu);
   const bool lowp = s.dtype != torch::kFloat32;
   expect_close(got, ref, lowp ? 1e-2 : 1e-5, "conv out");
   auto wo = torch::randn(ref.sizes(), o);
@@ -225,10 +217,10 @@ TEST_P(NormCuda, EqualsReference) {
   auto w = (1.0 + 0.1 * torch::randn({s.D}, o)).requires_grad_(true);
   std::optional<torch::ScalarType> out_dtype;
   if (s.y_f32) out_dtype = s.dtype;
-  ops::set_force_reference(true);
-  auto ref = ops::gated_rms_norm(y, z, w, 1e-5, out_dtype);
-  ops::set_force_reference(false);
-  auto got = ops::gated_rms_norm(y, z, w, 1e-5, out_dtype);
+  kernels::set_force_reference(true);
+  auto ref = kernels::gated_rms_norm(y, z, w, 1e-5, out_dtype);
+  kernels::set_force_reference(false);
+  auto got = kernels::gated_rms_norm(y, z, w, 1e-5, out_dtype);
   ASSERT_TRUE(ran_kernel(got, "GatedRmsNormFn")) << got.grad_fn()->name();
   ASSERT_EQ(got.scalar_type(), ref.scalar_type());
   const bool lowp = s.dtype != torch::kFloat32;
@@ -262,10 +254,10 @@ TEST(SiluMulCuda, EqualsReference) {
                         Case{33, 40, torch::kFloat16}}) {
     auto o = torch::TensorOptions().device(kCuda).dtype(c.dtype);
     auto gu = (2.0 * torch::randn({c.R, 2 * c.I}, o)).requires_grad_(true);
-    ops::set_force_reference(true);
-    auto ref = ops::silu_mul(gu);
-    ops::set_force_reference(false);
-    auto got = ops::silu_mul(gu);
+    kernels::set_force_reference(true);
+    auto ref = kernels::silu_mul(gu);
+    kernels::set_force_reference(false);
+    auto got = kernels::silu_mul(gu);
     ASSERT_TRUE(ran_kernel(got, "SiluMulFn")) << got.grad_fn()->name();
     const bool lowp = c.dtype != f32;
     expect_close(got, ref, lowp ? 1e-2 : 1e-5, "silu_mul out");
@@ -392,8 +384,8 @@ TEST(StepCuda, SsdAndConvStepsEqualReference) {
     auto cs = torch::randn({B, C, K}, o).to(dtype), cs_ref = cs.clone();
     auto xt = torch::randn({B, C}, o).to(dtype);
     auto w = torch::randn({C, K}, o).to(dtype), bias = torch::randn({C}, o).to(dtype);
-    auto c_ref = ops::reference::causal_conv1d_step(cs_ref, xt, w, bias, true);
-    auto c_got = ops::causal_conv1d_step(cs, xt, w, bias, true);
+    auto c_ref = kernels::reference::causal_conv1d_step(cs_ref, xt, w, bias, true);
+    auto c_got = kernels::causal_conv1d_step(cs, xt, w, bias, true);
     expect_close(c_got, c_ref, dtype == f32 ? 1e-5 : 1e-2, "conv step out");
     expect_close(cs, cs_ref, 0.0, "conv step state");
   }
@@ -438,14 +430,14 @@ peftfw::ModelBatch packed_batch() {
 std::pair<double, std::map<std::string, Tensor>> loss_and_grads(peftfw::CausalLM& model,
                                                                 const peftfw::ModelBatch& batch,
                                                                 bool reference) {
-  ops::set_force_reference(reference);
+  kernels::set_force_reference(reference);
   for (auto& p : model.parameters()) p.mutable_grad() = Tensor();
   auto loss = model.forward(batch).loss;
   loss.backward();
   std::map<std::string, Tensor> grads;
   for (auto& p : model.named_parameters())
     if (p.value().grad().defined()) grads[p.key()] = p.value().grad().to(f32);
-  ops::set_force_reference(false);
+  kernels::set_force_reference(false);
   return {loss.item<double>(), grads};
 }
 
@@ -557,7 +549,6 @@ TEST(ModelCuda, Bf16KernelsAsAccurateAsBf16Reference) {
 // the mask redrawn from the same generator state by lora_down on ones (whose own arithmetic
 // LoraDownCuda checks).
 TEST(LoraCuda, FusedNodeWithDropoutMatchesFloat32Oracle) {
-  ASSERT_TRUE(peftfw::kernels::v2_kernels());
   auto model = small_model("bfloat16");
   for (auto& p : model->parameters()) p.set_requires_grad(false);
   peftfw::AdapterRequest req;

@@ -5,9 +5,11 @@
 #include <torch/torch.h>
 
 #include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/ops.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 
 namespace ops = peftfw::kernels::mamba2;
+namespace kernels = peftfw::kernels;
 
 namespace {
 
@@ -153,13 +155,13 @@ TEST(Conv1d, SequenceIdsStopTheWindowAtBoundaries) {
   auto w = torch::randn({6, 4});
   auto b = torch::randn({6});
   auto seq = torch::cat({torch::zeros({5}, torch::kLong), torch::ones({7}, torch::kLong)}).unsqueeze(0);
-  auto packed = ops::causal_conv1d(x, w, b, seq, true);
-  auto first = ops::causal_conv1d(x.narrow(1, 0, 5), w, b, torch::Tensor(), true);
-  auto second = ops::causal_conv1d(x.narrow(1, 5, 7), w, b, torch::Tensor(), true);
+  auto packed = kernels::causal_conv1d(x, w, b, seq, true);
+  auto first = kernels::causal_conv1d(x.narrow(1, 0, 5), w, b, torch::Tensor(), true);
+  auto second = kernels::causal_conv1d(x.narrow(1, 5, 7), w, b, torch::Tensor(), true);
   EXPECT_LE(max_abs(packed - torch::cat({first, second}, 1)), 1e-6);
   // Same ids everywhere == the plain convolution.
-  auto same = ops::causal_conv1d(x, w, b, torch::zeros({1, 12}, torch::kLong), true);
-  EXPECT_LE(max_abs(same - ops::causal_conv1d(x, w, b, torch::Tensor(), true)), 1e-6);
+  auto same = kernels::causal_conv1d(x, w, b, torch::zeros({1, 12}, torch::kLong), true);
+  EXPECT_LE(max_abs(same - kernels::causal_conv1d(x, w, b, torch::Tensor(), true)), 1e-6);
 }
 
 TEST(Conv1d, StepEqualsFullConvolution) {
@@ -167,10 +169,10 @@ TEST(Conv1d, StepEqualsFullConvolution) {
   auto x = torch::randn({2, 7, 6});
   auto w = torch::randn({6, 4});
   auto b = torch::randn({6});
-  auto full = ops::causal_conv1d(x, w, b, torch::Tensor(), true);
+  auto full = kernels::causal_conv1d(x, w, b, torch::Tensor(), true);
   auto state = torch::zeros({2, 6, 4});
   for (int64_t t = 0; t < 7; ++t) {
-    auto y = ops::causal_conv1d_step(state, x.select(1, t), w, b, true);
+    auto y = kernels::causal_conv1d_step(state, x.select(1, t), w, b, true);
     EXPECT_LE(max_abs(y - full.select(1, t)), 1e-6) << "step " << t;
   }
 }
@@ -179,7 +181,7 @@ TEST(GatedNorm, NormalisesOverAllChannelsAfterGating) {
   auto y = torch::tensor({{1.0, -2.0, 3.0, 0.5}});
   auto z = torch::tensor({{0.0, 1.0, -1.0, 2.0}});
   auto w = torch::tensor({1.0, 2.0, 0.5, 1.0});
-  auto out = ops::gated_rms_norm(y, z, w, 1e-6);
+  auto out = kernels::gated_rms_norm(y, z, w, 1e-6);
   // By hand: g = y * z * sigmoid(z); out = w * g / sqrt(mean(g^2) + eps)
   std::vector<double> g;
   double ms = 0;

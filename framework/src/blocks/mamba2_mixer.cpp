@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/ops.hpp"
 #include "peftfw/nn/param_init.hpp"
 
 namespace peftfw::blocks {
@@ -46,7 +47,7 @@ Mamba2MixerImpl::Mamba2MixerImpl(Mamba2MixerOptions o) : o_(std::move(o)) {
 torch::Tensor Mamba2MixerImpl::gated_norm(const torch::Tensor& y, const torch::Tensor& z,
                                           torch::Dtype out) const {
   if (o_.norm_group_size == 0 && !o_.norm_before_gate)
-    return ops::gated_rms_norm(y, z, norm->weight, o_.norm_eps, out);
+    return kernels::gated_rms_norm(y, z, norm->weight, o_.norm_eps, out);
   // Grouped or norm-before-gate (mamba_ssm's RMSNormGated): plain LibTorch ops.
   const int64_t g = o_.norm_group_size == 0 ? y.size(-1) : o_.norm_group_size;
   auto x = y.to(torch::kFloat32);
@@ -81,8 +82,8 @@ torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& h, const ForwardCont
   torch::Tensor y;  // [B,T,Im] float32
   if (ctx.decode_step) {
     // One token with cached conv and SSM state (transformers' cached branch).
-    auto xBC_t = ops::causal_conv1d_step(cache->conv_state, xBC.select(1, 0), conv_w, conv_b,
-                                         /*silu=*/true);
+    auto xBC_t = kernels::causal_conv1d_step(cache->conv_state, xBC.select(1, 0), conv_w, conv_b,
+                                             /*silu=*/true);
     ops::SsdStepArgs s;
     s.state = cache->ssm_state;
     s.x = xBC_t.narrow(-1, 0, Im).reshape({B, H, P});
@@ -97,7 +98,7 @@ torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& h, const ForwardCont
     y = ops::ssd_step(s).reshape({B, 1, Im});
     cache->ssm_state = s.state;
   } else {
-    auto xBC_act = ops::causal_conv1d(xBC, conv_w, conv_b, ctx.seq_ids, /*silu=*/true);
+    auto xBC_act = kernels::causal_conv1d(xBC, conv_w, conv_b, ctx.seq_ids, /*silu=*/true);
     xBC_act = mask_padding(xBC_act, ctx.ssm_mask);
     auto xs = xBC_act.split_with_sizes({Im, G * N, G * N}, -1);
     ops::SsdArgs s;

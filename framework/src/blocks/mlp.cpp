@@ -3,7 +3,7 @@
 
 #include <torch/torch.h>
 
-#include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/ops.hpp"
 
 namespace peftfw::blocks {
 
@@ -48,7 +48,7 @@ torch::Tensor MlpImpl::forward(const torch::Tensor& x) {
     case MlpOptions::Layout::Fused: {
       auto gu = input_linear(x);
       // silu(gate) * up with gate the first half, in one kernel on CUDA.
-      if (o_.activation == Activation::Silu) return output_linear(kernels::mamba2::silu_mul(gu));
+      if (o_.activation == Activation::Silu) return output_linear(kernels::silu_mul(gu));
       auto parts = gu.chunk(2, -1);
       return output_linear(act(o_.activation, parts[0]) * parts[1]);
     }

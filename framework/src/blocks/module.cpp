@@ -3,7 +3,7 @@
 
 #include <torch/torch.h>
 
-#include "peftfw/kernels/mamba2.hpp"
+#include "peftfw/kernels/ops.hpp"
 #include "peftfw/nn/param_init.hpp"
 
 namespace peftfw::blocks {
@@ -35,7 +35,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
 
 // The gated norm without a gate, so CUDA tensors get its fused kernel.
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
-  return kernels::mamba2::gated_rms_norm(x, torch::Tensor(), weight, eps);
+  return kernels::gated_rms_norm(x, torch::Tensor(), weight, eps);
 }
 
 }  // namespace peftfw::blocks

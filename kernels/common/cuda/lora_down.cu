@@ -11,16 +11,12 @@
 #include <cmath>
 #include <type_traits>
 
-#include "../../mamba2/cuda/element.cuh"
+#include "element.cuh"
 #include "lora_down.hpp"
 
 namespace peftfw::kernels::cuda {
 namespace {
 
-using mamba2::cuda::by_dtype_code;
-using mamba2::cuda::Num;
-using mamba2::cuda::Pack;
-using mamba2::cuda::sm_count;
 namespace wmma = nvcuda::wmma;
 
 constexpr int kWarps = 4, kRows = 16, kStep = 64, kLd = kStep + 8, kPacks = kRows * kStep / 8 / 32;

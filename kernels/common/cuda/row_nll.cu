@@ -6,14 +6,12 @@
 
 #include <cmath>
 
-#include "../../mamba2/cuda/element.cuh"
+#include "element.cuh"
 #include "row_nll.hpp"
 
 namespace peftfw::kernels::cuda {
 namespace {
 
-using mamba2::cuda::Num;
-using mamba2::cuda::Pack;
 constexpr int kThreads = 256, kV = 8;
 
 // (m, s) stands for s * exp(m): merging two keeps the larger exponent.
@@ -86,7 +84,7 @@ __global__ void __launch_bounds__(kThreads) row_nll_bwd_kernel(const T* __restri
 #pragma unroll
       for (int k = 0; k < kV; ++k)
         o[k] = (__expf(Num<T>::to_f(p.v[k]) / divisor - l) - (c + k == t ? 1.f : 0.f)) * sc;
-      mamba2::cuda::store_pack<T, kV>(out + c, o);
+      store_pack<T, kV>(out + c, o);
     }
   } else {
     for (int64_t c = threadIdx.x; c < vocab; c += kThreads)
@@ -104,7 +102,7 @@ bool vector_rows(const void* p, int64_t ld, int64_t vocab, int elem) {
 cudaError_t row_nll_fwd(int dtype, const void* logits, int64_t ld, const int64_t* targets, int64_t rows,
                         int64_t vocab, float divisor, float* loss, float* lse, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  return mamba2::cuda::by_dtype_code(dtype, [&](auto tag) {
+  return by_dtype_code(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(logits);
     if (vector_rows(logits, ld, vocab, sizeof(T)))
@@ -119,7 +117,7 @@ cudaError_t row_nll_bwd(int dtype, const void* logits, int64_t ld, const int64_t
                         const float* scale, int64_t rows, int64_t vocab, float divisor, void* dlogits,
                         cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  return mamba2::cuda::by_dtype_code(dtype, [&](auto tag) {
+  return by_dtype_code(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* x = static_cast<const T*>(logits);
     T* out = static_cast<T*>(dlogits);

@@ -1,5 +1,7 @@
-// Fused per-chunk SSD kernels (tensor cores: mma.sync, WMMA in the earliest; 16-bit inputs,
-// float32 accumulation). A thread block works on one (batch, chunk) and one head, or a few
+// Fused per-chunk SSD kernels (tensor cores, mma.sync; 16-bit inputs, float32 accumulation):
+// ssd_chunk_fwd.cu (the chunk states with their recurrence, the output), ssd_chunk_bwd.cu
+// (the incoming-state, chunk-state and within-chunk backward), ssd_chunk_cb.cu (C.B and its
+// backward). A thread block works on one (batch, chunk) and one head, or a few
 // heads of one group in turn (all but the chunk-state kernels and C.B's), and keeps the
 // chunk's operands in shared memory or registers, so the [Lc,Lc] decay-weighted matrices and
 // the [Lc,P] partial products of the unfused scan (ssd_fused.cpp) never reach global memory. Chunk length Lc = 128, head dim P in {32, 64}, state N in
@@ -11,7 +13,7 @@
 //   B, C [B,T,G,N] T: likewise with (b_sb, b_st) and (c_sb, c_st)
 //   dt [B,T,H] (after softplus / bias / limit), dy [B,T,H,P], y [B,T,H,P], dx [B,T,H,P] T: contiguous
 //   cum, Ld, E, ddt_u, dcum, dLd, dcum_E: [B,nc,H,Lc]; seg [B,nc,Lc] int32
-//   CB, dCB: [B,nc,G,Lc,Lc]; S, prev, dS, dH_off: [B,nc,H,P,N] T
+//   CB, dCB: [B,nc,G,Lc,Lc]; prev, dS, dH_off: [B,nc,H,P,N] T
 //   dC_off, dB_S: [B,nc,G,Lc,N] (the cross-head parts of dC and dB, summed over the group's heads)
 #pragma once
 
@@ -31,14 +33,11 @@ struct SsdChunkDims {
 // Whether the fused kernels cover this head dim, state size and dtype code.
 bool ssd_chunk_supported(int64_t P, int64_t N, int dtype);
 
-// S[b,c,h] = sum_s (dt_s Ld_s x_s)^T B_s   (the chunk's own contribution to its end state)
-cudaError_t ssd_chunk_states_fwd(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
-                                 const float* Ld, const void* B, void* S, cudaStream_t stream);
-
-// The chunk states and the recurrence over chunks in one kernel (a v2 kernel,
-// peftfw/kernels/v2.hpp): prev[b,c,h] = H_c (T), H_{c+1} = dec[b,c,h] H_c + S[b,c,h]
-// with S as above kept in float32, final [B,H,P,N] = H_nc (float32); init [B,H,P,N]
-// float32 or null (zeros). dec [B,nc,H] float32.
+// The chunk states and the recurrence over chunks in one kernel:
+// prev[b,c,h] = H_c (T), H_{c+1} = dec[b,c,h] H_c + S[b,c,h] with
+// S[b,c,h] = sum_s (dt_s Ld_s x_s)^T B_s (the chunk's own contribution to its end state) kept in
+// float32, final [B,H,P,N] = H_nc (float32); init [B,H,P,N] float32 or null (zeros).
+// dec [B,nc,H] float32.
 cudaError_t ssd_chunk_states_pass(int dtype, const SsdChunkDims& d, const void* x, const float* dt,
                                   const float* Ld, const void* B, const float* dec, const float* init, void* prev,
                                   float* final_state, cudaStream_t stream);

@@ -1,17 +1,23 @@
-// LibTorch glue for ssd_masks.cu: registers the CUDA versions of the fast
-// SSD scan's two elementwise passes (see ssd_fused.cpp).
+// LibTorch glue for the SSD's CUDA kernels: registers the fused scan's kernels (ssd_masks.cu,
+// ssd_prep.cu, ssd_chunk_*.cu; see ssd_fused.cpp) and runs the decoding step (ssd_step.cu).
+#include "ssd_cuda.hpp"
+
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/torch.h>
 
+#include "../../common/cuda/glue.hpp"
 #include "peftfw/kernels/check_launch.hpp"
 #include "peftfw/kernels/ssd_fused.hpp"
 #include "ssd_chunk.hpp"
 #include "ssd_masks.hpp"
 #include "ssd_prep.hpp"
+#include "ssd_step.hpp"
 
 namespace peftfw::kernels::mamba2::cuda_ops {
 namespace {
+
+constexpr int64_t kMaxStateDim = 6144;  // ssd_step keeps 2 * N floats in shared memory
 
 int dtype_code(torch::ScalarType t) {
   switch (t) {
@@ -117,7 +123,7 @@ Chunk chunk_of(const fused::ChunkInputs& in) {
   k.C = rows(in.C, st);
   k.dt = as_f32(in.dt);
   k.cum = as_f32(in.cum);
-  if (in.CB.defined()) k.CB = as_f32(in.CB);  // not needed by the chunk-state kernels
+  if (in.CB.defined()) k.CB = as_f32(in.CB);  // undefined where C.B is being computed (chunk_cb)
   k.Ld = as_f32(in.Ld);
   k.E = as_f32(in.E);
   k.seg = in.seg.scalar_type() == torch::kInt32 && in.seg.is_contiguous() ? in.seg : in.seg.to(torch::kInt32).contiguous();
@@ -133,16 +139,6 @@ bool chunk_supported(const torch::Tensor& x, const torch::Tensor& B) {
   const auto st = x.scalar_type();
   if (st != torch::kBFloat16 && st != torch::kHalf) return false;
   return cuda::ssd_chunk_supported(x.size(3), B.size(3), dtype_code(st));
-}
-
-torch::Tensor chunk_states(const fused::ChunkInputs& in) {
-  c10::cuda::CUDAGuard guard(in.x.device());
-  auto k = chunk_of(in);
-  auto S = torch::empty({k.d.B, k.d.nc, k.d.H, k.d.P, k.d.N}, k.x.options());
-  check_launch(cuda::ssd_chunk_states_fwd(k.dtype, k.d, k.x.data_ptr(), k.dt.data_ptr<float>(), k.Ld.data_ptr<float>(),
-                                   k.B.data_ptr(), S.data_ptr(), at::cuda::getCurrentCUDAStream()),
-        "ssd_chunk_states_fwd");
-  return S;
 }
 
 std::pair<torch::Tensor, torch::Tensor> chunk_states_pass(const fused::ChunkInputs& in, const torch::Tensor& dec_in,
@@ -355,6 +351,67 @@ std::pair<torch::Tensor, torch::Tensor> dt_prep(const torch::Tensor& raw, const 
 
 }  // namespace
 
+torch::Tensor ssd_step(SsdStepArgs& a) {
+  TORCH_CHECK(a.x.dim() == 3, "ssd_step: x must be [B,H,P], got ", a.x.sizes());
+  TORCH_CHECK(a.B.dim() == 3 && a.B.size(0) == a.x.size(0),
+              "ssd_step: B must be [B,G,N] with B=", a.x.size(0), ", got ", a.B.sizes());
+  const int64_t Bsz = a.x.size(0), H = a.x.size(1), P = a.x.size(2);
+  const int64_t G = a.B.size(1), N = a.B.size(2);
+  TORCH_CHECK(G > 0 && H % G == 0, "ssd_step: heads (", H, ") must be a multiple of groups (", G,
+              ")");
+  const auto dt_type = a.x.scalar_type();
+  const bool supported =
+      a.x.is_cuda() && glue::kernel_dtype(dt_type).has_value() && a.dt.scalar_type() == dt_type &&
+      a.B.scalar_type() == dt_type && a.C.scalar_type() == dt_type && Bsz <= 65535 &&
+      H <= 65535 && N <= kMaxStateDim && a.x.numel() > 0 &&
+      !glue::needs_grad({&a.state, &a.x, &a.dt, &a.A_log, &a.B, &a.C, &a.D, &a.dt_bias});
+  if (!supported) return reference::ssd_step(a);
+
+  const char* op = "ssd_step";
+  const auto dev = a.x.device();
+  glue::check_device(a.state, dev, op, "state");
+  glue::check_device(a.dt, dev, op, "dt");
+  glue::check_device(a.A_log, dev, op, "A_log");
+  glue::check_device(a.B, dev, op, "B");
+  glue::check_device(a.C, dev, op, "C");
+  glue::check_device(a.D, dev, op, "D");
+  glue::check_device(a.dt_bias, dev, op, "dt_bias");
+  TORCH_CHECK(a.state.defined() && a.state.dim() == 4 && a.state.size(0) == Bsz &&
+                  a.state.size(1) == H && a.state.size(2) == P && a.state.size(3) == N,
+              "ssd_step: state must be [B,H,P,N]=[", Bsz, ",", H, ",", P, ",", N, "], got ",
+              a.state.defined() ? a.state.sizes() : torch::IntArrayRef{});
+  TORCH_CHECK(a.dt.dim() == 2 && a.dt.size(0) == Bsz && a.dt.size(1) == H,
+              "ssd_step: dt must be [B,H]=[", Bsz, ",", H, "], got ", a.dt.sizes());
+  TORCH_CHECK(a.C.sizes() == a.B.sizes(), "ssd_step: C must match B's shape ", a.B.sizes(),
+              ", got ", a.C.sizes());
+  TORCH_CHECK(a.A_log.numel() == H, "ssd_step: A_log must have H=", H, " elements, got ",
+              a.A_log.numel());
+  TORCH_CHECK(a.dt_bias.numel() == H, "ssd_step: dt_bias must have H=", H, " elements, got ",
+              a.dt_bias.numel());
+  if (a.D.defined())
+    TORCH_CHECK(a.D.numel() == H, "ssd_step: D must have H=", H, " elements, got ", a.D.numel());
+
+  c10::cuda::CUDAGuard guard(dev);
+  const bool in_place = a.state.scalar_type() == torch::kFloat32 && a.state.is_contiguous();
+  torch::Tensor state = in_place ? a.state : a.state.to(torch::kFloat32).contiguous();
+  auto x = a.x.contiguous();
+  auto dt = a.dt.contiguous();
+  auto Bm = a.B.contiguous();
+  auto Cm = a.C.contiguous();
+  auto A_log = a.A_log.to(torch::kFloat32).contiguous();
+  auto dt_bias = a.dt_bias.to(torch::kFloat32).contiguous();
+  auto D = a.D.defined() ? a.D.to(torch::kFloat32).contiguous() : torch::Tensor();
+  auto y = torch::empty({Bsz, H, P}, x.options().dtype(torch::kFloat32));
+  const auto err = cuda::ssd_step(
+      glue::dtype_of(x), state.data_ptr<float>(), x.data_ptr(), dt.data_ptr(), A_log.data_ptr<float>(),
+      D.defined() ? D.data_ptr<float>() : nullptr, dt_bias.data_ptr<float>(), Bm.data_ptr(),
+      Cm.data_ptr(), y.data_ptr<float>(), Bsz, H, P, G, N, static_cast<float>(a.dt_min),
+      static_cast<float>(a.dt_max), glue::current_stream());
+  check_launch(err, "ssd_step (CUDA kernel)");
+  if (!in_place) a.state = state;
+  return y;
+}
+
 void register_ssd_kernels() {
   fused::MaskKernels k;
   k.build = build;
@@ -362,7 +419,6 @@ void register_ssd_kernels() {
   k.states = states;
   k.states_backward = states_backward;
   k.chunk_supported = chunk_supported;
-  k.chunk_states = chunk_states;
   k.chunk_scan = chunk_scan;
   k.chunk_bwd_off = chunk_bwd_off;
   k.chunk_bwd_diag = chunk_bwd_diag;

@@ -6,10 +6,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "element.cuh"
+#include "../../common/cuda/element.cuh"
 #include "ssd_masks.hpp"
 
 namespace peftfw::kernels::mamba2::cuda {
+using namespace ::peftfw::kernels::cuda;  // element.cuh
 namespace {
 
 constexpr int kWarps = 8;

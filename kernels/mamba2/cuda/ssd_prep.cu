@@ -5,10 +5,11 @@
 
 #include <algorithm>
 
-#include "element.cuh"
+#include "../../common/cuda/element.cuh"
 #include "ssd_prep.hpp"
 
 namespace peftfw::kernels::mamba2::cuda {
+using namespace ::peftfw::kernels::cuda;  // element.cuh
 namespace {
 
 constexpr int Lc = static_cast<int>(kSsdPrepChunk), kWarps = 8, kPer = Lc / 32;

@@ -6,8 +6,7 @@
 // offset, redrawn from them by the backward and, after the generator state is restored, by
 // an activation-checkpointing rerun. The optional copy of x serves the wide projections'
 // K-concatenated GEMM. CUDA tensors only; where lora_down_kernel_applies() is false the
-// caller keeps its LibTorch composition. Callers take it only when v2_kernels() is on
-// (peftfw/kernels/v2.hpp) until its GPU tests (LoraDownCuda, LoraCuda) have run.
+// caller keeps its LibTorch composition.
 #pragma once
 
 #include <torch/types.h>

@@ -1,6 +1,8 @@
 // The fast chunked SSD scan (ssd_fused.cpp): one autograd node with a
-// hand-written backward. Runs on any device; on CUDA the two elementwise
-// passes over the decay matrices use kernels registered by the CUDA build.
+// hand-written backward. Runs on any device; on CUDA it uses the kernels the CUDA
+// build registers (register_mask_kernels, from the family's dispatch on first use):
+// the per-chunk kernels where they cover the shapes, else the elementwise passes over
+// the decay matrices and the chunk-state recurrence.
 #pragma once
 
 #include <torch/types.h>
@@ -51,22 +53,23 @@ struct MaskKernels {
                                                         const torch::Tensor&, const torch::Tensor&,
                                                         int64_t)>
       backward;
-  // The chunk-state recurrence: (S [B,nc,H,P,N], dec [B,nc,H] f32, init [B,H,P,N] f32 or undefined)
-  //   -> (prev [B,nc,H,P,N] in S's dtype, final [B,H,P,N] f32)
+  // The chunk-state recurrence (the path without the per-chunk kernels): (S [B,nc,H,P,N],
+  // dec [B,nc,H] f32, init [B,H,P,N] f32 or undefined) -> (prev [B,nc,H,P,N] in S's dtype,
+  // final [B,H,P,N] f32)
   std::function<std::pair<torch::Tensor, torch::Tensor>(const torch::Tensor&, const torch::Tensor&,
                                                         const torch::Tensor&)>
       states;
-  // Its backward: (dH_off, dec, dfinal or undefined, prev) -> (dS, ddec [B,nc,H] f32, dinit f32)
+  // Its backward, on both paths: (dH_off, dec, dfinal or undefined, prev) -> (dS, ddec [B,nc,H] f32,
+  // dinit f32)
   std::function<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>(
       const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>
       states_backward;
 
   // Fused per-chunk kernels (cuda/ssd_chunk.hpp). chunk_supported(x, B): whether they cover
-  // these shapes and dtypes; the others compute S, y (incl. D x), the incoming-state backward
+  // these shapes and dtypes; the others compute y (incl. D x), the incoming-state backward
   // (dC's part from it [B,nc,G,Lc,N] f32, dH_off, dcum_E), the within-chunk backward, and dB's
   // part through the chunk states (inputs, dS) -> [B,nc,G,Lc,N] f32.
   std::function<bool(const torch::Tensor&, const torch::Tensor&)> chunk_supported;
-  std::function<torch::Tensor(const ChunkInputs&)> chunk_states;
   std::function<torch::Tensor(const ChunkInputs&, const torch::Tensor&)> chunk_scan;
   std::function<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>(const ChunkInputs&, const torch::Tensor&,
                                                                         const torch::Tensor&)>
@@ -81,7 +84,7 @@ struct MaskKernels {
                                                         const torch::Tensor&)>
       chunk_cb_bwd;
 
-  // v2 kernels (peftfw/kernels/v2.hpp), cuda/ssd_prep.hpp:
+  // The fused path's bookkeeping kernels (cuda/ssd_prep.hpp):
   // (dt [B,T,H] f32, A [H] f32, seq_ids [B,T] or undefined, nc) -> the chunk bookkeeping;
   std::function<ChunkPrep(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, int64_t)> chunk_prep;
   // (dcum_E, dcum_diag, dLd [B,nc,H,Lc], ddec, dec [B,nc,H], ddt_u [B,nc,H,Lc], dt [B,T,H], A [H]).
@@ -92,8 +95,9 @@ struct MaskKernels {
   // [B,H,P,N] or undefined) -> (prev [B,nc,H,P,N] in x's dtype, final [B,H,P,N] f32).
   std::function<std::pair<torch::Tensor, torch::Tensor>(const ChunkInputs&, const torch::Tensor&, const torch::Tensor&)>
       chunk_states_pass;
-  // v2: (raw dt [B,T,H], dt_bias [H], A_log [H], dt_min, dt_max) -> (dt [B,T,H] f32 = ssd_dt(...),
-  // A [H] f32 = -exp(A_log)), differentiable in the three tensors.
+  // dt and A for CUDA inputs (cuda/ssd_prep.hpp): (raw dt [B,T,H], dt_bias [H], A_log [H], dt_min,
+  // dt_max) -> (dt [B,T,H] f32 = ssd_dt(...), A [H] f32 = -exp(A_log)), differentiable in the
+  // three tensors.
   std::function<std::pair<torch::Tensor, torch::Tensor>(const torch::Tensor&, const torch::Tensor&,
                                                         const torch::Tensor&, double, double)>
       dt_prep;

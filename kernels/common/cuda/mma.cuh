@@ -15,7 +15,7 @@
 #include <cstdint>
 #include <type_traits>
 
-namespace peftfw::kernels::mamba2::cuda {
+namespace peftfw::kernels::cuda {
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -166,4 +166,4 @@ __device__ __forceinline__ void store_row_pairs(T* row, const uint32_t (&o)[NT],
   }
 }
 
-}  // namespace peftfw::kernels::mamba2::cuda
+}  // namespace peftfw::kernels::cuda

@@ -27,7 +27,7 @@
 #include "element.cuh"
 #include "launch.hpp"
 
-namespace peftfw::kernels::mamba2::cuda {
+namespace peftfw::kernels::cuda {
 namespace {
 
 template <typename T, int N>
@@ -447,4 +447,4 @@ cudaError_t causal_conv1d_bwd(DType dtype, const void* dout, const void* x, int6
   return cudaErrorInvalidValue;
 }
 
-}  // namespace peftfw::kernels::mamba2::cuda
+}  // namespace peftfw::kernels::cuda

@@ -6,7 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
-namespace peftfw::kernels::mamba2::cuda {
+namespace peftfw::kernels::cuda {
 
 template <typename T>
 struct Num;
@@ -110,4 +110,4 @@ __device__ __forceinline__ void atomic_add_lower(float* out, int Lc, const float
     }
 }
 
-}  // namespace peftfw::kernels::mamba2::cuda
+}  // namespace peftfw::kernels::cuda

@@ -1,6 +1,7 @@
-// LibTorch glue for the Mamba-2 CUDA kernels: argument checks, dtype and
-// layout handling, autograd Functions for the differentiable ops, and the
-// fallback to the reference implementation for unsupported cases.
+// LibTorch glue for the generic ops' CUDA kernels (conv1d, its decoding step, the gated
+// RMSNorm, the gated MLP activation): argument checks, dtype and layout handling, autograd
+// Functions for the differentiable ops, and the fallback to the reference implementation
+// for unsupported cases.
 #include "ops_cuda.hpp"
 
 #include <c10/cuda/CUDAGuard.h>
@@ -9,54 +10,21 @@
 
 #include <optional>
 
+#include "glue.hpp"
 #include "launch.hpp"
 
-namespace peftfw::kernels::mamba2::cuda_ops {
+namespace peftfw::kernels::cuda_ops {
 namespace {
 
-namespace kc = ::peftfw::kernels::mamba2::cuda;
+namespace kc = ::peftfw::kernels::cuda;
+using namespace ::peftfw::kernels::glue;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr int64_t kMaxNormDim = 8192;   // gated_rms_norm_* limit
-constexpr int64_t kMaxStateDim = 6144;  // ssd_step keeps 2 * N floats in shared memory
-
-std::optional<kc::DType> kernel_dtype(torch::ScalarType t) {
-  switch (t) {
-    case torch::kFloat32: return kc::DType::f32;
-    case torch::kFloat16: return kc::DType::f16;
-    case torch::kBFloat16: return kc::DType::bf16;
-    default: return std::nullopt;
-  }
-}
-
-kc::DType dtype_of(const torch::Tensor& t) {
-  auto d = kernel_dtype(t.scalar_type());
-  TORCH_CHECK(d.has_value(), "mamba2 CUDA kernels: expected float32, float16 or bfloat16, got ",
-              t.scalar_type());
-  return *d;
-}
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " (CUDA kernel): ", cudaGetErrorString(err));
-}
-
-void check_device(const torch::Tensor& t, const torch::Device& device, const char* op,
-                  const char* name) {
-  if (!t.defined()) return;
-  TORCH_CHECK(t.device() == device, op, ": expected ", name, " on ", device, " (the device of the ",
-              "first input), got ", t.device());
-}
-
-const void* ptr_or_null(const torch::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-
-bool needs_grad(std::initializer_list<const torch::Tensor*> ts) {
-  if (!torch::GradMode::is_enabled()) return false;
-  for (const auto* t : ts)
-    if (t->defined() && t->requires_grad()) return true;
-  return false;
 }
 
 // ---- causal conv1d ------------------------------------------------------------
@@ -302,67 +270,6 @@ torch::Tensor gated_rms_norm(const torch::Tensor& y, const torch::Tensor& z,
   return GatedRmsNormFn::apply(y, weight, z_opt, eps);
 }
 
-torch::Tensor ssd_step(SsdStepArgs& a) {
-  TORCH_CHECK(a.x.dim() == 3, "ssd_step: x must be [B,H,P], got ", a.x.sizes());
-  TORCH_CHECK(a.B.dim() == 3 && a.B.size(0) == a.x.size(0),
-              "ssd_step: B must be [B,G,N] with B=", a.x.size(0), ", got ", a.B.sizes());
-  const int64_t Bsz = a.x.size(0), H = a.x.size(1), P = a.x.size(2);
-  const int64_t G = a.B.size(1), N = a.B.size(2);
-  TORCH_CHECK(G > 0 && H % G == 0, "ssd_step: heads (", H, ") must be a multiple of groups (", G,
-              ")");
-  const auto dt_type = a.x.scalar_type();
-  const bool supported =
-      a.x.is_cuda() && kernel_dtype(dt_type).has_value() && a.dt.scalar_type() == dt_type &&
-      a.B.scalar_type() == dt_type && a.C.scalar_type() == dt_type && Bsz <= 65535 &&
-      H <= 65535 && N <= kMaxStateDim && a.x.numel() > 0 &&
-      !needs_grad({&a.state, &a.x, &a.dt, &a.A_log, &a.B, &a.C, &a.D, &a.dt_bias});
-  if (!supported) return reference::ssd_step(a);
-
-  const char* op = "ssd_step";
-  const auto dev = a.x.device();
-  check_device(a.state, dev, op, "state");
-  check_device(a.dt, dev, op, "dt");
-  check_device(a.A_log, dev, op, "A_log");
-  check_device(a.B, dev, op, "B");
-  check_device(a.C, dev, op, "C");
-  check_device(a.D, dev, op, "D");
-  check_device(a.dt_bias, dev, op, "dt_bias");
-  TORCH_CHECK(a.state.defined() && a.state.dim() == 4 && a.state.size(0) == Bsz &&
-                  a.state.size(1) == H && a.state.size(2) == P && a.state.size(3) == N,
-              "ssd_step: state must be [B,H,P,N]=[", Bsz, ",", H, ",", P, ",", N, "], got ",
-              a.state.defined() ? a.state.sizes() : torch::IntArrayRef{});
-  TORCH_CHECK(a.dt.dim() == 2 && a.dt.size(0) == Bsz && a.dt.size(1) == H,
-              "ssd_step: dt must be [B,H]=[", Bsz, ",", H, "], got ", a.dt.sizes());
-  TORCH_CHECK(a.C.sizes() == a.B.sizes(), "ssd_step: C must match B's shape ", a.B.sizes(),
-              ", got ", a.C.sizes());
-  TORCH_CHECK(a.A_log.numel() == H, "ssd_step: A_log must have H=", H, " elements, got ",
-              a.A_log.numel());
-  TORCH_CHECK(a.dt_bias.numel() == H, "ssd_step: dt_bias must have H=", H, " elements, got ",
-              a.dt_bias.numel());
-  if (a.D.defined())
-    TORCH_CHECK(a.D.numel() == H, "ssd_step: D must have H=", H, " elements, got ", a.D.numel());
-
-  c10::cuda::CUDAGuard guard(dev);
-  const bool in_place = a.state.scalar_type() == torch::kFloat32 && a.state.is_contiguous();
-  torch::Tensor state = in_place ? a.state : a.state.to(torch::kFloat32).contiguous();
-  auto x = a.x.contiguous();
-  auto dt = a.dt.contiguous();
-  auto Bm = a.B.contiguous();
-  auto Cm = a.C.contiguous();
-  auto A_log = a.A_log.to(torch::kFloat32).contiguous();
-  auto dt_bias = a.dt_bias.to(torch::kFloat32).contiguous();
-  auto D = a.D.defined() ? a.D.to(torch::kFloat32).contiguous() : torch::Tensor();
-  auto y = torch::empty({Bsz, H, P}, x.options().dtype(torch::kFloat32));
-  const auto err = kc::ssd_step(
-      dtype_of(x), state.data_ptr<float>(), x.data_ptr(), dt.data_ptr(), A_log.data_ptr<float>(),
-      D.defined() ? D.data_ptr<float>() : nullptr, dt_bias.data_ptr<float>(), Bm.data_ptr(),
-      Cm.data_ptr(), y.data_ptr<float>(), Bsz, H, P, G, N, static_cast<float>(a.dt_min),
-      static_cast<float>(a.dt_max), current_stream());
-  check_launch(err, "ssd_step");
-  if (!in_place) a.state = state;
-  return y;
-}
-
 torch::Tensor causal_conv1d_step(torch::Tensor& conv_state, const torch::Tensor& x_t,
                                  const torch::Tensor& weight, const torch::Tensor& bias,
                                  bool silu) {
@@ -404,4 +311,4 @@ torch::Tensor causal_conv1d_step(torch::Tensor& conv_state, const torch::Tensor&
   return out;
 }
 
-}  // namespace peftfw::kernels::mamba2::cuda_ops
+}  // namespace peftfw::kernels::cuda_ops

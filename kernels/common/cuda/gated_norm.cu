@@ -30,7 +30,7 @@
 #include "element.cuh"
 #include "launch.hpp"
 
-namespace peftfw::kernels::mamba2::cuda {
+namespace peftfw::kernels::cuda {
 namespace {
 
 template <typename T, int N>
@@ -347,4 +347,4 @@ cudaError_t gated_rms_norm_bwd(DType dtype, bool y_f32, const void* dout, const 
                   static_cast<int>(dim), z_ld, 0.f, stream);
 }
 
-}  // namespace peftfw::kernels::mamba2::cuda
+}  // namespace peftfw::kernels::cuda

@@ -1,18 +1,19 @@
-// Torch-free launchers for the Mamba-2 CUDA kernels (conv1d.cu, gated_norm.cu,
-// step.cu). Pointers are device pointers to contiguous row-major buffers; the
+// Torch-free launchers for the generic ops' CUDA kernels (conv1d.cu, conv1d_step.cu,
+// gated_norm.cu, silu_mul.cu) and the element type code every family's launchers share
+// (DType). Pointers are device pointers to contiguous row-major buffers; the
 // element type of every `void*` buffer is `dtype` unless stated otherwise.
 // Each launcher enqueues its kernel(s) on `stream` and returns
 // cudaGetLastError() (or cudaErrorInvalidValue, without launching anything,
 // for arguments it does not support). Math is float32 throughout; results are
 // rounded to `dtype` at the same points as the LibTorch reference
-// (kernels/mamba2/reference.cpp).
+// (kernels/common/reference.cpp).
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-namespace peftfw::kernels::mamba2::cuda {
+namespace peftfw::kernels::cuda {
 
 enum class DType { f32, f16, bf16 };
 
@@ -65,17 +66,6 @@ cudaError_t silu_mul_fwd(DType dtype, const void* gu, void* out, int64_t rows, i
 cudaError_t silu_mul_bwd(DType dtype, const void* dout, const void* gu, void* dgu, int64_t rows,
                          int64_t inner, cudaStream_t stream);
 
-// One decoding step of the SSD recurrence.
-//   state [B,H,P,N] float32 (updated in place), x [B,H,P], dt [B,H] (raw),
-//   A_log [H] float32, D [H] float32 (nullable), dt_bias [H] float32,
-//   B, C [B,G,N], y [B,H,P] float32 (out). H must be a multiple of G.
-//   dt = clamp(softplus(dt + dtype(dt_bias)), dt_min, dt_max), rounded to
-//   dtype at each step as the reference does.
-cudaError_t ssd_step(DType dtype, float* state, const void* x, const void* dt, const float* A_log,
-                     const float* D, const float* dt_bias, const void* B, const void* C, float* y,
-                     int64_t batch, int64_t heads, int64_t head_dim, int64_t groups,
-                     int64_t state_dim, float dt_min, float dt_max, cudaStream_t stream);
-
 // One decoding step of the causal conv: conv_state [B,C,K] (in place: shift
 // left, append x_t), x_t [B,C], weight [C,K], bias [C] (nullable), out [B,C].
 // K must be 2..4.
@@ -83,4 +73,4 @@ cudaError_t causal_conv1d_step(DType dtype, void* conv_state, const void* x_t, c
                                const void* bias, void* out, int64_t batch, int64_t channels,
                                int kernel_size, bool silu, cudaStream_t stream);
 
-}  // namespace peftfw::kernels::mamba2::cuda
+}  // namespace peftfw::kernels::cuda

@@ -16,7 +16,7 @@
 #include "element.cuh"
 #include "launch.hpp"
 
-namespace peftfw::kernels::mamba2::cuda {
+namespace peftfw::kernels::cuda {
 namespace {
 
 template <typename T, int V>
@@ -137,4 +137,4 @@ cudaError_t silu_mul_bwd(DType dtype, const void* dout, const void* gu, void* dg
   return dispatch(dtype, true, dout, gu, dgu, rows, inner, stream);
 }
 
-}  // namespace peftfw::kernels::mamba2::cuda
+}  // namespace peftfw::kernels::cuda
