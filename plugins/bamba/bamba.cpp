@@ -12,6 +12,7 @@
 #include "peftfw/blocks/attention.hpp"
 #include "peftfw/blocks/config_fields.hpp"
 #include "peftfw/blocks/decoder.hpp"
+#include "peftfw/blocks/plugin.hpp"
 #include "peftfw/blocks/gguf.hpp"
 #include "peftfw/blocks/mamba2_mixer.hpp"
 #include "peftfw/blocks/mlp.hpp"
@@ -145,21 +146,13 @@ std::shared_ptr<blocks::HybridLM> build_model(const Config& c) {
   return model;
 }
 
-class BambaPlugin final : public ArchitecturePlugin {
+class BambaPlugin final : public blocks::BlockArchitecture {
  public:
   std::string id() const override { return "bamba"; }
   std::vector<std::string> model_types() const override { return {"bamba"}; }
 
-  ModelInventory describe(const io::JsonConfig& json) const override {
-    nn::MetaScope meta;
-    return build_model(parse(json))->inventory();
-  }
-
-  std::shared_ptr<CausalLM> build(const io::JsonConfig& json, const BuildOptions& options) const override {
-    auto model = build_model(parse(json));
-    if (options.random_init) model->init_random(options.seed, json.get_float("initializer_range", 0.02));
-    model->to(torch::Device(options.device), blocks::dtype_of(options.dtype));
-    return model;
+  std::shared_ptr<blocks::HybridLM> make(const io::JsonConfig& json) const override {
+    return build_model(parse(json));
   }
 
   // llama.cpp runs Bamba as its "granitehybrid" architecture (multipliers 1).

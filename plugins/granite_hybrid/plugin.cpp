@@ -3,6 +3,7 @@
 #include <torch/version.h>
 
 #include "builder.hpp"
+#include "peftfw/blocks/plugin.hpp"
 #include "gguf_layout.hpp"
 #include "peftfw/io/json_config.hpp"
 #include "peftfw/nn/param_init.hpp"
@@ -12,25 +13,13 @@
 namespace peftfw::granite {
 namespace {
 
-class GranitePlugin final : public ArchitecturePlugin {
+class GranitePlugin final : public blocks::BlockArchitecture {
  public:
   std::string id() const override { return "granite_hybrid"; }
   std::vector<std::string> model_types() const override { return {"granitemoehybrid"}; }
 
-  ModelInventory describe(const io::JsonConfig& json) const override {
-    nn::MetaScope meta;  // shapes only, no storage
-    return build_granite(parse_config(json))->inventory();
-  }
-
-  std::shared_ptr<CausalLM> build(const io::JsonConfig& json,
-                                  const BuildOptions& options) const override {
-    auto model = build_granite(parse_config(json));
-    if (options.random_init) model->init_random(options.seed, json.get_float("initializer_range", 0.02));
-    torch::Dtype dtype = options.dtype == "bfloat16" ? torch::kBFloat16
-                         : options.dtype == "float16" ? torch::kFloat16
-                                                      : torch::kFloat32;
-    model->to(torch::Device(options.device), dtype);
-    return model;
+  std::shared_ptr<blocks::HybridLM> make(const io::JsonConfig& json) const override {
+    return build_granite(parse_config(json));
   }
 
   // Granite 4.0's role tokens (the study's template, §1.3).

@@ -7,6 +7,7 @@
 #include "peftfw/blocks/config_fields.hpp"
 #include "peftfw/error.hpp"
 #include "peftfw/blocks/decoder.hpp"
+#include "peftfw/blocks/plugin.hpp"
 #include "peftfw/blocks/gguf.hpp"
 #include "peftfw/blocks/mamba2_mixer.hpp"
 #include "peftfw/io/json_config.hpp"
@@ -83,21 +84,13 @@ std::shared_ptr<blocks::HybridLM> build_model(const Config& c) {
   return model;
 }
 
-class Mamba2Plugin final : public ArchitecturePlugin {
+class Mamba2Plugin final : public blocks::BlockArchitecture {
  public:
   std::string id() const override { return "mamba2"; }
   std::vector<std::string> model_types() const override { return {"mamba2"}; }
 
-  ModelInventory describe(const io::JsonConfig& json) const override {
-    nn::MetaScope meta;
-    return build_model(parse(json))->inventory();
-  }
-
-  std::shared_ptr<CausalLM> build(const io::JsonConfig& json, const BuildOptions& options) const override {
-    auto model = build_model(parse(json));
-    if (options.random_init) model->init_random(options.seed, json.get_float("initializer_range", 0.02));
-    model->to(torch::Device(options.device), blocks::dtype_of(options.dtype));
-    return model;
+  std::shared_ptr<blocks::HybridLM> make(const io::JsonConfig& json) const override {
+    return build_model(parse(json));
   }
 
   // llama.cpp's "mamba2" architecture (convert_hf_to_gguf.py Mamba2Model).
