@@ -10,6 +10,8 @@
 //   input_layernorm -> self_attn + mamba    (two mixers in parallel);  pre_ff_layernorm -> feed_forward
 #pragma once
 
+#include <torch/nn/modules/container/modulelist.h>
+
 #include <functional>
 
 #include "peftfw/blocks/context.hpp"
