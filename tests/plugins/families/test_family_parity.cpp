@@ -7,6 +7,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "../../common/expect_error.hpp"
 #include "peftfw/eval/generate.hpp"
 #include "peftfw/io/json_config.hpp"
 #include "peftfw/io/safetensors.hpp"
@@ -229,6 +230,34 @@ TEST(FamilyPlan, DefaultConfigParameterCounts) {
     }
     EXPECT_GE(checked, 1) << family;
   }
+}
+
+// A bad config value is refused before anything is built, naming the file and the field.
+TEST(FamilyConfig, BadValuesAreRefusedNamingTheField) {
+  auto refused = [](const std::string& model_type, const std::string& text,
+                    const std::vector<std::string>& fragments) {
+    auto arch = PluginRegistry::instance().architecture_for_model_type(model_type);
+    auto json = io::JsonConfig::parse(text, "bad_config.json");
+    auto with_file = fragments;
+    with_file.push_back("bad_config.json");
+    peftfw::testing::expect_input_error([&] { arch->describe(json); }, with_file);
+  };
+  refused("mamba2", R"({"model_type": "mamba2", "hidden_size": 64, "num_heads": 4, "head_dim": 16})",
+          {"field 'num_heads'", "must equal hidden_size x expand (128)"});
+  refused("mamba2", R"({"model_type": "mamba2", "hidden_size": 64, "num_heads": 8, "head_dim": 16, "n_groups": 3})",
+          {"field 'n_groups'", "must divide num_heads (8)"});
+  refused("mamba2", R"({"model_type": "mamba2", "hidden_size": 64, "num_heads": 8, "head_dim": 16, "hidden_act": "gelu"})",
+          {"field 'hidden_act'", "\"silu\""});
+  refused("mamba2", R"({"model_type": "mamba2", "hidden_size": -4})", {"field 'hidden_size'", "positive"});
+  refused("bamba", R"({"model_type": "bamba", "hidden_size": 64, "num_hidden_layers": 4, "attn_layer_indices": [9],
+                       "num_attention_heads": 4, "mamba_n_heads": 4})",
+          {"field 'attn_layer_indices'", "index 9 is outside 0..3"});
+  refused("bamba", R"({"model_type": "bamba", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3,
+                       "mamba_n_heads": 4})",
+          {"field 'num_key_value_heads'", "must divide num_attention_heads (4)"});
+  refused("bamba", R"({"model_type": "bamba", "hidden_size": 64, "num_attention_heads": 4, "mamba_n_heads": 4,
+                       "mamba_d_head": 48})",
+          {"field 'mamba_d_head'"});
 }
 
 }  // namespace
