@@ -12,6 +12,7 @@
 
 #include <limits>
 
+#include "../common/reference_util.hpp"
 #include "peftfw/kernels/mamba2.hpp"
 
 namespace peftfw::kernels::mamba2 {
@@ -25,16 +26,8 @@ torch::Tensor ssd_dt(const torch::Tensor& dt, const torch::Tensor& dt_bias, doub
 
 namespace {
 
-constexpr int64_t kNoSequence = std::numeric_limits<int64_t>::min();
-
-// Shifts a [B,T,...] tensor right by `shift` steps along T, filling with `fill`.
-torch::Tensor shift_right(const torch::Tensor& t, int64_t shift, double fill) {
-  const int64_t T = t.size(1);
-  if (shift == 0) return t;
-  std::vector<int64_t> pad(2 * (t.dim() - 1), 0);
-  pad[pad.size() - 2] = shift;  // pad the front of dim 1
-  return F::pad(t.narrow(1, 0, T - shift), F::PadFuncOptions(pad).value(fill));
-}
+using reference_util::kNoSequence;
+using reference_util::shift_right;
 
 // segsum(x)[..., l, s] = sum_{k=s+1..l} x[..., k] for l >= s, -inf above the diagonal.
 torch::Tensor segment_sum(const torch::Tensor& x) {
