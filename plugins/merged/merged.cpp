@@ -8,6 +8,7 @@
 #include "peftfw/error.hpp"
 #include "peftfw/io/safetensors.hpp"
 #include "peftfw/io/tensor_bridge.hpp"
+#include "peftfw/model/causal_lm.hpp"
 #include "peftfw/model/merge.hpp"
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registrar.hpp"
@@ -23,7 +24,8 @@ class MergedFormat final : public PersistencePlugin {
 
   void save(const SaveRequest& req, const fs::path& dir) const override {
     TORCH_CHECK(req.model, "merged save needs a model");
-    auto tensors = merged_state_dict(*req.model);
+    // Under the family's checkpoint keys, so transformers loads it as it loads released files.
+    auto tensors = to_checkpoint_keys(req.model->inventory(), merged_state_dict(*req.model));
     if (req.config_json.empty()) throw RuntimeError("merged save needs the model's config.json text");
     write_folder_atomic(dir, [&](const fs::path& tmp) {
       io::save_checkpoint_tensors(tmp.string(), tensors, {{"format", "pt"}});

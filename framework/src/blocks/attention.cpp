@@ -38,6 +38,7 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& h, const ForwardContex
   const int64_t B = h.size(0), T = h.size(1), hd = o_.head_dim;
   auto q = q_proj(h).view({B, T, o_.num_heads, hd}).transpose(1, 2);
   auto k = k_proj(h).view({B, T, o_.num_kv_heads, hd}).transpose(1, 2);
+  if (o_.key_multiplier != 1.0) k = k * o_.key_multiplier;
   auto v = v_proj(h).view({B, T, o_.num_kv_heads, hd}).transpose(1, 2);
   if (ctx.cos.defined()) {
     auto cos = ctx.cos.unsqueeze(1), sin = ctx.sin.unsqueeze(1);

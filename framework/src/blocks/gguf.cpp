@@ -76,7 +76,11 @@ void GgufBuilder::tensors(const ModelInventory& inv, const GgufNames& names) {
     const std::string hf = p.name;
     T.push_back({gguf, p.shape, f32, [hf](const Hf& get) { return get(hf); }});
   };
-  for (const auto& p : inv.params) {
+  std::vector<const ParamDesc*> all;
+  for (const auto& p : inv.params) all.push_back(&p);
+  for (const auto& p : inv.buffers) all.push_back(&p);
+  for (const auto* pp : all) {
+    const auto& p = *pp;
     const auto leaf = p.name.substr(p.name.rfind('.') + 1);  // "weight", "bias", "A_log", ...
     const std::string b = p.layer >= 0 ? "blk." + std::to_string(p.layer) + "." : "";
     const std::string hf = p.name;
@@ -146,7 +150,13 @@ void GgufBuilder::tensors(const ModelInventory& inv, const GgufNames& names) {
     } else if (role == "mlp.up") {
       same(b + "ffn_up" + sfx + "." + leaf, p, false);
     } else if (role == "moe.router") {
-      same(b + "ffn_gate_inp.weight", p, true);
+      same(b + (leaf == "e_score_correction_bias" ? "exp_probs_b.bias" : "ffn_gate_inp.weight"), p, true);
+    } else if (role == "moe.experts") {  // plain experts: up_proj [E,F,in], down_proj [E,in,F]
+      same(b + (leaf == "up_proj" ? "ffn_up_exps.weight" : "ffn_down_exps.weight"), p, false);
+    } else if (role == "moe.latent_in") {
+      same(b + "ffn_latent_down." + leaf, p, false);
+    } else if (role == "moe.latent_out") {
+      same(b + "ffn_latent_up." + leaf, p, false);
     } else if (role == "moe.experts.input") {
       T.push_back({b + "ffn_gate_exps.weight", halved(p.shape), false, half(hf, 0)});
       T.push_back({b + "ffn_up_exps.weight", halved(p.shape), false, half(hf, 1)});

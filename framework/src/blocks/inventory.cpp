@@ -31,6 +31,7 @@ ModelInventory derive_inventory(HybridLM& model) {
   inv.model_type = o.model_type;
   inv.vocab_size = o.vocab_size;
   inv.checkpoint_aliases = o.checkpoint_aliases;
+  inv.ignored_checkpoint_prefixes = o.ignored_checkpoint_prefixes;
 
   // Tags by full module name, layers by prefix, SSM groups of own parameters.
   std::map<std::string, Tag> tags;
@@ -87,10 +88,11 @@ ModelInventory derive_inventory(HybridLM& model) {
     inv.modules.push_back(std::move(m));
   }
 
-  for (const auto& p : model.named_parameters()) {
+  auto describe = [&](const std::string& name, const torch::Tensor& value) {
     ParamDesc d;
-    d.name = p.key();
-    d.shape = p.value().sizes().vec();
+    d.name = name;
+    d.shape = value.sizes().vec();
+    if (o.stored_as) d.stored_as = o.stored_as(d.name, d.shape.empty() ? 1 : d.shape.front());
     const auto dot = d.name.rfind('.');
     const std::string owner = dot == std::string::npos ? "" : d.name.substr(0, dot);
     d.module = owner;
@@ -102,8 +104,10 @@ ModelInventory derive_inventory(HybridLM& model) {
     } else if (auto t = tags.find(owner); t != tags.end()) {
       d.ssm_group = t->second.ssm_group;
     }
-    inv.params.push_back(std::move(d));
-  }
+    return d;
+  };
+  for (const auto& p : model.named_parameters()) inv.params.push_back(describe(p.key(), p.value()));
+  for (const auto& b : model.named_buffers()) inv.buffers.push_back(describe(b.key(), b.value()));
 
   // Default targets: the roles of every adaptable projection inside the layers (the router
   // of a MoE, which picks experts, is left to an explicit request).

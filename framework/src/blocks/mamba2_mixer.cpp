@@ -39,13 +39,27 @@ Mamba2MixerImpl::Mamba2MixerImpl(Mamba2MixerOptions o) : o_(std::move(o)) {
   dt_bias = add_parameter("dt_bias", torch::ones({o_.num_heads}, opts), "dt_bias");
   A_log = add_parameter("A_log", torch::zeros({o_.num_heads}, opts), "A_log");
   D = add_parameter("D", torch::ones({o_.num_heads}, opts), "D");
-  norm = add("norm", Weights(std::vector<int64_t>{o_.inner()}), blocks::norm("mamba.norm"));
-  out_proj = add("out_proj", nn::Linear(o_.d_mlp + o_.inner(), o_.hidden_size, o_.proj_bias),
+  if (o_.gated_norm) norm = add("norm", Weights(std::vector<int64_t>{o_.inner()}), blocks::norm("mamba.norm"));
+  out_proj = add("out_proj", nn::Linear(o_.d_mlp + o_.inner(), o_.hidden_size, o_.out_proj_bias.value_or(o_.proj_bias)),
                  linear("mamba.out_proj"));
+  TORCH_CHECK(o_.in_proj_multipliers.empty() || (o_.in_proj_multipliers.size() == 5 && o_.d_mlp == 0),
+              "Mamba2MixerOptions::in_proj_multipliers: 5 values [z, x, B, C, dt], without d_mlp");
+}
+
+torch::Tensor Mamba2MixerImpl::scale_projection(const torch::Tensor& proj) const {
+  if (o_.in_proj_multipliers.empty()) return proj;
+  const int64_t GN = o_.n_groups * o_.state_size;
+  const std::vector<int64_t> sizes = {o_.inner(), o_.inner(), GN, GN, o_.num_heads};
+  std::vector<torch::Tensor> parts;
+  for (size_t s = 0; s < sizes.size(); ++s)
+    parts.push_back(torch::full({sizes[s]}, o_.in_proj_multipliers[s], proj.options()));
+  return proj * torch::cat(parts);
 }
 
 torch::Tensor Mamba2MixerImpl::gated_norm(const torch::Tensor& y, const torch::Tensor& z,
                                           torch::Dtype out) const {
+  // No norm: y (float32) times silu(z) in z's dtype, as Falcon-H1 computes it.
+  if (!o_.gated_norm) return (y * F::silu(z)).to(out);
   if (o_.norm_group_size == 0 && !o_.norm_before_gate)
     return kernels::gated_rms_norm(y, z, norm->weight, o_.norm_eps, out);
   // Grouped or norm-before-gate (mamba_ssm's RMSNormGated): plain LibTorch ops.
@@ -66,7 +80,7 @@ torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& h, const ForwardCont
   const int64_t B = h.size(0), T = h.size(1);
   const int64_t Im = o_.inner(), CD = o_.conv_dim(), H = o_.num_heads, P = o_.head_dim,
                 G = o_.n_groups, N = o_.state_size, K = o_.conv_kernel, Dm = o_.d_mlp;
-  auto proj = in_proj(mask_padding(h, ctx.ssm_mask));  // [B,T, 2*Dm + Im + CD + H]
+  auto proj = scale_projection(in_proj(mask_padding(h, ctx.ssm_mask)));  // [B,T, 2*Dm + Im + CD + H]
   // One split node (its backward writes the gradients into one buffer), not several narrows.
   std::vector<int64_t> sizes = {Im, CD, H};
   if (Dm > 0) sizes = {Dm, Dm, Im, CD, H};

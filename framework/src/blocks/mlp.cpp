@@ -3,7 +3,10 @@
 
 #include <torch/torch.h>
 
+#include <limits>
+
 #include "peftfw/kernels/ops.hpp"
+#include "peftfw/nn/param_init.hpp"
 
 namespace peftfw::blocks {
 
@@ -53,6 +56,8 @@ torch::Tensor MlpImpl::forward(const torch::Tensor& x) {
       return output_linear(act(o_.activation, parts[0]) * parts[1]);
     }
     case MlpOptions::Layout::Split:
+      if (o_.gate_multiplier != 1.0)
+        return down_proj(act(o_.activation, gate_proj(x) * o_.gate_multiplier) * up_proj(x));
       return down_proj(act(o_.activation, gate_proj(x)) * up_proj(x));
     case MlpOptions::Layout::Plain:
       return down_proj(act(o_.activation, up_proj(x)));
@@ -93,6 +98,93 @@ torch::Tensor MoeImpl::forward(const torch::Tensor& h, const ForwardContext&, La
     out = out.index_add(0, tok, y.to(out.scalar_type()));
   }
   return out.view(sizes);
+}
+
+// ---------------------------------------------------------------- grouped sigmoid MoE
+
+GroupedMoeImpl::RouterImpl::RouterImpl(int64_t hidden, int64_t experts) {
+  weight = add_parameter("weight", torch::zeros({experts, hidden}, nn::param_options()));
+  e_score_correction_bias =
+      register_buffer("e_score_correction_bias", torch::zeros({experts}, nn::param_options().dtype(torch::kFloat32)));
+}
+
+void GroupedMoeImpl::RouterImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  auto keep = e_score_correction_bias.detach().clone();
+  BlockImpl::to(device, dtype, non_blocking);
+  e_score_correction_bias.set_data(keep.to(device, torch::kFloat32));
+}
+
+void GroupedMoeImpl::RouterImpl::to(torch::Dtype dtype, bool non_blocking) {
+  auto keep = e_score_correction_bias.detach().clone();
+  BlockImpl::to(dtype, non_blocking);
+  e_score_correction_bias.set_data(keep.to(torch::kFloat32));
+}
+
+GroupedMoeImpl::ExpertsImpl::ExpertsImpl(int64_t experts, int64_t width, int64_t in) {
+  up_proj = add_parameter("up_proj", torch::zeros({experts, width, in}, nn::param_options()));
+  down_proj = add_parameter("down_proj", torch::zeros({experts, in, width}, nn::param_options()));
+}
+
+GroupedMoeImpl::GroupedMoeImpl(GroupedMoeOptions o) : o_(o) {
+  const int64_t H = o_.hidden_size, in = o_.latent_size > 0 ? o_.latent_size : H;
+  TORCH_CHECK(o_.num_experts % o_.n_group == 0 && o_.top_k <= o_.num_experts,
+              "GroupedMoeOptions: n_group must divide num_experts and top_k <= num_experts");
+  experts = add("experts", std::make_shared<ExpertsImpl>(o_.num_experts, o_.intermediate_size, in),
+                Tag{"experts", "moe.experts", kExpertsWhy, ""});
+  gate = add("gate", std::make_shared<RouterImpl>(H, o_.num_experts),
+             Tag{"router", "moe.router", "the router picks the experts; train it with method \"full\"", ""});
+  if (o_.shared_intermediate_size > 0) {
+    MlpOptions s;
+    s.layout = MlpOptions::Layout::Plain;
+    s.hidden_size = H;
+    s.intermediate_size = o_.shared_intermediate_size;
+    s.activation = o_.activation;
+    s.bias = o_.bias;
+    shared_experts = register_module("shared_experts", std::make_shared<MlpImpl>(s));
+  }
+  if (o_.latent_size > 0) {
+    fc1_latent_proj = add("fc1_latent_proj", nn::Linear(H, o_.latent_size, o_.bias), linear("moe.latent_in"));
+    fc2_latent_proj = add("fc2_latent_proj", nn::Linear(o_.latent_size, H, o_.bias), linear("moe.latent_out"));
+  }
+}
+
+torch::Tensor GroupedMoeImpl::forward(const torch::Tensor& h, const ForwardContext&, LayerCache*) {
+  const auto sizes = h.sizes().vec();
+  auto x = h.reshape({-1, o_.hidden_size});
+  const int64_t E = o_.num_experts;
+  // Router in float32: sigmoid scores choose (with the selection bias, inside the best groups);
+  // the weights are the scores without the bias.
+  auto scores = torch::sigmoid(F::linear(x.to(torch::kFloat32), gate->weight.to(torch::kFloat32)));
+  auto choice = scores + gate->e_score_correction_bias.to(torch::kFloat32);
+  if (o_.topk_group < o_.n_group) {
+    auto grouped = choice.view({-1, o_.n_group, E / o_.n_group});
+    auto group_scores = std::get<0>(grouped.topk(2, -1)).sum(-1);
+    auto keep_groups = std::get<1>(group_scores.topk(o_.topk_group, -1));
+    auto group_mask = torch::zeros_like(group_scores).scatter(1, keep_groups, 1.0);
+    auto mask = group_mask.unsqueeze(-1).expand({-1, o_.n_group, E / o_.n_group}).reshape({-1, E});
+    choice = choice.masked_fill(mask.logical_not(), -std::numeric_limits<float>::infinity());
+  }
+  auto top_i = std::get<1>(choice.topk(o_.top_k, -1));
+  auto top_w = scores.gather(1, top_i);
+  if (o_.norm_topk_prob) top_w = top_w / (top_w.sum(-1, true) + 1e-20);
+  top_w = top_w * o_.routed_scaling_factor;
+
+  auto u = fc1_latent_proj ? fc1_latent_proj(x) : x;
+  // Weighted expert outputs summed in float32, in expert order (as transformers does).
+  auto out = torch::zeros({u.size(0), u.size(1)}, u.options().dtype(torch::kFloat32));
+  for (int64_t e = 0; e < E; ++e) {
+    auto hit = top_i.eq(e).nonzero();  // [n,2]: (token, slot)
+    if (hit.size(0) == 0) continue;
+    auto tok = hit.select(1, 0), slot = hit.select(1, 1);
+    auto y = F::linear(act(o_.activation, F::linear(u.index_select(0, tok), experts->up_proj[e])),
+                       experts->down_proj[e]);
+    out = out.index_add(0, tok, y * top_w.index({tok, slot}).unsqueeze(-1));
+  }
+  auto y = out.to(x.scalar_type());
+  if (fc2_latent_proj) y = fc2_latent_proj(y);
+  y = y.view(sizes);
+  if (shared_experts) y = y + shared_experts->forward(h);
+  return y;
 }
 
 }  // namespace peftfw::blocks

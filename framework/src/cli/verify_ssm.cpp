@@ -69,8 +69,14 @@ int cmd_verify_ssm(const Args& args) {
   if (adapter.empty() || base.empty()) throw UsageError{"ADAPTER_DIR and --base MODEL_DIR are required"};
 
   auto match = BaseMatch::kUnverified;
+  // Parameter name -> the key the family's checkpoints store it under, where that differs
+  // (e.g. Nemotron-H's "backbone." for "model.").
+  std::map<std::string, std::string> stored_as;
   if (auto source = base_source(base)) {
     match = check_adapter_base(adapter, *source, strict, std::cerr);
+    const auto config = read_model_config(*source);
+    for (const auto& p : find_architecture(config, source->architecture)->describe(config).params)
+      if (p.stored_as.size() == 1) stored_as[p.name] = p.stored_as.front();
   } else {
     std::cerr << "note: " << base << " has no config.json beside it, so peftfw cannot check "
               << "that it is the adapter's base (give the checkpoint folder)\n";
@@ -104,17 +110,19 @@ int cmd_verify_ssm(const Args& args) {
   std::cout << std::left << std::setw(44) << "tensor" << std::right << std::setw(10) << "changed"
             << std::setw(14) << "mean |delta|" << std::setw(14) << "max |delta|" << "\n";
   for (const auto& name : ssm.names()) {
-    if (!ckpt.has(name)) throw InputError(base + ": the base checkpoint has no tensor '" + name +
-                                          "' (is this the adapter's base model?)");
+    auto key = name;
+    if (auto s = stored_as.find(name); !ckpt.has(name) && s != stored_as.end()) key = s->second;
+    if (!ckpt.has(key)) throw InputError(base + ": the base checkpoint has no tensor '" + name +
+                                         "' (is this the adapter's base model?)");
     auto a = io::to_float_tensor(ssm.view(name), ssm_path.string() + ": tensor '" + name + "'",
                                  "SSM")
                  .to(torch::kFloat64);
-    auto b = io::to_tensor(ckpt.view(name), name).to(torch::kFloat64);
+    auto b = io::to_tensor(ckpt.view(key), key).to(torch::kFloat64);
     if (a.sizes() != b.sizes())
       throw InputError(name + ": adapter shape " + io::shape_to_string(a.sizes().vec()) +
                        " differs from the base's " + io::shape_to_string(b.sizes().vec()));
     // Compare at the base's precision: an update below its resolution did not survive.
-    auto a_in_base = a.to(io::to_tensor(ckpt.view(name), name).scalar_type()).to(torch::kFloat64);
+    auto a_in_base = a.to(io::to_tensor(ckpt.view(key), key).scalar_type()).to(torch::kFloat64);
     auto delta = (a - b).abs();
     const double changed = a_in_base.ne(b).to(torch::kFloat64).mean().item<double>();
     std::cout << std::left << std::setw(44) << name << std::right << std::setw(9) << std::fixed

@@ -90,46 +90,81 @@ void load_weights(CausalLM& model, const fs::path& dir) {
   std::set<std::string> used;
   std::vector<std::string> missing, wrong_shape, wrong_dtype, non_finite;
   torch::NoGradGuard no_grad;
-  // A tensor may be stored under an alias the architecture accepts (e.g. a legacy name).
+  // A tensor may be stored under an alias the architecture accepts (e.g. a legacy name), or
+  // where the architecture stores it (renamed, or one key per slice of its first dimension).
   std::map<std::string, std::string> alias_of;
   for (const auto& [alias, target] : inv.checkpoint_aliases) alias_of.emplace(target, alias);
-  for (auto& p : model.named_parameters()) {
-    std::string name = p.key();
-    if (!ckpt.has(name)) {
-      auto a = alias_of.find(name);
-      if (a == alias_of.end() || !ckpt.has(a->second)) {
-        missing.push_back(name);
-        continue;
+  std::map<std::string, const std::vector<std::string>*> stored_as;
+  for (const auto* list : {&inv.params, &inv.buffers})
+    for (const auto& d : *list)
+      if (!d.stored_as.empty()) stored_as[d.name] = &d.stored_as;
+  auto keys_of = [&](const std::string& name) -> std::vector<std::string> {
+    if (ckpt.has(name)) return {name};
+    if (auto a = alias_of.find(name); a != alias_of.end() && ckpt.has(a->second)) return {a->second};
+    if (auto s = stored_as.find(name); s != stored_as.end()) {
+      bool all = true;
+      for (const auto& k : *s->second) all = all && ckpt.has(k);
+      if (all) return *s->second;
+    }
+    return {};
+  };
+  auto load_one = [&](const std::string& param, torch::Tensor& target) {
+    const auto keys = keys_of(param);
+    if (keys.empty()) {
+      auto s = stored_as.find(param);
+      missing.push_back(s == stored_as.end() ? param
+                                             : param + " (stored as " + s->second->front() +
+                                                   (s->second->size() > 1 ? ", ..." : "") + ")");
+      return;
+    }
+    // One key holds the whole tensor; several hold its slices along dim 0, in order.
+    auto want = target.sizes().vec();
+    if (keys.size() > 1) {
+      if (want.empty() || want.front() != static_cast<int64_t>(keys.size())) {
+        wrong_shape.push_back(param + ": stored as " + std::to_string(keys.size()) + " slices, expected " +
+                              io::shape_to_string(want));
+        return;
       }
-      name = a->second;
+      want.erase(want.begin());
     }
-    auto view = ckpt.view(name);
-    const auto where = name + " (" + ckpt.file_of(name).path() + ")";
-    if (view.shape != p.value().sizes().vec()) {
-      wrong_shape.push_back(name + ": expected " + io::shape_to_string(p.value().sizes().vec()) +
-                            ", found " + io::shape_to_string(view.shape));
-      continue;
+    std::vector<torch::Tensor> values;
+    for (const auto& name : keys) {
+      auto view = ckpt.view(name);
+      const auto where = name + " (" + ckpt.file_of(name).path() + ")";
+      if (view.shape != want) {
+        wrong_shape.push_back(name + ": expected " + io::shape_to_string(want) + ", found " +
+                              io::shape_to_string(view.shape));
+        return;
+      }
+      used.insert(name);
+      // copy_ would silently turn integers into floats: a float parameter needs a float tensor.
+      if (target.is_floating_point() && !io::is_floating_point(view.dtype)) {
+        wrong_dtype.push_back(where + ": stored as " + io::dtype_name(view.dtype) +
+                              ", expected a floating-point type (F32, BF16, F16 or F64) for this " +
+                              io::dtype_label(target) + " parameter");
+        return;
+      }
+      auto value = io::to_tensor(view, name);
+      // One isfinite pass per tensor: NaN or Inf weights make every logit NaN downstream.
+      const auto bad = io::count_non_finite(value);
+      if (bad.any()) {
+        non_finite.push_back(where + ": " + io::describe_non_finite(bad));
+        return;
+      }
+      values.push_back(std::move(value));
     }
-    used.insert(name);
-    // copy_ would silently turn integers into floats: a float parameter needs a float tensor.
-    if (p.value().is_floating_point() && !io::is_floating_point(view.dtype)) {
-      wrong_dtype.push_back(where + ": stored as " + io::dtype_name(view.dtype) +
-                            ", expected a floating-point type (F32, BF16, F16 or F64) for this " +
-                            io::dtype_label(p.value()) + " parameter");
-      continue;
-    }
-    auto value = io::to_tensor(view, name);
-    // One isfinite pass per tensor: NaN or Inf weights make every logit NaN downstream.
-    const auto bad = io::count_non_finite(value);
-    if (bad.any()) {
-      non_finite.push_back(where + ": " + io::describe_non_finite(bad));
-      continue;
-    }
-    p.value().copy_(value);
-  }
+    target.copy_(values.size() == 1 ? values.front() : torch::stack(values));
+  };
+  for (auto& p : model.named_parameters()) load_one(p.key(), p.value());
+  for (auto& b : model.named_buffers()) load_one(b.key(), b.value());
   std::vector<std::string> unexpected;
+  auto ignored = [&](const std::string& n) {
+    for (const auto& prefix : inv.ignored_checkpoint_prefixes)
+      if (n.compare(0, prefix.size(), prefix) == 0) return true;
+    return false;
+  };
   for (const auto& n : ckpt.names())
-    if (!used.count(n) && !optional.count(n)) unexpected.push_back(n);
+    if (!used.count(n) && !optional.count(n) && !ignored(n)) unexpected.push_back(n);
   if (missing.empty() && wrong_shape.empty() && unexpected.empty() && wrong_dtype.empty() &&
       non_finite.empty())
     return;

@@ -7,6 +7,10 @@
 #include "peftfw/blocks/decoder.hpp"
 #include "peftfw/blocks/mamba2_mixer.hpp"
 #include "peftfw/blocks/mlp.hpp"
+#include "peftfw/error.hpp"
+#include "peftfw/io/tensor_bridge.hpp"
+#include "peftfw/model/loader.hpp"
+#include "peftfw/model/merge.hpp"
 #include "peftfw/nn/param_init.hpp"
 
 namespace peftfw::blocks {
@@ -161,6 +165,120 @@ TEST(Blocks, Mamba2DmlpChannelsPassThroughTheirGate) {
   auto want = torch::nn::functional::linear(torch::silu(z0) * x0, mixer->out_proj->weight.narrow(1, 0, o.d_mlp));
   EXPECT_LE((only_mlp - want).abs().max().item<double>(), 1e-5);
   EXPECT_GT((got - only_mlp).abs().max().item<double>(), 1e-3);  // the SSM part contributes
+}
+
+// A grouped-router MoE layer whose checkpoints store every tensor renamed ("stored." prefix)
+// and the stacked expert weights as one key per expert: the merged state writes those keys,
+// loading reads them back (slices stacked in order), the router's selection bias is a
+// checkpointed buffer that stays float32 when the model is cast, and a missing slice is named.
+std::shared_ptr<HybridLM> grouped_moe_model() {
+  LMOptions lm;
+  lm.architecture = lm.model_type = "test_grouped_moe";
+  lm.vocab_size = 64;
+  lm.hidden_size = kHidden;
+  lm.stored_as = [](const std::string& name, int64_t leading) -> std::vector<std::string> {
+    if (name.find(".experts.") == std::string::npos) return {"stored." + name};
+    std::vector<std::string> keys;
+    for (int64_t e = 0; e < leading; ++e) keys.push_back(name + ".slice" + std::to_string(e));
+    return keys;
+  };
+  auto model = std::make_shared<HybridLM>(lm);
+  GroupedMoeOptions o;
+  o.hidden_size = kHidden;
+  o.num_experts = 4;
+  o.top_k = 2;
+  o.intermediate_size = 8;
+  o.n_group = 2;
+  o.topk_group = 1;
+  o.latent_size = 16;
+  o.shared_intermediate_size = 12;
+  auto l0 = std::make_shared<DecoderLayerImpl>(0, LayerOptions{kHidden, 1e-6, 1.0, false});
+  l0->add_unit("norm", "norm.input", {{"mixer", std::make_shared<GroupedMoeImpl>(o)}});
+  model->add_layer(l0);
+  model->finish();
+  return model;
+}
+
+TEST(Blocks, StoredAsKeysRoundTripAndTheRouterBiasStaysFloat32) {
+  auto model = grouped_moe_model();
+  model->init_random(3, 0.2);
+  auto* moe = model->named_modules()["model.layers.0.mixer"]->as<GroupedMoeImpl>();
+  ASSERT_NE(moe, nullptr);
+  {
+    torch::NoGradGuard ng;
+    moe->gate->e_score_correction_bias.copy_(torch::tensor({0.25f, -0.5f, 0.125f, 1.0f}));
+  }
+  const auto& inv = model->inventory();
+  ASSERT_EQ(inv.buffers.size(), 1u);
+  EXPECT_EQ(inv.buffers[0].name, "model.layers.0.mixer.gate.e_score_correction_bias");
+  auto tensors = to_checkpoint_keys(inv, merged_state_dict(*model));
+  const std::string up = "model.layers.0.mixer.experts.up_proj";
+  EXPECT_EQ(tensors.count(up), 0u);
+  ASSERT_EQ(tensors.count(up + ".slice2"), 1u);
+  EXPECT_TRUE(torch::equal(tensors.at(up + ".slice2"), moe->experts->up_proj[2]));
+  ASSERT_EQ(tensors.count("stored.model.layers.0.mixer.gate.e_score_correction_bias"), 1u);
+  EXPECT_EQ(tensors.count("stored.lm_head.weight"), 1u);
+
+  const auto dir = std::filesystem::temp_directory_path() / "peftfw_blocks_stored_as";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  io::save_checkpoint_tensors(dir.string(), tensors);
+  auto loaded = grouped_moe_model();
+  load_weights(*loaded, dir);
+  auto want = model->named_parameters();
+  for (const auto& p : loaded->named_parameters())
+    EXPECT_TRUE(torch::equal(p.value(), want[p.key()])) << p.key();
+  auto* moe2 = loaded->named_modules()["model.layers.0.mixer"]->as<GroupedMoeImpl>();
+  EXPECT_TRUE(torch::equal(moe2->gate->e_score_correction_bias, moe->gate->e_score_correction_bias));
+
+  loaded->to(torch::kBFloat16);
+  EXPECT_EQ(moe2->gate->e_score_correction_bias.scalar_type(), torch::kFloat32);
+  EXPECT_EQ(moe2->gate->weight.scalar_type(), torch::kBFloat16);
+
+  // One expert slice missing: the error names the parameter and where it is stored.
+  tensors.erase(up + ".slice3");
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  io::save_checkpoint_tensors(dir.string(), tensors);
+  try {
+    load_weights(*grouped_moe_model(), dir);
+    FAIL() << "a missing expert slice was accepted";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find(up + " (stored as " + up + ".slice0, ...)"), std::string::npos) << e.what();
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// Routing inside the best expert group: with n_group 2 and topk_group 1 every token's experts
+// come from one group, the one whose two best (bias-shifted) scores sum highest; the weights
+// are the sigmoid scores without the bias, normalised. Checked against the formula by hand.
+TEST(Blocks, GroupedRouterPicksInsideTheBestGroup) {
+  auto model = grouped_moe_model();
+  model->init_random(4, 0.3);
+  auto* moe = model->named_modules()["model.layers.0.mixer"]->as<GroupedMoeImpl>();
+  torch::NoGradGuard ng;
+  moe->gate->e_score_correction_bias.copy_(torch::tensor({0.0f, 0.3f, -0.2f, 0.1f}));
+  auto x = torch::randn({1, 6, kHidden});
+  auto got = moe->forward(x, ForwardContext{}, nullptr);
+  auto flat = x.reshape({-1, kHidden});
+  auto scores = torch::sigmoid(torch::matmul(flat, moe->gate->weight.t()));
+  auto choice = scores + moe->gate->e_score_correction_bias;
+  auto u = moe->fc1_latent_proj->forward(flat);
+  auto want = torch::zeros({flat.size(0), 16});
+  for (int64_t t = 0; t < flat.size(0); ++t) {
+    const double g0 = choice[t][0].item<double>() + choice[t][1].item<double>();
+    const double g1 = choice[t][2].item<double>() + choice[t][3].item<double>();
+    const int64_t base = g0 >= g1 ? 0 : 2;  // each group holds 2 experts: both are its "top 2"
+    const double w0 = scores[t][base].item<double>(), w1 = scores[t][base + 1].item<double>();
+    for (int64_t k = 0; k < 2; ++k) {
+      const int64_t e = base + k;
+      auto y = torch::matmul(torch::relu(torch::matmul(u[t], moe->experts->up_proj[e].t())).pow(2),
+                             moe->experts->down_proj[e].t());
+      want[t] += y * ((k == 0 ? w0 : w1) / (w0 + w1 + 1e-20));
+    }
+  }
+  auto expect = moe->fc2_latent_proj->forward(want) + moe->shared_experts->forward(flat);
+  EXPECT_LE((got.reshape({-1, kHidden}) - expect).abs().max().item<double>(), 1e-5);
 }
 
 }  // namespace

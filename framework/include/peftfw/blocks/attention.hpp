@@ -15,6 +15,7 @@ struct AttentionOptions {
   int64_t head_dim = 0;
   bool bias = false;  // on q, k, v and o
   double scale = 0;   // softmax scale; 0 = 1/sqrt(head_dim)
+  double key_multiplier = 1.0;  // k = k_proj(x) * m before RoPE (Falcon-H1); cached keys include it
 };
 
 class AttentionImpl : public SublayerImpl {

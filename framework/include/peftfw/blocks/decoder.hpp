@@ -86,6 +86,10 @@ struct LMOptions {
   std::vector<std::string> default_targets;
   // Checkpoint key aliases: a key some files use (e.g. "backbone.embedding.weight") -> the name.
   std::vector<std::pair<std::string, std::string>> checkpoint_aliases;
+  // Where checkpoints store a parameter or buffer (ParamDesc::stored_as), given its name and
+  // its first dimension; unset or empty: under its own name.
+  std::function<std::vector<std::string>(const std::string& name, int64_t leading_dim)> stored_as;
+  std::vector<std::string> ignored_checkpoint_prefixes;
 };
 
 class BackboneImpl : public BlockImpl {

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <limits>
+#include <optional>
+#include <vector>
 
 #include "peftfw/blocks/sublayer.hpp"
 #include "peftfw/nn/linear.hpp"
@@ -20,7 +22,8 @@ struct Mamba2MixerOptions {
   int64_t conv_kernel = 4;
   int64_t chunk_size = 256;
   bool conv_bias = true;
-  bool proj_bias = false;
+  bool proj_bias = false;                 // in_proj, and out_proj unless out_proj_bias says
+  std::optional<bool> out_proj_bias;      // Falcon-H1: projectors_bias
   double dt_min = 0.0;
   double dt_max = std::numeric_limits<double>::infinity();
   double norm_eps = 1e-6;
@@ -29,6 +32,11 @@ struct Mamba2MixerOptions {
   // instead of w*norm(y*silu(z)).
   int64_t norm_group_size = 0;
   bool norm_before_gate = false;
+  // false: no norm (and no "norm" weight), the output is y * silu(z) (Falcon-H1's mamba_rms_norm).
+  bool gated_norm = true;
+  // Scales of in_proj's output segments [z, x, B, C, dt], rounded to the activations' dtype as
+  // Falcon-H1's mup_vector is; empty: none.
+  std::vector<double> in_proj_multipliers;
   // Pure Mamba-2 (mamba_ssm) may give in_proj 2*d_mlp extra channels [z0 | x0] ahead of
   // [z | xBC | dt]; silu(z0)*x0 joins the scan output before out_proj.
   int64_t d_mlp = 0;
@@ -54,6 +62,7 @@ class Mamba2MixerImpl : public SublayerImpl {
 
  private:
   torch::Tensor gated_norm(const torch::Tensor& y, const torch::Tensor& z, torch::Dtype out) const;
+  torch::Tensor scale_projection(const torch::Tensor& proj) const;
   Mamba2MixerOptions o_;
 };
 

@@ -20,6 +20,7 @@ struct MlpOptions {
   int64_t intermediate_size = 0;
   Activation activation = Activation::Silu;
   bool bias = false;
+  double gate_multiplier = 1.0;  // Split: act(gate(x) * m) * up(x) (Falcon-H1's mlp_multipliers[0])
 };
 
 class MlpImpl : public SublayerImpl {
@@ -62,6 +63,55 @@ class MoeImpl : public SublayerImpl {
 
  private:
   MoeOptions o_;
+};
+
+// Top-k experts picked by sigmoid scores plus a selection bias, inside the best groups of experts
+// (DeepSeek-V3's router, Nemotron-3's MoE): router "gate" (weight [E,H] and the float32 buffer
+// e_score_correction_bias, float32 math), plain up/down experts "experts" ([E,F,in], [E,in,F],
+// parameters named without ".weight"), optional latent projections fc1/fc2_latent_proj around the
+// experts, and a shared expert "shared_experts" beside them.
+struct GroupedMoeOptions {
+  int64_t hidden_size = 0;
+  int64_t num_experts = 0;
+  int64_t top_k = 0;
+  int64_t intermediate_size = 0;         // per expert
+  int64_t n_group = 1, topk_group = 1;   // experts in n_group groups; tokens use the topk_group best
+  bool norm_topk_prob = true;            // weights / (sum + 1e-20)
+  double routed_scaling_factor = 1.0;
+  int64_t latent_size = 0;               // 0: the experts act on x
+  int64_t shared_intermediate_size = 0;  // 0: no shared expert
+  Activation activation = Activation::Relu2;
+  bool bias = false;                     // latent projections and shared expert
+};
+
+class GroupedMoeImpl : public SublayerImpl {
+ public:
+  explicit GroupedMoeImpl(GroupedMoeOptions options);
+  torch::Tensor forward(const torch::Tensor& x, const ForwardContext& ctx, LayerCache* cache) override;
+  std::string part() const override { return "moe"; }
+
+  class RouterImpl : public BlockImpl {
+   public:
+    RouterImpl(int64_t hidden, int64_t experts);
+    using BlockImpl::to;
+    // The selection bias stays float32 when the model is cast (transformers keeps it so).
+    void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+    void to(torch::Dtype dtype, bool non_blocking = false) override;
+    torch::Tensor weight, e_score_correction_bias;
+  };
+  class ExpertsImpl : public BlockImpl {
+   public:
+    ExpertsImpl(int64_t experts, int64_t width, int64_t in);
+    torch::Tensor up_proj, down_proj;
+  };
+
+  std::shared_ptr<RouterImpl> gate;
+  std::shared_ptr<ExpertsImpl> experts;
+  std::shared_ptr<MlpImpl> shared_experts;
+  nn::Linear fc1_latent_proj{nullptr}, fc2_latent_proj{nullptr};
+
+ private:
+  GroupedMoeOptions o_;
 };
 
 }  // namespace peftfw::blocks

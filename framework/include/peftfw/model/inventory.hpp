@@ -35,6 +35,10 @@ struct ParamDesc {
   std::string layer_kind;
   int layer = -1;
   std::string ssm_group;     // e.g. "A_log" when the tensor belongs to an SSM core group
+  // Where checkpoints store it when not under `name`: one key (a rename) or several (a tensor
+  // stacked on dim 0 and stored as one key per slice, e.g. one per expert). Empty: `name`.
+  // Loading accepts either form; merged exports write these keys.
+  std::vector<std::string> stored_as;
   int64_t numel() const {
     int64_t n = 1;
     for (auto d : shape) n *= d;
@@ -62,6 +66,9 @@ struct ModelInventory {
   std::vector<LayerParts> layer_parts;   // per decoder layer (may be empty for old plugins)
   std::vector<ModuleDesc> modules;
   std::vector<ParamDesc> params;         // every distinct trainable tensor (tied ones once)
+  // Persistent buffers: loaded from and saved to checkpoints, never trained or counted
+  // (e.g. a MoE router's expert-selection bias).
+  std::vector<ParamDesc> buffers;
   std::vector<SsmGroupDesc> ssm_groups;
   // The architecture's default targets: roles adapted when a recipe names no target_modules
   // and no roles (every adaptable projection of every layer kind). Empty: no defaults.
@@ -72,6 +79,9 @@ struct ModelInventory {
   // Other keys files use for a tensor: (alias key, parameter name), e.g. Mamba-2's legacy
   // ("backbone.embedding.weight", "backbone.embeddings.weight").
   std::vector<std::pair<std::string, std::string>> checkpoint_aliases;
+  // Checkpoint keys under these prefixes are not part of the model and are skipped on load
+  // (e.g. multi-token-prediction heads, "mtp.").
+  std::vector<std::string> ignored_checkpoint_prefixes;
 
   int64_t total_params() const {
     int64_t n = 0;
