@@ -470,6 +470,13 @@ std::shared_ptr<peftfw::CausalLM> small_family_model(const std::string& model_ty
   if (model_type == "mamba2") {
     cfg["num_heads"] = 8, cfg["head_dim"] = 64, cfg["state_size"] = 64, cfg["n_groups"] = 2;
     cfg["chunk_size"] = 64, cfg["expand"] = 2, cfg["residual_in_fp32"] = true;
+  } else if (model_type == "nemotron_h") {  // all four layer kinds, grouped router, latent MoE (first, so
+    // both paths route the same tokens: its input comes before any kernel-dependent op but a norm)
+    cfg["hybrid_override_pattern"] = "E*M-M", cfg["num_attention_heads"] = 4, cfg["num_key_value_heads"] = 2;
+    cfg["head_dim"] = 64, cfg["intermediate_size"] = 512, cfg["mamba_num_heads"] = 8, cfg["mamba_head_dim"] = 64;
+    cfg["ssm_state_size"] = 64, cfg["n_groups"] = 2, cfg["chunk_size"] = 64, cfg["n_routed_experts"] = 8;
+    cfg["num_experts_per_tok"] = 2, cfg["n_group"] = 2, cfg["topk_group"] = 1, cfg["moe_intermediate_size"] = 128;
+    cfg["moe_shared_expert_intermediate_size"] = 256, cfg["moe_latent_size"] = 128;
   } else {  // bamba
     cfg["attn_layer_indices"] = {2}, cfg["num_attention_heads"] = 4, cfg["num_key_value_heads"] = 2;
     cfg["intermediate_size"] = 512, cfg["mamba_n_heads"] = 8, cfg["mamba_d_head"] = 64;
@@ -489,7 +496,7 @@ std::shared_ptr<peftfw::CausalLM> small_family_model(const std::string& model_ty
 }
 
 TEST(ModelCuda, EveryFamilyForwardBackwardEqualsReferencePath) {
-  for (const std::string family : {"mamba2", "bamba"}) {
+  for (const std::string family : {"mamba2", "bamba", "nemotron_h"}) {
     auto model = small_family_model(family);
     const auto batch = packed_batch();
     auto [loss_ref, g_ref] = loss_and_grads(*model, batch, true);

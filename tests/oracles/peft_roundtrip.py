@@ -8,8 +8,9 @@
 Expected values are always the Python stack's outputs.
 
 --family granite (default) runs the Granite 4.0-H cases dense_nope and untied with LoRA and DoRA.
---family mamba2 (cases base, codestral) and --family bamba (cases base, groups_bias) run the same
-three checks with LoRA and DoRA. A target PEFT refuses for the family (PEFT 0.21: LoRA on `out_proj` or
+--family mamba2 (cases base, codestral), --family bamba (cases base, groups_bias) and --family nemotron_h (case
+moe_latent) run the same three checks with LoRA and DoRA.
+A target PEFT refuses for the family (PEFT 0.21: LoRA on `out_proj` or
 `conv1d` of model_type mamba, mamba2, falcon_mamba, falcon_h1, nemotron_h; see
 peft/tuners/tuners_utils.py _check_lora_target_modules_mamba) gets its own checks instead: PEFT
 refuses it with that ValueError, peftfw still writes an adapter folder that is complete and
@@ -28,7 +29,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP waits mak
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import BambaForCausalLM, GraniteMoeHybridForCausalLM, Mamba2ForCausalLM  # noqa: E402
+from transformers import (BambaForCausalLM, GraniteMoeHybridForCausalLM, Mamba2ForCausalLM,  # noqa: E402
+                          NemotronHForCausalLM)
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -42,6 +44,12 @@ FAMILIES = {
     "bamba": dict(cls=BambaForCausalLM, cases=["base", "groups_bias"],
                   targets=["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj",
                            "down_proj"], methods=["lora", "dora"], refused=set()),
+    # moe_latent: all four layer kinds; up_proj/down_proj are the MLP's and the MoE's shared expert (the routed
+    # experts are 3D parameters, not Linear modules). The checkpoint uses the released names (backbone.*, one key
+    # per expert), which transformers converts on load.
+    "nemotron_h": dict(cls=NemotronHForCausalLM, cases=["moe_latent"],
+                       targets=["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "up_proj", "down_proj",
+                                "fc1_latent_proj", "fc2_latent_proj"], methods=["lora", "dora"], refused={"out_proj"}),
 }
 # What PEFT 0.21 raises for a refused Mamba target (the rest of the message lists a Python set, whose
 # order changes from run to run).
@@ -156,6 +164,8 @@ def peft_to_peftfw(case_dir, work, dora, targets=TARGETS):
 def ssm_tensor_count(case_dir):
     """A_log, D and dt_bias of every Mamba layer."""
     cfg = json.loads((case_dir / "config.json").read_text())
+    if cfg["model_type"] == "nemotron_h":  # no num_hidden_layers: the layer list says it
+        return 3 * sum(t in ("mamba", "linear_attention") for t in cfg["layers_block_type"])
     layers = cfg["num_hidden_layers"]
     if cfg["model_type"] == "bamba":
         layers -= len(cfg.get("attn_layer_indices") or [])

@@ -1,4 +1,4 @@
-// Parity of the block-built architecture plugins (mamba2, bamba) with transformers 5.17 on
+// Parity of the block-built architecture plugins (mamba2, bamba, nemotron_h) with transformers 5.17 on
 // tiny random configs. Expected values come from tests/oracles/family_oracle.py.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -67,6 +67,7 @@ std::vector<Param> all_cases() {
   for (auto n : {"base", "base_legacy", "groups_bias", "tied", "padded", "time_limit", "codestral"})
     out.push_back({"mamba2", n});
   for (auto n : {"base", "groups_bias", "tied", "padded", "time_limit", "z_loss"}) out.push_back({"bamba", n});
+  for (auto n : {"base", "groups", "tied", "padded", "time_limit", "moe_latent"}) out.push_back({"nemotron_h", n});
   return out;
 }
 
@@ -181,7 +182,7 @@ INSTANTIATE_TEST_SUITE_P(Oracle, FamilyParity, ::testing::ValuesIn(all_cases()),
 // without the ids state leaks across the boundary.
 TEST(FamilyPacking, PackedEqualsSeparate) {
   for (const auto& p : std::vector<Param>{{"mamba2", "base"}, {"mamba2", "codestral"}, {"bamba", "base"},
-                                          {"bamba", "groups_bias"}}) {
+                                          {"bamba", "groups_bias"}, {"nemotron_h", "base"}, {"nemotron_h", "groups"}}) {
     auto c = load_case(p.family, p.name);
     auto model = load(c);
     model->eval();
@@ -214,7 +215,7 @@ TEST(FamilyPacking, PackedEqualsSeparate) {
 
 // `plan` counts on each family's default transformers config equal transformers' count.
 TEST(FamilyPlan, DefaultConfigParameterCounts) {
-  for (const std::string family : {"mamba2", "bamba"}) {
+  for (const std::string family : {"mamba2", "bamba", "nemotron_h"}) {
     std::ifstream f(oracle_root() / family / "default_counts.json");
     auto counts = nlohmann::json::parse(f);
     int checked = 0;
@@ -258,6 +259,15 @@ TEST(FamilyConfig, BadValuesAreRefusedNamingTheField) {
   refused("bamba", R"({"model_type": "bamba", "hidden_size": 64, "num_attention_heads": 4, "mamba_n_heads": 4,
                        "mamba_d_head": 48})",
           {"field 'mamba_d_head'"});
+  refused("nemotron_h", R"({"model_type": "nemotron_h", "hybrid_override_pattern": "M*X"})",
+          {"field 'hybrid_override_pattern'", "'X'", "M (mamba)"});
+  refused("nemotron_h", R"({"model_type": "nemotron_h", "layers_block_type": ["mamba", "conv"]})",
+          {"field 'layers_block_type'", "unknown layer type \"conv\""});
+  refused("nemotron_h", R"({"model_type": "nemotron_h", "hybrid_override_pattern": "ME", "n_routed_experts": 6,
+                            "n_group": 4})",
+          {"field 'n_group'", "must divide n_routed_experts (6)"});
+  refused("nemotron_h", R"({"model_type": "nemotron_h", "hybrid_override_pattern": "M", "mlp_hidden_act": "silu"})",
+          {"field 'mlp_hidden_act'", "\"relu2\""});
 }
 
 }  // namespace
