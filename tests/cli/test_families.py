@@ -33,13 +33,13 @@ def main():
     oracle = Path(args.oracle)
 
     r = run(args.peftfw, "plugins")
-    for plugin in ("granite_hybrid", "mamba2", "bamba", "nemotron_h"):
+    for plugin in ("granite_hybrid", "mamba2", "bamba", "nemotron_h", "falcon_h1"):
         check(f"peftfw plugins lists the {plugin} library",
               r.returncode == 0 and re.search(rf"^\s*{plugin}\s+kind=architecture", r.stdout, re.M), show(r))
 
     # plan with only [model]: inventory, default targets, exit 0.
     cases = {"mamba2": oracle / "mamba2" / "base", "bamba": oracle / "bamba" / "base",
-             "nemotron_h": oracle / "nemotron_h" / "moe_latent",
+             "nemotron_h": oracle / "nemotron_h" / "moe_latent", "falcon_h1": oracle / "falcon_h1" / "base",
              "granite_hybrid": oracle / "granite" / "moe"}
     expected_roles = {
         "mamba2": ["mamba.in_proj", "mamba.out_proj"],
@@ -48,6 +48,8 @@ def main():
         # M * - E layers: the MoE layer is covered through its shared expert and latent projections.
         "nemotron_h": ["mamba.in_proj", "mamba.out_proj", "attention.q", "attention.k", "attention.v",
                        "attention.o", "mlp.up", "mlp.down", "moe.latent_in", "moe.latent_out"],
+        "falcon_h1": ["mamba.in_proj", "mamba.out_proj", "attention.q", "attention.k", "attention.v",
+                      "attention.o", "mlp.gate", "mlp.up", "mlp.down"],
         "granite_hybrid": ["mamba.in_proj", "mamba.out_proj", "attention.q", "attention.k", "attention.v",
                            "attention.o", "mlp.input", "mlp.output"],
     }
@@ -81,7 +83,7 @@ def main():
                   f"plan {total:,} vs transformers {n:,}")
 
     # plan on the default transformers configs (Mamba2Config() = 7,285,403,648).
-    for family in ("mamba2", "bamba", "nemotron_h"):
+    for family in ("mamba2", "bamba", "nemotron_h", "falcon_h1"):
         counts = json.loads((oracle / family / "default_counts.json").read_text())
         for name, entry in counts.items():
             sub = "default_codestral_7b" if name == "codestral_7b" else f"default_{entry['model_type']}"
@@ -93,7 +95,7 @@ def main():
             check(f"{family}: plan on {name} counts {entry['total_params']:,} parameters, as transformers",
                   r.returncode == 0 and total == entry["total_params"], show(r))
     # The tiny recipes train with the default targets.
-    for family in ("mamba2", "bamba", "nemotron_h"):
+    for family in ("mamba2", "bamba", "nemotron_h", "falcon_h1"):
         out = work / f"run_{family}"
         r = run(args.peftfw, "run", Path(args.source) / "recipes" / "tiny" / f"{family}.toml",
                 "train.max_steps=3", "train.eval_every=0", f"output.dir={out}", cwd=work)

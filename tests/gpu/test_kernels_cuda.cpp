@@ -477,6 +477,14 @@ std::shared_ptr<peftfw::CausalLM> small_family_model(const std::string& model_ty
     cfg["ssm_state_size"] = 64, cfg["n_groups"] = 2, cfg["chunk_size"] = 64, cfg["n_routed_experts"] = 8;
     cfg["num_experts_per_tok"] = 2, cfg["n_group"] = 2, cfg["topk_group"] = 1, cfg["moe_intermediate_size"] = 128;
     cfg["moe_shared_expert_intermediate_size"] = 256, cfg["moe_latent_size"] = 128;
+  } else if (model_type == "falcon_h1") {  // parallel mixers, muP multipliers, grouped gated norm
+    cfg["num_attention_heads"] = 4, cfg["num_key_value_heads"] = 2, cfg["intermediate_size"] = 512;
+    cfg["mamba_d_ssm"] = 512, cfg["mamba_n_heads"] = 8, cfg["mamba_d_head"] = 64, cfg["mamba_d_state"] = 64;
+    cfg["mamba_n_groups"] = 2, cfg["mamba_chunk_size"] = 64, cfg["mamba_rms_norm"] = true;
+    cfg["mamba_norm_before_gate"] = false, cfg["embedding_multiplier"] = 2.0, cfg["lm_head_multiplier"] = 0.25;
+    cfg["key_multiplier"] = 0.5, cfg["ssm_in_multiplier"] = 1.25, cfg["ssm_out_multiplier"] = 0.5;
+    cfg["ssm_multipliers"] = {0.5, 1.5, 0.75, 1.25, 0.5}, cfg["mlp_multipliers"] = {0.75, 0.5};
+    cfg["pad_token_id"] = 0;
   } else {  // bamba
     cfg["attn_layer_indices"] = {2}, cfg["num_attention_heads"] = 4, cfg["num_key_value_heads"] = 2;
     cfg["intermediate_size"] = 512, cfg["mamba_n_heads"] = 8, cfg["mamba_d_head"] = 64;
@@ -496,7 +504,7 @@ std::shared_ptr<peftfw::CausalLM> small_family_model(const std::string& model_ty
 }
 
 TEST(ModelCuda, EveryFamilyForwardBackwardEqualsReferencePath) {
-  for (const std::string family : {"mamba2", "bamba", "nemotron_h"}) {
+  for (const std::string family : {"mamba2", "bamba", "nemotron_h", "falcon_h1"}) {
     auto model = small_family_model(family);
     const auto batch = packed_batch();
     auto [loss_ref, g_ref] = loss_and_grads(*model, batch, true);

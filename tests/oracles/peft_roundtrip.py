@@ -8,8 +8,8 @@
 Expected values are always the Python stack's outputs.
 
 --family granite (default) runs the Granite 4.0-H cases dense_nope and untied with LoRA and DoRA.
---family mamba2 (cases base, codestral), --family bamba (cases base, groups_bias) and --family nemotron_h (case
-moe_latent) run the same three checks with LoRA and DoRA.
+--family mamba2 (cases base, codestral), --family bamba (cases base, groups_bias), --family nemotron_h (case
+moe_latent) and --family falcon_h1 (case multipliers) run the same three checks with LoRA and DoRA.
 A target PEFT refuses for the family (PEFT 0.21: LoRA on `out_proj` or
 `conv1d` of model_type mamba, mamba2, falcon_mamba, falcon_h1, nemotron_h; see
 peft/tuners/tuners_utils.py _check_lora_target_modules_mamba) gets its own checks instead: PEFT
@@ -29,8 +29,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP waits mak
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import (BambaForCausalLM, GraniteMoeHybridForCausalLM, Mamba2ForCausalLM,  # noqa: E402
-                          NemotronHForCausalLM)
+from transformers import (BambaForCausalLM, FalconH1ForCausalLM, GraniteMoeHybridForCausalLM,  # noqa: E402
+                          Mamba2ForCausalLM, NemotronHForCausalLM)
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -50,6 +50,10 @@ FAMILIES = {
     "nemotron_h": dict(cls=NemotronHForCausalLM, cases=["moe_latent"],
                        targets=["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "up_proj", "down_proj",
                                 "fc1_latent_proj", "fc2_latent_proj"], methods=["lora", "dora"], refused={"out_proj"}),
+    # multipliers: every muP multiplier, which PEFT's LoRA sits inside of.
+    "falcon_h1": dict(cls=FalconH1ForCausalLM, cases=["multipliers"],
+                      targets=["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj",
+                               "down_proj"], methods=["lora", "dora"], refused={"out_proj"}),
 }
 # What PEFT 0.21 raises for a refused Mamba target (the rest of the message lists a Python set, whose
 # order changes from run to run).

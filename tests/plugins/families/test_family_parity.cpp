@@ -1,4 +1,4 @@
-// Parity of the block-built architecture plugins (mamba2, bamba, nemotron_h) with transformers 5.17 on
+// Parity of the block-built architecture plugins (mamba2, bamba, nemotron_h, falcon_h1) with transformers 5.17 on
 // tiny random configs. Expected values come from tests/oracles/family_oracle.py.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -68,6 +68,8 @@ std::vector<Param> all_cases() {
     out.push_back({"mamba2", n});
   for (auto n : {"base", "groups_bias", "tied", "padded", "time_limit", "z_loss"}) out.push_back({"bamba", n});
   for (auto n : {"base", "groups", "tied", "padded", "time_limit", "moe_latent"}) out.push_back({"nemotron_h", n});
+  for (auto n : {"base", "multipliers", "tied", "padded", "rms_norm", "rms_norm_gate_first", "dims_bias", "time_limit"})
+    out.push_back({"falcon_h1", n});
   return out;
 }
 
@@ -182,7 +184,8 @@ INSTANTIATE_TEST_SUITE_P(Oracle, FamilyParity, ::testing::ValuesIn(all_cases()),
 // without the ids state leaks across the boundary.
 TEST(FamilyPacking, PackedEqualsSeparate) {
   for (const auto& p : std::vector<Param>{{"mamba2", "base"}, {"mamba2", "codestral"}, {"bamba", "base"},
-                                          {"bamba", "groups_bias"}, {"nemotron_h", "base"}, {"nemotron_h", "groups"}}) {
+                                          {"bamba", "groups_bias"}, {"nemotron_h", "base"}, {"nemotron_h", "groups"},
+                                          {"falcon_h1", "multipliers"}, {"falcon_h1", "rms_norm"}}) {
     auto c = load_case(p.family, p.name);
     auto model = load(c);
     model->eval();
@@ -215,7 +218,7 @@ TEST(FamilyPacking, PackedEqualsSeparate) {
 
 // `plan` counts on each family's default transformers config equal transformers' count.
 TEST(FamilyPlan, DefaultConfigParameterCounts) {
-  for (const std::string family : {"mamba2", "bamba", "nemotron_h"}) {
+  for (const std::string family : {"mamba2", "bamba", "nemotron_h", "falcon_h1"}) {
     std::ifstream f(oracle_root() / family / "default_counts.json");
     auto counts = nlohmann::json::parse(f);
     int checked = 0;
@@ -268,6 +271,12 @@ TEST(FamilyConfig, BadValuesAreRefusedNamingTheField) {
           {"field 'n_group'", "must divide n_routed_experts (6)"});
   refused("nemotron_h", R"({"model_type": "nemotron_h", "hybrid_override_pattern": "M", "mlp_hidden_act": "silu"})",
           {"field 'mlp_hidden_act'", "\"relu2\""});
+  refused("falcon_h1", R"({"model_type": "falcon_h1", "hidden_size": 64, "num_attention_heads": 4,
+                           "mamba_d_ssm": 100, "mamba_n_heads": 8})",
+          {"field 'mamba_n_heads'", "must divide the mamba width d_ssm (100)"});
+  refused("falcon_h1", R"({"model_type": "falcon_h1", "hidden_size": 64, "num_attention_heads": 4,
+                           "ssm_multipliers": [1, 2, 3]})",
+          {"field 'ssm_multipliers'", "a list of 5 finite numbers"});
 }
 
 }  // namespace

@@ -24,7 +24,10 @@
    "nemotron_h_moe"), as NemotronHModel converts them: per-layer feed_forward_length / head_count_kv arrays, q/k
    permuted although there is no RoPE, experts stacked into ffn_{up,down}_exps. The arch follows the layer pattern,
    not the num_experts_per_tok that transformers 5 saves in every config, and the dense file leaves out the MoE keys
-   TextModel would copy from that config (expert_count != 0 makes llama.cpp build FFN layers as MoE).
+   TextModel would copy from that config (expert_count != 0 makes llama.cpp build FFN layers as MoE). And for
+   FalconH1ForCausalLM (arch "falcon-h1", 2 SSM groups, gated RMSNorm, every muP multiplier != 1): the multipliers
+   are folded into the weights as FalconH1Model does (in_proj row blocks z/x/B/C/dt by ssm_multipliers), and
+   pre_ff_layernorm is `blk.N.ffn_norm` without ".weight".
 Usage: gguf_export_check.py --peftfw BIN --workdir DIR
 """
 import argparse
@@ -292,11 +295,11 @@ def check_tensors(case, ftype, r, want):
     check(f"{case}/{ftype}: {len(want)} tensors: type, shape, values", not problems, problems[:8])
 
 
-# ---- mamba2, bamba, nemotron_h ------------------------------------------------------------------------------------
+# ---- mamba2, bamba, nemotron_h, falcon_h1 -------------------------------------------------------------------------
 # Tiny checkpoints of the other families peftfw exports to GGUF: llama.cpp arch "mamba2" (Mamba2ForCausalLM),
 # "granitehybrid" (BambaForCausalLM, as convert_hf_to_gguf.py's GraniteHybridModel converts it), "nemotron_h" and
-# "nemotron_h_moe" (NemotronHForCausalLM without / with MoE layers, the converter's NemotronHModel). All use 2 SSM
-# groups, so the gated-norm weight is stored [G, inner/G].
+# "nemotron_h_moe" (NemotronHForCausalLM without / with MoE layers, the converter's NemotronHModel) and "falcon-h1"
+# (FalconH1ForCausalLM, FalconH1Model). All use 2 SSM groups, so the gated-norm weight is stored [G, inner/G].
 # The converter used as the reference is llama.cpp 0c1e570 (conversion/ package).
 FAMILY_TARGETS = {
     "mamba2": '''["in_proj", "out_proj"]''',
@@ -304,14 +307,16 @@ FAMILY_TARGETS = {
     "nemotron_h": '''["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "up_proj", "down_proj"]''',
     "nemotron_h_moe": '''["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "up_proj", "down_proj",
                        "fc1_latent_proj", "fc2_latent_proj"]''',
+    "falcon_h1": '''["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj",
+                  "down_proj"]''',
 }
 FAMILY_TYPES = ("f32", "q8_0")
 GGUF_ARCH = {"mamba2": "mamba2", "bamba": "granitehybrid", "nemotron_h": "nemotron_h",
-             "nemotron_h_moe": "nemotron_h_moe"}
+             "nemotron_h_moe": "nemotron_h_moe", "falcon_h1": "falcon-h1"}
 
 
 def make_family_checkpoint(dirpath, family):
-    if family.startswith("nemotron_h"):
+    if family.startswith("nemotron_h") or family == "falcon_h1":
         return make_hybrid_checkpoint(dirpath, family)
     import torch
     import transformers
@@ -339,10 +344,11 @@ def make_family_checkpoint(dirpath, family):
 
 def make_hybrid_checkpoint(dirpath, family):
     """Nemotron-H (dense "M-M*-", or MoE "M*EME": 4 routed experts, top-2, a shared expert, one expert group,
-    latent 32, non-zero e_score_correction_bias). Norm weights and D are drawn at random so that their layouts show in the values."""
+    latent 32, non-zero e_score_correction_bias) or Falcon-H1 (every muP multiplier != 1, gated RMSNorm after the
+    gate, 2 SSM groups). Norm weights and D are drawn at random so that their layouts show in the values."""
     import torch
     import transformers
-    from transformers import NemotronHConfig, NemotronHForCausalLM
+    from transformers import FalconH1Config, FalconH1ForCausalLM, NemotronHConfig, NemotronHForCausalLM
 
     transformers.logging.disable_progress_bar()
     fast, _ = make_tokenizer(dirpath)
@@ -359,6 +365,17 @@ def make_hybrid_checkpoint(dirpath, family):
             mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=16, use_bias=False,
             mlp_bias=False, use_conv_bias=True, layer_norm_epsilon=1e-5, max_position_embeddings=512,
             tie_word_embeddings=False, initializer_range=0.1, **extra, **ids))
+    else:  # untied, no biases; llama.cpp gates before the grouped norm (mamba_norm_before_gate False)
+        model = FalconH1ForCausalLM(FalconH1Config(
+            vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, intermediate_size=96, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+            mamba_d_state=16, mamba_d_conv=4, mamba_chunk_size=16, mamba_rms_norm=True, mamba_norm_before_gate=False,
+            mamba_conv_bias=True, mamba_proj_bias=False, projectors_bias=False, attention_bias=False, mlp_bias=False,
+            rms_norm_eps=1e-5, max_position_embeddings=1024, rope_parameters={"rope_type": "default",
+                                                                              "rope_theta": 1e6},
+            tie_word_embeddings=False, initializer_range=0.1, embedding_multiplier=3.0, lm_head_multiplier=0.5,
+            key_multiplier=0.7, attention_in_multiplier=1.5, attention_out_multiplier=0.6, ssm_in_multiplier=0.9,
+            ssm_out_multiplier=0.8, ssm_multipliers=[1.1, 1.2, 1.3, 1.4, 1.5], mlp_multipliers=[2.0, 0.25], **ids))
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith(("norm.weight", "layernorm.weight", "norm_f.weight")):
@@ -394,6 +411,19 @@ def family_keys(family, cfg):
     from gguf import Keys as K
     if family.startswith("nemotron_h"):
         return nemotron_keys(cfg)
+    if family == "falcon_h1":  # Mamba2Model.set_gguf_parameters, then FalconH1Model's (no TextModel keys)
+        rp = cfg.get("rope_parameters") or {}
+        conv = {K.LLM.CONTEXT_LENGTH: cfg.get("max_position_embeddings", 0), K.LLM.EMBEDDING_LENGTH: cfg["hidden_size"],
+                K.LLM.FEED_FORWARD_LENGTH: cfg["intermediate_size"], K.Attention.HEAD_COUNT: cfg["num_attention_heads"],
+                K.LLM.BLOCK_COUNT: cfg["num_hidden_layers"], K.SSM.CONV_KERNEL: cfg.get("mamba_d_conv", 4),
+                K.SSM.INNER_SIZE: cfg["mamba_d_ssm"], K.SSM.STATE_SIZE: cfg.get("mamba_d_state", 128),
+                K.SSM.TIME_STEP_RANK: cfg["mamba_d_ssm"] // cfg["mamba_d_head"],
+                K.SSM.GROUP_COUNT: cfg["mamba_n_groups"],
+                K.Attention.LAYERNORM_RMS_EPS: cfg.get("layer_norm_epsilon", cfg.get("rms_norm_eps", 1e-5)),
+                K.LLM.VOCAB_SIZE: cfg["vocab_size"], K.Attention.HEAD_COUNT_KV: cfg["num_key_value_heads"],
+                K.Attention.KEY_LENGTH: cfg["head_dim"], K.Attention.VALUE_LENGTH: cfg["head_dim"],
+                K.Rope.FREQ_BASE: rp.get("rope_theta", cfg.get("rope_theta"))}
+        return conv, {}
     if family == "mamba2":  # Mamba2Model.set_gguf_parameters
         inner = cfg["num_heads"] * cfg["head_dim"]
         conv = {K.LLM.CONTEXT_LENGTH: 2**20, K.LLM.EMBEDDING_LENGTH: cfg["hidden_size"], K.LLM.FEED_FORWARD_LENGTH: 0,
@@ -497,12 +527,13 @@ def rope_rows(w, n_heads, head_dim, rotary):
 def family_layout(family, cfg, sd):
     """name -> float32 array: each merged HF tensor named by gguf-py's
     TensorNameMap (the converter's name table) and reshaped / scaled as convert_hf_to_gguf.py's Mamba2Model,
-    GraniteHybridModel and NemotronHModel do."""
+    GraniteHybridModel, NemotronHModel and FalconH1Model do."""
     import re
 
     import gguf
     arch = {"mamba2": gguf.MODEL_ARCH.MAMBA2, "bamba": gguf.MODEL_ARCH.GRANITE_HYBRID,
-            "nemotron_h": gguf.MODEL_ARCH.NEMOTRON_H, "nemotron_h_moe": gguf.MODEL_ARCH.NEMOTRON_H_MOE}[family]
+            "nemotron_h": gguf.MODEL_ARCH.NEMOTRON_H, "nemotron_h_moe": gguf.MODEL_ARCH.NEMOTRON_H_MOE,
+            "falcon_h1": gguf.MODEL_ARCH.FALCON_H1}[family]
     nemotron = family.startswith("nemotron_h")
     n_layers = len(nemotron_kinds(cfg)) if nemotron else cfg["num_hidden_layers"]
     tmap = gguf.get_tensor_name_map(arch, n_layers)
@@ -516,6 +547,7 @@ def family_layout(family, cfg, sd):
         for (bid, w_name), per in experts.items():
             assert sorted(per) == list(range(cfg["n_routed_experts"])), (bid, w_name, sorted(per))
             sd[f"model.layers.{bid}.mlp.experts.{w_name}.weight"] = np.stack([per[x] for x in sorted(per)])
+    mult = lambda x: np.float32(x)  # noqa: E731  the converter multiplies float32 tensors by Python floats
     out, unmapped = {}, []
     for hf, w in sd.items():
         if hf == "lm_head.weight" and cfg.get("tie_word_embeddings"):
@@ -540,6 +572,30 @@ def family_layout(family, cfg, sd):
             w = rope_rows(w, w.shape[0] // head_dim, head_dim, rotary)
         if nemotron and new.endswith(("attn_q.weight", "attn_k.weight")):  # LlamaModel.permute, undo_permute=True
             w = permute(w, cfg["num_attention_heads"] if "attn_q" in new else cfg["num_key_value_heads"])
+        if family == "falcon_h1":  # FalconH1Model.modify_tensors: the first substring of the HF name that matches
+            w = np.array(w, dtype=np.float32)
+            if "down_proj" in hf:
+                w = w * mult(cfg["mlp_multipliers"][1])
+            elif "gate_proj" in hf:
+                w = w * mult(cfg["mlp_multipliers"][0])
+            elif "k_proj" in hf:
+                w = w * mult(cfg["key_multiplier"]) * mult(cfg["attention_in_multiplier"])
+            elif "q_proj" in hf or "v_proj" in hf:
+                w = w * mult(cfg["attention_in_multiplier"])
+            elif "o_proj" in hf:
+                w = w * mult(cfg["attention_out_multiplier"])
+            elif "out_proj" in hf:
+                w = w * mult(cfg["ssm_out_multiplier"])
+            elif "in_proj" in hf:  # x ssm_in, then the row blocks z, x, B, C, dt by ssm_multipliers
+                w = w * mult(cfg["ssm_in_multiplier"])
+                inner, gs = cfg["mamba_d_ssm"], cfg["mamba_n_groups"] * cfg["mamba_d_state"]
+                edges = [0, inner, 2 * inner, 2 * inner + gs, 2 * inner + 2 * gs, w.shape[0]]
+                for m, a, b in zip(cfg["ssm_multipliers"], edges, edges[1:]):
+                    w[a:b] *= mult(m)
+            elif "lm_head" in hf:
+                w = w * mult(cfg["lm_head_multiplier"])
+            elif "embed_tokens" in hf:
+                w = w * mult(cfg["embedding_multiplier"])
         out[new] = w
     assert not unmapped, f"gguf-py has no llama.cpp name for {unmapped}"
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
@@ -706,7 +762,10 @@ def main():
                                                "backbone.layers.0.mixer.out_proj.weight",
                                                "backbone.layers.1.mixer.q_proj.weight",
                                                "backbone.layers.2.mixer.shared_experts.down_proj.weight",
-                                               "backbone.layers.4.mixer.fc1_latent_proj.weight"))):
+                                               "backbone.layers.4.mixer.fc1_latent_proj.weight")),
+                           ("falcon_h1", ("model.layers.0.mamba.A_log", "model.layers.1.mamba.in_proj.weight",
+                                          "model.layers.0.self_attn.k_proj.weight",
+                                          "model.layers.1.feed_forward.gate_proj.weight"))):
         ckpt = work / f"ckpt_{family}"
         make_family_checkpoint(ckpt, family)
         run = train_and_export(args, family, ckpt, FAMILY_TARGETS[family], FAMILY_TYPES)
