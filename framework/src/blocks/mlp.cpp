@@ -178,7 +178,7 @@ torch::Tensor GroupedMoeImpl::forward(const torch::Tensor& h, const ForwardConte
     auto tok = hit.select(1, 0), slot = hit.select(1, 1);
     auto y = F::linear(act(o_.activation, F::linear(u.index_select(0, tok), experts->up_proj[e])),
                        experts->down_proj[e]);
-    out = out.index_add(0, tok, y * top_w.index({tok, slot}).unsqueeze(-1));
+    out.index_add_(0, tok, y * top_w.index({tok, slot}).unsqueeze(-1));  // out is ours: in place
   }
   auto y = out.to(x.scalar_type());
   if (fc2_latent_proj) y = fc2_latent_proj(y);

@@ -74,9 +74,13 @@ int cmd_verify_ssm(const Args& args) {
   std::map<std::string, std::string> stored_as;
   if (auto source = base_source(base)) {
     match = check_adapter_base(adapter, *source, strict, std::cerr);
-    const auto config = read_model_config(*source);
-    for (const auto& p : find_architecture(config, source->architecture)->describe(config).params)
-      if (p.stored_as.size() == 1) stored_as[p.name] = p.stored_as.front();
+    try {
+      const auto config = read_model_config(*source);
+      for (const auto& p : find_architecture(config, source->architecture)->describe(config).params)
+        if (p.stored_as.size() == 1) stored_as[p.name] = p.stored_as.front();
+    } catch (const InputError&) {
+      // No plugin for this config (or a config it refuses): compare under the tensors' own names.
+    }
   } else {
     std::cerr << "note: " << base << " has no config.json beside it, so peftfw cannot check "
               << "that it is the adapter's base (give the checkpoint folder)\n";

@@ -112,9 +112,20 @@ void load_weights(CausalLM& model, const fs::path& dir) {
     const auto keys = keys_of(param);
     if (keys.empty()) {
       auto s = stored_as.find(param);
-      missing.push_back(s == stored_as.end() ? param
-                                             : param + " (stored as " + s->second->front() +
-                                                   (s->second->size() > 1 ? ", ..." : "") + ")");
+      if (s == stored_as.end()) {
+        missing.push_back(param);
+        return;
+      }
+      // Name the stored keys that are absent; the present ones belong to this tensor (not "unexpected").
+      std::vector<std::string> absent;
+      for (const auto& k : *s->second) {
+        if (ckpt.has(k)) used.insert(k);
+        else absent.push_back(k);
+      }
+      std::string list;
+      for (size_t i = 0; i < absent.size() && i < 4; ++i) list += (i ? ", " : "") + absent[i];
+      if (absent.size() > 4) list += ", ... (" + std::to_string(absent.size()) + " keys)";
+      missing.push_back(param + " (stored as " + list + ")");
       return;
     }
     // One key holds the whole tensor; several hold its slices along dim 0, in order.
@@ -127,6 +138,8 @@ void load_weights(CausalLM& model, const fs::path& dir) {
       }
       want.erase(want.begin());
     }
+    // The slices of a stacked tensor are claimed by it whatever their state (not "unexpected").
+    if (keys.size() > 1) used.insert(keys.begin(), keys.end());
     std::vector<torch::Tensor> values;
     for (const auto& name : keys) {
       auto view = ckpt.view(name);
@@ -153,7 +166,11 @@ void load_weights(CausalLM& model, const fs::path& dir) {
       }
       values.push_back(std::move(value));
     }
-    target.copy_(values.size() == 1 ? values.front() : torch::stack(values));
+    if (values.size() == 1) {
+      target.copy_(values.front());
+    } else {
+      for (size_t i = 0; i < values.size(); ++i) target[static_cast<int64_t>(i)].copy_(values[i]);
+    }
   };
   for (auto& p : model.named_parameters()) load_one(p.key(), p.value());
   for (auto& b : model.named_buffers()) load_one(b.key(), b.value());
