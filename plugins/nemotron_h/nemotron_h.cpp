@@ -47,9 +47,10 @@ struct Config {
   std::string pattern;  // M * - E, one character per layer
 };
 
-// The newer field name first; transformers lets the older alias (mamba_n_groups, ...) win.
-int64_t dim_alias(const io::JsonConfig& j, const std::string& key, const std::string& alias, int64_t fallback) {
-  return j.has(alias) && !j.is_unset(alias) ? blocks::require_dim(j, alias) : blocks::dim_or(j, key, fallback);
+// The field a value comes from: the older alias (mamba_n_groups, ...) when the config has it, as
+// transformers lets the alias win, else the current name.
+std::string field(const io::JsonConfig& j, const std::string& key, const std::string& alias) {
+  return j.has(alias) && !j.is_unset(alias) ? alias : key;
 }
 
 std::vector<Kind> layer_kinds(const io::JsonConfig& j, std::string& pattern) {
@@ -75,7 +76,7 @@ std::vector<Kind> layer_kinds(const io::JsonConfig& j, std::string& pattern) {
     }
   if (!list_key.empty()) {
     const auto& node = j.raw().at(list_key);
-    if (!node.is_array() || node.empty()) refuse(j, list_key, std::string("expected ") + expected);
+    if (!node.is_array() || node.empty()) refuse(j, list_key, std::string("expected ") + expected + ", found " + node.dump());
     for (const auto& v : node) {
       if (!v.is_string()) refuse(j, list_key, std::string("expected ") + expected);
       const auto s = v.get<std::string>();
@@ -121,7 +122,10 @@ Config parse(const io::JsonConfig& j) {
   auto& a = c.attention;
   a.hidden_size = lm.hidden_size;
   a.num_heads = blocks::dim_or(j, "num_attention_heads", 32);
-  a.num_kv_heads = blocks::dim_or(j, "num_key_value_heads", 8);
+  // null: as many KV heads as query heads (NemotronHConfig.__post_init__).
+  a.num_kv_heads = j.has("num_key_value_heads") && j.is_unset("num_key_value_heads")
+                       ? a.num_heads
+                       : blocks::dim_or(j, "num_key_value_heads", 8);
   if (a.num_heads % a.num_kv_heads != 0)
     refuse(j, "num_key_value_heads", "must divide num_attention_heads (" + std::to_string(a.num_heads) +
                                          "), found " + std::to_string(a.num_kv_heads));
@@ -139,28 +143,30 @@ Config parse(const io::JsonConfig& j) {
   m.hidden_size = lm.hidden_size;
   m.num_heads = blocks::dim_or(j, "mamba_num_heads", 128);
   m.head_dim = blocks::dim_or(j, "mamba_head_dim", 64);
-  m.n_groups = dim_alias(j, "n_groups", "mamba_n_groups", 8);
+  const auto groups_field = field(j, "n_groups", "mamba_n_groups");
+  m.n_groups = blocks::dim_or(j, groups_field, 8);
   m.state_size = blocks::dim_or(j, "ssm_state_size", 128);
-  m.conv_kernel = dim_alias(j, "conv_kernel", "mamba_d_conv", 4);
-  m.chunk_size = dim_alias(j, "chunk_size", "mamba_chunk_size", 128);
+  m.conv_kernel = blocks::dim_or(j, field(j, "conv_kernel", "mamba_d_conv"), 4);
+  m.chunk_size = blocks::dim_or(j, field(j, "chunk_size", "mamba_chunk_size"), 128);
   m.conv_bias = j.has("mamba_conv_bias") ? j.get_bool("mamba_conv_bias", true) : j.get_bool("use_conv_bias", true);
   m.proj_bias = j.get_bool("use_bias", false);
   m.norm_eps = lm.norm_eps;
   // The mixer clamps dt to (time_step_min, inf); config time_step_limit is not read.
-  m.dt_min = j.has("mamba_dt_min") ? j.get_float("mamba_dt_min", 0.001) : j.get_float("time_step_min", 0.001);
+  const auto dt_field = field(j, "time_step_min", "mamba_dt_min");
+  m.dt_min = j.get_float(dt_field, 0.001);
   m.dt_max = std::numeric_limits<double>::infinity();
   if (!(m.dt_min >= 0.0) || !std::isfinite(m.dt_min))
-    refuse(j, "time_step_min", "must be a finite number >= 0");
+    refuse(j, dt_field, "must be a finite number >= 0, found " + std::to_string(m.dt_min));
   if (m.num_heads % m.n_groups != 0)
-    refuse(j, "n_groups", "must divide mamba_num_heads (" + std::to_string(m.num_heads) + "), found " +
-                              std::to_string(m.n_groups));
+    refuse(j, groups_field, "must divide mamba_num_heads (" + std::to_string(m.num_heads) + "), found " +
+                                std::to_string(m.n_groups));
   // Zamba2RMSNormGated: gate first, normalised per group of inner / n_groups channels.
   m.norm_group_size = m.n_groups == 1 ? 0 : m.inner() / m.n_groups;
 
   auto& e = c.moe;
   e.hidden_size = lm.hidden_size;
-  e.num_experts = j.has("num_local_experts") ? blocks::require_dim(j, "num_local_experts")
-                                             : blocks::dim_or(j, "n_routed_experts", 8);
+  const auto experts_field = field(j, "n_routed_experts", "num_local_experts");
+  e.num_experts = blocks::dim_or(j, experts_field, 8);
   e.top_k = blocks::dim_or(j, "num_experts_per_tok", 2);
   e.intermediate_size = blocks::dim_or(j, "moe_intermediate_size", 7688);
   e.shared_intermediate_size = blocks::dim_or(j, "moe_shared_expert_intermediate_size", 7688);
@@ -173,18 +179,21 @@ Config parse(const io::JsonConfig& j) {
   e.bias = f.bias;
   if (has(Kind::Moe)) {
     if (e.top_k > e.num_experts)
-      refuse(j, "num_experts_per_tok", "must be at most n_routed_experts (" + std::to_string(e.num_experts) +
+      refuse(j, "num_experts_per_tok", "must be at most " + experts_field + " (" + std::to_string(e.num_experts) +
                                            "), found " + std::to_string(e.top_k));
     if (e.num_experts % e.n_group != 0)
-      refuse(j, "n_group", "must divide n_routed_experts (" + std::to_string(e.num_experts) + "), found " +
+      refuse(j, "n_group", "must divide " + experts_field + " (" + std::to_string(e.num_experts) + "), found " +
                                std::to_string(e.n_group));
     if (e.n_group > 1 && e.num_experts / e.n_group < 2)
-      refuse(j, "n_group", "each expert group needs at least 2 experts (the group score sums its best two)");
+      refuse(j, "n_group", "each expert group needs at least 2 experts (the group score sums its best two), found " +
+                               std::to_string(e.num_experts / e.n_group) + " per group");
     if (e.topk_group > e.n_group)
       refuse(j, "topk_group", "must be at most n_group (" + std::to_string(e.n_group) + "), found " +
                                   std::to_string(e.topk_group));
     if (e.top_k > e.topk_group * (e.num_experts / e.n_group))
-      refuse(j, "num_experts_per_tok", "exceeds the experts of the topk_group kept groups");
+      refuse(j, "num_experts_per_tok", "must be at most the experts of the topk_group kept groups (" +
+                                           std::to_string(e.topk_group * (e.num_experts / e.n_group)) + "), found " +
+                                           std::to_string(e.top_k));
   }
 
   // Checkpoints: "model." is stored as "backbone."; stacked experts as one key per expert.
@@ -286,8 +295,10 @@ class NemotronHPlugin final : public blocks::BlockArchitecture {
       g.u32("expert_shared_count", 1);
       g.boolean("expert_weights_norm", e.norm_topk_prob);
       g.f32("expert_weights_scale", e.routed_scaling_factor);
-      g.u32("expert_group_count", e.n_group);
-      g.u32("expert_group_used_count", e.topk_group);
+      // Keeping every group is no grouping; llama.cpp refuses used >= count when count > 1.
+      const bool grouped = e.topk_group < e.n_group;
+      g.u32("expert_group_count", grouped ? e.n_group : 1);
+      g.u32("expert_group_used_count", grouped ? e.topk_group : 1);
       if (e.latent_size > 0) g.u32("moe_latent_size", e.latent_size);
     }
     blocks::GgufNames names;
