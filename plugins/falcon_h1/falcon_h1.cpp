@@ -55,10 +55,10 @@ std::vector<double> finite_list(const io::JsonConfig& j, const std::string& key,
   if (!j.has(key) || j.is_unset(key)) return fallback;
   const auto& node = j.raw().at(key);
   const std::string expected = "a list of " + std::to_string(fallback.size()) + " finite numbers";
-  if (!node.is_array() || node.size() != fallback.size()) refuse(j, key, "expected " + expected);
+  if (!node.is_array() || node.size() != fallback.size()) refuse(j, key, "expected " + expected + ", found " + node.dump());
   std::vector<double> out;
   for (const auto& v : node) {
-    if (!v.is_number() || !std::isfinite(v.get<double>())) refuse(j, key, "expected " + expected);
+    if (!v.is_number() || !std::isfinite(v.get<double>())) refuse(j, key, "expected " + expected + ", found " + node.dump());
     out.push_back(v.get<double>());
   }
   return out;
@@ -102,7 +102,10 @@ Config parse(const io::JsonConfig& j) {
   auto& a = c.attention;
   a.hidden_size = lm.hidden_size;
   a.num_heads = blocks::dim_or(j, "num_attention_heads", 32);
-  a.num_kv_heads = j.is_unset("num_key_value_heads") ? a.num_heads : blocks::dim_or(j, "num_key_value_heads", 8);
+  // null: as many KV heads as query heads (FalconH1Config.__post_init__); absent: 8.
+  a.num_kv_heads = j.has("num_key_value_heads") && j.is_unset("num_key_value_heads")
+                       ? a.num_heads
+                       : blocks::dim_or(j, "num_key_value_heads", 8);
   if (a.num_heads % a.num_kv_heads != 0)
     refuse(j, "num_key_value_heads", "must divide num_attention_heads (" + std::to_string(a.num_heads) +
                                          "), found " + std::to_string(a.num_kv_heads));
@@ -110,12 +113,12 @@ Config parse(const io::JsonConfig& j) {
   a.head_dim = blocks::dim_or(j, "head_dim", lm.hidden_size / a.num_heads);
   a.bias = j.get_bool("attention_bias", false);
   a.key_multiplier = mu.key;
+  // RoPE over the whole head: transformers' Falcon-H1 does not read partial_rotary_factor.
   const auto rope = blocks::rope_fields(j, 1.0);
   c.rope_theta = rope.theta;
-  lm.rope = {static_cast<int64_t>(static_cast<double>(a.head_dim) * rope.partial_rotary_factor), rope.theta};
-  if (lm.rope.rotary_dim % 2 != 0 || lm.rope.rotary_dim == 0)
-    refuse(j, "partial_rotary_factor", "head_dim x partial_rotary_factor must be a positive even number, found " +
-                                           std::to_string(lm.rope.rotary_dim));
+  lm.rope = {a.head_dim, rope.theta};
+  if (a.head_dim % 2 != 0)
+    refuse(j, "head_dim", "RoPE needs an even head_dim, found " + std::to_string(a.head_dim));
 
   auto& f = c.mlp;
   f.layout = blocks::MlpOptions::Layout::Split;

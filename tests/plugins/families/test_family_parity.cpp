@@ -271,10 +271,10 @@ TEST(FamilyConfig, BadValuesAreRefusedNamingTheField) {
           {"field 'n_group'", "must divide n_routed_experts (6)"});
   refused("nemotron_h", R"({"model_type": "nemotron_h", "hybrid_override_pattern": "M", "mlp_hidden_act": "silu"})",
           {"field 'mlp_hidden_act'", "\"relu2\""});
-  refused("falcon_h1", R"({"model_type": "falcon_h1", "hidden_size": 64, "num_attention_heads": 4,
+  refused("falcon_h1", R"({"model_type": "falcon_h1", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
                            "mamba_d_ssm": 100, "mamba_n_heads": 8})",
           {"field 'mamba_n_heads'", "must divide the mamba width d_ssm (100)"});
-  refused("falcon_h1", R"({"model_type": "falcon_h1", "hidden_size": 64, "num_attention_heads": 4,
+  refused("falcon_h1", R"({"model_type": "falcon_h1", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
                            "ssm_multipliers": [1, 2, 3]})",
           {"field 'ssm_multipliers'", "a list of 5 finite numbers"});
 }
