@@ -73,10 +73,7 @@ Config parse(const io::JsonConfig& j) {
   auto& a = c.attention;
   a.hidden_size = lm.hidden_size;
   a.num_heads = blocks::dim_or(j, "num_attention_heads", 32);
-  a.num_kv_heads = blocks::dim_or(j, "num_key_value_heads", a.num_heads);
-  if (a.num_heads % a.num_kv_heads != 0)
-    refuse(j, "num_key_value_heads", "must divide num_attention_heads (" + std::to_string(a.num_heads) +
-                                         "), found " + std::to_string(a.num_kv_heads));
+  a.num_kv_heads = blocks::kv_heads(j, a.num_heads, a.num_heads);
   a.head_dim = blocks::dim_or(j, "head_dim", lm.hidden_size / a.num_heads);
   a.bias = j.get_bool("attention_bias", false);
   // BambaConfig forces partial_rotary_factor 0.5.

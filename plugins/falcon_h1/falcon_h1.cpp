@@ -102,13 +102,7 @@ Config parse(const io::JsonConfig& j) {
   auto& a = c.attention;
   a.hidden_size = lm.hidden_size;
   a.num_heads = blocks::dim_or(j, "num_attention_heads", 32);
-  // null: as many KV heads as query heads (FalconH1Config.__post_init__); absent: 8.
-  a.num_kv_heads = j.has("num_key_value_heads") && j.is_unset("num_key_value_heads")
-                       ? a.num_heads
-                       : blocks::dim_or(j, "num_key_value_heads", 8);
-  if (a.num_heads % a.num_kv_heads != 0)
-    refuse(j, "num_key_value_heads", "must divide num_attention_heads (" + std::to_string(a.num_heads) +
-                                         "), found " + std::to_string(a.num_kv_heads));
+  a.num_kv_heads = blocks::kv_heads(j, a.num_heads, 8);  // as the family's config class, absent: 8
   // head_dim is not a FalconH1Config field; the model reads it when the config carries one.
   a.head_dim = blocks::dim_or(j, "head_dim", lm.hidden_size / a.num_heads);
   a.bias = j.get_bool("attention_bias", false);

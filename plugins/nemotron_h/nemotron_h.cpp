@@ -122,13 +122,7 @@ Config parse(const io::JsonConfig& j) {
   auto& a = c.attention;
   a.hidden_size = lm.hidden_size;
   a.num_heads = blocks::dim_or(j, "num_attention_heads", 32);
-  // null: as many KV heads as query heads (NemotronHConfig.__post_init__).
-  a.num_kv_heads = j.has("num_key_value_heads") && j.is_unset("num_key_value_heads")
-                       ? a.num_heads
-                       : blocks::dim_or(j, "num_key_value_heads", 8);
-  if (a.num_heads % a.num_kv_heads != 0)
-    refuse(j, "num_key_value_heads", "must divide num_attention_heads (" + std::to_string(a.num_heads) +
-                                         "), found " + std::to_string(a.num_kv_heads));
+  a.num_kv_heads = blocks::kv_heads(j, a.num_heads, 8);  // as the family's config class, absent: 8
   a.head_dim = blocks::dim_or(j, "head_dim", 128);
   a.bias = false;  // attention_bias is not read by the 5.17 model
 

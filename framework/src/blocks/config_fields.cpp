@@ -39,6 +39,14 @@ void expect_model_type(const io::JsonConfig& j, const std::vector<std::string>& 
   refuse(j, "model_type", "expected " + list + ", found \"" + model_type + "\"");
 }
 
+int64_t kv_heads(const io::JsonConfig& j, int64_t heads, int64_t absent) {
+  const std::string key = "num_key_value_heads";
+  const int64_t kv = j.has(key) && j.is_unset(key) ? heads : dim_or(j, key, absent);
+  if (heads % kv != 0)
+    refuse(j, key, "must divide num_attention_heads (" + std::to_string(heads) + "), found " + std::to_string(kv));
+  return kv;
+}
+
 std::pair<double, double> time_step_limit(const io::JsonConfig& j) {
   std::pair<double, double> out{0.0, std::numeric_limits<double>::infinity()};
   if (j.is_unset("time_step_limit")) return out;

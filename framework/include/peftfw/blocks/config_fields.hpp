@@ -26,6 +26,10 @@ void expect_model_type(const io::JsonConfig& j, const std::vector<std::string>& 
 // Returns (0, inf) when unset.
 std::pair<double, double> time_step_limit(const io::JsonConfig& j);
 
+// num_key_value_heads: null means one KV head per query head, absent means `absent`; it must
+// divide num_attention_heads (`heads`).
+int64_t kv_heads(const io::JsonConfig& j, int64_t heads, int64_t absent);
+
 // `hidden_act` (or `key`) must be one of `allowed`; returns it.
 std::string activation(const io::JsonConfig& j, const std::string& key,
                        const std::vector<std::string>& allowed, const std::string& fallback);
