@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """Reference-output oracle for the transformers families ``mamba2`` (Mamba2ForCausalLM), ``bamba``
-(BambaForCausalLM), ``nemotron_h`` (NemotronHForCausalLM) and ``falcon_h1`` (FalconH1ForCausalLM).
+(BambaForCausalLM), ``nemotron_h`` (NemotronHForCausalLM), ``falcon_h1`` (FalconH1ForCausalLM), ``mamba``
+(MambaForCausalLM and FalconMambaForCausalLM: Mamba-1) and ``jamba`` (JambaForCausalLM).
 
 Builds tiny random checkpoints with HF transformers, saves them with ``save_pretrained`` (fp32 safetensors) and
 writes reference tensors (logits, loss, per-parameter gradients, bf16 logits, cached decode logits, greedy
 ``generate`` ids) in exactly the layout of granite_oracle.py, so the C++ port is tested the same way.
 
-    .venv/bin/python tests/oracles/family_oracle.py OUTDIR --family mamba2|bamba|nemotron_h|falcon_h1 [--cases a,b,...]
+    .venv/bin/python tests/oracles/family_oracle.py OUTDIR --family mamba2|bamba|nemotron_h|falcon_h1|mamba|jamba \
+        [--cases a,b,...]
 
 writes OUTDIR/<case>/ per case, OUTDIR/default_<family>/config.json (the family's default config) and merges the
 family's entries into OUTDIR/default_counts.json (parameter counts of full-size configs, built on the meta device).
@@ -53,8 +55,14 @@ from transformers import (  # noqa: E402
     BambaForCausalLM,
     FalconH1Config,
     FalconH1ForCausalLM,
+    FalconMambaConfig,
+    FalconMambaForCausalLM,
+    JambaConfig,
+    JambaForCausalLM,
     Mamba2Config,
     Mamba2ForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
     NemotronHConfig,
     NemotronHForCausalLM,
 )
@@ -66,6 +74,9 @@ from transformers.cache_utils import (  # noqa: E402
 )
 from transformers.models.bamba import modeling_bamba  # noqa: E402
 from transformers.models.falcon_h1 import modeling_falcon_h1  # noqa: E402
+from transformers.models.falcon_mamba import modeling_falcon_mamba  # noqa: E402
+from transformers.models.jamba import modeling_jamba  # noqa: E402
+from transformers.models.mamba import modeling_mamba  # noqa: E402
 from transformers.models.mamba2 import modeling_mamba2  # noqa: E402
 from transformers.models.nemotron_h import modeling_nemotron_h  # noqa: E402
 
@@ -132,6 +143,15 @@ CODESTRAL_7B = dict(
     vocab_size=32768,
 )
 MAMBA2_DEFAULT_TOTAL = 7_285_403_648  # Mamba2Config() (the Codestral dims); checked on every mamba2 run
+MAMBA_DEFAULT_TOTAL = 159_308_544  # MambaConfig() (and FalconMambaConfig(): same dims); checked on every mamba run
+JAMBA_DEFAULT_TOTAL = 51_570_323_328  # JambaConfig() (Jamba-v0.1's dims); checked on every jamba run
+# Which defaults each family asserts (key in default_counts.json -> expected total).
+DEFAULT_TOTALS = {
+    "Mamba2Config()": MAMBA2_DEFAULT_TOTAL,
+    "MambaConfig()": MAMBA_DEFAULT_TOTAL,
+    "FalconMambaConfig()": MAMBA_DEFAULT_TOTAL,
+    "JambaConfig()": JAMBA_DEFAULT_TOTAL,
+}
 
 # --------------------------------------------------------------------------------------------------------------------
 # Families and cases
@@ -582,6 +602,246 @@ FALCON_H1_CASES[3]["notes"] = (
     "unpadded run." + _PADDED_ATTN_NOTE
 )
 
+# Mamba-1: MambaForCausalLM (model_type "mamba") and FalconMambaForCausalLM (model_type "falcon_mamba") are one family;
+# a case with variant "falcon_mamba" builds the FalconMamba classes from the same base config.
+MAMBA_BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=3,
+    state_size=16,
+    expand=2,  # d_inner = 128
+    conv_kernel=4,
+    time_step_rank="auto",  # ceil(hidden / 16) = 4
+    layer_norm_epsilon=1e-5,
+    hidden_act="silu",
+    initializer_range=0.1,
+    use_bias=False,
+    use_conv_bias=True,
+    residual_in_fp32=True,
+    tie_word_embeddings=False,  # MambaConfig's default is true (the `tied` cases)
+    use_mambapy=False,
+    pad_token_id=PAD_ID,
+    bos_token_id=1,
+    eos_token_id=2,
+    use_cache=True,
+)
+
+MAMBA_PADDED_NOTE = (
+    "batch 3, LEFT padding with pad id 0 (attention_mask zeros on the left; real lengths 21/15/9). The Mamba-1 "
+    "mixer multiplies its INPUT (before in_proj) and the conv output (after silu, before x_proj and the scan) by the "
+    "mask; in_proj has no bias here, so the conv window of the first real tokens sees exact zeros at pad positions, "
+    "the scan input x and B are 0 at pads (dt = softplus(dt_proj.bias) is not, but the state stays exactly 0), and the "
+    "real positions of a padded row equal the same tokens run unpadded (meta.stats.padded_vs_unpadded_maxabsdiff). "
+    "With an in_proj bias (not in this case) pad positions carry the bias into the conv window of the first real "
+    "tokens. The label of each row's first real token is not -100, so the loss includes the prediction made at the "
+    "last pad position (the mixer outputs exactly 0 there, the block is the residual). Compare logits on "
+    "attention_mask==1 positions."
+)
+
+MAMBA_CASES = [
+    dict(
+        name="base",
+        config={},
+        batch=2,
+        pad_token_in_input=True,
+        notes="MambaForCausalLM, 3 layers, d_inner 128 (expand 2), state 16, conv 4, dt_rank 4 ('auto' = "
+        "ceil(hidden/16)), conv bias, no in/out_proj bias, residual_in_fp32 true, untied lm_head. Token id 0 (= "
+        "pad_token_id) occurs once inside sequence 1 at a real position: the embedding has NO padding_idx, so row 0 "
+        "gets a gradient like any other row.",
+    ),
+    dict(
+        name="proj_bias",
+        config=dict(use_bias=True, use_conv_bias=False),
+        batch=2,
+        notes="use_bias true (in_proj and out_proj biases), use_conv_bias false (conv1d has no bias; the "
+        "conv1d.bias key is absent). dt_proj always has a bias, x_proj never has one.",
+    ),
+    dict(
+        name="tied",
+        config=dict(tie_word_embeddings=True, residual_in_fp32=False),
+        batch=2,
+        notes="tie_word_embeddings true (MambaConfig's default, as in the state-spaces/mamba-*-hf checkpoints: no "
+        "lm_head.weight key, not in named_parameters) and residual_in_fp32 false: in the bf16 model the residual "
+        "stream stays bf16 and norm_f returns bf16 (meta.stats.bf16_dtype_flow); the logits are still returned as "
+        "float32.",
+    ),
+    dict(name="padded", config={}, batch=3, pad_lengths=[0, 6, 12], notes=MAMBA_PADDED_NOTE),
+    dict(
+        name="time_step",
+        config=dict(
+            time_step_rank=8,
+            time_step_scale=0.5,
+            time_step_min=0.01,
+            time_step_max=0.2,
+            time_step_init_scheme="constant",
+            time_step_floor=1e-3,
+        ),
+        batch=2,
+        notes="explicit time_step_rank 8 (not 'auto' = ceil(64/16) = 4): x_proj is 128 -> 8 + 2*16 = 40 rows split "
+        "[dt 8 | B 16 | C 16], dt_proj is 8 -> 128. time_step_scale, time_step_min, time_step_max, "
+        "time_step_init_scheme and time_step_floor only shape the INITIALISATION of dt_proj (weight and bias); the "
+        "forward never reads them (no dt clamp in Mamba-1: no time_step_limit field).",
+    ),
+    dict(
+        name="dims",
+        config=dict(expand=2, intermediate_size=160, state_size=8, conv_kernel=3),
+        batch=2,
+        seed_offset=1,  # the plain seed's greedy continuation hits eos_token_id (2)
+        notes="intermediate_size 160 given explicitly with expand 2: MambaConfig derives intermediate_size = expand * "
+        "hidden (128) in __post_init__, but an intermediate_size kwarg (or config.json field, which config.json "
+        "always carries) is applied after that and wins, so d_inner is 160 and expand is not read by the model. "
+        "state_size 8 (A_log [160, 8], x_proj 160 -> 4 + 2*8 = 20), conv_kernel 3 (conv1d.weight [160, 1, 3]; the "
+        "cached conv_state keeps the last 3 inputs).",
+    ),
+    dict(
+        name="falcon_base",
+        variant="falcon_mamba",
+        config={},
+        batch=2,
+        pad_token_in_input=True,
+        notes="FalconMambaForCausalLM (model_type falcon_mamba) with the base sizes, untied, mixer_rms_eps 1e-6 "
+        "(default). Token id 0 occurs at a real position (no padding_idx: row 0 gets a gradient). The only "
+        "difference from Mamba: dt (the first dt_rank columns of x_proj's output), B and C each go through a "
+        "WEIGHTLESS RMSNorm (x * rsqrt(mean(x^2) + mixer_rms_eps), computed in float32, cast back) before dt_proj / "
+        "the scan. The norms' 'weight' are non-persistent all-ones "
+        "buffers (not parameters, not in the checkpoint, never read by the torch path).",
+    ),
+    dict(
+        name="falcon_options",
+        variant="falcon_mamba",
+        config=dict(mixer_rms_eps=0.05, tie_word_embeddings=True, residual_in_fp32=False, use_bias=True,
+                    use_conv_bias=False, time_step_rank=6),
+        batch=2,
+        notes="FalconMamba with mixer_rms_eps 0.05 (large enough to move the B/C/dt norms visibly: an eps of 1e-6 "
+        "would give nearly the same logits), tied (FalconMambaConfig's default), residual_in_fp32 false, in/out_proj "
+        "biases, no conv bias, "
+        "time_step_rank 6 (x_proj 128 -> 6 + 32 = 38).",
+    ),
+    dict(
+        name="falcon_padded",
+        variant="falcon_mamba",
+        config={},
+        batch=3,
+        pad_lengths=[0, 6, 12],
+        notes=MAMBA_PADDED_NOTE + " FalconMamba: the weightless norms map the all-zero B/C/dt of a pad position to "
+        "exact zeros (0 * rsqrt(eps)).",
+    ),
+]
+
+# Jamba: attention layers where i % attn_layer_period == attn_layer_offset (else mamba), MoE feed-forward where
+# i % expert_layer_period == expert_layer_offset (else a dense SwiGLU MLP). Period 2 / offset 1 for attention and
+# period 3 / offset 0 for experts give all four composite kinds in 4 layers (period 2 / offset 0 for experts would
+# give only mamba+moe and attention+mlp).
+JAMBA_BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=96,  # dense MLP and every expert
+    num_hidden_layers=4,
+    num_attention_heads=4,  # head_dim = hidden / heads = 16 (JambaConfig has no head_dim field)
+    num_key_value_heads=2,
+    hidden_act="silu",
+    rms_norm_eps=1e-6,
+    initializer_range=0.02,
+    max_position_embeddings=256,
+    attention_dropout=0.0,
+    attn_layer_period=2,
+    attn_layer_offset=1,
+    expert_layer_period=3,
+    expert_layer_offset=0,
+    num_experts=4,
+    num_experts_per_tok=2,
+    output_router_logits=False,
+    router_aux_loss_coef=0.001,
+    use_mamba_kernels=False,
+    mamba_d_state=16,
+    mamba_d_conv=4,
+    mamba_expand=2,  # d_inner 128
+    mamba_dt_rank="auto",  # ceil(hidden / 16) = 4
+    mamba_conv_bias=True,
+    mamba_proj_bias=False,
+    use_mambapy=False,
+    tie_word_embeddings=False,
+    pad_token_id=PAD_ID,
+    bos_token_id=1,
+    eos_token_id=2,
+    use_cache=True,
+)
+
+JAMBA_CASES = [
+    dict(
+        name="base",
+        config={},
+        batch=2,
+        pad_token_in_input=True,
+        expect_layer_kinds=["mamba+moe", "attention+mlp", "mamba+mlp", "attention+moe"],
+        notes="4 layers, attn_layer_period 2 / offset 1 and expert_layer_period 3 / offset 0: [mamba+moe, "
+        "attention+mlp, mamba+mlp, attention+moe] (meta.layer_kinds). Mamba-1 mixer d_inner 128, state 16, conv 4, "
+        "dt_rank 4, with RMSNorms (weights, eps rms_norm_eps) on dt, B and C; attention 4 heads, 2 KV heads, "
+        "head_dim 16, NO positional encoding; MoE 4 experts of 96, top-2, softmax router WITHOUT renormalisation of "
+        "the top-k weights; dense SwiGLU MLP of 96. Untied, conv bias, no mamba proj bias. Token id 0 (= "
+        "pad_token_id) occurs once inside sequence 1 at a real position: nn.Embedding(padding_idx=pad_token_id) gives "
+        "row 0 no gradient.",
+    ),
+    dict(
+        name="top1",
+        config=dict(num_experts_per_tok=1, attn_layer_period=3, attn_layer_offset=0, expert_layer_period=2,
+                    expert_layer_offset=1, head_dim=24),
+        batch=2,
+        expect_layer_kinds=["attention+mlp", "mamba+moe", "mamba+mlp", "attention+moe"],
+        notes="num_experts_per_tok 1: each token's MoE output is softmax(router_logits)[e*] * expert_e*(x), the "
+        "weight being the top probability itself (< 1, no renormalisation). Another layer layout: attn_layer_period "
+        "3 / offset 0 and expert_layer_period 2 / offset 1 -> [attention+mlp, mamba+moe, mamba+mlp, attention+moe] "
+        "(layer 0 is attention). Also a head_dim attribute of 24 (JambaConfig has no such field; JambaAttention reads "
+        "getattr(config, 'head_dim', hidden / heads)): q_proj 64 -> 96, k/v_proj 64 -> 48, o_proj 96 -> 64, scaling "
+        "24^-0.5.",
+    ),
+    dict(
+        name="mamba_opts",
+        config=dict(use_mamba_kernels=True, mamba_conv_bias=False, mamba_proj_bias=True, mamba_dt_rank=8,
+                    mamba_d_state=8, mamba_d_conv=3),
+        batch=2,
+        seed_offset=1,  # the plain seed's greedy continuation hits eos_token_id (2)
+        expect_layer_kinds=["mamba+moe", "attention+mlp", "mamba+mlp", "attention+moe"],
+        notes="mamba_proj_bias true (in_proj and out_proj biases), mamba_conv_bias false, explicit mamba_dt_rank 8 "
+        "(x_proj 128 -> 8 + 2*8 = 24, dt_layernorm over 8), mamba_d_state 8, mamba_d_conv 3. use_mamba_kernels true "
+        "is recorded in config.json but read nowhere by the 5.17 model (no kernels here: the torch path runs, as "
+        "with false).",
+    ),
+    dict(
+        name="tied",
+        config=dict(tie_word_embeddings=True),
+        batch=2,
+        expect_layer_kinds=["mamba+moe", "attention+mlp", "mamba+mlp", "attention+moe"],
+        notes="tied lm_head (no lm_head.weight key in the checkpoint). Row 0 of the embedding still gets no gradient "
+        "through the lookup (padding_idx) but gets the tied lm_head's share.",
+    ),
+    dict(
+        name="padded",
+        config={},
+        batch=3,
+        pad_lengths=[0, 6, 12],
+        expect_layer_kinds=["mamba+moe", "attention+mlp", "mamba+mlp", "attention+moe"],
+        notes=None,  # filled in below
+    ),
+    dict(
+        name="router_aux",
+        config=dict(output_router_logits=True, router_aux_loss_coef=0.05),
+        batch=3,
+        pad_lengths=[0, 6, 12],
+        expect_layer_kinds=["mamba+moe", "attention+mlp", "mamba+mlp", "attention+moe"],
+        notes="output_router_logits true, router_aux_loss_coef 0.05 (0.001 by default; only used when "
+        "output_router_logits is true): loss = CE + 0.05 * aux, aux = E * sum_e f_e * P_e over the router logits of "
+        "ALL MoE layers together (f_e: top-k assignment count of expert e / rows, P_e: mean softmax probability of e; "
+        "rows and counts summed over the MoE layers, pad rows (attention_mask 0) excluded). Left padding as in "
+        "padded, so the mask-weighted form is exercised. meta.stats.loss_ce and meta.stats.aux_loss hold the parts; "
+        "the aux gradient reaches the router weights only (top-k selection is not differentiable).",
+    ),
+]
+JAMBA_CASES[4]["notes"] = (
+    MAMBA_PADDED_NOTE + " position_ids are not used (no RoPE). MLP and MoE act per token (pad positions are routed "
+    "like any token and never reach a real position)." + _PADDED_ATTN_NOTE
+)
+
 FAMILIES = {
     "mamba2": dict(
         config_cls=Mamba2Config,
@@ -623,6 +883,30 @@ FAMILIES = {
         base_config=FALCON_H1_BASE,
         cases=FALCON_H1_CASES,
         seed_base=8096,
+        embed="model.embed_tokens.weight",
+        final_norm="model.final_layernorm.weight",
+        legacy_embed=None,
+    ),
+    "mamba": dict(
+        config_cls=MambaConfig,
+        model_cls=MambaForCausalLM,
+        module=modeling_mamba,
+        # cases with variant "falcon_mamba" build these classes instead
+        variants={"falcon_mamba": (FalconMambaConfig, FalconMambaForCausalLM, modeling_falcon_mamba)},
+        base_config=MAMBA_BASE,
+        cases=MAMBA_CASES,
+        seed_base=10120,
+        embed="backbone.embeddings.weight",
+        final_norm="backbone.norm_f.weight",
+        legacy_embed="backbone.embedding.weight",
+    ),
+    "jamba": dict(
+        config_cls=JambaConfig,
+        model_cls=JambaForCausalLM,
+        module=modeling_jamba,
+        base_config=JAMBA_BASE,
+        cases=JAMBA_CASES,
+        seed_base=12144,
         embed="model.embed_tokens.weight",
         final_norm="model.final_layernorm.weight",
         legacy_embed=None,
@@ -751,6 +1035,127 @@ GLOBAL_NOTES = {
     ],
 }
 
+GLOBAL_NOTES["mamba"] = [
+    "Two model types in one family: MambaForCausalLM (model_type mamba) and FalconMambaForCausalLM (model_type "
+    "falcon_mamba, cases falcon_*). Same block, same mixer, same names; FalconMamba only adds weightless RMSNorms on "
+    "dt, B and C (see below).",
+    "Checkpoint keys equal model.named_parameters() names: backbone.embeddings.weight [V, H]; "
+    "backbone.layers.N.norm.weight [H]; backbone.layers.N.mixer.{in_proj.weight [2D, H] (+ .bias with use_bias), "
+    "conv1d.weight [D, 1, K] (+ .bias [D] with use_conv_bias), x_proj.weight [R + 2N, D] (never a bias), "
+    "dt_proj.weight [D, R], dt_proj.bias [D] (always), A_log [D, N], D [D], out_proj.weight [H, D] (+ .bias with "
+    "use_bias)}; backbone.norm_f.weight; lm_head.weight (absent when tied: tie_word_embeddings defaults to TRUE for "
+    "both config classes). D = intermediate_size, N = state_size, R = time_step_rank, K = conv_kernel. No "
+    "persistent buffers. FalconMamba's b_layernorm / c_layernorm / dt_layernorm 'weight' are non-persistent all-ones "
+    "buffers: not parameters, not in the checkpoint, never read by the torch path.",
+    "MambaModel registers a load_state_dict pre-hook that renames the legacy mamba_ssm key backbone.embedding.weight "
+    "to backbone.embeddings.weight (base_legacy); from_pretrained in 5.17 does not run it (the key is reported "
+    "unexpected and the embedding, and a tied lm_head with it, missing). FalconMambaModel does not register it.",
+    "Config: intermediate_size = expand * hidden_size is derived in __post_init__, but an explicit intermediate_size "
+    "(config.json always carries one) overrides it and is what the model uses (case dims). time_step_rank 'auto' = "
+    "ceil(hidden_size / 16), written to config.json as the int. time_step_scale / time_step_min / time_step_max / "
+    "time_step_init_scheme / time_step_floor / rescale_prenorm_residual / initializer_range only shape the "
+    "initialisation; there is no time_step_limit and dt is never clamped. use_mambapy only matters with the mambapy "
+    "package (not installed), use_associative_scan only under torch.compile: neither changes these results. "
+    "FalconMambaConfig accepts the old name use_falcon_mambapy. Defaults pad = bos = eos = 0.",
+    "nn.Embedding has no padding_idx (pad_token_id only matters to generate).",
+    "Block (same as mamba2): residual = x (.float() when residual_in_fp32); h = norm(x.to(norm.weight.dtype)); "
+    "x = residual + mixer(h). RMSNorm: weight * (x.float() * rsqrt(mean(x^2) + layer_norm_epsilon)).to(x.dtype). "
+    "Final: norm_f, logits = lm_head(h.to(lm_head dtype)).float() (float32 even in a bf16 model).",
+    "Mixer (torch path, T > 1 or no cache): u = h * mask (when an attention_mask is given); [x | z] = in_proj(u) "
+    "(x = first D channels, z = last D); x = silu(causal depthwise conv1d(x) + conv bias) (left zero padding K-1); "
+    "x = x * mask; [dt_raw | B | C] = x_proj(x) split [R, N, N]; FalconMamba: dt_raw, B, C = each "
+    "x * rsqrt(mean(x^2) + mixer_rms_eps) over its own last dim (float32, cast back, NO weight); dt = "
+    "softplus(dt_proj.weight @ dt_raw + dt_proj.bias) [D per token]; A = -exp(A_log.float()) [D, N]; per step t: "
+    "s = exp(dt_t A) * s + (dt_t B_t) x_t (s [D, N], zero initial state), y_t = s @ C_t + D * x_t; "
+    "y = y * silu(z); out = out_proj(y). The scan is a sequential loop over T.",
+    "Padding: the mask is applied to the mixer input and to the conv output (x before x_proj), exactly as passed "
+    "to the model (MambaModel hands the 2-D attention_mask to every mixer). With left padding and no in_proj bias "
+    "the real positions equal an unpadded run (stats.padded_vs_unpadded_maxabsdiff): x and B are 0 at pads, so the "
+    "state stays 0 although dt = softplus(dt_proj.bias) is not 0 there.",
+    "Cached decode (cache_params with a previous state and T == 1): conv via causal_conv1d_update on the cached "
+    "conv_state [B, D, K] (the last K pre-conv x values, shifted left, current one appended; after a prefill shorter "
+    "than K it is left-padded with zeros); SSM via mamba_selective_state_update: the same recurrence for one step, "
+    "but D-skip and gate use the D parameter in the model dtype (the full path uses D.float()) and the step "
+    "returns the model dtype. In fp32 both paths agree to ~1e-5 (stats.decode_vs_full_forward_maxabsdiff); no "
+    "mask is applied (generate drops the attention_mask on decode steps; a full-length mask with a 1-token input "
+    "would broadcast wrongly in apply_mask_to_padding_states).",
+    "bf16 (from_pretrained(dtype=bfloat16); stats.bf16_dtype_flow): in_proj, conv1d (+silu), x_proj, dt_proj and "
+    "softplus run in bf16 (dt_proj.bias is cast to bf16 before the add); the discretisation is float32 "
+    "(exp(dt.float() * A), dt * B.float() * x.float()) and the state is float32; y_t = s.to(bf16) @ C_t is a bf16 "
+    "product; + x * D.float() and * silu(z) promote to float32, so the scan returns float32 and out_proj's input "
+    "is cast back to bf16. FalconMamba's dt/B/C norms compute in float32 and return bf16. With residual_in_fp32 the "
+    "residual stream is float32 from layer 0 on and norm_f returns float32; lm_head casts its input to bf16; logits "
+    "float32. Cache: conv_state bf16, ssm_state float32 (also after decode steps); a decode step returns bf16 from "
+    "the mixer.",
+    "labels are unshifted (HF shifts inside the loss); loss = mean CE over non -100 shifted targets.",
+    "grads are taken in model.train() (identical logits to eval; mamba_inner_fn, the fused training kernel, is "
+    "the torch stub that returns None, so the same torch path runs).",
+    "Cached decode passes cache_params (not past_key_values) and returns it as out.cache_params; "
+    "MambaForCausalLM.forward takes no position_ids. generate() drops the attention_mask on decode steps and passes "
+    "logits_to_keep=1.",
+]
+GLOBAL_NOTES["jamba"] = [
+    "In-memory names: model.embed_tokens; model.layers.N.{input_layernorm, pre_ff_layernorm}.weight; mamba layers "
+    "model.layers.N.mamba.{in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj, dt_layernorm, b_layernorm, "
+    "c_layernorm} (shapes as in the mamba family, plus dt_layernorm.weight [R], b/c_layernorm.weight [N]); attention "
+    "layers model.layers.N.self_attn.{q,k,v,o}_proj.weight (never a bias); dense feed-forward "
+    "model.layers.N.feed_forward.{gate,up,down}_proj.weight; MoE feed-forward "
+    "model.layers.N.feed_forward.router.weight [E, H] and the stacked experts feed_forward.experts.gate_up_proj "
+    "[E, 2I, H] and feed_forward.experts.down_proj [E, H, I]; model.final_layernorm; lm_head (absent when tied).",
+    "On disk (save_pretrained reverts conversion_mapping.py 'jamba', which stacks at load with MergeModulelist and "
+    "Concatenate(dim=1)): the released checkpoints' per-expert names model.layers.N.feed_forward.experts.{e}."
+    "{gate_proj, up_proj, down_proj}.weight ([I, H], [I, H], [H, I]); every other key equals its parameter name. "
+    "gate_up_proj[e] = cat(gate_proj_e, up_proj_e) along dim 0 (gate rows first). param_to_checkpoint_key maps "
+    "gate_up_proj to [e0.gate_proj, e0.up_proj, e1.gate_proj, ...] and down_proj to [e0, e1, ...]: stacking the "
+    "listed tensors and reshaping to the parameter's shape gives the parameter. No persistent buffers.",
+    "Layer pattern (config.json has no layer list; layers_block_type / layers_num_experts are properties): layer i "
+    "is attention iff i % attn_layer_period == attn_layer_offset, else mamba; its feed-forward is the MoE iff "
+    "i % expert_layer_period == expert_layer_offset (num_experts experts), else the dense MLP (offset < period is "
+    "enforced). JambaConfig() (Jamba-v0.1): attention at 4, 12, 20, 28 with MLP, MoE on every odd layer, so "
+    "attention+moe never occurs there; the cases use other periods to get all four kinds (meta.layer_kinds).",
+    "Embedding: nn.Embedding(padding_idx=pad_token_id): the lookup sends no gradient to row 0.",
+    "Layer: x = x + mixer(input_layernorm(x)); x = x + feed_forward(pre_ff_layernorm(x)) with mixer = mamba or "
+    "self_attn. RMSNorm: weight * (x.float() * rsqrt(mean(x^2) + rms_norm_eps)).to(x.dtype). No fp32 residual. "
+    "Final: final_layernorm, logits = lm_head(h) in the model dtype (bf16 in a bf16 model: no .float(); the loss "
+    "upcasts).",
+    "Attention: NO positional encoding (no RoPE; position_ids are unused; max_position_embeddings is ignored), "
+    "head_dim = config.head_dim if the config carries one (not a JambaConfig field), else hidden / heads; GQA; "
+    "scaling head_dim^-0.5; causal SDPA; no biases.",
+    "Mamba mixer: the Mamba-1 mixer of the mamba family (in_proj -> [x | z], causal depthwise conv + silu, x_proj -> "
+    "[dt | B | C], dt_proj, selective scan, D skip, * silu(z), out_proj) with RMSNorms WITH weights on dt (over R), "
+    "B and C (over N) right after x_proj, eps = rms_norm_eps (no separate mamba eps), each computed in float32 and "
+    "cast back before the weight multiply. Sizes: D = mamba_expand * hidden, N = mamba_d_state, K = mamba_d_conv, "
+    "R = mamba_dt_rank ('auto' = ceil(hidden / 16)); in/out_proj bias = mamba_proj_bias, conv bias = "
+    "mamba_conv_bias; dt_proj always has a bias; no dt clamp. The 2-D padding mask reaches the mixer only when it "
+    "has a zero and T > 1 (create_recurrent_attention_mask returns None otherwise); it is applied to the mixer "
+    "input and the conv output.",
+    "MLP: down_proj(silu(gate_proj(x)) * up_proj(x)), width intermediate_size, no biases.",
+    "MoE (JambaSparseMoeBlock): router_logits = router(x) (no bias, model dtype); p = softmax(router_logits, "
+    "dtype=float32); (w, idx) = topk(p, num_experts_per_tok); w = w.to(model dtype); NO renormalisation of w (with "
+    "top-1 the weight is the top probability, < 1). Expert e: down_e(silu(gate_e(x)) * up_e(x)) with gate_e / up_e "
+    "the two halves of gate_up_proj[e], width intermediate_size (the same as the dense MLP). out = sum_k w_k * "
+    "expert_{idx_k}(x) (experts_implementation grouped_mm: each weighted expert output is formed in the model dtype, "
+    "then the k terms are summed). No shared expert, no capacity limit, no jitter.",
+    "router_aux_loss_coef is used only when output_router_logits is true (config or call): loss = CE + coef * aux, "
+    "aux = E * sum_e (count_e / rows) * (psum_e / rows) over the router logits of all MoE layers together, count_e "
+    "= number of top-k selections of e, psum_e = sum of softmax probabilities of e, rows = tokens per layer times "
+    "MoE layers; with an attention_mask each row is weighted by its mask value (pads excluded). See router_aux.",
+    "Config fields the 5.17 model ignores: use_mamba_kernels (never read), use_mambapy (needs the mambapy package), "
+    "use_associative_scan (torch.compile only), max_position_embeddings, initializer_range, and "
+    "router_aux_loss_coef while output_router_logits is false.",
+    "bf16 (from_pretrained(dtype=bfloat16); stats.bf16_dtype_flow): everything runs in bf16 except the mamba "
+    "discretisation/state (float32; the scan returns float32 and out_proj's input is cast back to bf16, as in the "
+    "mamba family), the RMSNorm reductions and the router softmax (float32, but its top-k weights are cast back to "
+    "bf16 before they scale the expert outputs). Residual stream bf16; logits bf16. Cache: conv_state bf16, "
+    "ssm_state float32. MoE cases re-draw the seed until no routing decision is a near tie (stats.moe_routing: fp32 "
+    "router-logit margin >= 2e-3, and the bf16 model picks the same experts as the fp32 one).",
+    "labels are unshifted (HF shifts inside the loss); loss = mean CE over non -100 shifted targets.",
+    "grads are taken in model.train() (identical logits to eval; attention_dropout 0).",
+    "Cached decode like bamba: past_key_values = DynamicCache(config) (LinearAttentionLayer for mamba layers, "
+    "DynamicLayer for attention layers), attention_mask of the full length, position_ids (unused). generate() passes "
+    "logits_to_keep=1.",
+]
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Helpers
@@ -782,33 +1187,46 @@ def check_environment():
         if importlib.util.find_spec(pkg) is not None:
             raise RuntimeError(f"{pkg} is importable: transformers would not use its torch reference path")
     # The kernel-or-torch dispatch is decided at import time; make sure every mixer function is the torch fallback.
-    for mod in (modeling_mamba2, modeling_bamba, modeling_nemotron_h, modeling_falcon_h1):
-        for fn_name in (
-            "causal_conv1d_fn",
-            "causal_conv1d_update",
-            "mamba2_chunk_scan",
-            "mamba2_selective_state_update",
-            "mamba2_split_conv1d_scan_combined",
-        ):
+    mamba2_fns = ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_chunk_scan", "mamba2_selective_state_update",
+                  "mamba2_split_conv1d_scan_combined")
+    # Mamba-1 mixers: the torch mamba_inner_fn returns None, so training falls through to the same torch path.
+    mamba1_fns = ("causal_conv1d_fn", "causal_conv1d_update", "mamba_inner_fn", "mamba_selective_scan",
+                  "mamba_selective_state_update")
+    for mod, fn_names in ((modeling_mamba2, mamba2_fns), (modeling_bamba, mamba2_fns),
+                          (modeling_nemotron_h, mamba2_fns), (modeling_falcon_h1, mamba2_fns),
+                          (modeling_mamba, mamba1_fns), (modeling_falcon_mamba, mamba1_fns),
+                          (modeling_jamba, mamba1_fns)):
+        for fn_name in fn_names:
             fn = getattr(mod, fn_name)
             where = getattr(getattr(fn, "__wrapped__", fn), "__module__", "")
             if where != mod.__name__:
                 raise RuntimeError(f"{fn_name} resolves to {where}, not the torch fallback in {mod.__name__}")
 
 
+def case_classes(fam, case):
+    """(config class, model class, modeling module) of a case: the family's, or those of the case's variant (the mamba
+    family builds FalconMamba cases from the same base config)."""
+    if case.get("variant"):
+        return fam["variants"][case["variant"]]
+    return fam["config_cls"], fam["model_cls"], fam["module"]
+
+
 def make_config(fam, case):
     kw = dict(case["config"]) if case.get("replace_config") else dict(fam["base_config"], **case["config"])
-    return fam["config_cls"](**kw)
+    return case_classes(fam, case)[0](**kw)
+
+
+CACHE_PARAMS_MODELS = (Mamba2ForCausalLM, MambaForCausalLM, FalconMambaForCausalLM)
 
 
 def mixers(model):
     """(layer index, mixer module) of every mamba layer."""
-    if isinstance(model, Mamba2ForCausalLM):
+    if isinstance(model, CACHE_PARAMS_MODELS):  # backbone.layers.N.mixer (Mamba-1 and Mamba-2)
         return [(i, layer.mixer) for i, layer in enumerate(model.backbone.layers)]
     if isinstance(model, NemotronHForCausalLM):
         return [(i, layer.mixer) for i, layer in enumerate(model.model.layers)
                 if layer.block_type == "linear_attention"]
-    # bamba (mamba layers only) and falcon_h1 (every layer has a mamba branch)
+    # bamba and jamba (mamba layers only) and falcon_h1 (every layer has a mamba branch)
     return [(i, layer.mamba) for i, layer in enumerate(model.model.layers) if hasattr(layer, "mamba")]
 
 
@@ -847,10 +1265,20 @@ def perturb_parameters(model, fam, gen, case):
             new = randn(shape, 0.15, 1.0)
         elif leaf == "weight" and p.dim() == 1:  # every RMSNorm (block norms and the mixer's gated norm)
             new = randn(shape, 0.15, 1.0)
+        elif leaf == "A_log" and p.dim() == 2:
+            # Mamba-1 A_log [d_inner, d_state]: A = -exp(A_log) in roughly [-1, -0.05] along the state dim, so slow
+            # states keep memory over the whole sequence
+            base = torch.log(torch.linspace(0.05, 1.0, shape[1]))[None, :]
+            new = base + randn(shape, 0.1)
         elif leaf == "A_log":
             # A = -exp(A_log) in roughly [-1, -0.05]: slow heads keep state across chunk boundaries
             base = torch.log(torch.linspace(0.05, 1.0, shape[0]))
             new = base + randn(shape, 0.1)
+        elif name.endswith("dt_proj.weight"):
+            # Mamba-1 dt_proj [d_inner, dt_rank]: keep softplus(dt_proj(dt_raw) + bias) in a sane range
+            new = randn(shape, 0.5 / math.sqrt(shape[1]))
+        elif name.endswith("dt_proj.bias"):
+            new = randn(shape, 0.5, -1.0)
         elif leaf == "D":
             new = randn(shape, 0.3, 1.0)
         elif leaf == "dt_bias":
@@ -862,14 +1290,14 @@ def perturb_parameters(model, fam, gen, case):
             new = randn(shape, 0.4)
         elif name.endswith("conv1d.bias"):
             new = randn(shape, 0.1)
-        elif mixer is not None and name.endswith("in_proj.weight"):
+        elif mixer is not None and name.endswith("in_proj.weight") and hasattr(mixer, "conv_dim"):
             new = randn(shape, 1.0 / math.sqrt(shape[1]))
             new[mixer.intermediate_size + mixer.conv_dim :] *= 0.5  # dt rows: keep softplus in a sane range
         elif leaf == "bias":
             new = randn(shape, 0.1)
         elif leaf == "weight" and p.dim() == 2:  # nn.Linear [out, in]
             new = randn(shape, 1.0 / math.sqrt(shape[1]))
-        elif p.dim() == 3 and ".experts." in name:  # nemotron_h stacked experts [E, out, in]
+        elif p.dim() == 3 and ".experts." in name:  # nemotron_h / jamba stacked experts [E, out, in]
             new = randn(shape, 1.0 / math.sqrt(shape[2]))
         else:
             raise RuntimeError(f"no perturbation rule for parameter {name} {shape}")
@@ -957,8 +1385,18 @@ def cache_snapshot(cache, prefix):
     return out
 
 
-def is_mamba2(model):
-    return isinstance(model, Mamba2ForCausalLM)
+MIXER_PATH = {
+    "mamba2": "torch fallback (mamba2_chunk_scan for T>1, mamba2_selective_state_update for cached T==1)",
+    "mamba": "torch fallback (mamba_selective_scan: sequential loop over T, for T>1 or without a cache; "
+    "causal_conv1d_update + mamba_selective_state_update for cached T==1); use_mambapy false, mamba_inner_fn "
+    "(fused training kernel) unavailable",
+}
+MIXER_PATH["jamba"] = MIXER_PATH["mamba"]
+
+
+def uses_cache_params(model):
+    """Mamba2 / Mamba / FalconMamba take and return the cache as cache_params and take no position_ids."""
+    return isinstance(model, CACHE_PARAMS_MODELS)
 
 
 DECODE_CALLS = {
@@ -979,6 +1417,18 @@ DECODE_CALLS["nemotron_h"] = DECODE_CALLS["bamba"] + [
     "(NemotronHModel creates DynamicCache(config): an empty LinearAttentionLayer placeholder for each MLP / MoE "
     "layer, LinearAttentionLayer for mamba, DynamicLayer for attention; position_ids are unused: no RoPE)"
 ]
+DECODE_CALLS["mamba"] = [
+    c.replace("Mamba2Model", "MambaModel / FalconMambaModel") for c in DECODE_CALLS["mamba2"]
+] + [
+    "(the cache is a DynamicCache of LinearAttentionLayer: conv_state [B, d_inner, conv_kernel] holds the last "
+    "conv_kernel in_proj outputs (x half) before the conv, ssm_state [B, d_inner, d_state]; a step with cache and "
+    "seq_len 1 takes the recurrent path: causal_conv1d_update + mamba_selective_state_update)"
+]
+DECODE_CALLS["jamba"] = [c.replace("BambaModel", "JambaModel") for c in DECODE_CALLS["bamba"]] + [
+    "(DynamicCache(config): LinearAttentionLayer (conv_state [1, d_inner, d_conv], ssm_state [1, d_inner, d_state]) "
+    "for mamba layers, DynamicLayer (key/value [1, nkv, t, head_dim]) for attention layers; position_ids are "
+    "unused: no RoPE)"
+]
 DECODE_CALLS["falcon_h1"] = [
     c.replace("BambaModel", "FalconH1Model") for c in DECODE_CALLS["bamba"]
 ] + [
@@ -992,7 +1442,7 @@ def decode_reference(model, prompt_ids, step_ids, logits_to_keep=0):
     """Prefill + single-token steps with the returned cache, exactly as GenerationMixin.generate drives the model
     in transformers 5.17 (see DECODE_CALLS)."""
     tp = prompt_ids.shape[1]
-    m2 = is_mamba2(model)
+    m2 = uses_cache_params(model)
     kw = dict(input_ids=prompt_ids, attention_mask=torch.ones(1, tp, dtype=torch.int64), use_cache=True,
               logits_to_keep=logits_to_keep)
     if not m2:
@@ -1055,14 +1505,14 @@ def bf16_dtype_flow(model_bf16, input_ids, attention_mask):
     flow = {}
     hooks = []
 
-    def rec(key, use_input=False):
+    def rec(key, use_input=False, arg=0):
         def hook(_mod, inp, out):
-            t = inp[0] if use_input else (out[0] if isinstance(out, tuple) else out)
+            t = inp[arg] if use_input else (out[0] if isinstance(out, tuple) else out)
             flow.setdefault(key, str(t.dtype).replace("torch.", ""))
 
         return hook
 
-    if is_mamba2(model_bf16):
+    if hasattr(model_bf16, "backbone"):  # mamba2, mamba, falcon_mamba
         layers, final_norm = model_bf16.backbone.layers, model_bf16.backbone.norm_f
         first_mixer = layers[0].mixer
     elif isinstance(model_bf16, NemotronHForCausalLM):
@@ -1074,7 +1524,8 @@ def bf16_dtype_flow(model_bf16, input_ids, attention_mask):
     hooks.append(model_bf16.get_input_embeddings().register_forward_hook(rec("embedding_out")))
     hooks.append(layers[0].register_forward_hook(rec("layer0_out")))
     hooks.append(layers[-1].register_forward_hook(rec("last_layer_out")))
-    hooks.append(first_mixer.norm.register_forward_hook(rec("mixer_gated_norm_out")))
+    if hasattr(first_mixer, "norm"):  # Mamba-2 gated norm
+        hooks.append(first_mixer.norm.register_forward_hook(rec("mixer_gated_norm_out")))
     hooks.append(first_mixer.out_proj.register_forward_hook(rec("mixer_out_proj_in", use_input=True)))
     hooks.append(final_norm.register_forward_hook(rec("final_norm_out")))
     hooks.append(model_bf16.lm_head.register_forward_hook(rec("lm_head_in", use_input=True)))
@@ -1087,11 +1538,95 @@ def bf16_dtype_flow(model_bf16, input_ids, attention_mask):
     elif isinstance(model_bf16, NemotronHForCausalLM):
         for layer in layers:
             hooks.append(layer.mixer.register_forward_hook(rec(f"{layer.block_type}_block_mixer_out")))
-    out = model_bf16(input_ids=input_ids, attention_mask=attention_mask)
-    for h in hooks:
-        h.remove()
+    patched = []
+    if hasattr(first_mixer, "x_proj"):  # Mamba-1 mixer (mamba, falcon_mamba, jamba)
+        hooks.append(first_mixer.in_proj.register_forward_hook(rec("mixer_in_proj_in", use_input=True)))
+        hooks.append(first_mixer.in_proj.register_forward_hook(rec("mixer_in_proj_out")))
+        hooks.append(first_mixer.conv1d.register_forward_hook(rec("mixer_conv1d_out")))
+        hooks.append(first_mixer.x_proj.register_forward_hook(rec("mixer_x_proj_out")))
+        for norm in ("dt_layernorm", "b_layernorm", "c_layernorm"):
+            if hasattr(first_mixer, norm):
+                hooks.append(getattr(first_mixer, norm).register_forward_hook(rec(f"mixer_{norm}_out")))
+        hooks.append(first_mixer.register_forward_hook(rec("mixer_out")))
+        # the scan is a module-level function: wrap it for the duration of this forward to see what it returns
+        module = sys.modules[type(first_mixer).__module__]
+        original_scan = module.mamba_selective_scan
+
+        def scan(*args, **kwargs):
+            out = original_scan(*args, **kwargs)
+            t = out[0] if isinstance(out, tuple) else out
+            flow.setdefault("mixer_selective_scan_out", str(t.dtype).replace("torch.", ""))
+            return out
+
+        module.mamba_selective_scan = scan
+        patched.append((module, "mamba_selective_scan", original_scan))
+    if isinstance(model_bf16, JambaForCausalLM):
+        for i, layer in enumerate(layers):
+            kind = layer_kind(layer)
+            hooks.append(layer.feed_forward.register_forward_hook(rec(f"{kind}_feed_forward_out")))
+            if hasattr(layer, "self_attn"):
+                hooks.append(layer.self_attn.register_forward_hook(rec("attention_out")))
+            if hasattr(layer.feed_forward, "router"):
+                hooks.append(layer.feed_forward.router.register_forward_hook(rec("moe_router_logits")))
+                hooks.append(layer.feed_forward.experts.register_forward_hook(
+                    rec("moe_top_k_weights_in", use_input=True, arg=2)))
+                hooks.append(layer.feed_forward.experts.register_forward_hook(rec("moe_experts_out")))
+    try:
+        out = model_bf16(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for h in hooks:
+            h.remove()
+        for module, fn_name, fn in patched:
+            setattr(module, fn_name, fn)
     flow["returned_logits"] = str(out.logits.dtype).replace("torch.", "")
+    if patched:
+        # Mamba-1: dtypes of the cached decode (the last 9 tokens of row 0: a bf16 prefill of 8, then one step)
+        flow.update(bf16_decode_dtype_flow(model_bf16, first_mixer, input_ids[:1, -9:]))
     return out.logits.float().clone(), flow
+
+
+@torch.no_grad()
+def bf16_decode_dtype_flow(model_bf16, first_mixer, ids):
+    """Mamba-1 mixers (mamba, falcon_mamba, jamba): cache dtypes after a bf16 prefill and what the recurrent
+    single-token path (mamba_selective_state_update) returns."""
+    flow = {}
+    module = sys.modules[type(first_mixer).__module__]
+    original_update = module.mamba_selective_state_update
+
+    def update(state, x, dt, A, B, C, D=None, **kwargs):
+        flow.setdefault("decode_state_update_D_param", str(D.dtype).replace("torch.", ""))
+        out = original_update(state, x, dt, A, B, C, D, **kwargs)
+        flow.setdefault("decode_state_update_out", str(out.dtype).replace("torch.", ""))
+        return out
+
+    layer_idx = first_mixer.layer_idx
+    tp = ids.shape[1] - 1
+    prefill = dict(input_ids=ids[:, :tp], use_cache=True)
+    if not uses_cache_params(model_bf16):
+        prefill["attention_mask"] = torch.ones(1, tp, dtype=torch.int64)
+    out = model_bf16(**prefill)
+    cache = out.cache_params if uses_cache_params(model_bf16) else out.past_key_values
+    layer = cache.layers[layer_idx]
+    flow["cache_conv_state"] = str(layer.conv_states[0].dtype).replace("torch.", "")
+    flow["cache_ssm_state"] = str(layer.recurrent_states[0].dtype).replace("torch.", "")
+    module.mamba_selective_state_update = update
+    try:
+        if uses_cache_params(model_bf16):
+            step = model_bf16(input_ids=ids[:, tp:], cache_params=cache, use_cache=True)
+        else:
+            step = model_bf16(input_ids=ids[:, tp:], attention_mask=torch.ones(1, tp + 1, dtype=torch.int64),
+                              position_ids=torch.tensor([[tp]]), past_key_values=cache, use_cache=True)
+    finally:
+        module.mamba_selective_state_update = original_update
+    flow["decode_cache_ssm_state_after_step"] = str(layer.recurrent_states[0].dtype).replace("torch.", "")
+    flow["decode_returned_logits"] = str(step.logits.dtype).replace("torch.", "")
+    return flow
+
+
+def layer_kind(layer):
+    """Jamba composite layer kind: '{mamba|attention}+{moe|mlp}'."""
+    mixer = "attention" if hasattr(layer, "self_attn") else "mamba"
+    return f"{mixer}+{'moe' if hasattr(layer.feed_forward, 'router') else 'mlp'}"
 
 
 def checkpoint_mapping(family, model, named):
@@ -1102,18 +1637,33 @@ def checkpoint_mapping(family, model, named):
     the file uses the released checkpoints' names: the "model." prefix is written as "backbone." (lm_head.weight
     unchanged) and each stacked expert tensor [E, out, in] is written as E keys ...experts.{e}.{up,down}_proj.weight
     [out, in] -- the mapping's value is then that list, in expert order. The router's e_score_correction_bias is a
-    persistent buffer and is saved too."""
-    if family != "nemotron_h":
+    persistent buffer and is saved too.
+
+    jamba: names are kept, but save_pretrained splits the stacked experts (conversion_mapping.py 'jamba':
+    MergeModulelist + Concatenate(dim=1) at load): experts.gate_up_proj [E, 2I, H] is written as 2E keys
+    experts.{e}.gate_proj.weight and experts.{e}.up_proj.weight [I, H], experts.down_proj [E, H, I] as E keys
+    experts.{e}.down_proj.weight [H, I].
+
+    A list value is ordered so that stacking its tensors and reshaping the result to the parameter's shape gives the
+    parameter: [e0.gate_proj, e0.up_proj, e1.gate_proj, ...] for gate_up_proj (gate_up_proj[e] = cat(gate_e, up_e),
+    gate rows first), [e0, e1, ...] otherwise."""
+    if family not in ("nemotron_h", "jamba"):
         return {n: n for n, _ in named}, {}
 
     def key(n):
-        return "backbone." + n[len("model."):] if n.startswith("model.") else n
+        if family == "nemotron_h" and n.startswith("model."):
+            return "backbone." + n[len("model."):]
+        return n
 
     mapping = {}
     for n, p in named:
         if p.dim() == 3 and ".experts." in n:
             stem, leaf = n.rsplit(".", 1)
-            mapping[n] = [f"{key(stem)}.{e}.{leaf}.weight" for e in range(p.shape[0])]
+            if leaf == "gate_up_proj":
+                mapping[n] = [f"{key(stem)}.{e}.{part}.weight" for e in range(p.shape[0])
+                              for part in ("gate_proj", "up_proj")]
+            else:
+                mapping[n] = [f"{key(stem)}.{e}.{leaf}.weight" for e in range(p.shape[0])]
         else:
             mapping[n] = key(n)
     state = model.state_dict()
@@ -1175,6 +1725,70 @@ def family_meta(family, model, cfg, buffer_mapping, lm_head_tied, mixer_limit):
     return extra
 
 
+def mamba1_family_meta(family, model, cfg, buffer_mapping, lm_head_tied):
+    """meta.json entries of the mamba / jamba cases (Mamba-1 mixers)."""
+    mixer = mixers(model)[0][1]
+    d, n, r = mixer.intermediate_size, mixer.ssm_state_size, mixer.time_step_rank
+    if hasattr(mixer, "dt_layernorm") and isinstance(mixer.dt_layernorm.weight, torch.nn.Parameter):
+        bc_dt_norm = dict(kind="RMSNorm with weight (dt_layernorm [dt_rank], b/c_layernorm [d_state])",
+                          eps=mixer.dt_layernorm.variance_epsilon)
+    elif hasattr(mixer, "dt_layernorm"):
+        bc_dt_norm = dict(kind="weightless RMSNorm (x * rsqrt(mean(x^2) + eps), float32, cast back)",
+                          eps=mixer.rms_eps)
+    else:
+        bc_dt_norm = None
+    extra = dict(
+        lm_head_tied=lm_head_tied,
+        buffer_to_checkpoint_key=buffer_mapping,
+        mamba=dict(
+            intermediate_size=d,
+            state_size=n,
+            dt_rank=r,
+            conv_kernel=mixer.conv_kernel_size,
+            in_proj_split=dict(x=d, z=d),  # [x | gate], in that order (chunk(2) of in_proj's output)
+            x_proj_split=dict(dt=r, B=n, C=n),  # [dt | B | C]
+            A_log_shape=list(mixer.A_log.shape),
+            dt_proj_weight_shape=list(mixer.dt_proj.weight.shape),
+            conv1d_weight_shape=list(mixer.conv1d.weight.shape),
+            in_out_proj_bias=mixer.in_proj.bias is not None,
+            conv_bias=mixer.conv1d.bias is not None,
+            bc_dt_norm=bc_dt_norm,
+            use_mambapy=bool(mixer.use_mambapy),
+        ),
+    )
+    if family == "jamba":
+        attn = next(layer.self_attn for layer in model.model.layers if hasattr(layer, "self_attn"))
+        moe = next((layer.feed_forward for layer in model.model.layers if hasattr(layer.feed_forward, "router")), None)
+        extra.update(
+            layers_block_type=list(cfg.layers_block_type),
+            layers_num_experts=list(cfg.layers_num_experts),
+            layer_kinds=[layer_kind(layer) for layer in model.model.layers],
+            layer_pattern=dict(
+                attn_layer_period=cfg.attn_layer_period,
+                attn_layer_offset=cfg.attn_layer_offset,
+                expert_layer_period=cfg.expert_layer_period,
+                expert_layer_offset=cfg.expert_layer_offset,
+                formula="layer i is attention iff i % attn_layer_period == attn_layer_offset (else mamba); its "
+                "feed-forward is the MoE iff i % expert_layer_period == expert_layer_offset (else the dense MLP)",
+            ),
+            attention=dict(head_dim=attn.head_dim, num_heads=cfg.num_attention_heads,
+                           num_key_value_heads=cfg.num_key_value_heads, scaling=attn.scaling, rope=None, bias=False),
+            moe=dict(
+                num_experts=cfg.num_experts,
+                top_k=cfg.num_experts_per_tok,
+                expert_intermediate_size=cfg.intermediate_size,
+                router="router_logits = router(x) (nn.Linear, no bias, model dtype); p = softmax(router_logits, "
+                "dtype=float32); (w, idx) = topk(p, top_k); w.to(model dtype); NO renormalisation",
+                experts_gate_up_layout="gate_up_proj[e] = cat(gate_proj_e, up_proj_e) along dim 0 (gate rows first); "
+                "h = silu(x @ gate^T) * (x @ up^T); out_e = h @ down_proj[e]^T",
+                output_router_logits=cfg.output_router_logits,
+                router_aux_loss_coef=cfg.router_aux_loss_coef,
+            ) if moe is not None else None,
+            experts_implementation=getattr(model.config, "_experts_implementation", None),
+        )
+    return extra
+
+
 def checkpoint_keys_and_tensors(path):
     with safe_open(path, "pt") as f:
         keys = sorted(f.keys())
@@ -1188,18 +1802,43 @@ def json_config(cfg):
     return json.loads(cfg.to_json_string(use_diff=False))
 
 
-MOE_ROUTING_ATTEMPTS = 20
-MOE_MIN_MARGIN = 2e-3  # fp32 selection margin every routed token must have (score units, sigmoid + bias)
+MOE_ROUTING_ATTEMPTS = 40  # jamba: about 1 draw in 4 passes (bf16 flips dominate; meta.stats.moe_routing.attempt)
+MOE_MIN_MARGIN = 2e-3  # fp32 selection margin every routed token must have (score units: nemotron_h sigmoid +
+# bias, jamba router logit)
+
+
+def has_moe_layers(cfg):
+    if cfg.model_type == "jamba":
+        return any(n > 1 for n in cfg.layers_num_experts)
+    return "moe" in (getattr(cfg, "layer_types", None) or [])
 
 
 @torch.no_grad()
 def moe_routing(model, input_ids, attention_mask=None):
     """Per MoE layer of a nemotron_h model: the chosen experts of every token (sorted, [tokens, k]) and the selection
     margin of each token (how far the k-th chosen expert's score+bias, or the last chosen group's score, is above the
-    best one left out), recomputed from the router logits exactly as NemotronHTopkRouter selects."""
+    best one left out), recomputed from the router logits exactly as NemotronHTopkRouter selects.
+
+    jamba: the same per MoE layer (feed_forward.router), as JambaSparseMoeBlock selects: top-k of p =
+    softmax(router_logits, float32). softmax is monotonic, so the choice is decided by the logit order and the margin
+    is measured on the logits: the k-th chosen expert's router logit minus the best one left out (a probability gap
+    is about p times smaller)."""
     recs = {}
     hooks = []
     for i, layer in enumerate(model.model.layers):
+        if isinstance(model, JambaForCausalLM):
+            if hasattr(layer.feed_forward, "router"):
+
+                def jamba_hook(_mod, _inp, router_logits, i=i, k=layer.feed_forward.top_k):
+                    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float)
+                    ranked = router_logits.float().sort(-1, descending=True)[0]
+                    margin = torch.full((probs.shape[0],), float("inf"))
+                    if k < probs.shape[-1]:
+                        margin = ranked[:, k - 1] - ranked[:, k]
+                    recs[f"layer{i}"] = (torch.topk(probs, k, dim=-1)[1].sort(-1)[0], margin)
+
+                hooks.append(layer.feed_forward.router.register_forward_hook(jamba_hook))
+            continue
         if layer.block_type != "moe":
             continue
 
@@ -1233,19 +1872,23 @@ def moe_routing_check(model, input_ids, attention_mask, gen_prompt_ids, gen_step
     of the batch, the decode sequence and the greedy continuation must be >= MOE_MIN_MARGIN (a port's fp32 rounding
     is ~1e-6), and a bf16 copy (as from_pretrained(dtype=bfloat16) builds it: the router bias stays fp32) must pick
     the same experts on the batch, otherwise logits_bf16 would hinge on one flipped choice."""
+    # the bf16 check first: it is the cheaper one and the one that fails most often (jamba)
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    for layer in model_bf16.model.layers:
+        if getattr(layer, "block_type", None) == "moe":
+            layer.mixer.gate.e_score_correction_bias.data = layer.mixer.gate.e_score_correction_bias.data.float()
+    flips = count_routing_flips(moe_routing(model, input_ids, attention_mask),
+                                moe_routing(model_bf16, input_ids, attention_mask))
+    del model_bf16
+    if flips:
+        return dict(ok=False, min_margin_fp32=None, bf16_copy_flips=flips)
     full_ids = torch.cat([gen_prompt_ids, gen_step_ids.view(1, -1)], 1)
     greedy = model.generate(gen_prompt_ids, max_new_tokens=GREEDY_NEW_TOKENS, do_sample=False)
     margins = []
     for ids, mask in ((input_ids, attention_mask), (full_ids, None), (greedy, None)):
         margins += [m for _, m in moe_routing(model, ids, mask).values()]
     min_margin = float(torch.cat(margins).min())
-    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    for layer in model_bf16.model.layers:
-        if layer.block_type == "moe":
-            layer.mixer.gate.e_score_correction_bias.data = layer.mixer.gate.e_score_correction_bias.data.float()
-    flips = count_routing_flips(moe_routing(model, input_ids, attention_mask),
-                                moe_routing(model_bf16, input_ids, attention_mask))
-    return dict(ok=min_margin >= MOE_MIN_MARGIN and flips == 0, min_margin_fp32=min_margin, bf16_copy_flips=flips)
+    return dict(ok=min_margin >= MOE_MIN_MARGIN, min_margin_fp32=min_margin, bf16_copy_flips=flips)
 
 
 def count_routing_flips(a, b):
@@ -1260,7 +1903,7 @@ def count_routing_flips(a, b):
 def run_case(family, case, case_idx, outdir):
     t0 = time.time()
     fam = FAMILIES[family]
-    model_cls = fam["model_cls"]
+    model_cls = case_classes(fam, case)[1]
     name = case["name"]
     cdir = os.path.join(outdir, name)
     if os.path.isdir(cdir):
@@ -1269,7 +1912,7 @@ def run_case(family, case, case_idx, outdir):
 
     # MoE cases re-draw (seed + 1000 * attempt) until no token's expert choice is a near tie (see moe_routing_check).
     cfg = make_config(fam, case)
-    has_moe = "moe" in (getattr(cfg, "layer_types", None) or [])
+    has_moe = has_moe_layers(cfg)
     routing = None
     for attempt in range(MOE_ROUTING_ATTEMPTS if has_moe else 1):
         seed = fam["seed_base"] + 17 * case_idx + case.get("seed_offset", 0) + 1000 * attempt
@@ -1292,8 +1935,11 @@ def run_case(family, case, case_idx, outdir):
     else:
         raise RuntimeError(f"no seed with a clear MoE routing in {MOE_ROUTING_ATTEMPTS} attempts: {routing}")
     attn_impl = model.config._attn_implementation
-    if family != "mamba2" and attn_impl != "sdpa":
+    if family not in ("mamba2", "mamba") and attn_impl != "sdpa":
         raise RuntimeError(f"attention implementation is {attn_impl}, expected sdpa")
+    if case.get("expect_layer_kinds") and [layer_kind(x) for x in model.model.layers] != case["expect_layer_kinds"]:
+        raise RuntimeError(f"layer kinds {[layer_kind(x) for x in model.model.layers]} != "
+                           f"{case['expect_layer_kinds']}")
 
     # ---- fp32 forward (eval) -------------------------------------------------------------------------------------
     with torch.no_grad():
@@ -1322,7 +1968,7 @@ def run_case(family, case, case_idx, outdir):
     model.zero_grad(set_to_none=True)
     if float((loss.detach() - loss_eval).abs()) != 0.0:
         raise RuntimeError("train/eval loss mismatch")
-    if family in ("nemotron_h", "falcon_h1"):
+    if family in PARAM_FORMULA_FAMILIES:
         n_params = sum(p.numel() for _, p in named)
         if n_params != expected_param_count(family, cfg):
             raise RuntimeError(f"{n_params} parameters, formula gives {expected_param_count(family, cfg)}")
@@ -1332,9 +1978,19 @@ def run_case(family, case, case_idx, outdir):
         loss_ce = float(model.loss_function(logits=logits, labels=labels, vocab_size=cfg.vocab_size))
         z_mean = float(logits.logsumexp(dim=-1).pow(2).mean())
     z_coef = float(getattr(cfg, "z_loss_coefficient", 0.0) or 0.0)
-    expected_loss = loss_ce + z_coef * z_mean
+    # jamba with output_router_logits: + router_aux_loss_coef * the load-balancing loss (recomputed here from the
+    # router logits, and checked against the model's aux_loss)
+    aux_coef = float(cfg.router_aux_loss_coef) if getattr(cfg, "output_router_logits", False) else 0.0
+    aux_loss = None
+    if aux_coef > 0:
+        aux_loss = float(out_eval.aux_loss)
+        mine = jamba_aux_loss(model, input_ids, attention_mask)
+        if abs(mine - aux_loss) > 1e-6 * abs(aux_loss):
+            raise RuntimeError(f"aux loss {aux_loss} != recomputed {mine}")
+    expected_loss = loss_ce + z_coef * z_mean + aux_coef * (aux_loss or 0.0)
     if abs(float(loss.detach()) - expected_loss) > 1e-6 * abs(expected_loss):
-        raise RuntimeError(f"loss {float(loss.detach())} != CE {loss_ce} + {z_coef} * z {z_mean}")
+        raise RuntimeError(f"loss {float(loss.detach())} != CE {loss_ce} + {z_coef} * z {z_mean} + {aux_coef} * aux "
+                           f"{aux_loss}")
     if z_coef > 0 and not float(loss.detach()) - loss_ce > 0.5 * z_coef * z_mean:
         raise RuntimeError(f"z-loss not included in the loss ({float(loss)} vs CE {loss_ce})")
 
@@ -1356,7 +2012,9 @@ def run_case(family, case, case_idx, outdir):
     prefill_vs_full = float((full_logits[:GEN_PROMPT_LEN] - gen_prefill_logits).abs().max())
     # transformers 5.17 does not apply time_step_limit in the cached single-token path (see README), so for the
     # time_limit case the cached decode legitimately differs from the no-cache forward.
-    mixer_limits = {tuple(float(x) for x in m.time_step_limit) for _, m in mixers(model)}
+    # Mamba-1 mixers (mamba, falcon_mamba, jamba) have no time_step_limit: dt is never clamped
+    mixer_limits = {tuple(float(x) for x in getattr(m, "time_step_limit", (0.0, float("inf"))))
+                    for _, m in mixers(model)}
     if len(mixer_limits) != 1:
         raise RuntimeError(f"mixers disagree on time_step_limit: {mixer_limits}")
     mixer_limit = mixer_limits.pop()
@@ -1429,8 +2087,12 @@ def run_case(family, case, case_idx, outdir):
         raise RuntimeError("untied checkpoint lacks lm_head.weight")
     params = dict(named)
     buffers = dict(model.named_buffers())
+
+    def value_shape(n):
+        return (params[n] if n in params else buffers[n]).shape
+
     for n, k in list(mapping.items()) + list(buffer_mapping.items()):
-        stored = torch.stack([ckpt[e] for e in k]) if isinstance(k, list) else ckpt[k]
+        stored = torch.stack([ckpt[e] for e in k]).reshape(value_shape(n)) if isinstance(k, list) else ckpt[k]
         value = params[n] if n in params else buffers[n]
         if stored.dtype != torch.float32 or not torch.equal(stored, value.detach()):
             raise RuntimeError(f"checkpoint tensor {k} differs from {n}")
@@ -1449,11 +2111,14 @@ def run_case(family, case, case_idx, outdir):
         bf16_mup = {seg: float(mv[at]) for seg, at in
                     (("z", 0), ("x", i), ("B", 2 * i), ("C", 2 * i + gn), ("dt", 2 * i + 2 * gn))}
     if has_moe:
+        if family == "jamba":
+            routing["margin_units"] = "router logit"
         routing["bf16_flips"] = count_routing_flips(moe_routing(model, input_ids, attention_mask),
                                                     moe_routing(model_bf16, input_ids, attention_mask))
-        routing["bf16_router_bias_dtype"] = str(next(
-            layer.mixer.gate.e_score_correction_bias.dtype for layer in model_bf16.model.layers
-            if layer.block_type == "moe")).replace("torch.", "")
+        if family == "nemotron_h":
+            routing["bf16_router_bias_dtype"] = str(next(
+                layer.mixer.gate.e_score_correction_bias.dtype for layer in model_bf16.model.layers
+                if layer.block_type == "moe")).replace("torch.", "")
         if routing["bf16_flips"]:
             raise RuntimeError(f"the bf16 model routes {routing['bf16_flips']} tokens differently from fp32")
     del model_bf16
@@ -1511,6 +2176,9 @@ def run_case(family, case, case_idx, outdir):
     )
     if has_moe:
         stats["moe_routing"] = {k: v for k, v in routing.items() if k != "ok"}
+    if family == "jamba":
+        stats["aux_loss"] = aux_loss
+        stats["router_aux_loss_coef_applied"] = aux_coef
     if bf16_mup is not None:
         stats["bf16_mup_vector_segment_values"] = bf16_mup
     if family in ("mamba2", "bamba"):
@@ -1571,12 +2239,12 @@ def run_case(family, case, case_idx, outdir):
         gen_steps=GEN_STEPS,
         generate=dict(max_new_tokens=GREEDY_NEW_TOKENS, do_sample=False),
         attn_implementation=attn_impl,
-        mixer_path="torch fallback (mamba2_chunk_scan for T>1, mamba2_selective_state_update for cached T==1)",
+        mixer_path=MIXER_PATH.get(family, MIXER_PATH["mamba2"]),
         layer_types=list(cfg.layer_types),
         rope=rope,
         embedding_padding_idx=model.get_input_embeddings().padding_idx,
         residual_in_fp32=getattr(cfg, "residual_in_fp32", None),
-        time_step_limit=[float(x) for x in cfg.time_step_limit],
+        time_step_limit=([float(x) for x in cfg.time_step_limit] if hasattr(cfg, "time_step_limit") else None),
         param_names=param_names,
         param_shapes={n: list(p.shape) for n, p in named},
         param_to_checkpoint_key=mapping,
@@ -1584,6 +2252,8 @@ def run_case(family, case, case_idx, outdir):
         reference_keys=sorted(ref.keys()),
         loss_definition="HF ForCausalLMLoss: mean CE over shifted labels != -100"
         + (" + z_loss_coefficient * mean(logsumexp(logits, -1)^2) over all B*T positions" if family == "bamba" else "")
+        + (" + router_aux_loss_coef * load-balancing aux loss when output_router_logits (else nothing)"
+           if family == "jamba" else "")
         + "; labels are NOT shifted in the file.",
         decode_call_sequence=DECODE_CALLS[family],
         stats=stats,
@@ -1591,6 +2261,8 @@ def run_case(family, case, case_idx, outdir):
     )
     if family in ("nemotron_h", "falcon_h1"):
         meta.update(family_meta(family, model, cfg, buffer_mapping, lm_head_tied, mixer_limit))
+    elif family in ("mamba", "jamba"):
+        meta.update(mamba1_family_meta(family, model, cfg, buffer_mapping, lm_head_tied))
     with open(os.path.join(cdir, "meta.json"), "w") as f:
         json.dump(strict_json(meta), f, indent=2, allow_nan=False)
 
@@ -1601,7 +2273,7 @@ def run_case(family, case, case_idx, outdir):
         f"params={len(param_names)} ({meta['elapsed_s']:.1f}s) OK",
         flush=True,
     )
-    if family == "mamba2" and name == "base":
+    if fam["legacy_embed"] and name == "base":
         write_legacy_copy(fam, cdir, os.path.join(outdir, "base_legacy"), meta, ckpt, ckpt_metadata, logits,
                           input_ids, attention_mask)
 
@@ -1618,24 +2290,31 @@ def write_legacy_copy(fam, src, dst, meta, ckpt, ckpt_metadata, logits, input_id
     legacy = {(old if k == new else k): v for k, v in ckpt.items()}
     save_file(legacy, os.path.join(dst, "model.safetensors"), metadata=ckpt_metadata)
 
-    # The rename lives in Mamba2Model.load_hook, a torch load_state_dict pre-hook: plain load_state_dict applies it.
-    model = Mamba2ForCausalLM(Mamba2Config.from_pretrained(dst)).float()
+    # The rename lives in Mamba2Model.load_hook / MambaModel.load_hook, a torch load_state_dict pre-hook: plain
+    # load_state_dict applies it.
+    config_cls, model_cls = fam["config_cls"], fam["model_cls"]
+    model = model_cls(config_cls.from_pretrained(dst)).float()
     _, tensors, _ = checkpoint_keys_and_tensors(os.path.join(dst, "model.safetensors"))
-    model.load_state_dict(tensors, strict=True)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    # a tied lm_head is one tensor with two state_dict names; the file holds it once, under the embedding's name
+    allowed_missing = ["lm_head.weight"] if model.config.tie_word_embeddings else []
+    if unexpected or sorted(missing) != allowed_missing:
+        raise RuntimeError(f"legacy load_state_dict: missing {missing}, unexpected {unexpected}")
     model.eval()
     with torch.no_grad():
         if not torch.equal(model(input_ids=input_ids, attention_mask=attention_mask).logits.float(), logits):
             raise RuntimeError("legacy checkpoint through load_state_dict does not reproduce the logits")
     # transformers 5.17 from_pretrained does not run that hook: it reports the legacy key as unexpected and leaves the
     # embedding newly initialised. Recorded, not required.
-    reloaded, info = Mamba2ForCausalLM.from_pretrained(dst, dtype=torch.float32, output_loading_info=True)
+    reloaded, info = model_cls.from_pretrained(dst, dtype=torch.float32, output_loading_info=True)
     with torch.no_grad():
         same = torch.equal(reloaded(input_ids=input_ids, attention_mask=attention_mask).logits.float(), logits)
     legacy_meta = copy.deepcopy(meta)
     legacy_meta["case"] = "base_legacy"
     legacy_meta["notes"] = (
         "case base with model.safetensors key backbone.embeddings.weight stored under the legacy mamba_ssm name "
-        "backbone.embedding.weight (all other files copied from base). Mamba2Model registers a torch "
+        f"backbone.embedding.weight (all other files copied from base). {model_cls.__name__[:-len('ForCausalLM')]}"
+        "Model registers a torch "
         "load_state_dict pre-hook that renames it, and model.load_state_dict() reproduces base's logits exactly; "
         "transformers 5.17 from_pretrained() does NOT run that hook (see stats.from_pretrained_*): it reports the key "
         "as unexpected and the embedding as missing (freshly initialised). A port that accepts the legacy name must "
@@ -1651,7 +2330,7 @@ def write_legacy_copy(fam, src, dst, meta, ckpt, ckpt_metadata, logits, input_id
     with open(os.path.join(dst, "meta.json"), "w") as f:
         json.dump(strict_json(legacy_meta), f, indent=2, allow_nan=False)
     print(
-        f"[mamba2-oracle] base_legacy embedding key {old}; load_state_dict reproduces base, from_pretrained "
+        f"[{meta['family']}-oracle] base_legacy embedding key {old}; load_state_dict reproduces base, from_pretrained "
         f"{'reproduces' if same else 'does not (hook not run)'} ({legacy_meta['elapsed_s']:.1f}s) OK",
         flush=True,
     )
@@ -1706,7 +2385,58 @@ def expected_param_count(family, cfg):
                          cfg.mamba_conv_bias, cfg.mamba_proj_bias, cfg.projectors_bias, cfg.mamba_rms_norm)
                  + attention(cfg.num_attention_heads, cfg.num_key_value_heads, hd, cfg.attention_bias))
         return v * h * (1 if cfg.tie_word_embeddings else 2) + h + cfg.num_hidden_layers * layer
+
+    def mamba1(d, n, k, r, conv_bias, proj_bias, bc_dt_norm_weights):
+        return (h * 2 * d + (2 * d if proj_bias else 0)  # in_proj -> [x | z]
+                + d * k + (d if conv_bias else 0)  # depthwise conv1d [d, 1, k]
+                + d * (r + 2 * n)  # x_proj -> [dt | B | C], no bias
+                + r * d + d  # dt_proj, always with a bias
+                + d * n + d  # A_log [d, n], D [d]
+                + d * h + (h if proj_bias else 0)  # out_proj
+                + ((r + 2 * n) if bc_dt_norm_weights else 0))  # jamba dt/b/c_layernorm weights
+
+    if family == "mamba":  # MambaConfig and FalconMambaConfig (FalconMamba's B/C/dt norms have no parameters)
+        layer = h + mamba1(cfg.intermediate_size, cfg.state_size, cfg.conv_kernel, cfg.time_step_rank,
+                           cfg.use_conv_bias, cfg.use_bias, False)
+        return v * h * (1 if cfg.tie_word_embeddings else 2) + h + cfg.num_hidden_layers * layer
+    if family == "jamba":
+        hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+        i, e = cfg.intermediate_size, cfg.num_experts
+        total = v * h * (1 if cfg.tie_word_embeddings else 2) + h
+        for kind, n_exp in zip(cfg.layers_block_type, cfg.layers_num_experts):
+            total += 2 * h  # input_layernorm, pre_ff_layernorm
+            if kind == "attention":
+                total += attention(cfg.num_attention_heads, cfg.num_key_value_heads, hd, False)
+            else:
+                total += mamba1(cfg.mamba_expand * h, cfg.mamba_d_state, cfg.mamba_d_conv, cfg.mamba_dt_rank,
+                                cfg.mamba_conv_bias, cfg.mamba_proj_bias, True)
+            total += (h * e + e * 3 * h * i) if n_exp > 1 else 3 * h * i  # router + experts, or the dense MLP
+        return total
     raise RuntimeError(f"no parameter formula for {family}")
+
+
+PARAM_FORMULA_FAMILIES = ("nemotron_h", "falcon_h1", "mamba", "jamba")
+
+
+@torch.no_grad()
+def jamba_aux_loss(model, input_ids, attention_mask):
+    """The load-balancing loss from the router logits of every MoE layer, written out as a port computes it."""
+    logits = []
+    hooks = [layer.feed_forward.router.register_forward_hook(lambda _m, _i, out: logits.append(out.float()))
+             for layer in model.model.layers if hasattr(layer.feed_forward, "router")]
+    model(input_ids=input_ids, attention_mask=attention_mask)
+    for hk in hooks:
+        hk.remove()
+    e, k = model.config.num_experts, model.config.num_experts_per_tok
+    mask = attention_mask.reshape(-1).float()
+    counts, probs, rows = torch.zeros(e), torch.zeros(e), 0.0
+    for lg in logits:
+        p = torch.softmax(lg, dim=-1)
+        chosen = torch.topk(p, k, dim=-1)[1]
+        counts += torch.nn.functional.one_hot(chosen, e).float().sum(1).mul(mask[:, None]).sum(0)
+        probs += (p * mask[:, None]).sum(0)
+        rows += float(mask.sum())
+    return float(e * ((counts / rows) * (probs / rows)).sum())
 
 
 def count_params(model_cls, cfg):
@@ -1722,6 +2452,8 @@ def write_default_counts(family, outdir):
     entries[f"{fam['config_cls'].__name__}()"] = (cfg, fam["model_cls"], f"default_{family}")
     if family == "mamba2":
         entries["codestral_7b"] = (Mamba2Config(**CODESTRAL_7B), Mamba2ForCausalLM, "default_codestral_7b")
+    for config_cls, model_cls, _ in fam.get("variants", {}).values():
+        entries[f"{config_cls.__name__}()"] = (config_cls(), model_cls, f"default_{config_cls().model_type}")
     path = os.path.join(outdir, "default_counts.json")
     counts = {}
     if os.path.isfile(path):
@@ -1729,9 +2461,9 @@ def write_default_counts(family, outdir):
             counts = json.load(f)
     for key, (cfg, model_cls, dirname) in entries.items():
         total = count_params(model_cls, cfg)
-        if key == "Mamba2Config()" and total != MAMBA2_DEFAULT_TOTAL:
-            raise RuntimeError(f"Mamba2Config() has {total} parameters, expected {MAMBA2_DEFAULT_TOTAL}")
-        if family in ("nemotron_h", "falcon_h1") and total != expected_param_count(family, cfg):
+        if key in DEFAULT_TOTALS and total != DEFAULT_TOTALS[key]:
+            raise RuntimeError(f"{key} has {total} parameters, expected {DEFAULT_TOTALS[key]}")
+        if family in PARAM_FORMULA_FAMILIES and total != expected_param_count(family, cfg):
             raise RuntimeError(f"{key}: {total} parameters, formula gives {expected_param_count(family, cfg)}")
         counts[key] = dict(model_type=cfg.model_type, total_params=int(total), config=json_config(cfg))
         d = os.path.join(outdir, dirname)
