@@ -27,12 +27,13 @@ echo '#pragma once' > "$stubs/cusolver_common.h"
 files=(kernels/common/cuda/ops_cuda.cpp kernels/common/ops.cpp kernels/common/dispatch.cpp
        kernels/common/row_nll.cpp kernels/common/lora_down.cpp
        kernels/mamba2/cuda/ssd_cuda.cpp kernels/mamba2/dispatch.cpp
-       tests/gpu/test_kernels_cuda.cpp framework/src/train/device_memory.cpp)
+       kernels/mamba1/cuda/scan_cuda.cpp kernels/mamba1/dispatch.cpp
+       tests/gpu/test_kernels_cuda.cpp tests/gpu/test_mamba1_cuda.cpp framework/src/train/device_memory.cpp)
 status=0
 for f in "${files[@]}"; do
   if ! g++ -std=c++17 -fsyntax-only -Wall -Werror=return-type -DPEFTFW_HAVE_CUDA=1 -DPEFTFW_MICRO_CONFIG='"unused"' \
       -I"$stubs" -isystem "$inc" -isystem "$inc/torch/csrc/api/include" -isystem "$cuda_inc" \
-      -Ikernels/common/include -Ikernels/mamba2/include -Iframework/include "$f"; then
+      -Ikernels/common/include -Ikernels/mamba2/include -Ikernels/mamba1/include -Iframework/include "$f"; then
     echo "check_cuda_glue: $f does not compile"
     status=1
   fi

@@ -173,7 +173,8 @@ torch::Tensor LoraAdapter::forward_from_input(const torch::Tensor& x, const nn::
   const auto wt = base.weight.scalar_type();
   const bool fused = !options_.dora && !options_.float32_math && is_16bit(wt) &&
                      x.scalar_type() == wt && !base.weight.requires_grad() &&
-                     (!base.bias.defined() || (!base.bias.requires_grad() && base.bias.scalar_type() == wt));
+                     (!base.bias.defined() ||
+                      (!base.bias.requires_grad() && base.bias.scalar_type() == wt && !base.bias_after_product()));
   if (!fused) return forward(x, base.base_forward(x), base);
   const double p = A_->is_training() ? options_.dropout : 0.0;
   std::optional<torch::Tensor> bias;

@@ -64,6 +64,32 @@ std::vector<std::string> target_modules_for(const CausalLM& model,
 // (peft/tuners/tuners_utils.py, _check_lora_target_modules_mamba): PeftModel.from_pretrained
 // raises ValueError on such a folder. peftfw's LoRA goes through every projection, so it
 // writes the folder anyway and says so.
+// transformers' Mamba-1 mixers (mamba, falcon_mamba, jamba; 5.17) multiply by dt_proj.weight
+// directly, on every path, and their fused CUDA training path reads x_proj.weight too: PEFT loads a
+// LoRA on those layers without a word, and transformers' forward leaves it out.
+std::optional<std::string> transformers_ignoring(const SaveRequest& req) {
+  static const std::set<std::string> kTypes = {"mamba", "falcon_mamba", "jamba"};
+  std::string model_type;
+  try {
+    model_type = nlohmann::json::parse(req.config_json).value("model_type", "");
+  } catch (const nlohmann::json::exception&) {
+    return std::nullopt;
+  }
+  if (!kTypes.count(model_type)) return std::nullopt;
+  bool dt = false, x = false;
+  for (const auto& m : req.adapted_modules) {
+    const auto leaf = m.substr(m.rfind('.') + 1);
+    dt = dt || leaf == "dt_proj";
+    x = x || leaf == "x_proj";
+  }
+  if (!dt && !x) return std::nullopt;
+  std::string msg = "transformers' Mamba-1 mixer (model_type '" + model_type + "') ";
+  if (dt) msg += "multiplies by dt_proj.weight directly, so PEFT loads the dt_proj LoRA without error but it "
+                 "changes nothing in transformers' forward";
+  if (x) msg += std::string(dt ? "; " : "") + "its fused CUDA training path also reads x_proj.weight directly";
+  return msg + ". The \"merged\" format gives a checkpoint transformers runs with the adapter applied.";
+}
+
 std::optional<std::string> peft_refusal(const SaveRequest& req) {
   static const std::set<std::string> kTypes = {"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"};
   std::string model_type;
@@ -168,6 +194,10 @@ class PeftFormat final : public PersistencePlugin {
       // The folder is still complete and valid; say who cannot read it, and what can.
       std::cerr << "peftfw: note: " << dir.string() << ": " << *refusal << "\n";
       manifest["consumers_refusing"] = nlohmann::ordered_json::array({*refusal});
+    }
+    if (auto ignoring = transformers_ignoring(req)) {
+      std::cerr << "peftfw: note: " << dir.string() << ": " << *ignoring << "\n";
+      manifest["consumers_ignoring"] = nlohmann::ordered_json::array({*ignoring});
     }
 
     write_folder_atomic(dir, [&](const fs::path& tmp) {

@@ -33,14 +33,15 @@ def main():
     oracle = Path(args.oracle)
 
     r = run(args.peftfw, "plugins")
-    for plugin in ("granite_hybrid", "mamba2", "bamba", "nemotron_h", "falcon_h1"):
+    for plugin in ("granite_hybrid", "mamba2", "bamba", "nemotron_h", "falcon_h1", "mamba", "jamba"):
         check(f"peftfw plugins lists the {plugin} library",
               r.returncode == 0 and re.search(rf"^\s*{plugin}\s+kind=architecture", r.stdout, re.M), show(r))
 
     # plan with only [model]: inventory, default targets, exit 0.
     cases = {"mamba2": oracle / "mamba2" / "base", "bamba": oracle / "bamba" / "base",
              "nemotron_h": oracle / "nemotron_h" / "moe_latent", "falcon_h1": oracle / "falcon_h1" / "base",
-             "granite_hybrid": oracle / "granite" / "moe"}
+             "granite_hybrid": oracle / "granite" / "moe", "mamba": oracle / "mamba" / "base",
+             "falcon_mamba": oracle / "mamba" / "falcon_base", "jamba": oracle / "jamba" / "base"}
     expected_roles = {
         "mamba2": ["mamba.in_proj", "mamba.out_proj"],
         "bamba": ["mamba.in_proj", "mamba.out_proj", "attention.q", "attention.k", "attention.v",
@@ -52,6 +53,12 @@ def main():
                       "attention.o", "mlp.gate", "mlp.up", "mlp.down"],
         "granite_hybrid": ["mamba.in_proj", "mamba.out_proj", "attention.q", "attention.k", "attention.v",
                            "attention.o", "mlp.input", "mlp.output"],
+        # Mamba-1: x_proj and dt_proj are projections too, and out_proj is adapted on every path.
+        "mamba": ["mamba.in_proj", "mamba.x_proj", "mamba.dt_proj", "mamba.out_proj"],
+        "falcon_mamba": ["mamba.in_proj", "mamba.x_proj", "mamba.dt_proj", "mamba.out_proj"],
+        # mamba+moe, attention+mlp, mamba+mlp, attention+moe: the MoE layers are covered through their mixer.
+        "jamba": ["mamba.in_proj", "mamba.x_proj", "mamba.dt_proj", "mamba.out_proj", "attention.q", "attention.k",
+                  "attention.v", "attention.o", "mlp.gate", "mlp.up", "mlp.down"],
     }
     for family, ckpt in cases.items():
         recipe = work / f"{family}.toml"
@@ -63,7 +70,10 @@ def main():
             continue
         out = r.stdout
         check(f"{family}: plan prints the inventory (model type and total parameters)",
-              f"Model: {family}" in out and "Total parameters:" in out, out)
+              (f"Model: {family}" in out or f"(model_type {family})" in out) and "Total parameters:" in out, out)
+        if family == "jamba":
+            check("jamba: plan's coverage table lists the four composite layer kinds",
+                  all(k in out for k in ("mamba+moe", "attention+mlp", "mamba+mlp", "attention+moe")), out)
         m = re.search(r"roles = \[([^\]]*)\]", out)
         roles = re.findall(r'"([^"]+)"', m.group(1)) if m else []
         check(f"{family}: plan says the architecture's default targets were used",
@@ -83,7 +93,7 @@ def main():
                   f"plan {total:,} vs transformers {n:,}")
 
     # plan on the default transformers configs (Mamba2Config() = 7,285,403,648).
-    for family in ("mamba2", "bamba", "nemotron_h", "falcon_h1"):
+    for family in ("mamba2", "bamba", "nemotron_h", "falcon_h1", "mamba", "jamba"):
         counts = json.loads((oracle / family / "default_counts.json").read_text())
         for name, entry in counts.items():
             sub = "default_codestral_7b" if name == "codestral_7b" else f"default_{entry['model_type']}"
@@ -95,7 +105,7 @@ def main():
             check(f"{family}: plan on {name} counts {entry['total_params']:,} parameters, as transformers",
                   r.returncode == 0 and total == entry["total_params"], show(r))
     # The tiny recipes train with the default targets.
-    for family in ("mamba2", "bamba", "nemotron_h", "falcon_h1"):
+    for family in ("mamba2", "bamba", "nemotron_h", "falcon_h1", "mamba", "jamba"):
         out = work / f"run_{family}"
         r = run(args.peftfw, "run", Path(args.source) / "recipes" / "tiny" / f"{family}.toml",
                 "train.max_steps=3", "train.eval_every=0", f"output.dir={out}", cwd=work)
@@ -104,10 +114,10 @@ def main():
               and (out / "merged" / "config.json").exists(), show(r))
         check(f"{family}: run says it adapted the default targets", "Default targets:" in r.stdout + r.stderr, show(r))
         refusal = f"HF PEFT refuses LoRA on out_proj for model_type '{family}'"
-        if family != "bamba":
+        if family not in ("bamba", "jamba"):
             check(f"{family}: the peft export says PEFT refuses its out_proj adapters", refusal in r.stderr, show(r))
         else:
-            check("bamba: no consumer refusal is reported (PEFT accepts every bamba target)",
+            check(f"{family}: no consumer refusal is reported (PEFT accepts every {family} target)",
                   "refuses" not in r.stderr, show(r))
     sys.exit(check.finish())
 

@@ -460,9 +460,9 @@ TEST(ModelCuda, ForwardBackwardEqualsReferencePath) {
               g_ref.size());
 }
 
-// Every block-built family runs on the same Mamba-2 kernels: a small model of each (random
-// init, packed rows, float32), loss and every parameter gradient with the kernels equal the
-// reference path.
+// Every block-built family runs on the kernels: a small model of each (random init, packed rows,
+// float32), loss and every parameter gradient with the kernels equal the reference path. The
+// Mamba-2 families run the SSD kernels, falcon_mamba and jamba the Mamba-1 selective scan.
 std::shared_ptr<peftfw::CausalLM> small_family_model(const std::string& model_type) {
   nlohmann::json cfg;
   cfg["model_type"] = model_type;
@@ -485,6 +485,15 @@ std::shared_ptr<peftfw::CausalLM> small_family_model(const std::string& model_ty
     cfg["key_multiplier"] = 0.5, cfg["ssm_in_multiplier"] = 1.25, cfg["ssm_out_multiplier"] = 0.5;
     cfg["ssm_multipliers"] = {0.5, 1.5, 0.75, 1.25, 0.5}, cfg["mlp_multipliers"] = {0.75, 0.5};
     cfg["pad_token_id"] = 0;
+  } else if (model_type == "falcon_mamba") {  // Mamba-1 with the weightless dt/B/C norms, d_state 16
+    cfg["state_size"] = 16, cfg["expand"] = 2, cfg["conv_kernel"] = 4, cfg["time_step_rank"] = "auto";
+    cfg["tie_word_embeddings"] = false;
+  } else if (model_type == "jamba") {  // mamba+moe, attention+mlp, mamba+mlp, attention+moe; every expert
+    // is used (top-k = experts), so the two paths cannot route a token differently
+    cfg["num_attention_heads"] = 4, cfg["num_key_value_heads"] = 2, cfg["intermediate_size"] = 512;
+    cfg["attn_layer_period"] = 2, cfg["attn_layer_offset"] = 1, cfg["expert_layer_period"] = 3;
+    cfg["expert_layer_offset"] = 0, cfg["num_experts"] = 4, cfg["num_experts_per_tok"] = 4;
+    cfg["mamba_d_state"] = 64, cfg["mamba_expand"] = 2, cfg["pad_token_id"] = 0;
   } else {  // bamba
     cfg["attn_layer_indices"] = {2}, cfg["num_attention_heads"] = 4, cfg["num_key_value_heads"] = 2;
     cfg["intermediate_size"] = 512, cfg["mamba_n_heads"] = 8, cfg["mamba_d_head"] = 64;
@@ -504,7 +513,7 @@ std::shared_ptr<peftfw::CausalLM> small_family_model(const std::string& model_ty
 }
 
 TEST(ModelCuda, EveryFamilyForwardBackwardEqualsReferencePath) {
-  for (const std::string family : {"mamba2", "bamba", "nemotron_h", "falcon_h1"}) {
+  for (const std::string family : {"mamba2", "bamba", "nemotron_h", "falcon_h1", "falcon_mamba", "jamba"}) {
     auto model = small_family_model(family);
     const auto batch = packed_batch();
     auto [loss_ref, g_ref] = loss_and_grads(*model, batch, true);

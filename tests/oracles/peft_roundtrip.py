@@ -9,7 +9,9 @@ Expected values are always the Python stack's outputs.
 
 --family granite (default) runs the Granite 4.0-H cases dense_nope and untied with LoRA and DoRA.
 --family mamba2 (cases base, codestral), --family bamba (cases base, groups_bias), --family nemotron_h (case
-moe_latent) and --family falcon_h1 (case multipliers) run the same three checks with LoRA and DoRA.
+moe_latent), --family falcon_h1 (case multipliers), --family mamba (cases base and falcon_options, the latter a
+FalconMambaForCausalLM) and --family jamba (case base: all four layer kinds) run the same three checks with LoRA
+and DoRA.
 A target PEFT refuses for the family (PEFT 0.21: LoRA on `out_proj` or
 `conv1d` of model_type mamba, mamba2, falcon_mamba, falcon_h1, nemotron_h; see
 peft/tuners/tuners_utils.py _check_lora_target_modules_mamba) gets its own checks instead: PEFT
@@ -29,8 +31,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP waits mak
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import (BambaForCausalLM, FalconH1ForCausalLM, GraniteMoeHybridForCausalLM,  # noqa: E402
-                          Mamba2ForCausalLM, NemotronHForCausalLM)
+from transformers import (BambaForCausalLM, FalconH1ForCausalLM, FalconMambaForCausalLM,  # noqa: E402
+                          GraniteMoeHybridForCausalLM, JambaForCausalLM, Mamba2ForCausalLM, MambaForCausalLM,
+                          NemotronHForCausalLM)
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
@@ -54,7 +57,28 @@ FAMILIES = {
     "falcon_h1": dict(cls=FalconH1ForCausalLM, cases=["multipliers"],
                       targets=["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj",
                                "down_proj"], methods=["lora", "dora"], refused={"out_proj"}),
+    # Mamba-1: x_proj and dt_proj are Linear modules too (PEFT accepts them); falcon_options is a FalconMamba
+    # checkpoint (model_type falcon_mamba, its own class).
+    # transformers' Mamba-1 mixers multiply by dt_proj.weight directly: PEFT accepts LoRA on dt_proj, and
+    # transformers' forward leaves it out ("ignored": checked as such, and through merged and by hand).
+    "mamba": dict(cls=MambaForCausalLM, cases=["base", "falcon_options"],
+                  targets=["in_proj", "x_proj", "dt_proj", "out_proj"], methods=["lora", "dora"], refused={"out_proj"},
+                  ignored={"dt_proj"}),
+    # base: all four layer kinds (mamba+moe, attention+mlp, mamba+mlp, attention+moe). gate/up/down_proj are the
+    # dense MLPs' (the experts are 3D parameters); PEFT's Mamba refusal does not cover model_type jamba.
+    "jamba": dict(cls=JambaForCausalLM, cases=["base"],
+                  targets=["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj", "dt_proj", "out_proj",
+                           "gate_proj", "up_proj", "down_proj", "router"], methods=["lora", "dora"], refused=set(),
+                  ignored={"dt_proj"}),
 }
+# Checkpoints of another model_type than the family's class (FalconMamba cases of the mamba family).
+CLASS_OF_MODEL_TYPE = {"falcon_mamba": FalconMambaForCausalLM}
+
+
+def model_class(case_dir):
+    model_type = json.loads((Path(case_dir) / "config.json").read_text())["model_type"]
+    return CLASS_OF_MODEL_TYPE.get(model_type, FAMILY["cls"])
+
 # What PEFT 0.21 raises for a refused Mamba target (the rest of the message lists a Python set, whose
 # order changes from run to run).
 REFUSAL = "Module '{target}' is incompatible with Mamba-based models (model_type='{model_type}')"
@@ -105,7 +129,7 @@ def compare(name, got, want, rel):
 
 
 def base_model(case_dir, ssm_file=None):
-    model = FAMILY["cls"].from_pretrained(str(case_dir), dtype=torch.float32)
+    model = model_class(case_dir).from_pretrained(str(case_dir), dtype=torch.float32)
     if ssm_file is not None:
         ssm = load_file(str(ssm_file))
         missing = [k for k in ssm if k not in model.state_dict()]
@@ -136,7 +160,7 @@ def peftfw_to_peft(case_dir, work, method, targets=TARGETS):
                        capture_output=True, text=True)
     check(f"{method}: verify-ssm finds all {n_ssm} SSM tensors changed", r.returncode == 0 and
           f"all {n_ssm} SSM tensors differ from the base" in r.stdout, r.stdout + r.stderr)
-    merged = FAMILY["cls"].from_pretrained(str(out / "merged"), dtype=torch.float32)
+    merged = model_class(case_dir).from_pretrained(str(out / "merged"), dtype=torch.float32)
     compare(f"{method}: transformers loads peftfw's merged checkpoint", python_logits(merged, seqs), want, 1e-4)
 
 
@@ -163,7 +187,7 @@ def peft_to_peftfw(case_dir, work, dora, targets=TARGETS):
     compare(f"{tag}: PEFT-saved adapter in peftfw == PEFT", got, want, 1e-5)
 
 
-# ---- mamba2 / bamba ------------------------------------------------------------------------------------------------
+# ---- the other families ------------------------------------------------------------------------------------------------
 
 def ssm_tensor_count(case_dir):
     """A_log, D and dt_bias of every Mamba layer."""
@@ -173,6 +197,8 @@ def ssm_tensor_count(case_dir):
     layers = cfg["num_hidden_layers"]
     if cfg["model_type"] == "bamba":
         layers -= len(cfg.get("attn_layer_indices") or [])
+    elif cfg["model_type"] == "jamba":
+        layers = sum(i % cfg["attn_layer_period"] != cfg["attn_layer_offset"] for i in range(layers))
     elif cfg["model_type"] == "granitemoehybrid":
         layers = sum(t in ("mamba", "linear_attention") for t in cfg["layer_types"])
     return 3 * layers
@@ -211,10 +237,28 @@ def lora_by_hand(case_dir, adapter):
     return model, modules, problems
 
 
-def refused_target(case_dir, work, targets, refused):
-    """peftfw's adapter on targets that include ones PEFT refuses: the folder is still complete and the
-    merged export still loads in transformers."""
+def ignored_by_transformers(case_dir, target):
+    """PEFT takes a LoRA on `target` (non-zero B), and transformers' forward is unchanged by it."""
+    seqs = sequences(case_dir)
+    base = python_logits(base_model(case_dir), seqs)
+    model = get_peft_model(base_model(case_dir), LoraConfig(r=4, lora_alpha=8, target_modules=[target],
+                                                             init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    moved = max((w - b).abs().max().item() for w, b in zip(python_logits(model, seqs), base))
+    return moved
+
+
+def refused_target(case_dir, work, targets, refused, ignored=frozenset()):
+    """peftfw's adapter on targets that include ones PEFT refuses, or ones transformers' forward ignores:
+    the folder is still complete, and the merged export loads in transformers with the adapter applied."""
     model_type = json.loads((case_dir / "config.json").read_text())["model_type"]
+    for target in sorted(ignored):
+        moved = ignored_by_transformers(case_dir, target)
+        check(f"PEFT accepts LoRA on {target} for {model_type} but transformers' forward ignores it "
+              f"(logits move {moved:.1e} with B != 0)", moved == 0.0, f"moved {moved}")
     for target in sorted(refused):
         msg = peft_refusal(case_dir, target)
         want = REFUSAL.format(target=target, model_type=model_type)
@@ -225,11 +269,17 @@ def refused_target(case_dir, work, targets, refused):
     made = run([ARGS.make_adapter, case_dir, out, "lora", 5, "peft,merged", ",".join(targets)])
     adapter = out / "peft"
     # peftfw says at export time which consumer refuses what, and records it in its manifest.
-    note = f"HF PEFT refuses LoRA on {', '.join(sorted(refused))} for model_type '{model_type}'"
     manifest = json.loads((adapter / "peftfw_manifest.json").read_text()) if (adapter / "peftfw_manifest.json").exists() else {}
-    check("peftfw's export says PEFT refuses the folder (stderr and the manifest's consumers_refusing)",
-          note in made.stderr and any(note in c for c in manifest.get("consumers_refusing", [])),
-          f"stderr: {made.stderr}\nmanifest: {json.dumps(manifest)[:600]}")
+    if refused:
+        note = f"HF PEFT refuses LoRA on {', '.join(sorted(refused))} for model_type '{model_type}'"
+        check("peftfw's export says PEFT refuses the folder (stderr and the manifest's consumers_refusing)",
+              note in made.stderr and any(note in c for c in manifest.get("consumers_refusing", [])),
+              f"stderr: {made.stderr}\nmanifest: {json.dumps(manifest)[:600]}")
+    if ignored:
+        note = "multiplies by dt_proj.weight directly"
+        check("peftfw's export says transformers ignores the dt_proj LoRA (stderr and consumers_ignoring)",
+              note in made.stderr and any(note in c for c in manifest.get("consumers_ignoring", [])),
+              f"stderr: {made.stderr}\nmanifest: {json.dumps(manifest)[:600]}")
     seqs = sequences(case_dir)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     names = cfg.get("target_modules") or []
@@ -237,14 +287,15 @@ def refused_target(case_dir, work, targets, refused):
           cfg.get("peft_type") == "LORA" and cfg.get("r") == 4 and cfg.get("lora_alpha") == 8 and
           all(any(n.split(".")[-1] == t for n in names) for t in targets), json.dumps(cfg))
     check("SSM tensors saved beside the adapter", (adapter / "ssm_core_params.safetensors").exists())
-    # PEFT itself refuses this folder, with the same error.
-    try:
-        PeftModel.from_pretrained(base_model(case_dir), str(adapter))
-        msg = None
-    except ValueError as e:
-        msg = str(e)
-    check("PeftModel.from_pretrained refuses the folder with the same error",
-          msg is not None and any(REFUSAL.format(target=t, model_type=model_type) in msg for t in refused), str(msg))
+    if refused:  # PEFT itself refuses this folder, with the same error.
+        try:
+            PeftModel.from_pretrained(base_model(case_dir), str(adapter))
+            msg = None
+        except ValueError as e:
+            msg = str(e)
+        check("PeftModel.from_pretrained refuses the folder with the same error",
+              msg is not None and any(REFUSAL.format(target=t, model_type=model_type) in msg for t in refused),
+              str(msg))
     hand, modules, problems = lora_by_hand(case_dir, adapter)
     expect = sorted(n for n, m in base_model(case_dir).named_modules()
                     if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in targets)
@@ -256,7 +307,7 @@ def refused_target(case_dir, work, targets, refused):
     check(f"the adapter changes the logits (non-trivial test): {moved:.3f}", moved > 1e-2)
     compare("adapter applied by hand (W + alpha/r B A, SSM tensors) == peftfw forward --adapter",
             python_logits(hand, seqs), want, 1e-5)
-    merged = FAMILY["cls"].from_pretrained(str(out / "merged"), dtype=torch.float32)
+    merged = model_class(case_dir).from_pretrained(str(out / "merged"), dtype=torch.float32)
     compare("transformers loads peftfw's merged checkpoint == peftfw forward --adapter",
             python_logits(merged, seqs), want, 1e-4)
 
@@ -275,17 +326,17 @@ def main():
     else:
         for case in FAMILY["cases"]:
             case_dir = Path(ARGS.oracle) / case
-            targets, refused = FAMILY["targets"], FAMILY["refused"]
-            accepted = [t for t in targets if t not in refused]
+            targets, refused, ignored = FAMILY["targets"], FAMILY["refused"], FAMILY.get("ignored", set())
+            accepted = [t for t in targets if t not in refused and t not in ignored]
             print(f"-- {ARGS.family}/{case}: PEFT targets {','.join(accepted)}"
                   + (f"; PEFT refuses {','.join(sorted(refused))}" if refused else ""))
             for method in FAMILY["methods"]:
                 peftfw_to_peft(case_dir, work / case, method, accepted)
             for dora in [m == "dora" for m in FAMILY["methods"]]:
                 peft_to_peftfw(case_dir, work / case, dora, accepted)
-            if refused:
-                refused_target(case_dir, work / case, targets, refused)
-            else:  # nothing refused: PEFT must accept every target
+            if refused or ignored:
+                refused_target(case_dir, work / case, targets, refused, ignored)
+            if not refused:  # nothing refused: PEFT must accept every target
                 bad = {t: m for t in targets if (m := peft_refusal(case_dir, t)) is not None}
                 check(f"PEFT accepts LoRA on all of {','.join(targets)}", not bad, str(bad))
     family = "" if ARGS.family == "granite" else f" ({ARGS.family})"

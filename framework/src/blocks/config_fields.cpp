@@ -94,4 +94,14 @@ RopeFields rope_fields(const io::JsonConfig& j, double default_partial) {
   return r;
 }
 
+int64_t dim_or_auto(const io::JsonConfig& j, const std::string& key, int64_t automatic) {
+  const auto it = j.raw().find(key);
+  if (it == j.raw().end() || it->is_null()) return automatic;
+  if (it->is_string()) {
+    if (*it == "auto") return automatic;
+    refuse(j, key, "expected a positive integer or \"auto\", found \"" + it->get<std::string>() + "\"");
+  }
+  return require_dim(j, key);
+}
+
 }  // namespace peftfw::blocks

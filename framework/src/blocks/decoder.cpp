@@ -4,6 +4,8 @@
 
 #include <torch/torch.h>
 
+#include <map>
+
 #include <cmath>
 
 #include "peftfw/nn/checkpoint.hpp"
@@ -96,6 +98,28 @@ std::unique_ptr<GenerationCache> HybridLM::make_cache(int64_t batch_size) {
   return cache;
 }
 
+namespace {
+
+// The Switch Transformer load-balancing loss as transformers' load_balancing_loss_func computes it:
+// E * sum_e f_e * P_e, f_e the share of top-k picks that went to e, P_e the mean router probability of
+// e, over the rows of every MoE layer together; padding rows (mask 0) do not count.
+torch::Tensor load_balancing_loss(const std::vector<RouterRecord>& routers, const torch::Tensor& mask) {
+  const int64_t E = routers.front().logits.size(-1);
+  auto opts = routers.front().logits.options().dtype(torch::kFloat32);
+  auto picks = torch::zeros({E}, opts), probs = torch::zeros({E}, opts), rows = torch::zeros({}, opts);
+  for (const auto& r : routers) {
+    auto p = torch::softmax(r.logits.to(torch::kFloat32), -1);  // [rows, E]
+    auto chosen = torch::one_hot(std::get<1>(p.topk(r.top_k, -1)), E).to(torch::kFloat32).sum(1);  // [rows, E]
+    auto w = mask.defined() ? mask.reshape({-1, 1}).to(opts) : torch::ones({p.size(0), 1}, opts);
+    picks = picks + (chosen * w).sum(0);
+    probs = probs + (p * w).sum(0);
+    rows = rows + w.sum();
+  }
+  return (picks / rows * (probs / rows)).sum() * static_cast<double>(E);
+}
+
+}  // namespace
+
 ModelOutput HybridLM::forward(const ModelBatch& batch, GenerationCache* gen_cache) {
   auto* cache = gen_cache ? dynamic_cast<HybridCache*>(gen_cache) : nullptr;
   TORCH_CHECK(!gen_cache || cache, o_.architecture, ": cache was made by another model");
@@ -153,11 +177,22 @@ ModelOutput HybridLM::forward(const ModelBatch& batch, GenerationCache* gen_cach
 
   const bool use_checkpoint =
       checkpointing_ && is_training() && !cache && torch::GradMode::is_enabled();
+  // The routers' logits, when the loss includes the load-balancing term.
+  std::vector<RouterRecord> routers;
+  const bool aux = o_.router_aux_loss_coef != 0.0 && batch.labels.defined();
+  if (aux) ctx.router_logits = &routers;
   auto& layers = backbone_->layers;
   for (size_t i = 0; i < layers->size(); ++i) {
     auto layer = layers->ptr<DecoderLayerImpl>(i);
-    if (use_checkpoint) {
-      h = nn::checkpoint([layer, ctx](const torch::Tensor& x) { return layer->forward(x, ctx, nullptr); }, h);
+    bool has_moe = false;
+    for (const auto& unit : layer->parts())
+      for (const auto& part : unit) has_moe = has_moe || part == "moe";
+    // A MoE layer whose router logits feed the loss runs without checkpointing (a rerun would
+    // report them again).
+    if (use_checkpoint && !(aux && has_moe)) {
+      auto plain = ctx;
+      plain.router_logits = nullptr;
+      h = nn::checkpoint([layer, plain](const torch::Tensor& x) { return layer->forward(x, plain, nullptr); }, h);
     } else {
       h = layer->forward(h, ctx, cache ? &cache->layers[i] : nullptr);
     }
@@ -172,6 +207,7 @@ ModelOutput HybridLM::forward(const ModelBatch& batch, GenerationCache* gen_cach
       o_.z_loss == 0.0) {
     // Loss only: never materialise [B,T,V] logits.
     out.loss = causal_lm_loss_from_hidden(h, head_weight, o_.logits_divisor, batch.labels);
+    if (!routers.empty()) out.loss = out.loss + o_.router_aux_loss_coef * load_balancing_loss(routers, mask);
     return out;
   }
   auto logits = lm_head_ ? lm_head_(h) : F::linear(h, embed);
@@ -184,6 +220,7 @@ ModelOutput HybridLM::forward(const ModelBatch& batch, GenerationCache* gen_cach
       auto z = logits.to(torch::kFloat32).logsumexp(-1).to(out.loss.scalar_type()).pow(2).mean();
       out.loss = out.loss + o_.z_loss * z;
     }
+    if (!routers.empty()) out.loss = out.loss + o_.router_aux_loss_coef * load_balancing_loss(routers, mask);
   }
   return out;
 }
@@ -191,23 +228,27 @@ ModelOutput HybridLM::forward(const ModelBatch& batch, GenerationCache* gen_cach
 void HybridLM::init_random(uint64_t seed, double std) {
   torch::NoGradGuard no_grad;
   torch::manual_seed(seed);
+  std::map<std::string, std::string> group;  // SSM tensors by group, whatever their names
+  for (const auto& p : inventory_.params)
+    if (!p.ssm_group.empty()) group[p.name] = p.ssm_group;
   for (auto& p : named_parameters()) {
     const auto& name = p.key();
     auto& t = p.value();
     auto ends_with = [&](const std::string& s) {
       return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
     };
-    if (ends_with("layernorm.weight") || ends_with("norm.weight") || ends_with("norm_f.weight") ||
-        ends_with(".D")) {
-      t.fill_(1.0);
-    } else if (ends_with(".bias")) {
-      t.zero_();
-    } else if (ends_with(".A_log")) {
-      t.copy_(torch::log(torch::arange(1, t.size(0) + 1, t.options())));
-    } else if (ends_with(".dt_bias")) {
+    const auto g = group.count(name) ? group.at(name) : std::string();
+    if (g == "A_log") {
+      // A = -(1, 2, ...) along the last dim: per head (Mamba-2) or per state (Mamba-1, S4D-real).
+      t.copy_(torch::log(torch::arange(1, t.size(-1) + 1, t.options())).expand_as(t));
+    } else if (g == "dt_bias") {
       // dt log-uniform in [1e-3, 1e-1], stored as its inverse softplus (Mamba's init).
       auto dt = torch::exp(torch::rand_like(t) * (std::log(0.1) - std::log(1e-3)) + std::log(1e-3));
       t.copy_(dt + torch::log(-torch::expm1(-dt)));
+    } else if (g == "D" || ends_with("layernorm.weight") || ends_with("norm.weight") || ends_with("norm_f.weight")) {
+      t.fill_(1.0);
+    } else if (ends_with(".bias")) {
+      t.zero_();
     } else {
       t.normal_(0.0, std);
     }

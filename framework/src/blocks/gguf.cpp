@@ -85,12 +85,18 @@ void GgufBuilder::tensors(const ModelInventory& inv, const GgufNames& names) {
     const std::string b = p.layer >= 0 ? "blk." + std::to_string(p.layer) + "." : "";
     const std::string hf = p.name;
     if (p.ssm_group == "A_log") {
-      T.push_back({b + "ssm_a", {p.shape[0], 1}, true,
-                   [hf](const Hf& get) { return (-torch::exp(get(hf))).unsqueeze(1); }});
+      if (names.ssm_columns)
+        T.push_back({b + "ssm_a", {p.shape[0], 1}, true,
+                     [hf](const Hf& get) { return (-torch::exp(get(hf))).unsqueeze(1); }});
+      else
+        T.push_back({b + "ssm_a", p.shape, true, [hf](const Hf& get) { return -torch::exp(get(hf)); }});
       continue;
     }
     if (p.ssm_group == "D") {
-      T.push_back({b + "ssm_d", {p.shape[0], 1}, true, [hf](const Hf& get) { return get(hf).unsqueeze(1); }});
+      if (names.ssm_columns)
+        T.push_back({b + "ssm_d", {p.shape[0], 1}, true, [hf](const Hf& get) { return get(hf).unsqueeze(1); }});
+      else
+        same(b + "ssm_d", p, true);
       continue;
     }
     if (p.ssm_group == "dt_bias") {
@@ -127,6 +133,12 @@ void GgufBuilder::tensors(const ModelInventory& inv, const GgufNames& names) {
                    [hf, G](const Hf& get) { return get(hf).reshape({G, -1}); }});
     } else if (role == "mamba.out_proj") {
       same(b + "ssm_out." + leaf, p, false);
+    } else if (role == "mamba.x_proj") {
+      same(b + "ssm_x." + leaf, p, false);
+    } else if (role == "mamba.dt_proj") {  // its bias is the dt_bias group, above
+      same(b + "ssm_dt." + leaf, p, false);
+    } else if (role == "mamba.dt_norm" || role == "mamba.b_norm" || role == "mamba.c_norm") {
+      same(b + "ssm_" + role.substr(6) + ".weight", p, true);
     } else if (role == "attention.q" || role == "attention.k") {
       const std::string g = b + (role == "attention.q" ? "attn_q." : "attn_k.") + leaf;
       if (names.rotary_dim > 0) {
@@ -151,6 +163,9 @@ void GgufBuilder::tensors(const ModelInventory& inv, const GgufNames& names) {
       same(b + "ffn_up" + sfx + "." + leaf, p, false);
     } else if (role == "moe.router") {
       same(b + (leaf == "e_score_correction_bias" ? "exp_probs_b.bias" : "ffn_gate_inp.weight"), p, true);
+    } else if (role == "moe.experts" && leaf == "gate_up_proj") {  // [E, 2F, H]: gate rows, then up
+      T.push_back({b + "ffn_gate_exps.weight", halved(p.shape), false, half(hf, 0)});
+      T.push_back({b + "ffn_up_exps.weight", halved(p.shape), false, half(hf, 1)});
     } else if (role == "moe.experts") {  // plain experts: up_proj [E,F,in], down_proj [E,in,F]
       same(b + (leaf == "up_proj" ? "ffn_up_exps.weight" : "ffn_down_exps.weight"), p, false);
     } else if (role == "moe.latent_in") {

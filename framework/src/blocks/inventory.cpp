@@ -7,7 +7,6 @@
 #include <set>
 
 #include "peftfw/blocks/decoder.hpp"
-#include "peftfw/blocks/mamba2_mixer.hpp"
 
 namespace peftfw::blocks {
 
@@ -124,9 +123,9 @@ ModelInventory derive_inventory(HybridLM& model) {
   for (const auto& p : inv.params) any_ssm = any_ssm || !p.ssm_group.empty();
   if (any_ssm)
     inv.ssm_groups = {
-        {"A_log", "per-head log decay rate, A = -exp(A_log) [mamba heads]", false},
-        {"D", "per-head skip connection [mamba heads]", false},
-        {"dt_bias", "per-head time-step bias before softplus [mamba heads]", false},
+        {"A_log", "log decay rate, A = -exp(A_log) [Mamba-2: per head; Mamba-1: per channel and state]", false},
+        {"D", "skip connection [Mamba-2: per head; Mamba-1: per channel]", false},
+        {"dt_bias", "time-step bias before softplus [Mamba-2: dt_bias per head; Mamba-1: dt_proj.bias]", false},
         {"conv1d", "depthwise causal conv weights and bias", true},
     };
   if (o.tie_word_embeddings) inv.optional_checkpoint_keys.push_back("lm_head.weight");

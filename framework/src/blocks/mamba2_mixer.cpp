@@ -13,19 +13,6 @@ namespace peftfw::blocks {
 namespace ops = peftfw::kernels::mamba2;
 namespace F = torch::nn::functional;
 
-namespace {
-
-const char* kConvWhy =
-    "depthwise conv1d (groups = channels): LoRA would need r divisible by the channel count, and "
-    "fused Mamba kernels read its weight directly; train it fully with [ssm] train = [\"conv1d\"]";
-
-// transformers' apply_mask_to_padding_states; `mask` is only defined when it applies.
-torch::Tensor mask_padding(const torch::Tensor& h, const torch::Tensor& mask) {
-  return mask.defined() ? (h * mask.unsqueeze(-1)).to(h.scalar_type()) : h;
-}
-
-}  // namespace
-
 std::vector<std::string> mamba2_ssm_group_names() { return {"A_log", "D", "dt_bias", "conv1d"}; }
 
 Mamba2MixerImpl::Mamba2MixerImpl(Mamba2MixerOptions o) : o_(std::move(o)) {
@@ -35,7 +22,7 @@ Mamba2MixerImpl::Mamba2MixerImpl(Mamba2MixerOptions o) : o_(std::move(o)) {
   conv1d = add("conv1d",
                Weights(std::vector<int64_t>{o_.conv_dim(), 1, o_.conv_kernel},
                        o_.conv_bias ? std::vector<int64_t>{o_.conv_dim()} : std::vector<int64_t>{}),
-               Tag{"conv1d", "mamba.conv1d", kConvWhy, "conv1d"});
+               ssm_conv1d("mamba.conv1d"));
   dt_bias = add_parameter("dt_bias", torch::ones({o_.num_heads}, opts), "dt_bias");
   A_log = add_parameter("A_log", torch::zeros({o_.num_heads}, opts), "A_log");
   D = add_parameter("D", torch::ones({o_.num_heads}, opts), "D");
@@ -80,7 +67,7 @@ torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& h, const ForwardCont
   const int64_t B = h.size(0), T = h.size(1);
   const int64_t Im = o_.inner(), CD = o_.conv_dim(), H = o_.num_heads, P = o_.head_dim,
                 G = o_.n_groups, N = o_.state_size, K = o_.conv_kernel, Dm = o_.d_mlp;
-  auto proj = scale_projection(in_proj(mask_padding(h, ctx.ssm_mask)));  // [B,T, 2*Dm + Im + CD + H]
+  auto proj = scale_projection(in_proj(mask_padding_states(h, ctx.ssm_mask)));  // [B,T, 2*Dm + Im + CD + H]
   // One split node (its backward writes the gradients into one buffer), not several narrows.
   std::vector<int64_t> sizes = {Im, CD, H};
   if (Dm > 0) sizes = {Dm, Dm, Im, CD, H};
@@ -113,7 +100,7 @@ torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& h, const ForwardCont
     cache->ssm_state = s.state;
   } else {
     auto xBC_act = kernels::causal_conv1d(xBC, conv_w, conv_b, ctx.seq_ids, /*silu=*/true);
-    xBC_act = mask_padding(xBC_act, ctx.ssm_mask);
+    xBC_act = mask_padding_states(xBC_act, ctx.ssm_mask);
     auto xs = xBC_act.split_with_sizes({Im, G * N, G * N}, -1);
     ops::SsdArgs s;
     s.x = xs[0].reshape({B, T, H, P});

@@ -3,6 +3,7 @@
 
 #include <torch/torch.h>
 
+#include <functional>
 #include <limits>
 
 #include "peftfw/kernels/ops.hpp"
@@ -20,6 +21,22 @@ const char* kExpertsWhy =
 torch::Tensor act(Activation a, const torch::Tensor& x) {
   if (a == Activation::Silu) return F::silu(x);
   return torch::relu(x).pow(2);
+}
+
+// sum over a token's k picks of weight * expert(x): each expert runs once, on the tokens that picked
+// it, in expert order (as transformers does), accumulated in `acc`. top_i, top_w: [tokens, k].
+torch::Tensor mix_experts(const torch::Tensor& x, const torch::Tensor& top_i, const torch::Tensor& top_w,
+                          int64_t experts, int64_t out_dim, torch::Dtype acc,
+                          const std::function<torch::Tensor(int64_t, const torch::Tensor&)>& expert) {
+  auto out = torch::zeros({x.size(0), out_dim}, x.options().dtype(acc));
+  for (int64_t e = 0; e < experts; ++e) {
+    auto hit = top_i.eq(e).nonzero();  // [n,2]: (token, slot)
+    if (hit.size(0) == 0) continue;
+    auto tok = hit.select(1, 0), slot = hit.select(1, 1);
+    auto y = expert(e, x.index_select(0, tok)) * top_w.index({tok, slot}).unsqueeze(-1);
+    out.index_add_(0, tok, y.to(acc));  // out is ours: in place
+  }
+  return out;
 }
 }  // namespace
 
@@ -87,16 +104,41 @@ torch::Tensor MoeImpl::forward(const torch::Tensor& h, const ForwardContext&, La
   auto top = logits.topk(o_.top_k, -1);
   auto top_w = torch::softmax(std::get<0>(top), -1).to(x.scalar_type());
   auto top_i = std::get<1>(top);
-  auto out = torch::zeros_like(x);
-  for (int64_t e = 0; e < o_.num_experts; ++e) {
-    auto hit = top_i.eq(e).nonzero();  // [n,2]: (token, slot)
-    if (hit.size(0) == 0) continue;
-    auto tok = hit.select(1, 0), slot = hit.select(1, 1);
-    auto gu = F::linear(x.index_select(0, tok), input_linear->weight[e]).chunk(2, -1);
-    auto y = F::linear(F::silu(gu[0]) * gu[1], output_linear->weight[e]);
-    y = y * top_w.index({tok, slot}).unsqueeze(-1);
-    out = out.index_add(0, tok, y.to(out.scalar_type()));
-  }
+  auto out = mix_experts(x, top_i, top_w, o_.num_experts, o_.hidden_size, x.scalar_type(),
+                         [&](int64_t e, const torch::Tensor& xs) {
+                           auto gu = F::linear(xs, input_linear->weight[e]).chunk(2, -1);
+                           return F::linear(F::silu(gu[0]) * gu[1], output_linear->weight[e]);
+                         });
+  return out.view(sizes);
+}
+
+// ---------------------------------------------------------------- softmax-then-top-k MoE
+
+SoftmaxMoeImpl::ExpertsImpl::ExpertsImpl(int64_t experts, int64_t width, int64_t hidden) {
+  gate_up_proj = add_parameter("gate_up_proj", torch::zeros({experts, 2 * width, hidden}, nn::param_options()));
+  down_proj = add_parameter("down_proj", torch::zeros({experts, hidden, width}, nn::param_options()));
+}
+
+SoftmaxMoeImpl::SoftmaxMoeImpl(SoftmaxMoeOptions o) : o_(o) {
+  TORCH_CHECK(o_.top_k >= 1 && o_.top_k <= o_.num_experts, "SoftmaxMoeOptions: 1 <= top_k <= num_experts");
+  router = add("router", nn::Linear(o_.hidden_size, o_.num_experts, false), linear("moe.router"));
+  experts = add("experts", std::make_shared<ExpertsImpl>(o_.num_experts, o_.intermediate_size, o_.hidden_size),
+                Tag{"experts", "moe.experts", kExpertsWhy, ""});
+}
+
+torch::Tensor SoftmaxMoeImpl::forward(const torch::Tensor& h, const ForwardContext& ctx, LayerCache*) {
+  const auto sizes = h.sizes().vec();
+  auto x = h.reshape({-1, o_.hidden_size});
+  auto logits = router(x);
+  if (ctx.router_logits) ctx.router_logits->push_back({logits, o_.top_k});
+  auto probs = torch::softmax(logits.to(torch::kFloat32), -1);
+  auto top = probs.topk(o_.top_k, -1);
+  auto top_w = std::get<0>(top).to(x.scalar_type());  // not renormalised
+  auto out = mix_experts(x, std::get<1>(top), top_w, o_.num_experts, o_.hidden_size, x.scalar_type(),
+                         [&](int64_t e, const torch::Tensor& xs) {
+                           auto gu = F::linear(xs, experts->gate_up_proj[e]).chunk(2, -1);
+                           return F::linear(F::silu(gu[0]) * gu[1], experts->down_proj[e]);
+                         });
   return out.view(sizes);
 }
 
@@ -170,16 +212,12 @@ torch::Tensor GroupedMoeImpl::forward(const torch::Tensor& h, const ForwardConte
   top_w = top_w * o_.routed_scaling_factor;
 
   auto u = fc1_latent_proj ? fc1_latent_proj(x) : x;
-  // Weighted expert outputs summed in float32, in expert order (as transformers does).
-  auto out = torch::zeros({u.size(0), u.size(1)}, u.options().dtype(torch::kFloat32));
-  for (int64_t e = 0; e < E; ++e) {
-    auto hit = top_i.eq(e).nonzero();  // [n,2]: (token, slot)
-    if (hit.size(0) == 0) continue;
-    auto tok = hit.select(1, 0), slot = hit.select(1, 1);
-    auto y = F::linear(act(o_.activation, F::linear(u.index_select(0, tok), experts->up_proj[e])),
-                       experts->down_proj[e]);
-    out.index_add_(0, tok, y * top_w.index({tok, slot}).unsqueeze(-1));  // out is ours: in place
-  }
+  // Weighted expert outputs summed in float32.
+  auto out = mix_experts(u, top_i, top_w, o_.num_experts, u.size(1), torch::kFloat32,
+                         [&](int64_t e, const torch::Tensor& us) {
+                           return F::linear(act(o_.activation, F::linear(us, experts->up_proj[e])),
+                                            experts->down_proj[e]);
+                         });
   auto y = out.to(x.scalar_type());
   if (fc2_latent_proj) y = fc2_latent_proj(y);
   y = y.view(sizes);

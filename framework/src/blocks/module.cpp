@@ -18,6 +18,13 @@ Tag norm(const std::string& role) {
   return Tag{"norm", role, "norm weights are vectors; train them with method \"full\"", ""};
 }
 
+Tag ssm_conv1d(const std::string& role) {
+  return Tag{"conv1d", role,
+             "depthwise conv1d (groups = channels): LoRA would need r divisible by the channel count, and "
+             "fused Mamba kernels read its weight directly; train it fully with [ssm] train = [\"conv1d\"]",
+             "conv1d"};
+}
+
 torch::Tensor BlockImpl::add_parameter(const std::string& name, torch::Tensor value,
                                        const std::string& ssm_group) {
   if (!ssm_group.empty()) groups_[name] = ssm_group;

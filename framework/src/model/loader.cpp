@@ -128,15 +128,17 @@ void load_weights(CausalLM& model, const fs::path& dir) {
       missing.push_back(param + " (stored as " + list + ")");
       return;
     }
-    // One key holds the whole tensor; several hold its slices along dim 0, in order.
+    // One key holds the whole tensor; several hold equal slices of it in order (stored_slices).
     auto want = target.sizes().vec();
+    std::vector<int64_t> sliced;
     if (keys.size() > 1) {
-      if (want.empty() || want.front() != static_cast<int64_t>(keys.size())) {
-        wrong_shape.push_back(param + ": stored as " + std::to_string(keys.size()) + " slices, expected " +
+      sliced = stored_slices(want, static_cast<int64_t>(keys.size()));
+      if (sliced.empty()) {
+        wrong_shape.push_back(param + ": stored as " + std::to_string(keys.size()) + " slices, which do not divide " +
                               io::shape_to_string(want));
         return;
       }
-      want.erase(want.begin());
+      want.assign(sliced.begin() + 1, sliced.end());
     }
     // The slices of a stacked tensor are claimed by it whatever their state (not "unexpected").
     if (keys.size() > 1) used.insert(keys.begin(), keys.end());
@@ -169,7 +171,8 @@ void load_weights(CausalLM& model, const fs::path& dir) {
     if (values.size() == 1) {
       target.copy_(values.front());
     } else {
-      for (size_t i = 0; i < values.size(); ++i) target[static_cast<int64_t>(i)].copy_(values[i]);
+      auto slices = target.view(sliced);
+      for (size_t i = 0; i < values.size(); ++i) slices[static_cast<int64_t>(i)].copy_(values[i]);
     }
   };
   for (auto& p : model.named_parameters()) load_one(p.key(), p.value());

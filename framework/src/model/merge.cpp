@@ -27,6 +27,20 @@ std::map<std::string, torch::Tensor> merged_state_dict(CausalLM& model, std::opt
   return tensors;
 }
 
+std::vector<int64_t> stored_slices(const std::vector<int64_t>& shape, int64_t keys) {
+  if (shape.empty() || keys <= 0 || keys % shape[0] != 0) return {};
+  const int64_t per = keys / shape[0];
+  std::vector<int64_t> out = {keys};
+  if (per == 1) {
+    out.insert(out.end(), shape.begin() + 1, shape.end());
+  } else {
+    if (shape.size() < 2 || shape[1] % per != 0) return {};
+    out.push_back(shape[1] / per);
+    out.insert(out.end(), shape.begin() + 2, shape.end());
+  }
+  return out;
+}
+
 std::map<std::string, torch::Tensor> to_checkpoint_keys(const ModelInventory& inventory,
                                                         std::map<std::string, torch::Tensor> tensors) {
   for (const auto* list : {&inventory.params, &inventory.buffers})
@@ -39,10 +53,12 @@ std::map<std::string, torch::Tensor> to_checkpoint_keys(const ModelInventory& in
         tensors[d.stored_as.front()] = value;
         continue;
       }
-      TORCH_CHECK(value.size(0) == static_cast<int64_t>(d.stored_as.size()), d.name, ": ", value.size(0),
-                  " slices for ", d.stored_as.size(), " checkpoint keys");
+      const auto sliced = stored_slices(value.sizes().vec(), static_cast<int64_t>(d.stored_as.size()));
+      TORCH_CHECK(!sliced.empty(), d.name, ": ", value.sizes(), " does not split into ", d.stored_as.size(),
+                  " checkpoint keys");
+      auto slices = value.contiguous().view(sliced);
       for (size_t i = 0; i < d.stored_as.size(); ++i)
-        tensors[d.stored_as[i]] = value[static_cast<int64_t>(i)].contiguous();
+        tensors[d.stored_as[i]] = slices[static_cast<int64_t>(i)].contiguous();
     }
   return tensors;
 }

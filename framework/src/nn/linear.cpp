@@ -28,6 +28,7 @@ LinearImpl::LinearImpl(int64_t in_features, int64_t out_features, bool has_bias)
 // at::linear, as PyTorch's F.linear: a biased projection of contiguous 3D input is one fused
 // addmm (torch::nn::functional::linear would round matmul and bias add separately in bf16).
 torch::Tensor LinearImpl::base_forward(const torch::Tensor& x) const {
+  if (bias_after_product_ && bias.defined()) return at::linear(x, weight) + bias.to(x.scalar_type());
   return at::linear(x, weight, bias.defined() ? std::optional<torch::Tensor>(bias) : std::nullopt);
 }
 
@@ -61,7 +62,7 @@ struct KeptLinearFn : public torch::autograd::Function<KeptLinearFn> {
 torch::Tensor LinearImpl::forward(const torch::Tensor& x) {
   if (adapter_) return adapter_->forward_from_input(x, *this);
   const bool frozen = !weight.requires_grad() && (!bias.defined() || !bias.requires_grad());
-  if (!frozen || !may_keep(in_features_, out_features_)) return base_forward(x);
+  if (!frozen || bias_after_product_ || !may_keep(in_features_, out_features_)) return base_forward(x);
   std::optional<torch::Tensor> b;
   if (bias.defined()) b = bias;
   return KeptLinearFn::apply(x, weight, b);

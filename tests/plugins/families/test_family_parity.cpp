@@ -1,4 +1,5 @@
-// Parity of the block-built architecture plugins (mamba2, bamba, nemotron_h, falcon_h1) with transformers 5.17 on
+// Parity of the block-built architecture plugins (mamba2, bamba, nemotron_h, falcon_h1, mamba, jamba) with
+// transformers 5.17 on
 // tiny random configs. Expected values come from tests/oracles/family_oracle.py.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
@@ -70,6 +71,10 @@ std::vector<Param> all_cases() {
   for (auto n : {"base", "groups", "tied", "padded", "time_limit", "moe_latent"}) out.push_back({"nemotron_h", n});
   for (auto n : {"base", "multipliers", "tied", "padded", "rms_norm", "rms_norm_gate_first", "dims_bias", "time_limit"})
     out.push_back({"falcon_h1", n});
+  for (auto n : {"base", "base_legacy", "proj_bias", "tied", "padded", "time_step", "dims", "falcon_base",
+                 "falcon_options", "falcon_padded"})
+    out.push_back({"mamba", n});
+  for (auto n : {"base", "top1", "mamba_opts", "tied", "padded", "router_aux"}) out.push_back({"jamba", n});
   return out;
 }
 
@@ -185,7 +190,9 @@ INSTANTIATE_TEST_SUITE_P(Oracle, FamilyParity, ::testing::ValuesIn(all_cases()),
 TEST(FamilyPacking, PackedEqualsSeparate) {
   for (const auto& p : std::vector<Param>{{"mamba2", "base"}, {"mamba2", "codestral"}, {"bamba", "base"},
                                           {"bamba", "groups_bias"}, {"nemotron_h", "base"}, {"nemotron_h", "groups"},
-                                          {"falcon_h1", "multipliers"}, {"falcon_h1", "rms_norm"}}) {
+                                          {"falcon_h1", "multipliers"}, {"falcon_h1", "rms_norm"},
+                                          {"mamba", "base"}, {"mamba", "falcon_options"}, {"jamba", "base"},
+                                          {"jamba", "mamba_opts"}}) {
     auto c = load_case(p.family, p.name);
     auto model = load(c);
     model->eval();
@@ -218,7 +225,7 @@ TEST(FamilyPacking, PackedEqualsSeparate) {
 
 // `plan` counts on each family's default transformers config equal transformers' count.
 TEST(FamilyPlan, DefaultConfigParameterCounts) {
-  for (const std::string family : {"mamba2", "bamba", "nemotron_h", "falcon_h1"}) {
+  for (const std::string family : {"mamba2", "bamba", "nemotron_h", "falcon_h1", "mamba", "jamba"}) {
     std::ifstream f(oracle_root() / family / "default_counts.json");
     auto counts = nlohmann::json::parse(f);
     int checked = 0;
@@ -277,6 +284,16 @@ TEST(FamilyConfig, BadValuesAreRefusedNamingTheField) {
   refused("falcon_h1", R"({"model_type": "falcon_h1", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
                            "ssm_multipliers": [1, 2, 3]})",
           {"field 'ssm_multipliers'", "a list of 5 finite numbers"});
+  refused("mamba", R"({"model_type": "mamba", "hidden_size": 64, "time_step_rank": "half"})",
+          {"field 'time_step_rank'", "a positive integer or \"auto\""});
+  refused("falcon_mamba", R"({"model_type": "falcon_mamba", "hidden_size": 64, "use_mambapy": true})",
+          {"field 'use_mambapy'", "set it to false"});
+  refused("jamba", R"({"model_type": "jamba", "hidden_size": 64, "num_attention_heads": 4, "attn_layer_period": 2,
+                       "attn_layer_offset": 2})",
+          {"field 'attn_layer_offset'", "must lie in 0..1"});
+  refused("jamba", R"({"model_type": "jamba", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 4,
+                       "num_experts_per_tok": 5})",
+          {"field 'num_experts_per_tok'", "at most num_experts (4)"});
 }
 
 }  // namespace

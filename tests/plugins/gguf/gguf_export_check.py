@@ -28,7 +28,24 @@
    FalconH1ForCausalLM (arch "falcon-h1", 2 SSM groups, gated RMSNorm, every muP multiplier != 1): the multipliers
    are folded into the weights as FalconH1Model does (in_proj row blocks z/x/B/C/dt by ssm_multipliers), and
    pre_ff_layernorm is `blk.N.ffn_norm` without ".weight".
-Usage: gguf_export_check.py --peftfw BIN --workdir DIR
+5. Checks 1-2 for the Mamba-1 families, as convert_hf_to_gguf.py's MambaModel / JambaModel convert them (llama.cpp
+   0c1e570): a tiny MambaForCausalLM (3 layers, time_step_rank 8, conv bias, tied: no output.weight) and a
+   FalconMambaForCausalLM (2 layers, tied), both llama.cpp arch "mamba" (the converter registers
+   FalconMambaForCausalLM to MambaModel: the only difference is ssm.dt_b_c_rms = true, llama.cpp's weightless RMS
+   norms of dt, B and C, with layer_norm_epsilon since the converter has no key for mixer_rms_eps); and a
+   JambaForCausalLM (arch "jamba", untied) with the 4 layer kinds mamba+MoE, attention+MLP, mamba+MLP,
+   attention+MoE (attention period 2 / offset 1, experts period 3 / offset 0, 4 experts top-2). Mamba-1 tensors:
+   A = -exp(A_log) kept [d_inner, d_state] (no Mamba-2 reshapes), D [d_inner], conv squeezed to [d_inner, d_conv],
+   dt_proj.bias -> ssm_dt.bias, x_proj -> ssm_x; the 2-D ssm_dt.weight is in the file type (F16 in the q8_0 file:
+   its rows of dt_rank values are no multiple of 32). Jamba: per-layer head_count_kv (num_key_value_heads on attention layers, else 0), scalar
+   feed_forward_length, q/k not permuted (no RoPE), dt/B/C layernorms -> ssm_{dt,b,c}_norm, router ->
+   ffn_gate_inp (F32), experts (one key per expert in what transformers 5.17 saves) stacked in expert order into
+   ffn_{gate,up,down}_exps. Jamba's experts are 3-D parameters in transformers 5.17, not adaptable, so the check also
+   requires them (and the routers) unchanged in the merged checkpoint. peftfw writes <arch>.vocab_size besides the
+   converter's keys in all three, as for mamba2.
+--families picks the checks to run (comma list; default all): granite (1-3, and the refusal of a model without
+tokenizer.json), mamba2, bamba, nemotron_h, nemotron_h_moe, falcon_h1, mamba, falcon_mamba, jamba.
+Usage: gguf_export_check.py --peftfw BIN --workdir DIR [--families LIST]
 """
 import argparse
 import json
@@ -262,8 +279,10 @@ def check_tensors(case, ftype, r, want):
         t = got.get(name)
         if t is None:
             continue
-        keep = w.ndim <= 1 or name.endswith("_norm.weight") or any(
-            s in name for s in ("ssm_conv1d", "ssm_a", "ssm_d", "ffn_gate_inp"))
+        # The converter's F32 rules: 1-D, "*_norm.weight", no ".weight" suffix (ssm_a, ssm_d), ssm_conv1d,
+        # ffn_gate_inp. ssm_a / ssm_d by suffix: Mamba-1's 2-D blk.N.ssm_dt.weight is in the file type.
+        keep = w.ndim <= 1 or name.endswith(("_norm.weight", ".ssm_a", ".ssm_d")) or any(
+            s in name for s in ("ssm_conv1d", "ffn_gate_inp"))
         qt = Q.F32 if keep else target
         if qt == Q.Q8_0 and w.shape[-1] % 32:
             qt = Q.F16
@@ -309,15 +328,24 @@ FAMILY_TARGETS = {
                        "fc1_latent_proj", "fc2_latent_proj"]''',
     "falcon_h1": '''["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "gate_proj", "up_proj",
                   "down_proj"]''',
+    "mamba": '''["in_proj", "x_proj", "dt_proj", "out_proj"]''',
+    "falcon_mamba": '''["in_proj", "x_proj", "dt_proj", "out_proj"]''',
+    # The dense MLP's gate/up/down_proj are Linear; the MoE experts are 3-D parameters (not adapted).
+    "jamba": '''["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "x_proj", "dt_proj", "out_proj", "gate_proj",
+              "up_proj", "down_proj"]''',
 }
 FAMILY_TYPES = ("f32", "q8_0")
 GGUF_ARCH = {"mamba2": "mamba2", "bamba": "granitehybrid", "nemotron_h": "nemotron_h",
-             "nemotron_h_moe": "nemotron_h_moe", "falcon_h1": "falcon-h1"}
+             "nemotron_h_moe": "nemotron_h_moe", "falcon_h1": "falcon-h1", "mamba": "mamba", "falcon_mamba": "mamba",
+             "jamba": "jamba"}
+MAMBA1_FAMILIES = ("mamba", "falcon_mamba", "jamba")  # Mamba-1 mixers: convert_hf_to_gguf.py MambaModel, JambaModel
 
 
 def make_family_checkpoint(dirpath, family):
     if family.startswith("nemotron_h") or family == "falcon_h1":
         return make_hybrid_checkpoint(dirpath, family)
+    if family in MAMBA1_FAMILIES:
+        return make_mamba1_checkpoint(dirpath, family)
     import torch
     import transformers
     from transformers import BambaConfig, BambaForCausalLM, Mamba2Config, Mamba2ForCausalLM
@@ -387,6 +415,44 @@ def make_hybrid_checkpoint(dirpath, family):
     model.save_pretrained(dirpath)
 
 
+def make_mamba1_checkpoint(dirpath, family):
+    """MambaForCausalLM (3 layers, time_step_rank 8 instead of the default 4, conv bias, tied), FalconMambaForCausalLM
+    (2 layers, mixer_rms_eps 1e-6 != layer_norm_epsilon 1e-5, tied) or JambaForCausalLM (layers mamba+MoE,
+    attention+MLP, mamba+MLP, attention+MoE; 4 experts top-2; untied). No in/out_proj bias (llama.cpp's mamba and
+    jamba have none), conv bias (llama.cpp requires ssm_conv1d.bias), expand 2 (the only one llama.cpp loads).
+    Norm weights and D are drawn at random so that their layouts show in the values."""
+    import torch
+    import transformers
+    from transformers import (FalconMambaConfig, FalconMambaForCausalLM, JambaConfig, JambaForCausalLM, MambaConfig,
+                              MambaForCausalLM)
+
+    transformers.logging.disable_progress_bar()
+    fast, _ = make_tokenizer(dirpath)
+    ids = dict(bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
+    torch.manual_seed(4)
+    common = dict(vocab_size=320, hidden_size=64, state_size=16, conv_kernel=4, expand=2, use_bias=False,
+                  use_conv_bias=True, layer_norm_epsilon=1e-5, tie_word_embeddings=True, initializer_range=0.1, **ids)
+    if family == "mamba":
+        model = MambaForCausalLM(MambaConfig(num_hidden_layers=3, time_step_rank=8, **common))
+    elif family == "falcon_mamba":
+        model = FalconMambaForCausalLM(FalconMambaConfig(num_hidden_layers=2, mixer_rms_eps=1e-6, **common))
+    else:
+        model = JambaForCausalLM(JambaConfig(
+            vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=3,
+            expert_layer_offset=0, num_experts=4, num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4,
+            mamba_expand=2, mamba_dt_rank="auto", mamba_conv_bias=True, mamba_proj_bias=False, rms_norm_eps=1e-6,
+            max_position_embeddings=512, use_mamba_kernels=False, tie_word_embeddings=False, initializer_range=0.1,
+            **ids))
+    with torch.no_grad():
+        for name, t in model.named_parameters():  # parameters only: FalconMamba's weightless norms have buffers
+            if name.endswith(("norm.weight", "layernorm.weight", "norm_f.weight")):
+                t.copy_(1 + 0.2 * torch.randn_like(t))
+            elif name.endswith(".D"):
+                t.copy_(torch.randn_like(t))
+    model.save_pretrained(dirpath)
+
+
 def bamba_rope(cfg):
     """(head_dim, rotary_dim, theta) of transformers' Bamba attention."""
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -411,6 +477,8 @@ def family_keys(family, cfg):
     from gguf import Keys as K
     if family.startswith("nemotron_h"):
         return nemotron_keys(cfg)
+    if family in MAMBA1_FAMILIES:
+        return mamba1_keys(family, cfg)
     if family == "falcon_h1":  # Mamba2Model.set_gguf_parameters, then FalconH1Model's (no TextModel keys)
         rp = cfg.get("rope_parameters") or {}
         conv = {K.LLM.CONTEXT_LENGTH: cfg.get("max_position_embeddings", 0), K.LLM.EMBEDDING_LENGTH: cfg["hidden_size"],
@@ -514,6 +582,104 @@ def nemotron_keys(cfg):
     return conv, extra
 
 
+def mamba1_keys(family, cfg):
+    """MambaModel.set_gguf_parameters (mamba, falcon_mamba; on the raw config.json, which MambaModel always reads) or
+    JambaModel.set_gguf_parameters (jamba). Neither calls TextModel's, so there is no vocab_size key: peftfw adds it."""
+    import math
+
+    from gguf import Keys as K
+
+    def first(*keys, default=None):  # find_hparam(keys, optional=True) or default
+        v = next((cfg[k] for k in keys if k in cfg), None)
+        return v if v else default
+
+    if family in ("mamba", "falcon_mamba"):
+        d_model = first("hidden_size", "d_model")
+        d_inner = first("intermediate_size", "d_inner", default=2 * d_model)
+        assert d_inner == 2 * d_model, "the converter (and llama.cpp) need expand 2"
+        dt_rank = first("time_step_rank", "dt_rank", default=-(d_model // -16))
+        if dt_rank == "auto":
+            dt_rank = math.ceil(d_model / 16)
+        conv = {K.LLM.CONTEXT_LENGTH: 2**20, K.LLM.EMBEDDING_LENGTH: d_model, K.LLM.FEED_FORWARD_LENGTH: 0,
+                K.Attention.HEAD_COUNT: 0, K.LLM.BLOCK_COUNT: cfg["num_hidden_layers"],
+                K.SSM.CONV_KERNEL: first("conv_kernel", "d_conv", default=4), K.SSM.INNER_SIZE: d_inner,
+                K.SSM.STATE_SIZE: first("state_size", "d_state", default=16), K.SSM.TIME_STEP_RANK: dt_rank,
+                # layer_norm_epsilon, not falcon_mamba's mixer_rms_eps: llama.cpp's weightless dt/B/C norms use it too
+                K.Attention.LAYERNORM_RMS_EPS: first("layer_norm_epsilon", "rms_norm_eps", default=1e-5),
+                K.SSM.DT_B_C_RMS: cfg.get("model_type") == "falcon_mamba"}
+        return conv, {K.LLM.VOCAB_SIZE: cfg["vocab_size"]}
+    d_model = first("hidden_size", "mamba_d_model")
+    n = cfg["num_hidden_layers"]
+    dt_rank = first("mamba_dt_rank", default=-(d_model // -16))
+    if dt_rank == "auto":
+        dt_rank = math.ceil(d_model / 16)
+    off, period = cfg["attn_layer_offset"], cfg["attn_layer_period"]
+    conv = {K.LLM.BLOCK_COUNT: n, K.LLM.CONTEXT_LENGTH: first("max_position_embeddings", "n_ctx"),
+            K.LLM.EMBEDDING_LENGTH: d_model, K.LLM.FEED_FORWARD_LENGTH: cfg["intermediate_size"],
+            K.Attention.HEAD_COUNT: cfg["num_attention_heads"],
+            K.Attention.HEAD_COUNT_KV: [cfg["num_key_value_heads"] if i >= off and (i - off) % period == 0 else 0
+                                        for i in range(n)],
+            K.SSM.CONV_KERNEL: first("mamba_d_conv", default=4), K.SSM.INNER_SIZE: cfg["mamba_expand"] * d_model,
+            K.SSM.STATE_SIZE: first("mamba_d_state", default=16), K.SSM.TIME_STEP_RANK: dt_rank,
+            K.Attention.LAYERNORM_RMS_EPS: first("layer_norm_epsilon", "rms_norm_eps", default=1e-6),
+            K.LLM.EXPERT_COUNT: first("num_local_experts", "num_experts"),
+            K.LLM.EXPERT_USED_COUNT: first("num_experts_per_tok", "num_experts_per_token")}
+    return conv, {K.LLM.VOCAB_SIZE: cfg["vocab_size"]}
+
+
+def jamba_moe_layers(cfg):
+    """transformers' JambaConfig.layers_num_experts: num_experts on layers i % expert_layer_period ==
+    expert_layer_offset, 1 (a dense MLP) elsewhere."""
+    return [i for i in range(cfg["num_hidden_layers"])
+            if cfg["num_experts"] > 1 and i % cfg["expert_layer_period"] == cfg["expert_layer_offset"]]
+
+
+def mamba1_layout(family, cfg, sd):
+    """name -> float32 array for MambaModel / JambaModel: gguf-py's TensorNameMap names, A = -exp(A_log) kept
+    [d_inner, d_state], D as is, conv1d squeezed, Jamba's experts stacked in expert order (torch.stack dim 0) into
+    mlp.experts.{gate,up,down}_proj. No q/k permutation (JambaModel is not a LlamaModel; Jamba has no RoPE)."""
+    import re
+
+    import gguf
+    arch = gguf.MODEL_ARCH.JAMBA if family == "jamba" else gguf.MODEL_ARCH.MAMBA
+    tmap = gguf.get_tensor_name_map(arch, cfg["num_hidden_layers"])
+    sd = dict(sd)
+    if family == "jamba":
+        experts = {}
+        per_expert = r"model\.layers\.\d+\.feed_forward\.experts\.\d+\.\w+\.weight"
+        for hf in [k for k in sd if re.fullmatch(per_expert, k)]:
+            _, _, bid, _, _, x, w_name, _ = hf.split(".")
+            experts.setdefault((int(bid), w_name), {})[int(x)] = sd.pop(hf)
+        for (bid, w_name), per in experts.items():
+            assert sorted(per) == list(range(cfg["num_experts"])), (bid, w_name, sorted(per))
+            sd[f"model.layers.{bid}.mlp.experts.{w_name}.weight"] = np.stack([per[x] for x in sorted(per)])
+        for hf in [k for k in sd if re.fullmatch(r"model\.layers\.\d+\.feed_forward\.experts\.(gate_up|down)_proj",
+                                                 k)]:
+            bid, w = hf.split(".")[2], sd.pop(hf)  # transformers' in-memory 3-D form, if a merged file had it
+            if hf.endswith("gate_up_proj"):  # [E, 2 I, H]: gate rows first, then up (Concatenate(dim=1))
+                half = w.shape[1] // 2
+                sd[f"model.layers.{bid}.mlp.experts.gate_proj.weight"] = w[:, :half]
+                sd[f"model.layers.{bid}.mlp.experts.up_proj.weight"] = w[:, half:]
+            else:
+                sd[f"model.layers.{bid}.mlp.experts.down_proj.weight"] = w
+    out, unmapped = {}, []
+    for hf, w in sd.items():
+        if hf == "lm_head.weight" and (cfg.get("tie_word_embeddings") or (
+                family != "jamba" and np.array_equal(w, sd.get("backbone.embeddings.weight")))):
+            continue  # tied (MambaModel also drops an lm_head equal to the embeddings): llama.cpp uses token_embd
+        new = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            unmapped.append(hf)
+            continue
+        if new.endswith("ssm_conv1d.weight"):
+            w = w.squeeze()  # [d_inner, 1, d_conv] -> [d_inner, d_conv]
+        if hf.endswith(".A_log"):
+            w = (-np.exp(w.astype(np.float64))).astype(np.float32)
+        out[new] = w
+    assert not unmapped, f"gguf-py has no llama.cpp name for {unmapped}"
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
 def rope_rows(w, n_heads, head_dim, rotary):
     """ggml's RoPE rotates pairs (2i, 2i+1), transformers (i, i + rotary/2): within each head the first `rotary`
     rows go from [2, rotary/2] to [rotary/2, 2] order (convert_hf_to_gguf.py's LlamaModel.permute, restricted to
@@ -528,6 +694,8 @@ def family_layout(family, cfg, sd):
     """name -> float32 array: each merged HF tensor named by gguf-py's
     TensorNameMap (the converter's name table) and reshaped / scaled as convert_hf_to_gguf.py's Mamba2Model,
     GraniteHybridModel, NemotronHModel and FalconH1Model do."""
+    if family in MAMBA1_FAMILIES:
+        return mamba1_layout(family, cfg, sd)
     import re
 
     import gguf
@@ -664,14 +832,22 @@ def check_family_file(case, family, path, ftype, cfg, sd, tokjson, model_dir):
     conv, extra = family_keys(family, cfg)
     want_all = {k: v for k, v in {**conv, **extra}.items() if v is not None}  # None: a key peftfw leaves out
     bad = []
+    T = gguf.GGUFValueType
     for key, want in want_all.items():
         got = val(key.format(arch=A))
-        if isinstance(want, float):
-            ok = got is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
+        if isinstance(want, float):  # relative: epsilons (1e-6) must not pass as 0
+            ok = got is not None and abs(got - want) <= 1e-6 * max(abs(want), 1e-30)
         else:
             ok = got == want
+        # llama.cpp reads a bool key only from a BOOL value (1 == True in Python), per-layer arrays from INT32/UINT32
+        f = fields.get(key.format(arch=A))
+        if ok and isinstance(want, bool):
+            ok = f.types == [T.BOOL]
+        elif ok and isinstance(want, list):
+            ok = f.types[0] == T.ARRAY and f.types[-1] in (T.INT32, T.UINT32)
         if not ok:
-            bad.append(f"{key.format(arch=A)}: {got!r} != {want!r}")
+            bad.append(f"{key.format(arch=A)}: {got!r} != {want!r}" + (f" (types {[t.name for t in f.types]})"
+                                                                       if f is not None else ""))
     names = {k.format(arch=A) for k in want_all}
     written = {k for k in fields if k.startswith(A + ".")}
     if written != names:
@@ -714,14 +890,57 @@ def llama_cpp_logits(args, run, cfg):
     check("llama.cpp loads the f32 GGUF and its logits match peftfw's (bf16 tolerance 1e-2)", err <= 1e-2, err)
 
 
+FAMILY_PROBES = {  # merged tensors training must change: an SSM parameter and LoRA targets of each kind
+    "mamba2": ("backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.in_proj.weight",
+               "backbone.layers.2.mixer.out_proj.weight"),
+    "bamba": ("model.layers.0.mamba.A_log", "model.layers.0.mamba.in_proj.weight",
+              "model.layers.1.self_attn.q_proj.weight", "model.layers.3.feed_forward.down_proj.weight"),
+    "nemotron_h": ("backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.in_proj.weight",
+                   "backbone.layers.3.mixer.k_proj.weight", "backbone.layers.1.mixer.up_proj.weight"),
+    "nemotron_h_moe": ("backbone.layers.3.mixer.A_log", "backbone.layers.0.mixer.out_proj.weight",
+                       "backbone.layers.1.mixer.q_proj.weight",
+                       "backbone.layers.2.mixer.shared_experts.down_proj.weight",
+                       "backbone.layers.4.mixer.fc1_latent_proj.weight"),
+    "falcon_h1": ("model.layers.0.mamba.A_log", "model.layers.1.mamba.in_proj.weight",
+                  "model.layers.0.self_attn.k_proj.weight", "model.layers.1.feed_forward.gate_proj.weight"),
+    "mamba": ("backbone.layers.0.mixer.A_log", "backbone.layers.1.mixer.D", "backbone.layers.2.mixer.dt_proj.bias",
+              "backbone.layers.0.mixer.in_proj.weight", "backbone.layers.1.mixer.x_proj.weight",
+              "backbone.layers.1.mixer.dt_proj.weight", "backbone.layers.2.mixer.out_proj.weight"),
+    "falcon_mamba": ("backbone.layers.0.mixer.A_log", "backbone.layers.1.mixer.dt_proj.bias",
+                     "backbone.layers.0.mixer.x_proj.weight", "backbone.layers.1.mixer.dt_proj.weight"),
+    "jamba": ("model.layers.0.mamba.A_log", "model.layers.2.mamba.D", "model.layers.2.mamba.dt_proj.bias",
+              "model.layers.0.mamba.in_proj.weight", "model.layers.2.mamba.x_proj.weight",
+              "model.layers.0.mamba.dt_proj.weight", "model.layers.2.mamba.out_proj.weight",
+              "model.layers.1.self_attn.q_proj.weight", "model.layers.3.self_attn.v_proj.weight",
+              "model.layers.3.self_attn.o_proj.weight", "model.layers.1.feed_forward.gate_proj.weight",
+              "model.layers.2.feed_forward.down_proj.weight"),
+}
+ALL_FAMILIES = ("granite",) + tuple(FAMILY_PROBES)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--peftfw", required=True)
     p.add_argument("--workdir", required=True)
+    p.add_argument("--families", default=",".join(ALL_FAMILIES),
+                   help="comma list of " + ", ".join(ALL_FAMILIES) + " (default: all)")
     args = p.parse_args()
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = sorted(set(families) - set(ALL_FAMILIES))
+    if unknown or not families:
+        p.error(f"--families: unknown {unknown}; choose from {', '.join(ALL_FAMILIES)}")
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    if "granite" in families:
+        check_granite(args, work)
+    for family in [f for f in FAMILY_PROBES if f in families]:
+        check_family(args, work, family)
+    print(f"gguf export: {passed} passed, {failed} failed, {skipped} skipped")
+    return 1 if failed else 0
+
+
+def check_granite(args, work):
     from safetensors.numpy import load_file
     runs = {}
     for case, moe in (("dense", False), ("moe", True)):
@@ -750,44 +969,41 @@ def main():
           r.returncode == 2 and "tokenizer.json" in r.stderr, r.stderr)
     check("... refused before training: no step logged, no output folder",
           "step 1/" not in r.stderr and not (work / "no_tok").exists(), r.stderr)
-    for family, probes in (("mamba2", ("backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.in_proj.weight",
-                                       "backbone.layers.2.mixer.out_proj.weight")),
-                           ("bamba", ("model.layers.0.mamba.A_log", "model.layers.0.mamba.in_proj.weight",
-                                      "model.layers.1.self_attn.q_proj.weight",
-                                      "model.layers.3.feed_forward.down_proj.weight")),
-                           ("nemotron_h", ("backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.in_proj.weight",
-                                           "backbone.layers.3.mixer.k_proj.weight",
-                                           "backbone.layers.1.mixer.up_proj.weight")),
-                           ("nemotron_h_moe", ("backbone.layers.3.mixer.A_log",
-                                               "backbone.layers.0.mixer.out_proj.weight",
-                                               "backbone.layers.1.mixer.q_proj.weight",
-                                               "backbone.layers.2.mixer.shared_experts.down_proj.weight",
-                                               "backbone.layers.4.mixer.fc1_latent_proj.weight")),
-                           ("falcon_h1", ("model.layers.0.mamba.A_log", "model.layers.1.mamba.in_proj.weight",
-                                          "model.layers.0.self_attn.k_proj.weight",
-                                          "model.layers.1.feed_forward.gate_proj.weight"))):
-        ckpt = work / f"ckpt_{family}"
-        make_family_checkpoint(ckpt, family)
-        run = train_and_export(args, family, ckpt, FAMILY_TARGETS[family], FAMILY_TYPES)
-        if not (run / "gguf").is_dir():
-            continue
-        cfg = json.loads((run / "merged" / "config.json").read_text())
-        sd = {k: v.astype(np.float32) for k, v in load_file(str(run / "merged" / "model.safetensors")).items()}
-        base = load_file(str(ckpt / "model.safetensors"))
-        # The converter reads the released key names (Nemotron-H: backbone.*, one key per expert).
-        check(f"{family}: merged checkpoint has the transformers checkpoint's {len(base)} keys", set(sd) == set(base),
-              f"missing {sorted(set(base) - set(sd))[:6]} extra {sorted(set(sd) - set(base))[:6]}")
-        if set(sd) != set(base):
-            continue
-        changed = [k for k in probes if not np.array_equal(base[k], sd[k])]
-        check(f"{family}: training changed the merged SSM and LoRA-target tensors", len(changed) == len(probes),
-              f"unchanged: {sorted(set(probes) - set(changed))}")
-        tokjson = json.loads((ckpt / "tokenizer.json").read_text())
-        for ftype in FAMILY_TYPES:
-            check_family_file(family, family, run / "gguf" / f"model-{ftype}.gguf", ftype, cfg, sd, tokjson,
-                              run / "merged")
-    print(f"gguf export: {passed} passed, {failed} failed, {skipped} skipped")
-    return 1 if failed else 0
+
+
+def check_family(args, work, family):
+    import re
+
+    from safetensors.numpy import load_file
+    probes = FAMILY_PROBES[family]
+    ckpt = work / f"ckpt_{family}"
+    make_family_checkpoint(ckpt, family)
+    run = train_and_export(args, family, ckpt, FAMILY_TARGETS[family], FAMILY_TYPES)
+    if not (run / "gguf").is_dir():
+        return
+    cfg = json.loads((run / "merged" / "config.json").read_text())
+    sd = {k: v.astype(np.float32) for k, v in load_file(str(run / "merged" / "model.safetensors")).items()}
+    base = load_file(str(ckpt / "model.safetensors"))
+    # The converter reads the released key names (Nemotron-H: backbone.*; Nemotron-H and Jamba: one key per expert,
+    # which is what transformers 5.17 saves although it holds Jamba's experts as 3-D gate_up_proj / down_proj).
+    check(f"{family}: merged checkpoint has the transformers checkpoint's {len(base)} keys", set(sd) == set(base),
+          f"missing {sorted(set(base) - set(sd))[:6]} extra {sorted(set(sd) - set(base))[:6]}")
+    if set(sd) != set(base):
+        return
+    changed = [k for k in probes if not np.array_equal(base[k], sd[k])]
+    check(f"{family}: training changed the merged SSM and LoRA-target tensors", len(changed) == len(probes),
+          f"unchanged: {sorted(set(probes) - set(changed))}")
+    if family == "jamba":  # not adapted or trained: the merged file must give them back as loaded (expert order,
+        # gate vs up), since the GGUF expectations are computed from the merged file
+        frozen = [k for k in base if re.fullmatch(r"model\.layers\.\d+\.feed_forward\.(experts\.\d+\.\w+|router)"
+                                                  r"\.weight", k)]
+        moved = [k for k in frozen if not np.array_equal(base[k].astype(np.float32), sd[k])]
+        check(f"jamba: the {len(frozen)} expert and router weights (not adaptable) are unchanged in the merged file",
+              frozen and not moved, f"changed: {moved[:6]}")
+    tokjson = json.loads((ckpt / "tokenizer.json").read_text())
+    for ftype in FAMILY_TYPES:
+        check_family_file(family, family, run / "gguf" / f"model-{ftype}.gguf", ftype, cfg, sd, tokjson,
+                          run / "merged")
 
 
 if __name__ == "__main__":

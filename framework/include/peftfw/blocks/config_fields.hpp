@@ -30,6 +30,8 @@ std::pair<double, double> time_step_limit(const io::JsonConfig& j);
 // divide num_attention_heads (`heads`).
 int64_t kv_heads(const io::JsonConfig& j, int64_t heads, int64_t absent);
 
+// A dimension that may be "auto" (or null, or absent): then `automatic` (Mamba's time_step_rank).
+int64_t dim_or_auto(const io::JsonConfig& j, const std::string& key, int64_t automatic);
 // `hidden_act` (or `key`) must be one of `allowed`; returns it.
 std::string activation(const io::JsonConfig& j, const std::string& key,
                        const std::vector<std::string>& allowed, const std::string& fallback);

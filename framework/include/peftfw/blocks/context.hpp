@@ -10,6 +10,12 @@
 
 namespace peftfw::blocks {
 
+// The router logits of one MoE layer, for the load-balancing loss.
+struct RouterRecord {
+  torch::Tensor logits;  // [tokens, experts]
+  int64_t top_k = 0;
+};
+
 struct ForwardContext {
   torch::Tensor seq_ids;     // [B,T] or undefined: tokens with different ids never interact
   torch::Tensor ssm_mask;    // [B,T] float padding mask for SSM mixers, undefined = none applied
@@ -17,6 +23,9 @@ struct ForwardContext {
   torch::Tensor attn_rows;   // [B,1,T,1] 0 for query rows with no visible key, else 1
   torch::Tensor cos, sin;    // RoPE tables [B,T,rotary_dim] (undefined without RoPE)
   bool decode_step = false;  // one new token on top of a filled cache
+  // Set when the model's loss needs the routers' logits: MoE blocks append theirs. Never set
+  // for a layer run under activation checkpointing (its recomputation would append again).
+  std::vector<RouterRecord>* router_logits = nullptr;
 };
 
 // Decoding state of one layer; a layer holding two mixers in parallel uses both parts.
@@ -40,6 +49,12 @@ struct RopeOptions {
   int64_t rotary_dim = 0;  // 0: no RoPE
   double theta = 10000.0;
 };
+
+// transformers' apply_mask_to_padding_states: h [B,T,C] times the SSM padding mask, in h's dtype;
+// h itself where no mask applies (`mask` undefined).
+inline torch::Tensor mask_padding_states(const torch::Tensor& h, const torch::Tensor& mask) {
+  return mask.defined() ? (h * mask.unsqueeze(-1)).to(h.scalar_type()) : h;
+}
 
 // Position of each token within its own sequence (restarts where the id changes).
 torch::Tensor positions_in_sequence(const torch::Tensor& seq_ids);

@@ -80,6 +80,9 @@ struct LMOptions {
   double embedding_multiplier = 1.0;
   double logits_divisor = 1.0;  // logits = head(h) / logits_divisor
   double z_loss = 0.0;          // loss += z_loss * mean(logsumexp(logits)^2) (Bamba)
+  // loss += coef * the Switch load-balancing loss over every MoE router that reports its logits
+  // (Jamba's output_router_logits); 0: none.
+  double router_aux_loss_coef = 0.0;
   RopeOptions rope;
   // Roles adapted when a recipe names no targets; empty: every adaptable projection in the
   // layers except a MoE router.

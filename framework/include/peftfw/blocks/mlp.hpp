@@ -65,6 +65,35 @@ class MoeImpl : public SublayerImpl {
   MoeOptions o_;
 };
 
+// Top-k of a softmax over every expert's router logit (float32), the k weights not renormalised
+// (Jamba): router "router" (a Linear [E,H]), SwiGLU experts "experts" stacked as transformers 5 holds
+// them, gate_up_proj [E,2F,H] (gate rows first) and down_proj [E,H,F]. With a router collector in the
+// forward context it hands over its logits for the load-balancing loss.
+struct SoftmaxMoeOptions {
+  int64_t hidden_size = 0;
+  int64_t num_experts = 0;
+  int64_t top_k = 0;
+  int64_t intermediate_size = 0;  // per expert
+};
+
+class SoftmaxMoeImpl : public SublayerImpl {
+ public:
+  explicit SoftmaxMoeImpl(SoftmaxMoeOptions options);
+  torch::Tensor forward(const torch::Tensor& x, const ForwardContext& ctx, LayerCache* cache) override;
+  std::string part() const override { return "moe"; }
+
+  class ExpertsImpl : public BlockImpl {
+   public:
+    ExpertsImpl(int64_t experts, int64_t width, int64_t hidden);
+    torch::Tensor gate_up_proj, down_proj;
+  };
+  nn::Linear router{nullptr};
+  std::shared_ptr<ExpertsImpl> experts;
+
+ private:
+  SoftmaxMoeOptions o_;
+};
+
 // Top-k experts picked by sigmoid scores plus a selection bias, inside the best groups of experts
 // (DeepSeek-V3's router, Nemotron-3's MoE): router "gate" (weight [E,H] and the float32 buffer
 // e_score_correction_bias, float32 math), plain up/down experts "experts" ([E,F,in], [E,in,F],

@@ -26,6 +26,8 @@ Tag linear(const std::string& role);
 // "float32" | "bfloat16" | "float16" -> the dtype (BuildOptions::dtype).
 torch::Dtype dtype_of(const std::string& name);
 Tag norm(const std::string& role);
+// An SSM mixer's depthwise conv1d: not adaptable (it says why), in the SSM group "conv1d".
+Tag ssm_conv1d(const std::string& role);
 
 class BlockImpl : public torch::nn::Module {
  public:
@@ -34,7 +36,7 @@ class BlockImpl : public torch::nn::Module {
     Tag tag;
   };
   const std::vector<Entry>& tagged_children() const { return children_; }
-  // Own parameter name -> SSM group (A_log, D, dt_bias).
+  // Parameter name (own, or a child's as "child.param") -> SSM group (A_log, D, dt_bias).
   const std::map<std::string, std::string>& parameter_groups() const { return groups_; }
 
  protected:
@@ -45,6 +47,8 @@ class BlockImpl : public torch::nn::Module {
   }
   torch::Tensor add_parameter(const std::string& name, torch::Tensor value,
                               const std::string& ssm_group = "");
+  // Puts a parameter of a child (e.g. "dt_proj.bias") in an SSM group.
+  void set_parameter_group(const std::string& path, const std::string& ssm_group) { groups_[path] = ssm_group; }
 
  private:
   std::vector<Entry> children_;

@@ -35,9 +35,10 @@ struct ParamDesc {
   std::string layer_kind;
   int layer = -1;
   std::string ssm_group;     // e.g. "A_log" when the tensor belongs to an SSM core group
-  // Where checkpoints store it when not under `name`: one key (a rename) or several (a tensor
-  // stacked on dim 0 and stored as one key per slice, e.g. one per expert). Empty: `name`.
-  // Loading accepts either form; merged exports write these keys.
+  // Where checkpoints store it when not under `name`: one key (a rename) or several, each holding
+  // an equal slice in order (stored_slices): one per slice of dim 0 (e.g. one per expert), or, with
+  // k keys per slice of dim 0, k blocks of dim 1 each (e.g. an expert's gate then up rows). Empty:
+  // `name`. Loading accepts either form; merged exports write these keys.
   std::vector<std::string> stored_as;
   int64_t numel() const {
     int64_t n = 1;
@@ -45,6 +46,10 @@ struct ParamDesc {
     return n;
   }
 };
+
+// The view of a tensor of `shape` as `keys` equal stored slices ([keys, slice shape...]): keys ==
+// shape[0] splits dim 0; keys == k * shape[0] also splits dim 1 in k. Empty when neither fits.
+std::vector<int64_t> stored_slices(const std::vector<int64_t>& shape, int64_t keys);
 
 // A named group of SSM core tensors that can be co-trained ([ssm] train = [...]).
 struct SsmGroupDesc {

@@ -42,6 +42,10 @@ class LinearImpl : public torch::nn::Module {
 
   int64_t in_features() const { return in_features_; }
   int64_t out_features() const { return out_features_; }
+  // The bias added to the rounded product, in the input's dtype (x W^T, then + b), as transformers'
+  // Mamba-1 mixers form dt; the default adds it inside the product (one rounding). Same in float32.
+  bool bias_after_product() const { return bias_after_product_; }
+  void set_bias_after_product(bool on) { bias_after_product_ = on; }
 
   torch::Tensor weight;
   torch::Tensor bias;  // undefined when the layer has no bias
@@ -49,6 +53,7 @@ class LinearImpl : public torch::nn::Module {
  private:
   int64_t in_features_;
   int64_t out_features_;
+  bool bias_after_product_ = false;
   std::shared_ptr<LinearAdapter> adapter_;
 };
 

@@ -1,0 +1,205 @@
+// The selective scan's forward (scan.hpp; layout and passes in scan_common.cuh).
+//
+// Per channel (b, d) and state n, dt = T(softplus(delta)), A = -exp(A_log):
+//   h[t] = exp(dt[t] A) h[t-1] + dt[t] u[t] B[t,n]    (the decay is 0 where seq_ids change)
+//   y[t] = (sum_n h[t] C[t,n] + D u[t]) * silu(z[t])
+// scan_fwd_kernel<kLocal=false> writes y, the final state and the state before every chunk
+// (chunk_states, for the backward). With segments, scan_fwd_kernel<kLocal=true> first writes
+// each segment's end state from a zero start and its sum of dt (ws_h, ws_sum), and
+// scan_fwd_combine turns those into every segment's start state, in place.
+#include "scan_common.cuh"
+
+namespace peftfw::kernels::mamba1::cuda {
+namespace scan_detail {
+namespace {
+
+constexpr int kFwdTile = 8;  // tokens per step of the walk (divides kScanChunk)
+static_assert(kScanChunk % kFwdTile == 0, "a chunk is whole tiles");
+
+template <typename T, typename Cf, bool kLocal>
+__global__ void __launch_bounds__(Cf::kThreads) scan_fwd_kernel(Args a) {
+  constexpr int NS = Cf::NS, S = Cf::S, L = kFwdTile, NP = NS * S;
+  __shared__ __align__(16) float sB[L][NP];
+  __shared__ __align__(16) float sC[kLocal ? 1 : L][NP];
+
+  const ScanProblem& p = a.p;
+  const int tid = threadIdx.x, lane = tid & 31, s = tid % S;
+  const int d = blockIdx.x * Cf::CB + tid / S;
+  const bool dv = d < a.Dm;
+  const int seg = blockIdx.y, b = blockIdx.z;
+  const int N = a.N, Dm = a.Dm;
+  const int t0 = seg * a.seg_len, t1 = min(a.T, t0 + a.seg_len);
+  const int64_t bT = static_cast<int64_t>(b) * a.T;
+
+  float A2[NS], h[NS];
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    const int n = s * NS + i;
+    const bool ok = dv && n < N;
+    A2[i] = ok ? -__expf(p.A_log[static_cast<int64_t>(d) * N + n]) * kLog2e : 0.f;
+    h[i] = 0.f;
+    if (!kLocal && ok) {
+      if (a.P > 1) h[i] = a.ws_h[((static_cast<int64_t>(b) * a.P + seg) * Dm + d) * N + n];
+      else if (p.initial_state != nullptr) h[i] = p.initial_state[(static_cast<int64_t>(b) * Dm + d) * N + n];
+    }
+  }
+  const float Dd = (!kLocal && p.D != nullptr && dv) ? p.D[d] : 0.f;
+  float dsum = 0.f;
+  bool resets = false;
+
+  for (int t = t0; t < t1; t += L) {
+    if (!kLocal && p.chunk_states != nullptr && t % kScanChunk == 0 && dv) {
+      float* cs = p.chunk_states + ((static_cast<int64_t>(b) * a.nc + t / kScanChunk) * Dm + d) * N;
+#pragma unroll
+      for (int i = 0; i < NS; ++i)
+        if (s * NS + i < N) cs[s * NS + i] = h[i];
+    }
+    __syncthreads();  // the previous tile's reads of sB / sC are done
+    for (int e = tid; e < L * NP; e += Cf::kThreads) {
+      const int j = e / NP, n = e % NP, tt = t + j;
+      const bool ok = tt < t1 && n < N;
+      sB[j][n] = ok ? ld<T>(p.B, (bT + tt) * N + n) : 0.f;
+      if constexpr (!kLocal) sC[j][n] = ok ? ld<T>(p.C, (bT + tt) * N + n) : 0.f;
+    }
+    __syncthreads();
+
+    float dt[L], dtu[L], gate[L], skip[L];
+    bool rst[L];
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      const int tt = t + j;
+      const bool ok = dv && tt < t1;
+      const int64_t at = (bT + tt) * Dm + d;
+      const float u = ok ? ld<T>(p.u, at) : 0.f;
+      dt[j] = ok ? dt_of<T>(ld<T>(p.delta, at)) : 0.f;
+      dtu[j] = dt[j] * u;
+      rst[j] = p.seq_ids != nullptr && tt > 0 && tt < t1 && p.seq_ids[bT + tt] != p.seq_ids[bT + tt - 1];
+      if constexpr (!kLocal) {
+        float g = 1.f;
+        if (p.z != nullptr && ok) {
+          const float zv = ld<T>(p.z, at);
+          g = zv * sigmoid_f(zv);
+        }
+        gate[j] = g;
+        skip[j] = s == 0 ? Dd * u : 0.f;
+      }
+    }
+
+    float yp[L];
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      float acc = 0.f;
+#pragma unroll
+      for (int i = 0; i < NS; ++i) {
+        const int n = s * NS + i;
+        const float dA = rst[j] ? 0.f : fast_exp2(dt[j] * A2[i]);
+        h[i] = fmaf(dA, h[i], dtu[j] * sB[j][n]);
+        if constexpr (!kLocal) acc = fmaf(h[i], sC[j][n], acc);
+      }
+      if constexpr (!kLocal) {
+        yp[j] = (acc + skip[j]) * gate[j];
+      } else {
+        dsum += dt[j];
+        resets = resets || rst[j];
+      }
+    }
+
+    if constexpr (!kLocal) {
+      sum_over_states<L, S>(yp, lane);
+      if (dv && writes_tokens<L, S>(s)) {
+        const int ft = t + first_token<L, S>(s);
+#pragma unroll
+        for (int j = 0; j < kept<L, S>(); ++j)
+          if (ft + j < t1) p.y[(bT + ft + j) * Dm + d] = yp[j];
+      }
+    }
+  }
+
+  if (!dv) return;
+#pragma unroll
+  for (int i = 0; i < NS; ++i) {
+    const int n = s * NS + i;
+    if (n >= N) continue;
+    if constexpr (kLocal) {
+      a.ws_h[((static_cast<int64_t>(b) * a.P + seg) * Dm + d) * N + n] = h[i];
+    } else if (seg == a.P - 1 && p.final_state != nullptr) {
+      p.final_state[(static_cast<int64_t>(b) * Dm + d) * N + n] = h[i];
+    }
+  }
+  if (kLocal && s == 0) a.ws_sum[(static_cast<int64_t>(b) * a.P + seg) * Dm + d] = resets ? -1.f : dsum;
+}
+
+// Per (b, d, n): the start state of every segment from the segments' local end states (in place).
+__global__ void scan_fwd_combine(Args a) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t DN = static_cast<int64_t>(a.Dm) * a.N;
+  if (idx >= a.Bsz * DN) return;
+  const int64_t b = idx / DN, dn = idx % DN, d = dn / a.N;
+  const float A2 = -__expf(a.p.A_log[dn]) * kLog2e;
+  float h = a.p.initial_state != nullptr ? a.p.initial_state[idx] : 0.f;
+  for (int q = 0; q < a.P; ++q) {
+    const int64_t at = (b * a.P + q) * DN + dn;
+    const float sum = a.ws_sum[(b * a.P + q) * a.Dm + d];
+    const float local = a.ws_h[at];
+    a.ws_h[at] = h;
+    h = fmaf(sum < 0.f ? 0.f : fast_exp2(sum * A2), h, local);
+  }
+}
+
+template <typename T, typename Cf>
+cudaError_t launch_fwd(const Args& a, cudaStream_t stream) {
+  const dim3 grid((a.Dm + Cf::CB - 1) / Cf::CB, a.P, a.Bsz);
+  if (a.P > 1) {
+    scan_fwd_kernel<T, Cf, true><<<grid, Cf::kThreads, 0, stream>>>(a);
+    const int64_t n = static_cast<int64_t>(a.Bsz) * a.Dm * a.N;
+    scan_fwd_combine<<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(a);
+  }
+  scan_fwd_kernel<T, Cf, false><<<grid, Cf::kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+// Fills the sizes and segment split of Args; false where the kernels do not take the sizes.
+bool make_args(const ScanProblem& p, Args* a) {
+  if (!scan_supported(p.batch, p.seqlen, p.dim, p.state)) return false;
+  a->p = p;
+  a->Bsz = static_cast<int>(p.batch);
+  a->T = static_cast<int>(p.seqlen);
+  a->Dm = static_cast<int>(p.dim);
+  a->N = static_cast<int>(p.state);
+  a->nc = static_cast<int>(scan_chunks(p.seqlen));
+  a->P = static_cast<int>(segments_for(p.batch, p.seqlen, p.dim, p.state));
+  a->seg_len = ((a->nc + a->P - 1) / a->P) * kScanChunk;
+  a->ws_h = p.workspace;
+  a->ws_sum = a->P > 1 ? p.workspace + static_cast<int64_t>(a->Bsz) * a->P * a->Dm * a->N : nullptr;
+  return true;
+}
+
+}  // namespace scan_detail
+
+bool scan_supported(int64_t batch, int64_t seqlen, int64_t dim, int64_t state) {
+  return batch >= 1 && batch <= 65535 && seqlen >= 1 && dim >= 1 && state >= 1 && state <= kScanMaxState &&
+         seqlen <= (int64_t{1} << 30) && dim <= (int64_t{1} << 30) &&
+         batch * seqlen <= (int64_t{1} << 40);
+}
+
+int64_t scan_workspace_floats(int64_t batch, int64_t seqlen, int64_t dim, int64_t state) {
+  if (!scan_supported(batch, seqlen, dim, state)) return 0;
+  const int64_t P = scan_detail::segments_for(batch, seqlen, dim, state);
+  return P > 1 ? batch * P * dim * (state + 1) : 0;
+}
+
+cudaError_t selective_scan_fwd(DType dtype, const ScanProblem& p, cudaStream_t stream) {
+  scan_detail::Args a;
+  if (!scan_detail::make_args(p, &a)) return cudaErrorInvalidValue;
+  if (p.u == nullptr || p.delta == nullptr || p.B == nullptr || p.C == nullptr || p.A_log == nullptr ||
+      p.y == nullptr || (a.P > 1 && p.workspace == nullptr))
+    return cudaErrorInvalidValue;
+  return scan_detail::by_dtype_code(static_cast<int>(dtype), [&](auto t) {
+    using T = decltype(t);
+    return scan_detail::by_state_dim(p.state, [&](auto cf) { return scan_detail::launch_fwd<T, decltype(cf)>(a, stream); });
+  });
+}
+
+}  // namespace peftfw::kernels::mamba1::cuda
