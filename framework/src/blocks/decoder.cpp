@@ -184,12 +184,13 @@ ModelOutput HybridLM::forward(const ModelBatch& batch, GenerationCache* gen_cach
   auto& layers = backbone_->layers;
   for (size_t i = 0; i < layers->size(); ++i) {
     auto layer = layers->ptr<DecoderLayerImpl>(i);
-    bool has_moe = false;
-    for (const auto& unit : layer->parts())
-      for (const auto& part : unit) has_moe = has_moe || part == "moe";
     // A MoE layer whose router logits feed the loss runs without checkpointing (a rerun would
     // report them again).
-    if (use_checkpoint && !(aux && has_moe)) {
+    bool reports_router = false;
+    if (use_checkpoint && aux)
+      for (const auto& unit : layer->parts())
+        for (const auto& part : unit) reports_router = reports_router || part == "moe";
+    if (use_checkpoint && !reports_router) {
       auto plain = ctx;
       plain.router_logits = nullptr;
       h = nn::checkpoint([layer, plain](const torch::Tensor& x) { return layer->forward(x, plain, nullptr); }, h);

@@ -27,7 +27,7 @@ Mamba1MixerImpl::Mamba1MixerImpl(Mamba1MixerOptions o) : o_(std::move(o)) {
   dt_proj = add("dt_proj", nn::Linear(R, Di, true), linear("mamba.dt_proj"));
   dt_proj->set_bias_after_product(true);  // transformers: dt_proj.weight @ dt, then + bias
   set_parameter_group("dt_proj.bias", "dt_bias");  // Mamba-1's time-step bias lives in dt_proj
-  // A_log[d, n] = log(n + 1) as transformers initialises it (S4D-real); D = 1.
+  // Placeholders: checkpoints (or HybridLM::init_random, by SSM group) give the values.
   A_log = add_parameter("A_log", torch::zeros({Di, N}, opts), "A_log");
   D = add_parameter("D", torch::ones({Di}, opts), "D");
   out_proj = add("out_proj", nn::Linear(Di, o_.hidden_size, o_.proj_bias), linear("mamba.out_proj"));
