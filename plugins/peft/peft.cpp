@@ -140,6 +140,8 @@ class PeftFormat final : public PersistencePlugin {
       ssm_tensors[name] = p->detach().to(torch::kFloat32);
     }
 
+    // Another method (SSM tensors only): PEFT's LoraConfig defaults around an empty adapter.
+    const bool lora_like = spec.method == "lora" || spec.method == "dora";
     nlohmann::ordered_json cfg;  // only keys PEFT >= 0.13 accepts
     cfg["alpha_pattern"] = nlohmann::json::object();
     cfg["auto_mapping"] = nullptr;
@@ -153,19 +155,19 @@ class PeftFormat final : public PersistencePlugin {
     cfg["layers_pattern"] = nullptr;
     cfg["layers_to_transform"] = nullptr;
     cfg["loftq_config"] = nlohmann::json::object();
-    cfg["lora_alpha"] = spec.alpha;
-    cfg["lora_dropout"] = spec.dropout;
+    cfg["lora_alpha"] = lora_like ? spec.real("alpha") : 8.0;
+    cfg["lora_dropout"] = lora_like ? spec.real("dropout") : 0.0;
     cfg["megatron_config"] = nullptr;
     cfg["megatron_core"] = "megatron.core";
     cfg["modules_to_save"] = nullptr;
     cfg["peft_type"] = "LORA";
-    cfg["r"] = spec.r;
+    cfg["r"] = lora_like ? spec.integer("r") : int64_t{8};
     cfg["rank_pattern"] = nlohmann::json::object();
     cfg["revision"] = nullptr;
     cfg["target_modules"] = target_modules_for(model, req.adapted_modules);
     cfg["task_type"] = "CAUSAL_LM";
     cfg["use_dora"] = spec.method == "dora";
-    cfg["use_rslora"] = spec.use_rslora;
+    cfg["use_rslora"] = lora_like && spec.flag("use_rslora");
 
     nlohmann::ordered_json manifest;
     manifest["format"] = "peftfw-adapter";
@@ -218,10 +220,11 @@ class PeftFormat final : public PersistencePlugin {
     const AdapterConfig parsed = parse_adapter_config(cfg);
     AdapterSpec spec;
     spec.method = parsed.method;
-    spec.r = parsed.r;
-    spec.alpha = parsed.alpha;
-    spec.use_rslora = parsed.use_rslora;
-    spec.dropout = 0.0;  // inference
+    spec.options["r"] = parsed.r;
+    spec.options["alpha"] = parsed.alpha;
+    spec.options["use_rslora"] = parsed.use_rslora;
+    spec.options["dropout"] = 0.0;  // inference
+    spec.options["compute_dtype"] = std::string("model");
 
     const auto file = dir / kAdapterFile;
     if (!fs::exists(file))

@@ -576,9 +576,7 @@ TEST(LoraCuda, FusedNodeWithDropoutMatchesFloat32Oracle) {
   auto model = small_model("bfloat16");
   for (auto& p : model->parameters()) p.set_requires_grad(false);
   peftfw::AdapterRequest req;
-  req.spec.r = 16;
-  req.spec.alpha = 32;
-  req.spec.dropout = 0.3;
+  req.spec = peftfw::adapter_spec("lora", {{"r", std::int64_t{16}}, {"alpha", 32.0}, {"dropout", 0.3}});
   peftfw::recipe::TargetPattern targets;
   targets.names = {"in_proj", "out_proj", "o_proj", "input_linear"};
   req.targets.target_modules = targets;

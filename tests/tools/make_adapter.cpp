@@ -36,9 +36,7 @@ int main(int argc, char** argv) {
     auto loaded = peftfw::load_model(source);
     auto& model = *loaded.model;
     peftfw::AdapterRequest req;
-    req.spec.method = argv[3];
-    req.spec.r = 4;
-    req.spec.alpha = 8.0;
+    req.spec = peftfw::adapter_spec(argv[3], {{"r", std::int64_t{4}}, {"alpha", 8.0}, {"dropout", 0.0}});
     req.spec.seed = std::stoull(argv[4]);
     peftfw::recipe::TargetPattern pattern;
     pattern.names = split(argv[6]);

@@ -4,6 +4,8 @@
 #include <torch/torch.h>
 
 #include <set>
+#include <type_traits>
+#include <variant>
 
 #include "peftfw/error.hpp"
 #include "peftfw/model/causal_lm.hpp"
@@ -15,12 +17,15 @@ namespace peftfw {
 AdapterRequest adapter_request_from_recipe(const recipe::Recipe& r) {
   AdapterRequest req;
   req.spec.method = r.get_string("adapter", "method");
-  req.spec.r = r.get_int("adapter", "r");
-  req.spec.alpha = r.get_float("adapter", "alpha");
-  req.spec.dropout = r.get_float("adapter", "dropout");
-  req.spec.use_rslora = r.get_bool("adapter", "use_rslora");
-  req.spec.compute_dtype = r.get_string("adapter", "compute_dtype");
   req.spec.seed = static_cast<uint64_t>(r.get_int("adapter", "init_seed"));
+  if (req.spec.method != kNoAdapter) {
+    const auto plugin = PluginRegistry::instance().adapter_for_method(req.spec.method);
+    for (const auto& section : plugin->recipe_sections())
+      for (const auto& key : section.keys)
+        if (r.has_value(section.name, key.name))
+          req.spec.options[section.name == "adapter" ? key.name : section.name + "." + key.name] =
+              r.get_value(section.name, key.name);
+  }
   if (r.has_value("adapter", "target_modules"))
     req.targets.target_modules = r.get_pattern("adapter", "target_modules");
   if (r.has_value("adapter", "exclude_modules"))
@@ -32,8 +37,42 @@ AdapterRequest adapter_request_from_recipe(const recipe::Recipe& r) {
   return req;
 }
 
+AdapterSpec adapter_spec(const std::string& method, const std::map<std::string, recipe::Value>& values) {
+  AdapterSpec spec;
+  spec.method = method;
+  std::map<std::string, recipe::ValueType> declared;
+  if (method != kNoAdapter)
+    for (const auto& section : PluginRegistry::instance().adapter_for_method(method)->recipe_sections())
+      for (const auto& key : section.keys) {
+        const auto name = section.name == "adapter" ? key.name : section.name + "." + key.name;
+        declared[name] = key.type;
+        if (key.default_value) spec.options[name] = *key.default_value;
+      }
+  for (const auto& [name, value] : values) {
+    const auto it = declared.find(name);
+    if (it == declared.end()) throw InputError("adapter method '" + method + "' has no option '" + name + "'");
+    const auto t = it->second;
+    const bool ok = std::visit(
+        [&](const auto& v) {
+          using V = std::decay_t<decltype(v)>;
+          if constexpr (std::is_same_v<V, bool>) return t == recipe::ValueType::kBoolean;
+          else if constexpr (std::is_same_v<V, std::int64_t>) return t == recipe::ValueType::kInteger || t == recipe::ValueType::kFloat;
+          else if constexpr (std::is_same_v<V, double>) return t == recipe::ValueType::kFloat;
+          else if constexpr (std::is_same_v<V, std::string>) return t == recipe::ValueType::kString || t == recipe::ValueType::kPath || t == recipe::ValueType::kStringOrArray;
+          else return t == recipe::ValueType::kStringArray || t == recipe::ValueType::kStringOrArray;
+        },
+        value);
+    if (!ok)
+      throw InputError("adapter method '" + method + "': option '" + name + "' must be a " + recipe::type_name(t));
+    spec.options[name] = value;
+  }
+  return spec;
+}
+
 namespace {
-bool uses_targets(const std::string& method) { return method == "lora" || method == "dora"; }
+bool uses_targets(const std::string& method) {
+  return method != kNoAdapter && PluginRegistry::instance().adapter_method(method).attaches == AdapterAttach::kModules;
+}
 }  // namespace
 
 AdapterPlan plan_adapters(const ModelInventory& inv, const AdapterRequest& req) {
@@ -77,16 +116,29 @@ AdapterPlan plan_adapters(const ModelInventory& inv, const AdapterRequest& req) 
     for (size_t i = 1; i < problems.size(); ++i) msg += "\n" + problems[i];
     throw InputError(msg);
   }
-  if (uses_targets(req.spec.method) && targets_ok)
-    plan.report = adapters::parameter_report(inv, plan.modules, req.spec.r, req.spec.method == "dora",
-                                   req.ssm_groups);
+  if (!targets_ok) return plan;
+  adapters::CountRule rule;
+  if (req.spec.method == kNoAdapter) {
+    plan.label = {"no adapter", ""};
+    rule.name = "adapter";
+  } else {
+    const auto plugin = PluginRegistry::instance().adapter_for_method(req.spec.method);
+    plan.label = plugin->label(req.spec);
+    rule.name = plan.label.name;
+    rule.settings = plan.label.settings;
+    rule.added_per_module = [&](const ModuleDesc& m) { return plugin->added_parameters(req.spec, m); };
+    rule.base_params = plugin->trained_base_parameters(req.spec, inv);
+  }
+  plan.count = adapters::count_parameters(inv, plan.modules, rule, req.ssm_groups);
+  if (req.spec.method != kNoAdapter || !req.ssm_groups.empty())
+    plan.report = adapters::parameter_report(inv, plan.modules, rule, req.ssm_groups);
   return plan;
 }
 
 AdapterResult apply_adapters(CausalLM& model, const AdapterRequest& req, const AdapterPlan& plan) {
   for (auto& p : model.parameters()) p.set_requires_grad(false);
   AdapterResult result;
-  if (req.spec.method != "none")
+  if (req.spec.method != kNoAdapter)
     result = PluginRegistry::instance().adapter_for_method(req.spec.method)->apply(model, req.spec,
                                                                                    plan.modules);
   // SSM co-training: float32 master copies, whatever the model's dtype, so that small updates

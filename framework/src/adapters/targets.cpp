@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <limits>
 #include <map>
 #include <regex>
 #include <set>
@@ -688,12 +689,32 @@ std::set<std::string> lookup_ssm_groups(const ModelInventory& inv,
   return out;
 }
 
-int64_t adapter_params(const ModuleDesc& m, int64_t r, bool dora) {
-  return r * (m.in_features + m.out_features) + (dora ? m.out_features : 0);
+int64_t sat_add(int64_t a, int64_t b) {
+  int64_t out = 0;
+  return __builtin_add_overflow(a, b, &out) ? std::numeric_limits<int64_t>::max() : out;
 }
 
-void check_rank(int64_t r) {
-  if (r < 1) throw InputError("LoRA rank r = " + std::to_string(r) + " must be at least 1");
+int64_t added_by(const CountRule& rule, const ModuleDesc& m) {
+  return rule.added_per_module ? rule.added_per_module(m) : 0;
+}
+
+// The base tensors a rule trains that are not already counted as trained SSM tensors.
+std::vector<const ParamDesc*> trained_base(const ModelInventory& inv, const CountRule& rule,
+                                           const std::set<std::string>& groups) {
+  std::unordered_map<std::string, const ParamDesc*> by_name;
+  for (const auto& p : inv.params) by_name.emplace(p.name, &p);
+  std::vector<const ParamDesc*> out;
+  std::set<std::string> seen;
+  for (const auto& name : rule.base_params) {
+    auto it = by_name.find(name);
+    if (it == by_name.end())
+      throw RuntimeError("adapter count: " + quote(name) + " is not a parameter of this " + inv.architecture +
+                         " model");
+    if (!seen.insert(name).second) continue;
+    if (!it->second->ssm_group.empty() && groups.count(it->second->ssm_group)) continue;
+    out.push_back(it->second);
+  }
+  return out;
 }
 
 std::string pad(const std::string& s, size_t width) {
@@ -786,17 +807,16 @@ std::string coverage_table(const ModelInventory& inv, const std::vector<std::str
   return os.str();
 }
 
-ParameterCount count_lora_parameters(const ModelInventory& inv,
-                                     const std::vector<std::string>& adapted, int64_t r, bool dora,
-                                     const std::vector<std::string>& ssm_groups_trained) {
-  check_rank(r);
+ParameterCount count_parameters(const ModelInventory& inv, const std::vector<std::string>& adapted,
+                                const CountRule& rule, const std::vector<std::string>& ssm_groups_trained) {
   const auto groups = lookup_ssm_groups(inv, ssm_groups_trained);
   int64_t added = 0;
-  for (const auto* m : lookup_adapted(inv, adapted)) added += adapter_params(*m, r, dora);
-  int64_t ssm = 0;
+  for (const auto* m : lookup_adapted(inv, adapted)) added = sat_add(added, added_by(rule, *m));
+  int64_t trained = 0;
+  for (const auto* p : trained_base(inv, rule, groups)) trained = sat_add(trained, p->numel());
   for (const auto& p : inv.params)
-    if (!p.ssm_group.empty() && groups.count(p.ssm_group)) ssm += p.numel();
-  return ParameterCount{added + ssm, inv.total_params() + added};
+    if (!p.ssm_group.empty() && groups.count(p.ssm_group)) trained = sat_add(trained, p.numel());
+  return ParameterCount{sat_add(added, trained), sat_add(inv.total_params(), added)};
 }
 
 std::string peft_parameter_line(const ParameterCount& count) {
@@ -813,11 +833,9 @@ std::string peft_parameter_line(const ParameterCount& count) {
 }
 
 std::string parameter_report(const ModelInventory& inv, const std::vector<std::string>& adapted,
-                             int64_t r, bool dora,
-                             const std::vector<std::string>& ssm_groups_trained) {
-  const auto count = count_lora_parameters(inv, adapted, r, dora, ssm_groups_trained);
+                             const CountRule& rule, const std::vector<std::string>& ssm_groups_trained) {
+  const auto count = count_parameters(inv, adapted, rule, ssm_groups_trained);
   const auto groups = lookup_ssm_groups(inv, ssm_groups_trained);
-
   struct Line {
     std::string kind;
     int layers = 0;
@@ -835,12 +853,16 @@ std::string parameter_report(const ModelInventory& inv, const std::vector<std::s
   for (const auto* m : lookup_adapted(inv, adapted)) {
     auto& l = line_of(m->layer_kind, m->layer);
     l.modules++;
-    l.adapter += adapter_params(*m, r, dora);
+    l.adapter = sat_add(l.adapter, added_by(rule, *m));
+  }
+  for (const auto* p : trained_base(inv, rule, groups)) {
+    auto& l = line_of(p->layer_kind, p->layer);
+    l.adapter = sat_add(l.adapter, p->numel());
   }
   for (const auto& p : inv.params)
     if (!p.ssm_group.empty() && groups.count(p.ssm_group))
       line_of(p.layer_kind, p.layer).ssm += p.numel();
-  if (lines.back().modules == 0 && lines.back().ssm == 0) lines.pop_back();
+  if (lines.back().modules == 0 && lines.back().adapter == 0 && lines.back().ssm == 0) lines.pop_back();
   Line total{"total", static_cast<int>(inv.layer_kinds.size()), 0, 0, 0};
   for (const auto& l : lines) {
     total.modules += l.modules;
@@ -849,10 +871,10 @@ std::string parameter_report(const ModelInventory& inv, const std::vector<std::s
   }
   lines.push_back(total);
 
-  const std::string method = dora ? "DoRA" : "LoRA";
+  const std::string& method = rule.name;
   std::ostringstream os;
-  os << "Trainable parameters (" << method << " r=" << r << " on " << total.modules
-     << " modules; SSM groups: "
+  os << "Trainable parameters (" << method << (rule.settings.empty() ? "" : " " + rule.settings)
+     << (total.modules > 0 ? " on " + std::to_string(total.modules) + " modules" : std::string()) << "; SSM groups: "
      << (groups.empty() ? std::string("none") : join({groups.begin(), groups.end()})) << "):\n";
   const std::vector<std::string> head = {"layer kind",       "layers",     "adapted modules",
                                          method + " params", "SSM params", "trainable"};

@@ -50,9 +50,10 @@ recipe::Recipe load_recipe_args(const Args& args, bool require_file) {
     std::cerr << "peftfw: no recipe given; using the embedded default "
               << embedded::kDefaultRecipeName << "\n";
     return recipe::Recipe::from_string(embedded::kDefaultRecipe, embedded::kDefaultRecipeName,
-                                       std::filesystem::current_path(), overrides);
+                                       std::filesystem::current_path(), overrides,
+                                       PluginRegistry::instance().recipe_schema());
   }
-  return recipe::Recipe::load(file, overrides);
+  return recipe::Recipe::load(file, overrides, PluginRegistry::instance().recipe_schema());
 }
 
 
@@ -90,7 +91,7 @@ int cmd_schema(const Args& args) {
     if (a == "--markdown") markdown = true;
     else throw UsageError{"unknown argument '" + a + "'"};
   }
-  const auto& schema = recipe::builtin_schema();
+  const auto& schema = PluginRegistry::instance().recipe_schema();
   std::cout << (markdown ? recipe::schema_to_markdown(schema) : recipe::schema_to_text(schema));
   return 0;
 }
@@ -127,8 +128,7 @@ int cmd_plan(const Args& args) {
   auto plan = plan_adapters(inventory, request);
   for (const auto& w : plan.warnings) std::cerr << "peftfw plan: warning: " << w << "\n";
   std::cout << "\nAdapter: " << request.spec.method;
-  if (request.spec.method == "lora" || request.spec.method == "dora")
-    std::cout << " (r " << request.spec.r << ", alpha " << request.spec.alpha << ")";
+  if (!plan.label.settings.empty()) std::cout << " (" << plan.label.name << " " << plan.label.settings << ")";
   std::cout << "\n" << plan.coverage;
   if (!plan.ssm_tensors.empty())
     std::cout << "SSM co-training: " << plan.ssm_tensors.size()

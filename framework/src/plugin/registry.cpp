@@ -17,6 +17,7 @@
 #include "peftfw/plugin/adapter.hpp"
 #include "peftfw/plugin/architecture.hpp"
 #include "peftfw/plugin/persistence.hpp"
+#include "peftfw/recipe/schema.hpp"
 #include "plugin_file.hpp"
 
 namespace fs = std::filesystem;
@@ -30,6 +31,7 @@ struct PluginRegistry::State {
   std::vector<std::shared_ptr<ArchitecturePlugin>> architectures;
   std::vector<std::shared_ptr<AdapterPlugin>> adapters;
   std::vector<std::shared_ptr<PersistencePlugin>> persistences;
+  std::optional<recipe::Schema> schema;  // recipe_schema(), rebuilt after a plugin loads
 };
 
 namespace {
@@ -177,8 +179,11 @@ bool PluginRegistry::load_file(const fs::path& file) {
   char error[1024] = {0};
   if (m->register_plugin(&registrar, error, sizeof(error)) != 0)
     return refuse(std::string("registration failed: ") + error);
+  for (const auto& adapter : registrar.adapters)
+    if (auto clash = adapter_clash(*adapter)) return refuse(*clash);
 
   auto& s = *state_;
+  s.schema.reset();
   s.architectures.insert(s.architectures.end(), registrar.architectures.begin(),
                          registrar.architectures.end());
   s.adapters.insert(s.adapters.end(), registrar.adapters.begin(), registrar.adapters.end());
@@ -187,6 +192,31 @@ bool PluginRegistry::load_file(const fs::path& file) {
   s.loaded.push_back({id, kind, str_or_empty(m->version), str_or_empty(m->description), file});
   s.libraries.push_back(std::move(lib));
   return true;
+}
+
+// Why an adapter plugin cannot join the loaded ones: a method name already provided (or the
+// built-in "none"), or a recipe key or section that the built-in schema or a loaded plugin
+// already declares. nullopt when it can.
+std::optional<std::string> PluginRegistry::adapter_clash(const AdapterPlugin& adapter) const {
+  std::vector<std::string> methods;
+  for (const auto& m : adapter.methods()) {
+    if (m.name.empty()) return "it declares a method with an empty name";
+    if (m.name == kNoAdapter) return "method '" + m.name + "' is built in (no adapter)";
+    for (const auto& a : state_->adapters)
+      for (const auto& other : a->methods())
+        if (other.name == m.name) return "method '" + m.name + "' is already provided by adapter plugin '" + a->id() + "'";
+  }
+  const recipe::Schema& schema = recipe_schema();
+  for (const auto& section : adapter.recipe_sections()) {
+    const recipe::SectionSpec* existing = schema.find_section(section.name);
+    if (existing && section.name != "adapter")
+      return "its recipe section [" + section.name + "] is already declared";
+    if (section.name == "adapter")
+      for (const auto& key : section.keys)
+        if (existing->find(key.name))
+          return "its recipe key [adapter] " + key.name + " is already declared";
+  }
+  return std::nullopt;
 }
 
 const std::vector<LoadedPlugin>& PluginRegistry::loaded() const { return state_->loaded; }
@@ -237,13 +267,68 @@ std::shared_ptr<ArchitecturePlugin> PluginRegistry::architecture(const std::stri
                    refused_hint(state_->refused));
 }
 
+namespace {
+std::vector<std::string> method_names(const AdapterPlugin& a) {
+  std::vector<std::string> out;
+  for (const auto& m : a.methods()) out.push_back(m.name);
+  return out;
+}
+}  // namespace
+
 std::shared_ptr<AdapterPlugin> PluginRegistry::adapter_for_method(const std::string& method) const {
   for (const auto& a : state_->adapters)
     for (const auto& m : a->methods())
-      if (m == method) return a;
+      if (m.name == method) return a;
   throw InputError("no adapter plugin provides method '" + method + "'; available methods: " +
-                   list_keys(state_->adapters, [](const AdapterPlugin& a) { return a.methods(); }) +
-                   refused_hint(state_->refused));
+                   list_keys(state_->adapters, method_names) + refused_hint(state_->refused));
+}
+
+AdapterMethod PluginRegistry::adapter_method(const std::string& method) const {
+  for (const auto& a : state_->adapters)
+    for (const auto& m : a->methods())
+      if (m.name == method) return m;
+  adapter_for_method(method);  // throws the error listing what is available
+  return {};
+}
+
+namespace {
+// [adapter] with the loaded methods: method's choices ("none" and every method), its doc and
+// default, then the plugins' [adapter] keys right after it.
+void extend_adapter_section(recipe::SectionSpec& section,
+                            const std::vector<std::shared_ptr<AdapterPlugin>>& adapters) {
+  auto method = std::find_if(section.keys.begin(), section.keys.end(),
+                             [](const recipe::KeySpec& k) { return k.name == "method"; });
+  if (method == section.keys.end()) return;
+  bool has_default = false;
+  for (const auto& a : adapters)
+    for (const auto& m : a->methods()) {
+      method->choices.push_back(m.name);
+      method->doc += " " + m.name + ": " + m.summary;
+      if (m.is_default && !has_default) method->default_value = m.name, has_default = true;
+    }
+  std::vector<recipe::KeySpec> added;
+  for (const auto& a : adapters)
+    for (const auto& own : a->recipe_sections())
+      if (own.name == "adapter") added.insert(added.end(), own.keys.begin(), own.keys.end());
+  section.keys.insert(method + 1, added.begin(), added.end());
+}
+}  // namespace
+
+const recipe::Schema& PluginRegistry::recipe_schema() const {
+  auto& s = *state_;
+  if (s.schema) return *s.schema;
+  recipe::Schema schema;
+  for (auto section : recipe::builtin_schema().sections) {
+    const bool is_adapter = section.name == "adapter";
+    if (is_adapter) extend_adapter_section(section, s.adapters);
+    schema.sections.push_back(std::move(section));
+    if (is_adapter)  // the plugins' own sections follow [adapter]
+      for (const auto& a : s.adapters)
+        for (auto& own : a->recipe_sections())
+          if (own.name != "adapter") schema.sections.push_back(std::move(own));
+  }
+  s.schema = std::move(schema);
+  return *s.schema;
 }
 
 std::shared_ptr<PersistencePlugin> PluginRegistry::persistence(const std::string& id) const {

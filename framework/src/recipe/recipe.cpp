@@ -1078,6 +1078,14 @@ json Recipe::get_table_json(std::string_view section, std::string_view key) cons
   return impl_->find(section, key, "get_table_json", {ValueType::kTable}, true)->table;
 }
 
+const Value& Recipe::get_value(std::string_view section, std::string_view key) const {
+  return impl_->find(section, key, "get_value",
+                     {ValueType::kString, ValueType::kInteger, ValueType::kFloat, ValueType::kBoolean,
+                      ValueType::kStringArray, ValueType::kStringOrArray, ValueType::kPath},
+                     true)
+      ->value;
+}
+
 bool Recipe::has_value(std::string_view section, std::string_view key) const {
   return impl_->find(section, key, "has_value", {}, false) != nullptr;
 }

@@ -146,11 +146,15 @@ KeySpec with_default(KeySpec k, std::optional<T> def) {
   return k;
 }
 
+}  // namespace
+
+namespace keys {
+
 KeySpec text(std::string name, std::optional<std::string> def, std::string doc) {
   return with_default(declare(std::move(name), ValueType::kString, std::move(doc)), std::move(def));
 }
 
-KeySpec choice(std::string name, std::string def, Strings choices, std::string doc) {
+KeySpec choice(std::string name, std::string def, std::vector<std::string> choices, std::string doc) {
   return with_default(
       declare(std::move(name), ValueType::kString, std::move(doc), std::move(choices)),
       std::optional<std::string>(std::move(def)));
@@ -170,12 +174,12 @@ KeySpec flag(std::string name, bool def, std::string doc) {
                       std::optional<bool>(def));
 }
 
-KeySpec with_choices(KeySpec k, Strings choices) {
+KeySpec with_choices(KeySpec k, std::vector<std::string> choices) {
   k.choices = std::move(choices);
   return k;
 }
 
-KeySpec strings(std::string name, std::optional<Strings> def, std::string doc) {
+KeySpec strings(std::string name, std::optional<std::vector<std::string>> def, std::string doc) {
   return with_default(declare(std::move(name), ValueType::kStringArray, std::move(doc)),
                       std::move(def));
 }
@@ -191,6 +195,12 @@ KeySpec path(std::string name, std::optional<std::string> def, std::string doc) 
 KeySpec table(std::string name, std::string doc) {
   return declare(std::move(name), ValueType::kTable, std::move(doc));
 }
+
+}  // namespace keys
+
+namespace {
+
+using namespace keys;
 
 const Strings kDtypes = {"float32", "bfloat16", "float16"};
 
@@ -209,13 +219,8 @@ Schema make_builtin_schema() {
       text   ("architecture", "auto", "Architecture plugin; \"auto\" picks it by the config's model_type."),
       choice ("device", "auto", {"auto", "cpu", "cuda"}, "Where to run; \"auto\" is CUDA when available, else the CPU."),
     }},
-    {"adapter", "What is trained: the adapter method and the modules it wraps.", {
-      choice ("method", "lora", {"lora", "dora", "bitfit", "full", "none"}, "lora/dora add low-rank adapters; bitfit trains biases; full trains all weights; none adds nothing."),
-      integer("r", 16, "LoRA rank.").at_least(1).at_most(65536),
-      real   ("alpha", 32, "LoRA scale numerator: scale = alpha / r (alpha / sqrt(r) with use_rslora)."),
-      real   ("dropout", 0.05, "Dropout on the adapter's input while training.").between(0, 1),
-      flag   ("use_rslora", false, "Rank-stabilized LoRA: scale by alpha / sqrt(r)."),
-      choice ("compute_dtype", "model", {"model", "float32"}, "LoRA forward math in the base model's dtype (16-bit GEMMs on GPU; weights stay float32), or float32 as PEFT does."),
+    {"adapter", "What is trained: the adapter method, its settings and the modules it attaches to.", {
+      choice ("method", "none", {"none"}, "Fine-tuning method; adapter plugins add theirs (`peftfw plugins`), with their keys below. none: adds nothing (only [ssm] train is trained)."),
       pattern("target_modules", "Modules to wrap, as PEFT: a string is a regex over full module names; a list holds names (exact or '.'-suffix)."),
       pattern("exclude_modules", "Modules never to wrap; same forms as target_modules."),
       strings("roles", kUnset, "Modules to wrap by role, as the architecture plugin names its modules' roles."),

@@ -34,19 +34,6 @@ void ProblemList::throw_if_any(const std::string& what) const {
   throw InputError(msg);
 }
 
-int64_t adapter_parameters(const ModelInventory& inv, const std::vector<std::string>& modules, int64_t r) {
-  int64_t total = 0;
-  for (const auto& name : modules) {
-    const auto* m = inv.find_module(name);
-    if (!m) continue;
-    int64_t n = 0;
-    if (__builtin_add_overflow(m->in_features, m->out_features, &n) || __builtin_mul_overflow(n, r, &n) ||
-        __builtin_add_overflow(total, n, &total))
-      return std::numeric_limits<int64_t>::max();
-  }
-  return total;
-}
-
 void check_model_fits(const ModelInventory& inv, const std::string& dtype, const std::string& device,
                       const std::string& config_path, int64_t trainable_extra) {
   const int64_t element = dtype == "float32" ? 4 : 2;
@@ -83,11 +70,11 @@ void check_model_fits(const ModelInventory& inv, const std::string& dtype, const
     return std::string(text);
   };
   throw InputError(config_path + ": the model has " + std::to_string(total) + " parameters" +
-                   (trainable_extra > 0 ? " and the adapter " + std::to_string(trainable_extra) : std::string()) +
+                   (trainable_extra > 0 ? " and " + std::to_string(trainable_extra) + " trainable" : std::string()) +
                    ", " + gib(bytes) + " GiB in " + dtype + ", more than the " + gib(have) + " GiB of memory on " +
                    device +
                    (largest ? " (largest tensor: '" + largest->name + "' " + shape_text(*largest) + ")" : "") +
-                   "; check the config's dimension fields (vocab_size, hidden_size, ...) and [adapter] r, or use "
+                   "; check the config's dimension fields (vocab_size, hidden_size, ...) and the [adapter] settings, or use "
                    "a machine with more memory");
 }
 

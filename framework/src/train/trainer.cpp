@@ -401,7 +401,7 @@ TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
   if (inventory && request) problems.check([&] { plan = plan_adapters(*inventory, *request); });
   if (inventory)
     problems.check([&] {
-      const int64_t extra = plan && request ? adapter_parameters(*inventory, plan->modules, request->spec.r) : 0;
+      const int64_t extra = plan ? plan->count.trainable : 0;
       check_model_fits(*inventory, source->dtype, source->device, config_path, extra);
     });
   for (const auto& format : formats)

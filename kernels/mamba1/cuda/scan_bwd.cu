@@ -28,7 +28,7 @@ static_assert(kScanChunk % kBwdTile == 0, "a chunk is whole tiles");
 
 template <typename T, typename Cf>
 __global__ void __launch_bounds__(Cf::kThreads) scan_bwd_kernel(Args a) {
-  constexpr int NS = Cf::NS, S = Cf::S, L = kBwdTile, NP = NS * S, W = Cf::W;
+  constexpr int NS = Cf::NS, S = Cf::S, L = kBwdTile, NP = NS * S, W = Cf::W, KT = kept<L, S>();
   constexpr int CW = 32 / S;  // channels per warp
   __shared__ __align__(16) float sB[L][NP];
   __shared__ __align__(16) float sC[L][NP];
@@ -44,6 +44,7 @@ __global__ void __launch_bounds__(Cf::kThreads) scan_bwd_kernel(Args a) {
   const int t0 = seg * a.seg_len, t1 = min(a.T, t0 + a.seg_len);
   const int64_t bT = static_cast<int64_t>(b) * a.T;
   const bool need_B = p.dB != nullptr, need_C = p.dC != nullptr;
+  const int own = first_token<L, S>(s);  // this lane's tokens: own .. own+KT-1 of each tile
 
   float A[NS], A2[NS], g[NS], dA[NS];
 #pragma unroll
@@ -73,18 +74,20 @@ __global__ void __launch_bounds__(Cf::kThreads) scan_bwd_kernel(Args a) {
     }
     __syncthreads();
   };
-  // dt, u, dt*u and the reset flag of this channel's tokens [t, t+L) (dt = u = 0 past t1).
-  auto tokens = [&](int t, float (&dt)[L], float (&u)[L], float (&dtu)[L], bool (&rst)[L]) {
+  // dt and dt*u of this lane's tokens of [t, t+L) (0 past t1).
+  auto owned = [&](int t, float (&dto)[KT], float (&dtuo)[KT], float (&uo)[KT]) {
 #pragma unroll
-    for (int j = 0; j < L; ++j) {
-      const int tt = t + j;
+    for (int q = 0; q < KT; ++q) {
+      const int tt = t + own + q;
       const bool ok = dv && tt < t1;
       const int64_t at = (bT + tt) * Dm + d;
-      u[j] = ok ? ld<T>(p.u, at) : 0.f;
-      dt[j] = ok ? dt_of<T>(ld<T>(p.delta, at)) : 0.f;
-      dtu[j] = dt[j] * u[j];
-      rst[j] = p.seq_ids != nullptr && tt > 0 && tt < t1 && p.seq_ids[bT + tt] != p.seq_ids[bT + tt - 1];
+      uo[q] = ok ? ld<T>(p.u, at) : 0.f;
+      dto[q] = ok ? dt_of<T>(ld<T>(p.delta, at)) : 0.f;
+      dtuo[q] = dto[q] * uo[q];
     }
+  };
+  auto reset_at = [&](int tt) {
+    return p.seq_ids != nullptr && tt > 0 && tt < t1 && p.seq_ids[bT + tt] != p.seq_ids[bT + tt - 1];
   };
 
   const int k_first = t0 / kScanChunk, k_last = (t1 - 1) / kScanChunk;
@@ -104,17 +107,19 @@ __global__ void __launch_bounds__(Cf::kThreads) scan_bwd_kernel(Args a) {
       for (int i = 0; i < NS; ++i) h[i] = h0[i];
       for (int j = 0; j + 1 < ntiles; ++j) {
         const int t = tk + j * L;
+        float dto[KT], dtuo[KT], uo[KT];
+        owned(t, dto, dtuo, uo);
         stage(t, false);
-        float dt[L], u[L], dtu[L];
-        bool rst[L];
-        tokens(t, dt, u, dtu, rst);
 #pragma unroll
-        for (int jj = 0; jj < L; ++jj)
+        for (int jj = 0; jj < L; ++jj) {
+          const bool rst = reset_at(t + jj);
+          const float dt = bcast_token<L, S>(dto, jj, lane), dtu = bcast_token<L, S>(dtuo, jj, lane);
 #pragma unroll
           for (int i = 0; i < NS; ++i) {
-            const float dAv = rst[jj] ? 0.f : fast_exp2(dt[jj] * A2[i]);
-            h[i] = fmaf(dAv, h[i], dtu[jj] * sB[jj][s * NS + i]);
+            const float dAv = rst ? 0.f : fast_exp2(dt * A2[i]);
+            h[i] = fmaf(dAv, h[i], dtu * sB[jj][s * NS + i]);
           }
+        }
 #pragma unroll
         for (int i = 0; i < NS; ++i) sTS[j][i][tid] = h[i];
       }
@@ -125,25 +130,34 @@ __global__ void __launch_bounds__(Cf::kThreads) scan_bwd_kernel(Args a) {
       float hs[NS];
 #pragma unroll
       for (int i = 0; i < NS; ++i) hs[i] = j == 0 ? h0[i] : sTS[j - 1][i][tid];
-      stage(t, true);
-      float dt[L], u[L], dtu[L], dyc[L], zfac[L], spg[L];
-      bool rst[L];
-      tokens(t, dt, u, dtu, rst);
+      // This lane's tokens: dt, dt*u, u, dy*silu(z), dy*silu'(z) and softplus'(delta).
+      float dto[KT], dtuo[KT], uo[KT], dyco[KT], zfo[KT], spgo[KT];
+      owned(t, dto, dtuo, uo);
 #pragma unroll
-      for (int jj = 0; jj < L; ++jj) {
-        const int tt = t + jj;
+      for (int q = 0; q < KT; ++q) {
+        const int tt = t + own + q;
         const bool ok = dv && tt < t1;
         const int64_t at = (bT + tt) * Dm + d;
         const float dy = ok ? p.dy[at] : 0.f;
-        spg[jj] = ok ? softplus_grad(ld<T>(p.delta, at)) : 0.f;
+        spgo[q] = ok ? softplus_grad(ld<T>(p.delta, at)) : 0.f;
         if (p.z != nullptr && ok) {
           const float zv = ld<T>(p.z, at), sg = sigmoid_f(zv);
-          dyc[jj] = dy * zv * sg;
-          zfac[jj] = dy * sg * (1.f + zv * (1.f - sg));  // dy silu'(z)
+          dyco[q] = dy * zv * sg;
+          zfo[q] = dy * sg * (1.f + zv * (1.f - sg));  // dy silu'(z)
         } else {
-          dyc[jj] = dy;
-          zfac[jj] = 0.f;
+          dyco[q] = dy;
+          zfo[q] = 0.f;
         }
+      }
+      stage(t, true);
+      float dt[L], dtu[L], dyc[L];
+      bool rst[L];
+#pragma unroll
+      for (int jj = 0; jj < L; ++jj) {
+        rst[jj] = reset_at(t + jj);
+        dt[jj] = bcast_token<L, S>(dto, jj, lane);
+        dtu[jj] = bcast_token<L, S>(dtuo, jj, lane);
+        dyc[jj] = bcast_token<L, S>(dyco, jj, lane);
       }
       // Recompute the tile's decays and states.
       float aa[L][NS], hh[L][NS], yc[L];
@@ -158,48 +172,40 @@ __global__ void __launch_bounds__(Cf::kThreads) scan_bwd_kernel(Args a) {
           yc[jj] = fmaf(hh[jj][i], sC[jj][n], yc[jj]);
         }
       }
-      // The adjoint, back through the tile.
-      float ddt[L], dus[L], vB[L * NS], vC[L * NS];
+      // The adjoint, back through the tile. ddt = sum_n gh A a h_{t-1} + u sum_n gh B.
+      float ddtA[L], dus[L], vB[L * NS], vC[L * NS];
 #pragma unroll
       for (int jj = L - 1; jj >= 0; --jj) {
-        ddt[jj] = 0.f;
+        ddtA[jj] = 0.f;
         dus[jj] = 0.f;
 #pragma unroll
         for (int i = 0; i < NS; ++i) {
           const int n = s * NS + i;
-          const float Bn = sB[jj][n];
           const float gh = fmaf(dyc[jj], sC[jj][n], g[i]);
           const float ah = aa[jj][i] * (jj == 0 ? hs[i] : hh[jj - 1][i]);
-          ddt[jj] = fmaf(gh, fmaf(A[i], ah, Bn * u[jj]), ddt[jj]);
+          ddtA[jj] = fmaf(gh * A[i], ah, ddtA[jj]);
           dA[i] = fmaf(gh * dt[jj], ah, dA[i]);
-          dus[jj] = fmaf(gh, Bn, dus[jj]);
+          dus[jj] = fmaf(gh, sB[jj][n], dus[jj]);
           vB[jj * NS + i] = gh * dtu[jj];
           vC[jj * NS + i] = dyc[jj] * hh[jj][i];
           g[i] = aa[jj][i] * gh;
         }
       }
-      // Per-token gradients, premultiplied so that the sum over the channel's lanes is final.
-      float gz[L], gd[L], gu[L];
-#pragma unroll
-      for (int jj = 0; jj < L; ++jj) {
-        const float skip = s == 0 ? Dd * u[jj] : 0.f;
-        gz[jj] = (yc[jj] + skip) * zfac[jj];
-        gd[jj] = ddt[jj] * spg[jj];
-        gu[jj] = dus[jj] * dt[jj] + (s == 0 ? dyc[jj] * Dd : 0.f);
-        if (s == 0) dD = fmaf(dyc[jj], u[jj], dD);
-      }
-      sum_over_states<L, S>(gz, lane);
-      sum_over_states<L, S>(gd, lane);
-      sum_over_states<L, S>(gu, lane);
+      // Sums over the channel's lanes; each token's owner finishes its gradients.
+      sum_over_states<L, S>(yc, lane);
+      sum_over_states<L, S>(ddtA, lane);
+      sum_over_states<L, S>(dus, lane);
       if (dv && writes_tokens<L, S>(s)) {
-        const int ft = t + first_token<L, S>(s);
 #pragma unroll
-        for (int jj = 0; jj < kept<L, S>(); ++jj) {
-          if (ft + jj >= t1) continue;
-          const int64_t at = (bT + ft + jj) * Dm + d;
-          if (p.dz != nullptr) static_cast<T*>(p.dz)[at] = Num<T>::from_f(gz[jj]);
-          if (p.ddelta != nullptr) static_cast<T*>(p.ddelta)[at] = Num<T>::from_f(gd[jj]);
-          if (p.du != nullptr) static_cast<T*>(p.du)[at] = Num<T>::from_f(gu[jj]);
+        for (int q = 0; q < KT; ++q) {
+          const int tt = t + own + q;
+          if (tt >= t1) continue;
+          const int64_t at = (bT + tt) * Dm + d;
+          dD = fmaf(dyco[q], uo[q], dD);
+          if (p.dz != nullptr) static_cast<T*>(p.dz)[at] = Num<T>::from_f((yc[q] + Dd * uo[q]) * zfo[q]);
+          if (p.ddelta != nullptr)
+            static_cast<T*>(p.ddelta)[at] = Num<T>::from_f(fmaf(uo[q], dus[q], ddtA[q]) * spgo[q]);
+          if (p.du != nullptr) static_cast<T*>(p.du)[at] = Num<T>::from_f(fmaf(dus[q], dto[q], dyco[q] * Dd));
         }
       }
       // dB, dC: sums over the warp's channels, then over the block's warps, then atomics.
@@ -236,7 +242,9 @@ __global__ void __launch_bounds__(Cf::kThreads) scan_bwd_kernel(Args a) {
     }
   }
 
+  dD = channel_sum<S>(dD);  // the channel's tokens were split over its lanes (all lanes shuffle)
   if (!dv) return;
+  if (s == 0 && p.dD != nullptr) atomicAdd(p.dD + d, dD);
 #pragma unroll
   for (int i = 0; i < NS; ++i) {
     const int n = s * NS + i;
@@ -245,7 +253,6 @@ __global__ void __launch_bounds__(Cf::kThreads) scan_bwd_kernel(Args a) {
     if (seg == 0 && p.dinitial_state != nullptr)
       p.dinitial_state[(static_cast<int64_t>(b) * Dm + d) * N + n] = g[i];
   }
-  if (s == 0 && p.dD != nullptr) atomicAdd(p.dD + d, dD);
 }
 
 // Per segment: the adjoint at its start (dL/dh before its first token) from a zero adjoint at

@@ -161,5 +161,25 @@ __device__ __forceinline__ bool writes_tokens(int s) {
   return L >= S ? true : (s % (S / L)) == 0;
 }
 
+// Token ownership: the lane that ends up with a token's sum after sum_over_states<L,S> also
+// computes that token's per-channel scalars (dt, the gate, ...) and shares the ones every lane
+// needs with bcast_token: lane s owns tokens first_token<L,S>(s) + q, q < kept<L,S>().
+// The value of token j (a compile-time constant once the caller's loop is unrolled) from its
+// owner's mine[]: every lane of the warp must call it.
+template <int L, int S, int K>
+__device__ __forceinline__ float bcast_token(const float (&mine)[K], int j, int lane) {
+  const int owner = L >= S ? j / K : j * (S / L);
+  const int q = L >= S ? j % K : 0;
+  return __shfl_sync(0xffffffffu, mine[q], (lane & ~(S - 1)) + owner);
+}
+
+// Sum over the S lanes of a channel, every lane getting it.
+template <int S>
+__device__ __forceinline__ float channel_sum(float v) {
+#pragma unroll
+  for (int off = S / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 }  // namespace scan_detail
 }  // namespace peftfw::kernels::mamba1::cuda

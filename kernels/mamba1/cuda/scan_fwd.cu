@@ -18,9 +18,12 @@ static_assert(kScanChunk % kFwdTile == 0, "a chunk is whole tiles");
 
 template <typename T, typename Cf, bool kLocal>
 __global__ void __launch_bounds__(Cf::kThreads) scan_fwd_kernel(Args a) {
-  constexpr int NS = Cf::NS, S = Cf::S, L = kFwdTile, NP = NS * S;
-  __shared__ __align__(16) float sB[L][NP];
-  __shared__ __align__(16) float sC[kLocal ? 1 : L][NP];
+  constexpr int NS = Cf::NS, S = Cf::S, L = kFwdTile, NP = NS * S, K = kept<L, S>();
+  constexpr int E = (L * NP + Cf::kThreads - 1) / Cf::kThreads;  // B (and C) elements staged per thread
+  // Double-buffered: tile i is stored into buffer i&1 and read after one barrier; by then every
+  // thread has finished tile i-1, the last reader of the buffer tile i+1 overwrites.
+  __shared__ __align__(16) float sB[2][L][NP];
+  __shared__ __align__(16) float sC[2][kLocal ? 1 : L][NP];
 
   const ScanProblem& p = a.p;
   const int tid = threadIdx.x, lane = tid & 31, s = tid % S;
@@ -30,6 +33,7 @@ __global__ void __launch_bounds__(Cf::kThreads) scan_fwd_kernel(Args a) {
   const int N = a.N, Dm = a.Dm;
   const int t0 = seg * a.seg_len, t1 = min(a.T, t0 + a.seg_len);
   const int64_t bT = static_cast<int64_t>(b) * a.T;
+  const int own = first_token<L, S>(s);  // this lane's tokens: own .. own+K-1 of each tile
 
   float A2[NS], h[NS];
 #pragma unroll
@@ -47,70 +51,91 @@ __global__ void __launch_bounds__(Cf::kThreads) scan_fwd_kernel(Args a) {
   float dsum = 0.f;
   bool resets = false;
 
-  for (int t = t0; t < t1; t += L) {
+  // The next tile's raw inputs, loaded a tile ahead.
+  const T zero = Num<T>::from_f(0.f);
+  T ru[K], rd[K], rz[K], rb[E], rc[E];
+  auto fetch = [&](int t) {
+#pragma unroll
+    for (int q = 0; q < K; ++q) {
+      const int tt = t + own + q;
+      const bool ok = dv && tt < t1;
+      const int64_t at = (bT + tt) * Dm + d;
+      ru[q] = ok ? static_cast<const T*>(p.u)[at] : zero;
+      rd[q] = ok ? static_cast<const T*>(p.delta)[at] : zero;
+      rz[q] = (!kLocal && ok && p.z != nullptr) ? static_cast<const T*>(p.z)[at] : zero;
+    }
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const int e = tid + k * Cf::kThreads, j = e / NP, n = e % NP, tt = t + j;
+      const bool ok = e < L * NP && tt < t1 && n < N;
+      rb[k] = ok ? static_cast<const T*>(p.B)[(bT + tt) * N + n] : zero;
+      rc[k] = (!kLocal && ok) ? static_cast<const T*>(p.C)[(bT + tt) * N + n] : zero;
+    }
+  };
+  if (t0 < t1) fetch(t0);
+
+  int buf = 0;
+  for (int t = t0; t < t1; t += L, buf ^= 1) {
     if (!kLocal && p.chunk_states != nullptr && t % kScanChunk == 0 && dv) {
       float* cs = p.chunk_states + ((static_cast<int64_t>(b) * a.nc + t / kScanChunk) * Dm + d) * N;
 #pragma unroll
       for (int i = 0; i < NS; ++i)
         if (s * NS + i < N) cs[s * NS + i] = h[i];
     }
-    __syncthreads();  // the previous tile's reads of sB / sC are done
-    for (int e = tid; e < L * NP; e += Cf::kThreads) {
-      const int j = e / NP, n = e % NP, tt = t + j;
-      const bool ok = tt < t1 && n < N;
-      sB[j][n] = ok ? ld<T>(p.B, (bT + tt) * N + n) : 0.f;
-      if constexpr (!kLocal) sC[j][n] = ok ? ld<T>(p.C, (bT + tt) * N + n) : 0.f;
-    }
-    __syncthreads();
-
-    float dt[L], dtu[L], gate[L], skip[L];
-    bool rst[L];
 #pragma unroll
-    for (int j = 0; j < L; ++j) {
-      const int tt = t + j;
-      const bool ok = dv && tt < t1;
-      const int64_t at = (bT + tt) * Dm + d;
-      const float u = ok ? ld<T>(p.u, at) : 0.f;
-      dt[j] = ok ? dt_of<T>(ld<T>(p.delta, at)) : 0.f;
-      dtu[j] = dt[j] * u;
-      rst[j] = p.seq_ids != nullptr && tt > 0 && tt < t1 && p.seq_ids[bT + tt] != p.seq_ids[bT + tt - 1];
-      if constexpr (!kLocal) {
-        float g = 1.f;
-        if (p.z != nullptr && ok) {
-          const float zv = ld<T>(p.z, at);
-          g = zv * sigmoid_f(zv);
-        }
-        gate[j] = g;
-        skip[j] = s == 0 ? Dd * u : 0.f;
+    for (int k = 0; k < E; ++k) {
+      const int e = tid + k * Cf::kThreads;
+      if (e < L * NP) {
+        sB[buf][e / NP][e % NP] = Num<T>::to_f(rb[k]);
+        if constexpr (!kLocal) sC[buf][e / NP][e % NP] = Num<T>::to_f(rc[k]);
       }
     }
+    // This lane's tokens: dt, dt*u, u and the gate.
+    float dto[K], dtuo[K], uo[K], go[K];
+#pragma unroll
+    for (int q = 0; q < K; ++q) {
+      const bool ok = dv && t + own + q < t1;
+      uo[q] = Num<T>::to_f(ru[q]);
+      dto[q] = ok ? dt_of<T>(Num<T>::to_f(rd[q])) : 0.f;
+      dtuo[q] = dto[q] * uo[q];
+      go[q] = 1.f;
+      if (!kLocal && p.z != nullptr) {
+        const float zv = Num<T>::to_f(rz[q]);
+        go[q] = zv * sigmoid_f(zv);
+      }
+    }
+    if (t + L < t1) fetch(t + L);
+    __syncthreads();
 
     float yp[L];
 #pragma unroll
     for (int j = 0; j < L; ++j) {
+      const int tt = t + j;
+      const bool rst = p.seq_ids != nullptr && tt > 0 && tt < t1 && p.seq_ids[bT + tt] != p.seq_ids[bT + tt - 1];
+      const float dt = bcast_token<L, S>(dto, j, lane), dtu = bcast_token<L, S>(dtuo, j, lane);
       float acc = 0.f;
 #pragma unroll
       for (int i = 0; i < NS; ++i) {
         const int n = s * NS + i;
-        const float dA = rst[j] ? 0.f : fast_exp2(dt[j] * A2[i]);
-        h[i] = fmaf(dA, h[i], dtu[j] * sB[j][n]);
-        if constexpr (!kLocal) acc = fmaf(h[i], sC[j][n], acc);
+        const float dA = rst ? 0.f : fast_exp2(dt * A2[i]);
+        h[i] = fmaf(dA, h[i], dtu * sB[buf][j][n]);
+        if constexpr (!kLocal) acc = fmaf(h[i], sC[buf][j][n], acc);
       }
-      if constexpr (!kLocal) {
-        yp[j] = (acc + skip[j]) * gate[j];
-      } else {
-        dsum += dt[j];
-        resets = resets || rst[j];
+      yp[j] = acc;
+      if constexpr (kLocal) {
+        dsum += dt;
+        resets = resets || rst;
       }
     }
 
     if constexpr (!kLocal) {
       sum_over_states<L, S>(yp, lane);
       if (dv && writes_tokens<L, S>(s)) {
-        const int ft = t + first_token<L, S>(s);
 #pragma unroll
-        for (int j = 0; j < kept<L, S>(); ++j)
-          if (ft + j < t1) p.y[(bT + ft + j) * Dm + d] = yp[j];
+        for (int q = 0; q < K; ++q) {
+          const int tt = t + own + q;
+          if (tt < t1) p.y[(bT + tt) * Dm + d] = (yp[q] + Dd * uo[q]) * go[q];
+        }
       }
     }
   }

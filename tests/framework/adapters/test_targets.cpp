@@ -492,6 +492,17 @@ TEST(CoverageTable, FullPartialAndMissing) {
   EXPECT_TRUE(contains(msg, kConvWhy)) << msg;
 }
 
+// LoRA's count as arithmetic: r * (in + out) per module, DoRA + out.
+CountRule lora_rule(int64_t r, bool dora) {
+  CountRule rule;
+  rule.name = dora ? "DoRA" : "LoRA";
+  rule.settings = "r=" + std::to_string(r);
+  rule.added_per_module = [=](const ModuleDesc& m) {
+    return r * (m.in_features + m.out_features) + (dora ? m.out_features : 0);
+  };
+  return rule;
+}
+
 TEST(ParameterCount, LoraDoraAndSsmOnTheMiniature) {
   auto inv = build(mini());
   EXPECT_EQ(inv.total_params(), 10970);
@@ -500,37 +511,46 @@ TEST(ParameterCount, LoraDoraAndSsmOnTheMiniature) {
 
   // V2: Mamba layer 112 + 64 + 160 + 96 = 432 (x3 = 1296); attention 64 + 48 + 48 + 64 + 160 + 96
   // = 480; 1776 in all, 10970 + 1776 = 12746.
-  auto c = count_lora_parameters(inv, v2, 2, false, {});
+  auto c = count_parameters(inv, v2, lora_rule(2, false), {});
   EXPECT_EQ(c.trainable, 1776);
   EXPECT_EQ(c.all, 12746);
   // V1: attention projections only, 224; all 10970 + 224.
-  c = count_lora_parameters(inv, v1, 2, false, {});
+  c = count_parameters(inv, v1, lora_rule(2, false), {});
   EXPECT_EQ(c.trainable, 224);
   EXPECT_EQ(c.all, 11194);
   // SSM core groups: 3 Mamba layers x 3 tensors x 2 heads = 18, already in "all".
-  c = count_lora_parameters(inv, v2, 2, false, {"A_log", "D", "dt_bias"});
+  c = count_parameters(inv, v2, lora_rule(2, false), {"A_log", "D", "dt_bias"});
   EXPECT_EQ(c.trainable, 1794);
   EXPECT_EQ(c.all, 12746);
   // conv1d group: 3 x (96 + 24) = 360.
-  EXPECT_EQ(count_lora_parameters(inv, v2, 2, false, {"conv1d"}).trainable, 1776 + 360);
+  EXPECT_EQ(count_parameters(inv, v2, lora_rule(2, false), {"conv1d"}).trainable, 1776 + 360);
   // DoRA adds each module's out features: Mamba 40 + 16 + 64 + 16 = 136 (x3 = 408);
   // attention 16 + 8 + 8 + 16 + 64 + 16 = 128; 536 more, in both counts.
-  c = count_lora_parameters(inv, v2, 2, true, {});
+  c = count_parameters(inv, v2, lora_rule(2, true), {});
   EXPECT_EQ(c.trainable, 2312);
   EXPECT_EQ(c.all, 13282);
 
-  auto msg = error_of([&] { count_lora_parameters(inv, v2, 2, false, {"A", "D"}); });
+  auto msg = error_of([&] { count_parameters(inv, v2, lora_rule(2, false), {"A", "D"}); });
   EXPECT_TRUE(contains(msg, "unknown SSM parameter group \"A\"")) << msg;
   EXPECT_TRUE(contains(msg, "\"A_log\"")) << msg;
-  msg = error_of([&] { count_lora_parameters(inv, {v2[0], v2[0]}, 2, false, {}); });
+  msg = error_of([&] { count_parameters(inv, {v2[0], v2[0]}, lora_rule(2, false), {}); });
   EXPECT_TRUE(contains(msg, "listed twice")) << msg;
-  error_of([&] { count_lora_parameters(inv, v2, 0, false, {}); });
+  // BitFit-like: base tensors trained, counted once even when also in a trained SSM group.
+  CountRule base;
+  base.name = "base";
+  for (const auto& p : inv.params)
+    if (p.ssm_group == "D" || p.ssm_group == "A_log") base.base_params.push_back(p.name);
+  c = count_parameters(inv, {}, base, {"A_log", "D", "dt_bias"});
+  EXPECT_EQ(c.trainable, 18);  // 3 layers x 3 tensors x 2 heads, the A_log/D ones not twice
+  EXPECT_EQ(c.all, 10970);
+  c = count_parameters(inv, {}, base, {});
+  EXPECT_EQ(c.trainable, 12);
 }
 
 TEST(ParameterReport, PerKindAndPeftLine) {
   auto inv = build(mini());
   auto v2 = resolve_targets(inv, request(names(kV2))).modules;
-  auto report = parameter_report(inv, v2, 2, false, {"A_log", "D", "dt_bias"});
+  auto report = parameter_report(inv, v2, lora_rule(2, false), {"A_log", "D", "dt_bias"});
   // 100 * 1794 / 12746 = 14.07500... (Python: f"{100 * 1794 / 12746:.4f}" == "14.0750").
   EXPECT_TRUE(
       contains(report, "trainable params: 1,794 || all params: 12,746 || trainable%: 14.0750\n"))
@@ -565,19 +585,19 @@ TEST(ParameterCount, GraniteMicroShapesMatchThePeftLogs) {
 
   auto v1 = resolve_targets(inv, request(names(kV1), "warn"));
   EXPECT_EQ(v1.modules.size(), 16u);
-  auto c = count_lora_parameters(inv, v1.modules, 16, false, {});
+  auto c = count_parameters(inv, v1.modules, lora_rule(16, false), {});
   EXPECT_EQ(c.trainable, 851968);
   EXPECT_EQ(c.all, 3192248064);
 
   auto v2 = resolve_targets(inv, request(names(kV2)));
   EXPECT_EQ(v2.modules.size(), 168u);
   EXPECT_TRUE(v2.warnings.empty());
-  auto report = parameter_report(inv, v2.modules, 16, false, {});
+  auto report = parameter_report(inv, v2.modules, lora_rule(16, false), {});
   EXPECT_TRUE(contains(report,
                        "trainable params: 28,823,552 || all params: 3,220,219,648 || "
                        "trainable%: 0.8951\n"))
       << report;
-  c = count_lora_parameters(inv, v2.modules, 16, false, {"A_log", "D", "dt_bias"});
+  c = count_parameters(inv, v2.modules, lora_rule(16, false), {"A_log", "D", "dt_bias"});
   EXPECT_EQ(c.trainable, 28830464);
   EXPECT_EQ(c.all, 3220219648);
 

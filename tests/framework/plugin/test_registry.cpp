@@ -59,7 +59,7 @@ TEST(Registry, LoadsGoodPluginsAndRefusesBadOnes) {
   const auto* abi = refused(reg, "test_plugin_bad_abi.so");
   ASSERT_NE(abi, nullptr);
   EXPECT_NE(abi->reason.find("ABI version 999"), std::string::npos) << abi->reason;
-  EXPECT_NE(abi->reason.find("ABI version 1"), std::string::npos) << abi->reason;
+  EXPECT_NE(abi->reason.find("ABI version 2"), std::string::npos) << abi->reason;
 
   const auto* dup = refused(reg, "test_plugin_good.so");
   const auto* dup2 = refused(reg, "test_plugin_duplicate.so");
@@ -575,4 +575,45 @@ TEST(RegistryFiles, PluginOwnedByAnotherUserIsRefused) {
   EXPECT_EQ(reg.refused()[1].file, folder);
   EXPECT_TRUE(contains(reg.refused()[1].reason, "plugin folder " + folder.string() + " " + owner))
       << reg.refused()[1].reason;
+}
+
+// Adapter interface v2: an adapter plugin built outside the tree (the worked example of
+// docs/writing_plugins.md) joins the recipe schema with its method and own section; a plugin
+// whose method another plugin already provides is refused with the reason.
+TEST(Registry, AdapterPluginJoinsTheRecipeSchema) {
+  PluginRegistry reg;
+  for (const auto& folder : peftfw::default_plugin_folders()) reg.load_folder(folder);
+  const fs::path dir = PEFTFW_TEST_ADAPTER_DIR;
+  ASSERT_TRUE(reg.load_file(dir / "ok" / "ln_tuning.so"));
+  EXPECT_FALSE(reg.load_file(dir / "clash" / "ln_tuning_clash.so"));
+  const auto* clash = refused(reg, "ln_tuning_clash.so");
+  ASSERT_NE(clash, nullptr);
+  EXPECT_TRUE(contains(clash->reason, "method 'lora' is already provided by adapter plugin 'lora'")) << clash->reason;
+
+  const auto& schema = reg.recipe_schema();
+  const auto* method = schema.find_key("adapter", "method");
+  ASSERT_NE(method, nullptr);
+  EXPECT_EQ(method->choices.front(), "none");
+  EXPECT_NE(std::find(method->choices.begin(), method->choices.end(), "ln_tuning"), method->choices.end());
+  EXPECT_NE(std::find(method->choices.begin(), method->choices.end(), "dora"), method->choices.end());
+  ASSERT_TRUE(method->default_value.has_value());
+  EXPECT_EQ(std::get<std::string>(*method->default_value), "lora");  // the lora plugin's flagged default
+  EXPECT_TRUE(contains(method->doc, "ln_tuning: trains the weights of the norm layers")) << method->doc;
+  // The lora plugin's keys follow method in [adapter]; [ln_tuning] follows [adapter].
+  const auto* adapter = schema.find_section("adapter");
+  ASSERT_NE(adapter, nullptr);
+  ASSERT_GE(adapter->keys.size(), 2u);
+  EXPECT_EQ(adapter->keys[1].name, "r");
+  std::vector<std::string> order;
+  for (const auto& s : schema.sections) order.push_back(s.name);
+  const auto at = std::find(order.begin(), order.end(), "adapter");
+  ASSERT_NE(at, order.end());
+  ASSERT_NE(at + 1, order.end());
+  EXPECT_EQ(*(at + 1), "ln_tuning");
+  ASSERT_NE(schema.find_key("ln_tuning", "final_norm"), nullptr);
+  // The built-in schema alone has method "none" and no LoRA keys: the framework names no method.
+  const auto* builtin = peftfw::recipe::builtin_schema().find_key("adapter", "method");
+  ASSERT_NE(builtin, nullptr);
+  EXPECT_EQ(builtin->choices, std::vector<std::string>{"none"});
+  EXPECT_EQ(peftfw::recipe::builtin_schema().find_key("adapter", "r"), nullptr);
 }

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "peftfw/plugin/registry.hpp"
 #include "peftfw/recipe/recipe.hpp"
 #include "peftfw/recipe/schema.hpp"
 
@@ -32,11 +33,22 @@ fs::path data_dir() {
 #endif
 }
 
+// Recipes load as the CLI loads them: with the schema the loaded plugins complete ([adapter]
+// method's choices, the lora plugin's r, alpha, dropout, ...).
+const Schema& full_schema() { return PluginRegistry::instance().recipe_schema(); }
+Recipe load_text(std::string_view text, const std::string& name, const fs::path& dir,
+                 const std::vector<std::string>& overrides = {}) {
+  return Recipe::from_string(text, name, dir, overrides, full_schema());
+}
+Recipe load_file(const fs::path& file, const std::vector<std::string>& overrides = {}) {
+  return Recipe::load(file, overrides, full_schema());
+}
+
 // The diagnostics of a recipe text that must fail to load.
 std::vector<std::string> errors_of(const std::string& text,
                                    const std::vector<std::string>& overrides = {}) {
   try {
-    Recipe::from_string(text, "recipe.toml", fs::current_path(), overrides);
+    load_text(text, "recipe.toml", fs::current_path(), overrides);
   } catch (const RecipeError& e) {
     std::vector<std::string> lines;
     for (const Diagnostic& d : e.diagnostics()) lines.push_back(d.to_string());
@@ -49,7 +61,7 @@ std::vector<std::string> errors_of(const std::string& text,
 std::vector<std::string> file_errors(const fs::path& file,
                                      const std::vector<std::string>& overrides = {}) {
   try {
-    Recipe::load(file, overrides);
+    load_file(file, overrides);
   } catch (const RecipeError& e) {
     std::vector<std::string> lines;
     for (const Diagnostic& d : e.diagnostics()) lines.push_back(d.to_string());
@@ -87,7 +99,7 @@ TEST_F(RecipeFiles, MisspelledKeyNamesFileLineColumnAndSuggestion) {
 
 TEST_F(RecipeFiles, ErrorIsAnInputErrorWithAllDiagnosticsInWhat) {
   try {
-    Recipe::load("misspelled.toml");
+    load_file("misspelled.toml");
     FAIL() << "expected RecipeError";
   } catch (const InputError& e) {
     EXPECT_EQ(e.exit_code(), 2);
@@ -146,7 +158,7 @@ TEST(Recipe, AllErrorsAreReportedInFileOrder) {
       "recipe.toml:4:1: unknown key 'dropot' in [adapter]; did you mean 'dropout'?"};
   EXPECT_EQ(errors_of(text), expected);
   try {
-    Recipe::from_string(text, "recipe.toml", fs::current_path());
+    load_text(text, "recipe.toml", fs::current_path());
     FAIL();
   } catch (const RecipeError& e) {
     EXPECT_EQ(std::string(e.what()), expected[0] + "\n" + expected[1]);
@@ -203,11 +215,11 @@ TEST(Recipe, ValueOutsideRangeIsReported) {
                    "recipe.toml:3:11: [adapter] dropout: must be between 0 and 1, found 1.5",
                    "recipe.toml:5:17: [data] eval_fraction: must be between 0 and 1, found -0.1"}));
   // The bounds themselves are allowed.
-  EXPECT_NO_THROW(Recipe::from_string("[adapter]\nr = 1\ndropout = 1\n", "r.toml", "."));
+  EXPECT_NO_THROW(load_text("[adapter]\nr = 1\ndropout = 1\n", "r.toml", "."));
 }
 
 TEST(Recipe, FloatKeysAcceptIntegerLiteralsAndRejectNonFinite) {
-  const Recipe r = Recipe::from_string("[train]\nlr = 1\n", "r.toml", ".");
+  const Recipe r = load_text("[train]\nlr = 1\n", "r.toml", ".");
   EXPECT_EQ(r.get_float("train", "lr"), 1.0);
   EXPECT_EQ(errors_of("[train]\nlr = nan\n"),
             Lines{"recipe.toml:2:6: [train] lr: expected a float, found float nan (not finite)"});
@@ -217,7 +229,7 @@ TEST(Recipe, FloatKeysAcceptIntegerLiteralsAndRejectNonFinite) {
 // Values and defaults.
 
 TEST(Recipe, DefaultsAreFilledAndMarkedUnset) {
-  const Recipe r = Recipe::from_string("", "empty.toml", ".");
+  const Recipe r = load_text("", "empty.toml", ".");
   EXPECT_EQ(r.get_string("adapter", "method"), "lora");
   EXPECT_EQ(r.get_int("adapter", "r"), 16);
   EXPECT_EQ(r.get_float("adapter", "alpha"), 32.0);
@@ -242,7 +254,7 @@ TEST(Recipe, DefaultsAreFilledAndMarkedUnset) {
 }
 
 TEST(Recipe, AccessorMisuseIsALogicError) {
-  const Recipe r = Recipe::from_string("", "r.toml", ".");
+  const Recipe r = load_text("", "r.toml", ".");
   EXPECT_THROW(r.get_float("train", "learning_rate"), std::logic_error);
   EXPECT_THROW(r.get_int("train", "lr"), std::logic_error);
   EXPECT_THROW(r.get_path("output", "dir"), std::logic_error);
@@ -250,7 +262,7 @@ TEST(Recipe, AccessorMisuseIsALogicError) {
 }
 
 TEST(Recipe, SetValuesAreTypedAndLocated) {
-  const Recipe r = Recipe::from_string(
+  const Recipe r = load_text(
       "[adapter]\n"
       "method = \"dora\"\n"
       "target_modules = \".*\\\\.(in_proj|out_proj)$\"\n"
@@ -273,7 +285,7 @@ TEST(Recipe, SetValuesAreTypedAndLocated) {
 
 TEST(Recipe, RelativePathsResolveAgainstTheRecipeFolder) {
   const fs::path base = fs::absolute("/tmp/peftfw-recipes/sub");
-  const Recipe r = Recipe::from_string(
+  const Recipe r = load_text(
       "[model]\npath = \"ckpt\"\nconfig = \"/abs/config.json\"\n"
       "[data]\npath = \"../d/train.jsonl\"\n",
       "r.toml", base);
@@ -289,7 +301,7 @@ TEST(Recipe, RelativePathsResolveAgainstTheRecipeFolder) {
 // extends.
 
 TEST_F(RecipeFiles, ExtendsMergesAndTheExtendingFileWins) {
-  const Recipe r = Recipe::load("child.toml");
+  const Recipe r = load_file("child.toml");
   EXPECT_EQ(r.files(), (std::vector<std::string>{"child.toml", "bases/base.toml"}));
   EXPECT_EQ(r.get_float("train", "lr"), 5e-4);       // child
   EXPECT_EQ(r.get_int("train", "batch_size"), 8);    // base
@@ -308,7 +320,7 @@ TEST_F(RecipeFiles, ExtendsMergesAndTheExtendingFileWins) {
 }
 
 TEST_F(RecipeFiles, ExtendsChainsAndOverridesWinOverAllFiles) {
-  const Recipe r = Recipe::load("grandchild.toml", {"train.lr=1e-4"});
+  const Recipe r = load_file("grandchild.toml", {"train.lr=1e-4"});
   EXPECT_EQ(r.files(),
             (std::vector<std::string>{"grandchild.toml", "child.toml", "bases/base.toml"}));
   EXPECT_EQ(r.get_float("train", "epochs"), 1.0);
@@ -342,7 +354,7 @@ TEST_F(RecipeFiles, ErrorsInBaseAndExtendingFilePointIntoTheirFiles) {
 // Command-line overrides.
 
 TEST(Recipe, OverridesAreTypedTomlValues) {
-  const Recipe r = Recipe::from_string("[train]\nlr = 1e-3\n", "r.toml", "/tmp",
+  const Recipe r = load_text("[train]\nlr = 1e-3\n", "r.toml", "/tmp",
                                        {"train.lr=1e-4", "adapter.target_modules=[\"in_proj\"]",
                                         "train.schedule=linear", "train.batch_size = 4",
                                         "model.config=out/x", "model.config_inline.ssm.d_state=32",
@@ -427,7 +439,7 @@ void expect_same_values(const Recipe& a, const Recipe& b) {
 }
 
 TEST_F(RecipeFiles, ToTomlRoundTrips) {
-  const Recipe original = Recipe::load(
+  const Recipe original = load_file(
       "grandchild.toml",
       {"adapter.exclude_modules=\"lm_head|embed\"",
        "data.template_string=\"Q: \\\"{x}\\\"\\n\\tA:\"",
@@ -436,7 +448,7 @@ TEST_F(RecipeFiles, ToTomlRoundTrips) {
   const std::string text = original.to_toml();
   EXPECT_EQ(text.find("\nextends"), std::string::npos);  // bases are flattened in
   // Paths are written absolute, so the folder the copy is read from does not matter.
-  const Recipe copy = Recipe::from_string(text, "resolved.toml", "/");
+  const Recipe copy = load_text(text, "resolved.toml", "/");
   expect_same_values(original, copy);
   EXPECT_EQ(copy.get_string("data", "template_string"), "Q: \"{x}\"\n\tA:");
   EXPECT_EQ(copy.get_table_json("model", "config_inline")["rope"]["scale"].type(),
@@ -456,8 +468,8 @@ TEST_F(RecipeFiles, ToTomlRoundTrips) {
 
 TEST(Recipe, ToTomlOfDefaultsLoadsBack) {
   // Every default passes its own key's checks.
-  const Recipe defaults = Recipe::from_string("", "empty.toml", ".");
-  const Recipe copy = Recipe::from_string(defaults.to_toml(), "resolved.toml", "/");
+  const Recipe defaults = load_text("", "empty.toml", ".");
+  const Recipe copy = load_text(defaults.to_toml(), "resolved.toml", "/");
   expect_same_values(defaults, copy);
 }
 
@@ -466,7 +478,7 @@ TEST(Recipe, ToTomlOfDefaultsLoadsBack) {
 
 TEST(Schema, DeclarationsAreConsistent) {
   std::set<std::string> sections;
-  for (const SectionSpec& section : builtin_schema().sections) {
+  for (const SectionSpec& section : full_schema().sections) {
     EXPECT_TRUE(sections.insert(section.name).second) << "duplicate section " << section.name;
     EXPECT_FALSE(section.doc.empty()) << section.name;
     std::set<std::string> keys;
@@ -486,7 +498,7 @@ TEST(Schema, DeclarationsAreConsistent) {
 }
 
 TEST(Schema, TextListsEveryKeyWithTypeAndDefault) {
-  const std::string text = schema_to_text(builtin_schema());
+  const std::string text = schema_to_text(full_schema());
   EXPECT_NE(text.find("[adapter]"), std::string::npos);
   // Columns: key padded to "exclude_modules" (15), type to "string or string array" (22),
   // default to "\"error\"" (7), each followed by two spaces.
@@ -494,7 +506,7 @@ TEST(Schema, TextListsEveryKeyWithTypeAndDefault) {
                       "16" + std::string(5 + 2, ' ') + "LoRA rank. (between 1 and 65536)\n"),
             std::string::npos)
       << text;
-  for (const SectionSpec& section : builtin_schema().sections) {
+  for (const SectionSpec& section : full_schema().sections) {
     for (const KeySpec& key : section.keys) {
       EXPECT_NE(text.find("  " + key.name + " "), std::string::npos) << key.name;
     }
@@ -502,14 +514,14 @@ TEST(Schema, TextListsEveryKeyWithTypeAndDefault) {
 }
 
 TEST(Schema, MarkdownIsDeterministicAndComplete) {
-  const std::string md = schema_to_markdown(builtin_schema());
-  EXPECT_EQ(md, schema_to_markdown(builtin_schema()));
+  const std::string md = schema_to_markdown(full_schema());
+  EXPECT_EQ(md, schema_to_markdown(full_schema()));
   EXPECT_NE(md.find("Generated by `peftfw schema --markdown`"), std::string::npos);
   EXPECT_NE(md.find("| `lr` | float | `2e-4` | Peak learning rate. (at least 0) |\n"),
             std::string::npos);
-  EXPECT_NE(md.find("| `method` | string | `\"lora\"` | lora/dora add low-rank adapters"),
-            std::string::npos);
-  for (const SectionSpec& section : builtin_schema().sections) {
+  EXPECT_NE(md.find("| `method` | string | `\"lora\"` | Fine-tuning method;"), std::string::npos) << md;
+  EXPECT_NE(md.find(" lora: low-rank adapters on the target modules"), std::string::npos) << md;
+  for (const SectionSpec& section : full_schema().sections) {
     EXPECT_NE(md.find("\n## [" + section.name + "]\n"), std::string::npos) << section.name;
     for (const KeySpec& key : section.keys) {
       EXPECT_NE(md.find("| `" + key.name + "` |"), std::string::npos) << key.name;
@@ -524,7 +536,7 @@ TEST(Schema, DocsRecipesMdIsUpToDate) {
                   << "; generate it with `peftfw schema --markdown > docs/recipes.md`";
   std::ostringstream text;
   text << in.rdbuf();
-  EXPECT_EQ(text.str(), schema_to_markdown(builtin_schema()))
+  EXPECT_EQ(text.str(), schema_to_markdown(full_schema()))
       << "docs/recipes.md is stale; regenerate it with `peftfw schema --markdown > "
          "docs/recipes.md`";
 #else
@@ -571,7 +583,7 @@ TEST(RecipeLimits, FileOverOneMibIsRefusedBeforeParsing) {
   ScratchDir dir;
   // 1 MiB = 2^20 = 1048576 bytes is allowed; one byte more is not.
   const fs::path ok = dir.write("ok.toml", recipe_of_size(1048576));
-  EXPECT_EQ(Recipe::load(ok).get_float("train", "lr"), 0.5);
+  EXPECT_EQ(load_file(ok).get_float("train", "lr"), 0.5);
   const fs::path big = dir.write("big.toml", recipe_of_size(1048577));
   EXPECT_EQ(file_errors(big),
             Lines{big.string() + ": cannot read recipe: it is 1048577 bytes, " + kCapText});
@@ -595,7 +607,7 @@ std::string unknown_keys(int n) {
 
 TEST(RecipeLimits, AtMostFiftyDiagnosticsThenACount) {
   try {
-    Recipe::from_string(unknown_keys(120), "recipe.toml", fs::current_path());
+    load_text(unknown_keys(120), "recipe.toml", fs::current_path());
     FAIL() << "expected RecipeError";
   } catch (const RecipeError& e) {
     // The first 50 in file order (lines 2..51), then 120 - 50 = 70 counted.
@@ -607,14 +619,14 @@ TEST(RecipeLimits, AtMostFiftyDiagnosticsThenACount) {
     EXPECT_EQ(std::count(what.begin(), what.end(), '\n'), 50);  // 50 lines + the count line
   }
   try {
-    Recipe::from_string(unknown_keys(51), "recipe.toml", fs::current_path());
+    load_text(unknown_keys(51), "recipe.toml", fs::current_path());
     FAIL() << "expected RecipeError";
   } catch (const RecipeError& e) {
     const std::string what = e.what();
     EXPECT_EQ(what.substr(what.rfind('\n') + 1), "... and 1 more error");
   }
   try {
-    Recipe::from_string(unknown_keys(50), "recipe.toml", fs::current_path());
+    load_text(unknown_keys(50), "recipe.toml", fs::current_path());
     FAIL() << "expected RecipeError";
   } catch (const RecipeError& e) {
     EXPECT_EQ(e.omitted(), 0u);
@@ -625,7 +637,7 @@ TEST(RecipeLimits, AtMostFiftyDiagnosticsThenACount) {
 TEST(RecipeLimits, FileDiagnosticsComeFirstWhenTheCapCuts) {
   // 60 file errors and one override error: the file's first 50 are kept.
   try {
-    Recipe::from_string(unknown_keys(60), "recipe.toml", fs::current_path(), {"train.nope=1"});
+    load_text(unknown_keys(60), "recipe.toml", fs::current_path(), {"train.nope=1"});
     FAIL() << "expected RecipeError";
   } catch (const RecipeError& e) {
     ASSERT_EQ(e.diagnostics().size(), 50u);
@@ -638,8 +650,8 @@ TEST(RecipeLimits, LongValuesAreCutTo200Bytes) {
   const std::string x(5000, 'x');
   // The value starts at column 10 of line 2.
   EXPECT_EQ(errors_of("[adapter]\nmethod = \"" + x + "\"\n"),
-            Lines{"recipe.toml:2:10: [adapter] method: expected one of \"lora\", \"dora\", "
-                  "\"bitfit\", \"full\", \"none\", found \"" + std::string(200, 'x') +
+            Lines{"recipe.toml:2:10: [adapter] method: expected one of \"none\", \"lora\", "
+                  "\"dora\", \"bitfit\", \"full\", found \"" + std::string(200, 'x') +
                   "...\" (5000 bytes in all)"});
   const Lines key = errors_of("[train]\n" + std::string(100000, 'k') + " = 1\n");
   ASSERT_EQ(key.size(), 1u);
@@ -661,13 +673,13 @@ TEST(RecipeLimits, LongValuesAreCutTo200Bytes) {
 // Found by tests/fuzz/fuzz_recipe.cpp: an override's bytes reached the resolved recipe, whose
 // comments may not hold control characters and whose text must be UTF-8.
 TEST(RecipeLimits, ResolvedRecipeLoadsAgainWhateverTheOverrideBytes) {
-  const Recipe r = Recipe::from_string("", "recipe.toml", fs::current_path(),
+  const Recipe r = load_text("", "recipe.toml", fs::current_path(),
                                        {std::string("output.dir=h\x07\x00\x10/x", 17)});
   EXPECT_EQ(r.get_string("output", "dir"), std::string("h\x07\x00\x10/x", 6));
   const std::string resolved = r.to_toml();
   EXPECT_NE(resolved.find("# <override 1: output.dir=h\\x07\\x00\\x10/x>"), std::string::npos)
       << resolved;
-  const Recipe again = Recipe::from_string(resolved, "resolved.toml", fs::current_path());
+  const Recipe again = load_text(resolved, "resolved.toml", fs::current_path());
   EXPECT_EQ(again.get_string("output", "dir"), std::string("h\x07\x00\x10/x", 6));
   // Bytes that are not UTF-8 are refused, in the value or in a table key (byte 1 is 'd').
   EXPECT_EQ(errors_of("", {"data.template=\xff"}),
@@ -703,7 +715,7 @@ TEST(RecipeLimits, TomlPlusPlusAssertionPathsGiveSyntaxErrors) {
     ASSERT_EQ(errors.size(), 1u);
     EXPECT_NE(errors[0].find("TOML syntax error"), std::string::npos) << errors[0];
     // After a line-ending backslash in a multi-line string, the character is the text.
-    const Recipe r = Recipe::from_string("[data]\ntemplate_string = \"\"\"\\\n" + utf8(cp) +
+    const Recipe r = load_text("[data]\ntemplate_string = \"\"\"\\\n" + utf8(cp) +
                                              "{output}\"\"\"\n",
                                          "recipe.toml", fs::current_path());
     EXPECT_EQ(r.get_string("data", "template_string"), utf8(cp) + "{output}");

@@ -93,9 +93,7 @@ std::shared_ptr<CausalLM> adapted_tiny_model(const std::vector<std::string>& tar
   auto model = tiny_model(dtype, intermediate);
   model->train();
   AdapterRequest req;
-  req.spec.r = 4;
-  req.spec.alpha = 8;
-  req.spec.dropout = 0.2;
+  req.spec = adapter_spec("lora", {{"r", std::int64_t{4}}, {"alpha", 8.0}, {"dropout", 0.2}});
   recipe::TargetPattern p;
   p.names = targets;
   req.targets.target_modules = p;

@@ -30,8 +30,7 @@ ModelInventory micro_inventory() {
 AdapterRequest request(std::vector<std::string> targets, const std::string& on_unmatched = "error",
                        std::vector<std::string> ssm = {}) {
   AdapterRequest r;
-  r.spec.r = 16;
-  r.spec.alpha = 32;
+  r.spec = adapter_spec("lora", {{"r", std::int64_t{16}}, {"alpha", 32.0}, {"dropout", 0.0}});
   recipe::TargetPattern p;
   p.names = std::move(targets);
   r.targets.target_modules = p;
@@ -138,6 +137,28 @@ TEST(GraniteAdapters, SsmTensorsAreFloat32MastersInABf16Model) {
   EXPECT_TRUE(dt_bias->grad().defined());
 }
 
+// The plugin's count (what `plan` reports and the memory preflight uses, from the inventory
+// alone) equals what apply() makes trainable, for every method it provides.
+TEST(LoraPlugin, PlannedCountEqualsTheAppliedModel) {
+  for (const std::string method : {"lora", "dora", "bitfit", "full"}) {
+    auto model = tiny_model("float32");
+    auto req = request({"in_proj", "out_proj", "q_proj", "o_proj"}, "error", {"A_log", "D", "dt_bias"});
+    req.spec = adapter_spec(method, {{"r", std::int64_t{4}}, {"alpha", 8.0}});
+    auto plan = plan_adapters(model->inventory(), req);
+    apply_adapters(*model, req, plan);
+    int64_t trainable = 0, all = 0;
+    for (const auto& p : model->named_parameters()) {
+      all += p.value().numel();
+      if (p.value().requires_grad()) trainable += p.value().numel();
+    }
+    EXPECT_EQ(plan.count.trainable, trainable) << method;
+    EXPECT_EQ(plan.count.all, all) << method;
+    EXPECT_NE(plan.report.find("trainable params: "), std::string::npos) << method;
+  }
+  EXPECT_THROW(adapter_spec("lora", {{"rank", std::int64_t{4}}}), InputError);
+  EXPECT_THROW(adapter_spec("lora", {{"r", 4.5}}), InputError);
+}
+
 TEST(GraniteAdapters, LoraForwardEqualsMergedWeightAndStartsAtIdentity) {
   for (const std::string method : {"lora", "dora"}) {
     auto model = tiny_model("float32");
@@ -146,7 +167,7 @@ TEST(GraniteAdapters, LoraForwardEqualsMergedWeightAndStartsAtIdentity) {
     torch::NoGradGuard ng;
     auto before = model->forward(b).logits;
     auto req = request({"in_proj", "out_proj", "q_proj", "k_proj", "v_proj", "o_proj"});
-    req.spec.method = method;
+    req.spec = adapter_spec(method, {{"r", std::int64_t{16}}, {"alpha", 32.0}, {"dropout", 0.0}});
     auto plan = plan_adapters(model->inventory(), req);
     apply_adapters(*model, req, plan);
     // B = 0 at init (and DoRA's magnitude = ||W||): the adapted model equals the base.
@@ -206,7 +227,7 @@ TEST(GraniteAdapters, Bf16LoraForwardAndGradientsMatchFloat32) {
 
     auto xf = x.detach().to(torch::kFloat32).requires_grad_(true);
     auto bias = lin->bias.defined() ? lin->bias.to(torch::kFloat32) : torch::Tensor();
-    const double scaling = req.spec.alpha / static_cast<double>(req.spec.r);
+    const double scaling = req.spec.real("alpha") / static_cast<double>(req.spec.integer("r"));
     auto merged = lin->weight.to(torch::kFloat32) + scaling * torch::matmul(B, A);
     auto yf = torch::nn::functional::linear(xf, merged, bias);
     (yf * wy).sum().backward();
@@ -222,7 +243,7 @@ TEST(GraniteAdapters, Bf16LoraForwardAndGradientsMatchFloat32) {
 TEST(GraniteAdapters, Bf16LoraWithDropoutMatchesFloat32Oracle) {
   auto model = tiny_model("bfloat16");
   auto req = request({"in_proj", "out_proj", "o_proj", "input_linear"});
-  req.spec.dropout = 0.3;
+  req.spec.options["dropout"] = 0.3;
   auto plan = plan_adapters(model->inventory(), req);
   apply_adapters(*model, req, plan);
   model->train();
@@ -248,7 +269,7 @@ TEST(GraniteAdapters, Bf16LoraWithDropoutMatchesFloat32Oracle) {
                     .view({2, 5, K});  // mask / (1 - p)
     ASSERT_GT(keep.eq(0).sum().item<int64_t>(), 0) << "the mask drops something";
     auto xf = x.detach().to(torch::kFloat32).requires_grad_(true);
-    const double scaling = req.spec.alpha / static_cast<double>(req.spec.r);
+    const double scaling = req.spec.real("alpha") / static_cast<double>(req.spec.integer("r"));
     auto bias = lin->bias.defined() ? lin->bias.to(torch::kFloat32) : torch::Tensor();
     auto yf = torch::nn::functional::linear(xf, lin->weight.to(torch::kFloat32), bias) +
               scaling * torch::matmul(torch::matmul(xf * keep, A.t()), B.t());

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -77,22 +78,29 @@ struct ParameterCount {
   int64_t all = 0;
 };
 
-// LoRA adds r * (in + out) per adapted linear module (A [r, in], B [out, r];
-// bias = "none"); DoRA adds `out` more for its magnitude vector. "all" is the
-// base model plus those adapter parameters (PEFT counts them in all params).
-// SSM groups trained (e.g. {"A_log", "D", "dt_bias"}) add the numel of every
-// inventory tensor of that group to "trainable" (they are already in "all").
-// Throws InputError for an unknown module or SSM group name, or r < 1.
-ParameterCount count_lora_parameters(const ModelInventory& inventory,
-                                     const std::vector<std::string>& adapted, int64_t r, bool dora,
-                                     const std::vector<std::string>& ssm_groups_trained);
+// What an adapter method trains, for counting from the inventory alone: the name the report
+// gives it, the parameters it adds per adapted module (its plugin's added_parameters) and the
+// existing parameters it makes trainable (by inventory name).
+struct CountRule {
+  std::string name = "adapter";  // "LoRA": the report's "<name> params" column
+  std::string settings;          // "r=16, alpha=32": shown beside the name; may be empty
+  std::function<int64_t(const ModuleDesc&)> added_per_module;  // unset: adds nothing
+  std::vector<std::string> base_params;                        // trained base tensors
+};
 
-// Trainable parameters per layer kind (adapter and SSM separately), then
+// "trainable" is what the rule adds, plus the base tensors it trains, plus every inventory
+// tensor of the SSM groups trained (e.g. {"A_log", "D", "dt_bias"}; a tensor in both counts
+// once). "all" is the base model plus what the rule adds (PEFT counts adapter weights in all
+// params). Sums saturate at INT64_MAX instead of overflowing. Throws InputError for an unknown
+// module or SSM group name.
+ParameterCount count_parameters(const ModelInventory& inventory, const std::vector<std::string>& adapted,
+                                const CountRule& rule, const std::vector<std::string>& ssm_groups_trained);
+
+// Trainable parameters per layer kind (added and base together, SSM separately), then
 // PEFT's line exactly, e.g.
 // "trainable params: 28,823,552 || all params: 3,220,219,648 || trainable%: 0.8951".
-std::string parameter_report(const ModelInventory& inventory,
-                             const std::vector<std::string>& adapted, int64_t r, bool dora,
-                             const std::vector<std::string>& ssm_groups_trained);
+std::string parameter_report(const ModelInventory& inventory, const std::vector<std::string>& adapted,
+                             const CountRule& rule, const std::vector<std::string>& ssm_groups_trained);
 
 // PEFT's print_trainable_parameters() line for a count.
 std::string peft_parameter_line(const ParameterCount& count);

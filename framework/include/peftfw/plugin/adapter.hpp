@@ -1,25 +1,68 @@
-// Adapter plugin interface: how trainable parameters are injected into a model.
+// Adapter plugin interface (plugin ABI 2): how a fine-tuning method declares itself, its recipe
+// keys and its parameter count, and injects its trainable parameters into a model.
+//
+// The framework names no method. An adapter plugin declares:
+// - its methods (the values of [adapter] method), each with what it attaches to;
+// - its recipe keys: keys added to [adapter] and sections of its own, which join validation,
+//   did-you-mean, `peftfw schema` and docs/recipes.md like the built-in ones;
+// - how `plan` and the parameter report name it and count what it trains, from the inventory
+//   alone (no weights);
+// - apply(): the injection itself.
 #pragma once
 
-#include <memory>
+#include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
+
+#include "peftfw/recipe/schema.hpp"
 
 namespace peftfw {
 
 class CausalLM;
+struct ModuleDesc;
+struct ModelInventory;
 
+// The built-in [adapter] method that adds nothing (only [ssm] train, if any, is trained).
+inline constexpr char kNoAdapter[] = "none";
+
+// What a method attaches to. kModules: the framework resolves [adapter] target_modules /
+// roles / exclude_modules (or the architecture's default targets) against the inventory and
+// hands the adapted modules to apply(); the other kinds get an empty module list.
+enum class AdapterAttach {
+  kModules,     // wraps linear modules (LoRA, DoRA)
+  kParameters,  // trains or offsets existing parameters (BitFit, full, sparse deltas)
+  kState,       // acts on the SSM state
+};
+
+struct AdapterMethod {
+  std::string name;     // the [adapter] method value, e.g. "dora"
+  std::string summary;  // one line, shown in `peftfw schema` and docs/recipes.md
+  AdapterAttach attaches = AdapterAttach::kModules;
+  // The default of [adapter] method. The first method flagged so, in plugin load order, wins.
+  bool is_default = false;
+};
+
+// A configured method: its name, the adapter seed, and the values of the recipe keys its plugin
+// declared (defaults included). Keys added to [adapter] are stored under their own name ("r");
+// keys of the plugin's own sections as "section.key".
 struct AdapterSpec {
-  std::string method = "lora";  // "lora" | "dora" | ...
-  int64_t r = 16;
-  double alpha = 32.0;
-  double dropout = 0.0;
-  bool use_rslora = false;
+  std::string method;
   uint64_t seed = 0;
-  // Dtype of the adapter's forward math: "float32" (PEFT: the input is cast to the
-  // float32 adapter weights) or "model" (the base model's dtype; the float32
-  // adapter weights are cast, gradients still reach them in float32).
-  std::string compute_dtype = "model";
+  std::map<std::string, recipe::Value> options;
+
+  // Typed reads of options; each throws std::logic_error naming the key when it is missing or
+  // holds another type (a plugin reading a key it did not declare is a programming error).
+  std::int64_t integer(const std::string& key) const;
+  double real(const std::string& key) const;  // integers are accepted
+  bool flag(const std::string& key) const;
+  std::string text(const std::string& key) const;
+};
+
+// How `plan` and the parameter report name a configured method: e.g. {"LoRA", "r=16, alpha=32"}.
+struct AdapterLabel {
+  std::string name;
+  std::string settings;  // may be empty
 };
 
 struct AdapterResult {
@@ -31,9 +74,34 @@ class AdapterPlugin {
  public:
   virtual ~AdapterPlugin() = default;
   virtual std::string id() const = 0;
-  // [adapter] method values this plugin provides.
-  virtual std::vector<std::string> methods() const = 0;
-  // Injects the adapter into the named modules (already resolved and checked).
+  virtual std::vector<AdapterMethod> methods() const = 0;
+
+  // Recipe keys. A section named "adapter" adds its keys to [adapter] (after method); any other
+  // name is a section of this plugin's own. Names must not clash with built-in sections/keys or
+  // another plugin's, nor methods with another plugin's: the registry refuses such a plugin and
+  // `peftfw plugins` says why.
+  virtual std::vector<recipe::SectionSpec> recipe_sections() const { return {}; }
+
+  virtual AdapterLabel label(const AdapterSpec& spec) const { return {spec.method, ""}; }
+
+  // Parameters the method adds for one adapted module (kModules methods), from its inventory
+  // shape: the count `plan`, the parameter report and the memory preflight use before any
+  // model exists. apply() must create exactly this many (tests check it).
+  virtual int64_t added_parameters(const AdapterSpec& spec, const ModuleDesc& module) const {
+    (void)spec;
+    (void)module;
+    return 0;
+  }
+  // Existing parameters the method makes trainable, by inventory name (e.g. every bias).
+  virtual std::vector<std::string> trained_base_parameters(const AdapterSpec& spec,
+                                                           const ModelInventory& inventory) const {
+    (void)spec;
+    (void)inventory;
+    return {};
+  }
+
+  // Injects the adapter. `modules` are the resolved targets for kModules methods (already
+  // checked against the inventory), empty otherwise. The base is frozen before this is called.
   virtual AdapterResult apply(CausalLM& model, const AdapterSpec& spec,
                               const std::vector<std::string>& modules) const = 0;
 };

@@ -15,10 +15,13 @@
 
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "peftfw/data/chat_format.hpp"
+#include "peftfw/plugin/adapter.hpp"
+#include "peftfw/recipe/schema.hpp"
 
 #include "peftfw/plugin/registrar.hpp"
 
@@ -56,6 +59,11 @@ class PluginRegistry {
   std::shared_ptr<ArchitecturePlugin> architecture_for_model_type(const std::string& model_type) const;
   std::shared_ptr<ArchitecturePlugin> architecture(const std::string& id) const;
   std::shared_ptr<AdapterPlugin> adapter_for_method(const std::string& method) const;
+  AdapterMethod adapter_method(const std::string& method) const;
+  // The recipe schema: the built-in sections and keys, [adapter] method's choices and default from
+  // the loaded adapter plugins, and their keys and sections (PluginRegistry checks at load time
+  // that none clashes). Recipes are loaded with it; `peftfw schema` prints it.
+  const recipe::Schema& recipe_schema() const;
   std::shared_ptr<PersistencePlugin> persistence(const std::string& id) const;
   // Every chat format the loaded architecture plugins supply, in load order.
   std::vector<data::ChatFormat> chat_formats() const;
@@ -66,6 +74,8 @@ class PluginRegistry {
   PluginRegistry& operator=(const PluginRegistry&) = delete;
 
  private:
+  std::optional<std::string> adapter_clash(const AdapterPlugin& adapter) const;
+
   struct State;
   std::unique_ptr<State> state_;
 };

@@ -90,6 +90,9 @@ class Recipe {
   TargetPattern get_pattern(std::string_view section, std::string_view key) const;
   // Absolute and lexically normal.
   std::filesystem::path get_path(std::string_view section, std::string_view key) const;
+  // Any key but a table's, as its Value (kPath values resolved): for code that reads keys it
+  // did not declare itself (an adapter plugin's keys).
+  const Value& get_value(std::string_view section, std::string_view key) const;
   // A free-form table key. Include <nlohmann/json.hpp> to use the result.
   nlohmann::json get_table_json(std::string_view section, std::string_view key) const;
 

@@ -73,10 +73,26 @@ struct Schema {
   const KeySpec* find_key(std::string_view section, std::string_view key) const;
 };
 
+// Declaring keys in one line each, as the built-in table does (and adapter plugins for their
+// own keys): integer("r", 16, "LoRA rank.").at_least(1).
+namespace keys {
+KeySpec text(std::string name, std::optional<std::string> def, std::string doc);
+KeySpec choice(std::string name, std::string def, std::vector<std::string> choices, std::string doc);
+KeySpec integer(std::string name, std::int64_t def, std::string doc);
+KeySpec real(std::string name, std::optional<double> def, std::string doc);
+KeySpec flag(std::string name, bool def, std::string doc);
+KeySpec with_choices(KeySpec k, std::vector<std::string> choices);
+KeySpec strings(std::string name, std::optional<std::vector<std::string>> def, std::string doc);
+KeySpec pattern(std::string name, std::string doc);
+KeySpec path(std::string name, std::optional<std::string> def, std::string doc);
+KeySpec table(std::string name, std::string doc);
+}  // namespace keys
+
 // The one top-level key that is not a section: the base recipe to merge.
 inline constexpr std::string_view kExtendsKey = "extends";
 
-// The schema of peftfw recipes. Built once; lives for the whole program.
+// The framework's own sections and keys. Built once; lives for the whole program. Recipes are
+// loaded with PluginRegistry::recipe_schema(), which adds the adapter plugins' methods and keys.
 const Schema& builtin_schema();
 
 // A constraint in words: "one of: cosine, linear, constant", "at least 1",

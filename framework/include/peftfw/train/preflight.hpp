@@ -30,8 +30,4 @@ class ProblemList {
 void check_model_fits(const ModelInventory& inventory, const std::string& dtype, const std::string& device,
                       const std::string& config_path, int64_t trainable_extra = 0);
 
-// Parameters a rank-`r` adapter adds to `modules` (r x (in + out) each), without overflow;
-// INT64_MAX when it overflows.
-int64_t adapter_parameters(const ModelInventory& inventory, const std::vector<std::string>& modules, int64_t r);
-
 }  // namespace peftfw::train
