@@ -36,9 +36,9 @@ class LoraPlugin final : public AdapterPlugin {
     // One line per key, as the built-in table.
     // clang-format off
     return {{"adapter", "", {
-      integer("r", 16, "LoRA rank.").at_least(1).at_most(65536),
-      real   ("alpha", 32, "LoRA scale numerator: scale = alpha / r (alpha / sqrt(r) with use_rslora)."),
-      real   ("dropout", 0.05, "Dropout on the adapter's input while training.").between(0, 1),
+      integer("r", 16, "LoRA rank.").at_least(1).at_most(65536).known_as({"lora_r", "rank", "lora_rank"}),
+      real   ("alpha", 32, "LoRA scale numerator: scale = alpha / r (alpha / sqrt(r) with use_rslora).").known_as({"lora_alpha"}),
+      real   ("dropout", 0.05, "Dropout on the adapter's input while training.").between(0, 1).known_as({"lora_dropout"}),
       flag   ("use_rslora", false, "Rank-stabilized LoRA: scale by alpha / sqrt(r)."),
       choice ("compute_dtype", "model", {"model", "float32"}, "LoRA forward math in the base model's dtype (16-bit GEMMs on GPU; weights stay float32), or float32 as PEFT does."),
     }}};

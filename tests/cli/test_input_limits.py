@@ -95,6 +95,12 @@ def main():
           r.returncode == 2 and '"' + "x" * 200 + '..." (5000 bytes in all)' in r.stderr
           and "x" * 201 not in r.stderr, show(r))
 
+    # train.max_steps = 0 once ran every step silently: now refused before anything is written.
+    run_dir = work / "zero_steps"
+    r = run(["run", "train.max_steps=0", f"output.dir={run_dir}"])
+    check("run: train.max_steps=0 is refused naming the override, nothing written",
+          r.returncode != 0 and "<override 1: train.max_steps=0>: [train] max_steps = 0 would run no optimizer step"
+          in r.stderr and not run_dir.exists(), show(r))
     return check.finish()
 
 

@@ -160,9 +160,24 @@ std::string sections_list(const Schema& schema) {
   return comma_list(names);
 }
 
+// What another tool's name for a setting is in peftfw ("'lr' in [train]"), or "".
+std::string alias_hint(const Schema& schema, const SectionSpec* section, std::string_view key) {
+  std::vector<std::string> here, elsewhere;
+  for (const SectionSpec& s : schema.sections)
+    for (const KeySpec& k : s.keys)
+      if (std::find(k.aliases.begin(), k.aliases.end(), key) != k.aliases.end())
+        (&s == section ? here : elsewhere).push_back(single_quoted(k.name) + (&s == section ? "" : " in " + section_label(s.name)));
+  std::vector<std::string> all = here;
+  all.insert(all.end(), elsewhere.begin(), elsewhere.end());
+  if (all.empty()) return "";
+  return "peftfw calls it " + or_list(all);
+}
+
 // A key not declared in `section`: say where it belongs, or what was meant.
 std::string unknown_key_message(const Schema& schema, const SectionSpec& section,
                                 std::string_view key) {
+  if (const std::string hint = alias_hint(schema, &section, key); !hint.empty())
+    return "unknown key " + single_quoted(key) + " in " + section_label(section.name) + "; " + hint;
   std::vector<std::string> homes;
   for (const SectionSpec& s : schema.sections) {
     if (&s != &section && s.find(key)) homes.push_back(section_label(s.name));
@@ -217,6 +232,7 @@ std::string unknown_top_level_message(const Schema& schema, std::string_view key
     return single_quoted(key) + " is not a top-level key; it belongs in " + or_list(homes);
   }
   const std::string head = "unknown top-level key " + single_quoted(key);
+  if (const std::string hint = alias_hint(schema, nullptr, key); !hint.empty()) return head + "; " + hint;
   if (within_distance(key, kExtendsKey, typo_budget(key))) {
     return head + "; did you mean " + single_quoted(kExtendsKey) + "?";
   }

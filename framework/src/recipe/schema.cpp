@@ -96,6 +96,11 @@ KeySpec KeySpec::at_most(double hi) && {
   return std::move(*this);
 }
 
+KeySpec KeySpec::known_as(std::vector<std::string> names) && {
+  aliases = std::move(names);
+  return std::move(*this);
+}
+
 KeySpec KeySpec::between(double lo, double hi) && {
   min = lo;
   max = hi;
@@ -215,7 +220,7 @@ Schema make_builtin_schema() {
       table  ("config_inline", "The model config written inline (the fields of config.json), for init = \"random\"."),
       choice ("init", "checkpoint", {"checkpoint", "random"}, "\"checkpoint\" loads the weights in path; \"random\" initializes them from seed."),
       integer("seed", 0, "Seed of random initialization (init = \"random\").").at_least(0),
-      choice ("dtype", "float32", kDtypes, "Dtype of the base model's weights and compute."),
+      choice ("dtype", "float32", kDtypes, "Dtype of the base model's weights and compute.").known_as({"torch_dtype", "bf16", "fp16"}),
       text   ("architecture", "auto", "Architecture plugin; \"auto\" picks it by the config's model_type."),
       choice ("device", "auto", {"auto", "cpu", "cuda"}, "Where to run; \"auto\" is CUDA when available, else the CPU."),
     }},
@@ -241,7 +246,7 @@ Schema make_builtin_schema() {
       text   ("template_string", kUnset, "A custom prompt template, used instead of template when set."),
       choice ("synth_task", "none", {"none", "classification", "mapping", "rules"}, "Generate a synthetic task instead of reading path; \"none\" reads path."),
       integer("synth_n", 512, "Number of synthetic examples.").at_least(1).at_most(1000000),
-      integer("max_length", 1280, "Maximum sequence length in tokens.").at_least(1).at_most(1048576),
+      integer("max_length", 1280, "Maximum sequence length in tokens.").at_least(1).at_most(1048576).known_as({"max_seq_length", "sequence_len", "cutoff_len"}),
       flag   ("packing", false, "Pack several examples into each max_length sequence."),
       choice ("loss_on", "all", {"all", "response"}, "Tokens that count in the loss: all, or the response only."),
       real   ("eval_fraction", 0.1, "Fraction of examples held out for evaluation.").between(0, 1),
@@ -250,32 +255,32 @@ Schema make_builtin_schema() {
       text   ("tokenizer", "auto", "\"auto\" is the model's tokenizer.json; \"byte\" is a byte-level tokenizer."),
     }},
     {"train", "Optimization: length, batches, learning rate, checkpoints and logging.", {
-      real   ("epochs", 3, "Passes over the training data (fractions allowed).").at_least(0),
-      integer("max_steps", -1, "Stop after this many optimizer steps; -1 = run all epochs.").at_least(-1),
-      integer("batch_size", 32, "Examples per optimizer step.").at_least(1).at_most(1048576),
-      integer("micro_batch_size", 0, "Examples per forward/backward pass (gradient accumulation); 0 = batch_size.").at_least(0).at_most(1048576),
-      real   ("lr", 2e-4, "Peak learning rate.").at_least(0),
+      real   ("epochs", 3, "Passes over the training data (fractions allowed).").at_least(0).known_as({"num_train_epochs", "num_epochs"}),
+      integer("max_steps", -1, "Stop after this many optimizer steps; -1 = run all epochs (0 is refused: it would train nothing).").at_least(-1),
+      integer("batch_size", 32, "Examples per optimizer step.").at_least(1).at_most(1048576).known_as({"total_batch_size", "global_batch_size"}),
+      integer("micro_batch_size", 0, "Examples per forward/backward pass (gradient accumulation); 0 = batch_size.").at_least(0).at_most(1048576).known_as({"per_device_train_batch_size", "gradient_accumulation_steps", "gradient_accumulation"}),
+      real   ("lr", 2e-4, "Peak learning rate.").at_least(0).known_as({"learning_rate"}),
       real   ("weight_decay", 0.0, "AdamW weight decay.").at_least(0),
       real   ("warmup_ratio", 0.06, "Warmup as a fraction of all steps; used when warmup_steps = 0.").between(0, 1),
       integer("warmup_steps", 0, "Warmup in steps; replaces warmup_ratio when > 0.").at_least(0),
-      choice ("schedule", "cosine", {"cosine", "linear", "constant"}, "Learning-rate decay after warmup."),
+      choice ("schedule", "cosine", {"cosine", "linear", "constant"}, "Learning-rate decay after warmup.").known_as({"lr_scheduler_type", "lr_scheduler"}),
       real   ("max_grad_norm", 1.0, "Clip the global gradient norm to this; 0 = no clipping.").at_least(0),
       real   ("adam_beta1", 0.9, "AdamW beta1.").between(0, 1),
       real   ("adam_beta2", 0.999, "AdamW beta2.").between(0, 1),
       real   ("adam_eps", 1e-8, "AdamW epsilon.").at_least(0),
       integer("seed", 42, "Seed of data order and dropout.").at_least(0),
-      flag   ("grad_checkpointing", false, "Recompute activations in backward to save memory."),
+      flag   ("grad_checkpointing", false, "Recompute activations in backward to save memory.").known_as({"gradient_checkpointing", "activation_checkpointing", "enable_activation_checkpointing"}),
       choice ("checkpoint_keep", "none", {"none", "narrow_projections"}, "With grad_checkpointing: \"narrow_projections\" keeps the outputs of frozen projections at most half as wide as their input (Mamba out_proj, the MLP's output_linear, GQA k/v_proj) for the backward's rerun, which then skips about a third of its matrix work, for 2 bytes (bf16) per output feature per token."),
       real   ("checkpoint_keep_wide_gib", 0.0, "With checkpoint_keep = \"narrow_projections\": also keep the outputs of the other frozen projections (Mamba in_proj, the MLP's input_linear, q/o_proj) from the first run, first come first kept, while they hold at most this many GiB; each one kept spares its GEMM in the rerun (about 2.8 ms per GiB on an H100).").between(0, 1024),
-      integer("eval_every", 50, "Evaluate every this many steps; 0 = only at the end.").at_least(0),
-      integer("save_every", 100, "Save a checkpoint every this many steps; 0 = only at the end.").at_least(0),
+      integer("eval_every", 50, "Evaluate every this many steps; 0 = only at the end.").at_least(0).known_as({"eval_steps"}),
+      integer("save_every", 100, "Save a checkpoint every this many steps; 0 = only at the end.").at_least(0).known_as({"save_steps"}),
       integer("keep_last", 3, "Checkpoints kept; 0 = all.").at_least(0),
-      integer("log_every", 10, "Log every this many steps.").at_least(1),
+      integer("log_every", 10, "Log every this many steps.").at_least(1).known_as({"logging_steps", "log_every_n_steps"}),
       choice ("resume", "auto", {"auto", "never"}, "\"auto\" continues from the newest checkpoint in output.dir; \"never\" starts fresh."),
       flag   ("load_best", true, "At the end, restore the trainable tensors (adapter and SSM together) from the step with the lowest eval loss."),
     }},
     {"output", "The run folder and the exports written into it.", {
-      text   ("dir", "runs/default", "Run folder (logs, checkpoints, resolved recipe, exports); a relative path is relative to the working directory, like HF's output_dir."),
+      text   ("dir", "runs/default", "Run folder (logs, checkpoints, resolved recipe, exports); a relative path is relative to the working directory, like HF's output_dir.").known_as({"output_dir"}),
       strings("formats", Strings{"peft"}, "Exports, by output plugin name (\"peft\": adapter_model.safetensors + adapter_config.json)."),
       flag   ("overwrite", false, "Start over in an existing run folder: clears what peftfw made there, and refuses a folder holding anything else."),
       with_choices(strings("gguf_types", Strings{"f16"}, "With the \"gguf\" format: one llama.cpp file per type, gguf/model-<type>.gguf (norms and SSM tensors stay f32)."),
@@ -310,7 +315,13 @@ std::string pad(std::string s, std::size_t width) {
 
 std::string describe_doc(const KeySpec& key) {
   const std::string c = describe_constraints(key);
-  return c.empty() ? key.doc : key.doc + " (" + c + ")";
+  std::string out = c.empty() ? key.doc : key.doc + " (" + c + ")";
+  if (!key.aliases.empty()) {
+    out += " Elsewhere: ";
+    for (std::size_t i = 0; i < key.aliases.size(); ++i) out += (i ? ", " : "") + key.aliases[i];
+    out += ".";
+  }
+  return out;
 }
 
 std::string markdown_cell(const std::string& s) {

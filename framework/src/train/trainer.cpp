@@ -387,6 +387,12 @@ TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
   std::optional<AdapterRequest> request;
   std::optional<AdapterPlan> plan;
   problems.check([&] { source = model_source_from_recipe(r); });
+  if (r.get_int("train", "max_steps") == 0)
+    problems.check([&] {
+      throw InputError(r.where("train", "max_steps").value_or("[train]") +
+                       ": [train] max_steps = 0 would run no optimizer step; set -1 to train for [train] "
+                       "epochs, or the number of steps to run");
+    });
   std::string config_path;
   if (source) {
     problems.check([&] {

@@ -50,12 +50,16 @@ struct KeySpec {
   std::vector<std::string> choices;
   std::optional<double> min;  // inclusive bounds for kInteger and kFloat
   std::optional<double> max;
+  // What other tools call this setting (HF TrainingArguments, PEFT, TRL, axolotl): a recipe that
+  // uses one of these names gets told the peftfw key, in whatever section it wrote it.
+  std::vector<std::string> aliases;
 
   // Chainable constraints so a declaration stays one line:
   //   integer("r", 16, "LoRA rank.").at_least(1)
   KeySpec at_least(double lo) &&;
   KeySpec at_most(double hi) &&;
   KeySpec between(double lo, double hi) &&;
+  KeySpec known_as(std::vector<std::string> names) &&;
 };
 
 struct SectionSpec {
