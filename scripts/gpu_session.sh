@@ -2,10 +2,12 @@
 # One device call's worth of GPU work, logs under $OUT (or ./gpu_session): build, the GPU
 # tests, compute-sanitizer on the newest kernels, the kernel bench and the end-to-end bench.
 # Stages can be picked:
-#   scripts/gpu_session.sh [build] [test] [sanitize] [kernels] [ktrace] [ncu] [e2e] [profile]
+#   scripts/gpu_session.sh [build] [test] [sanitize] [kernels] [ktrace] [ncu] [e2e] [profile] [mamba1]
 # (default: build test sanitize kernels e2e; ktrace: a Kineto trace of one SSD forward+backward
 # at 32x1280 and 1x4096, summarised per kernel; ncu: Nsight Compute's throughput, occupancy and
-# warp-stall sections for the four per-chunk SSD kernels at 32x1280).
+# warp-stall sections for the four per-chunk SSD kernels at 32x1280; mamba1: the Mamba-1 selective
+# scan bench at the 2.8B dims and the mamba-2.8b-shape training run, each beside the Python stack's
+# (mamba_ssm's selective_scan_cuda built by scripts/baseline_mamba1.sh from a carried .baseline/).
 # Device time is scarce (a cold build takes ~2.5 min); the whole list fits one 10-minute call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +74,20 @@ for s in "${stages[@]}"; do
         > "$out/profile_run.log" 2>&1
       python3 bench/profile_summary.py /tmp/trace.json > "$out/profile.txt" 2>&1
       head -40 "$out/profile.txt" | tee -a "$out/session.log" ;;
+    mamba1)
+      stamp mamba1
+      (timeout 400 bash scripts/baseline_mamba1.sh > "$out/baseline_build.log" 2>&1) &
+      bl=$!
+      PEFTFW_BENCH_SHAPES=1x4096 PEFTFW_BENCH_SCAN_SHAPES=8x2048,1x8192 "$bin/peftfw_bench_kernels" \
+        "$out/scan.json" > "$out/scan.log" 2>&1
+      grep -i scan "$out/scan.log" | tee -a "$out/session.log"
+      python3 bench/e2e_gpu.py --peftfw "$bin/peftfw" --recipe recipes/bench/mamba_2p8b_e2e.toml --shapes 8x2048 \
+        --params 2768345600 --steps 7 --out /tmp/e2e_mamba1 > "$out/e2e_mamba1.log" 2>&1
+      tail -n 4 "$out/e2e_mamba1.log" | tee -a "$out/session.log"
+      wait $bl
+      tail -n 2 "$out/baseline_build.log" | tee -a "$out/session.log"
+      python3 bench/mamba1_baseline.py scan 2>/dev/null | tee "$out/baseline_scan.json" | tee -a "$out/session.log"
+      python3 bench/mamba1_baseline.py e2e 2>/dev/null | tee "$out/baseline_e2e.json" | tee -a "$out/session.log" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -1,7 +1,11 @@
-// Device helpers and the thread layout shared by the selective scan's kernels (scan_fwd.cu,
+// Device helpers and the thread layouts shared by the selective scan's kernels (scan_fwd.cu,
 // scan_bwd.cu).
 //
-// Layout: S consecutive lanes share one channel (b, d); lane s holds the NS states
+// Two sets of kernels: the fast path for N <= kFastMaxState (16), described at its helpers
+// below and in scan_fwd.cu / scan_bwd.cu, and the general one (any N <= kScanMaxState) here.
+// Both write and read chunk_states alike and share the segment combine kernels.
+//
+// General layout: S consecutive lanes share one channel (b, d); lane s holds the NS states
 // n = s*NS .. s*NS+NS-1 in registers (states past N are padding: A = B = C = 0, so they stay 0).
 // A block of 512/NS threads covers CB = threads/S channels of one batch row and one segment
 // of the sequence (blockIdx = (channel tile, segment, batch)); each thread walks its segment
@@ -21,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "../../common/cuda/element.cuh"
@@ -83,8 +88,87 @@ struct Args {
   float* ws_sum;  // [B,P,D]: per-segment sum of dt, or -1 where the state resets inside
 };
 
-// Fills the sizes and segment split (scan_fwd.cu); false where the kernels do not take them.
-bool make_args(const ScanProblem& p, Args* a);
+// Fills the sizes and segment split of the forward (bwd = false) or the backward (scan_fwd.cu);
+// false where the kernels do not take the sizes.
+bool make_args(const ScanProblem& p, Args* a, bool bwd);
+
+// ---- fast path (N <= kFastMaxState) ----------------------------------------------------
+// Layout: one block covers kFastCh consecutive channels of one batch row and one segment.
+// Forward (scan_fwd.cu): one thread per channel holding all 16 (padded) states in registers;
+// B, C of a tile of tokens are staged in shared memory (broadcast reads) and the next tile's
+// inputs are prefetched into registers. Backward (scan_bwd.cu): two threads per channel
+// (8 states each), see there. Padded states (n >= N) have B = C = 0 and a positive nA2, so
+// they stay 0. A reset (seq_ids change) is applied as an exponent of kResetX: exp2 of
+// kResetX * nA2 is 0 for every nA2 >= kMinNA2.
+constexpr int kFastMaxState = 16;
+constexpr int kFastCh = 64;
+constexpr float kResetX = -1e33f;
+constexpr float kMinNA2 = 1e-30f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+inline bool fast_path(int64_t N) { return N <= kFastMaxState; }
+
+// Segments for the fast kernels: the split (whole chunks per segment) that minimises a simple
+// cost model: chunks walked by the most loaded SM, slowed where too few blocks share an SM
+// (sat: blocks per SM that keep it busy), plus the extra pass segments need (extra: its cost
+// relative to the main pass).
+inline int64_t fast_segments(int64_t batch, int64_t seqlen, int64_t dim, bool bwd) {
+  const int64_t nc = scan_chunks(seqlen);
+  const double sm = static_cast<double>(sm_count());
+  const double units = static_cast<double>(batch) * static_cast<double>((dim + kFastCh - 1) / kFastCh);
+  const double sat = bwd ? 2.0 : 5.0;
+  const double extra = bwd ? 0.25 : 0.85;
+  int64_t best = 1;
+  double best_cost = 1e300;
+  const int64_t pmax = std::min<int64_t>(nc, kMaxSegments);
+  for (int64_t P = 1; P <= pmax; ++P) {
+    const int64_t per = (nc + P - 1) / P;
+    if ((nc + per - 1) / per != P) continue;  // not an exact split into P segments
+    const double blocks = units * static_cast<double>(P);
+    const double per_sm = std::ceil(blocks / sm);
+    const double busy = std::min(1.0, blocks / (sm * sat));
+    const double cost = per_sm * static_cast<double>(per) / busy * (P > 1 ? 1.0 + extra : 1.0);
+    if (cost < best_cost * 0.999) {
+      best_cost = cost;
+      best = P;
+    }
+  }
+  return best;
+}
+
+// -A * log2(e) = exp(A_log) * log2(e), at least kMinNA2.
+__device__ __forceinline__ float neg_a2(float A_log) { return fmaxf(__expf(A_log) * kLog2e, kMinNA2); }
+
+// Raw element storage of T (loaded into registers without converting, so that a prefetch does
+// not wait for its data) and its conversion to float.
+template <typename T>
+struct Raw;
+template <>
+struct Raw<float> {
+  using type = float;
+  static __device__ __forceinline__ float f(float v) { return v; }
+};
+template <>
+struct Raw<__half> {
+  using type = unsigned short;
+  static __device__ __forceinline__ float f(unsigned short v) { return __half2float(__ushort_as_half(v)); }
+};
+template <>
+struct Raw<__nv_bfloat16> {
+  using type = unsigned short;
+  static __device__ __forceinline__ float f(unsigned short v) { return __uint_as_float(static_cast<unsigned>(v) << 16); }
+};
+template <typename T>
+__device__ __forceinline__ const typename Raw<T>::type* raw_ptr(const void* p) {
+  return static_cast<const typename Raw<T>::type*>(p);
+}
+
+__device__ __forceinline__ void cp_async4(float* smem, const float* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
@@ -159,26 +243,6 @@ __device__ __forceinline__ int first_token(int s) {
 template <int L, int S>
 __device__ __forceinline__ bool writes_tokens(int s) {
   return L >= S ? true : (s % (S / L)) == 0;
-}
-
-// Token ownership: the lane that ends up with a token's sum after sum_over_states<L,S> also
-// computes that token's per-channel scalars (dt, the gate, ...) and shares the ones every lane
-// needs with bcast_token: lane s owns tokens first_token<L,S>(s) + q, q < kept<L,S>().
-// The value of token j (a compile-time constant once the caller's loop is unrolled) from its
-// owner's mine[]: every lane of the warp must call it.
-template <int L, int S, int K>
-__device__ __forceinline__ float bcast_token(const float (&mine)[K], int j, int lane) {
-  const int owner = L >= S ? j / K : j * (S / L);
-  const int q = L >= S ? j % K : 0;
-  return __shfl_sync(0xffffffffu, mine[q], (lane & ~(S - 1)) + owner);
-}
-
-// Sum over the S lanes of a channel, every lane getting it.
-template <int S>
-__device__ __forceinline__ float channel_sum(float v) {
-#pragma unroll
-  for (int off = S / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
 }
 
 }  // namespace scan_detail
