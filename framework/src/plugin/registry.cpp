@@ -198,7 +198,6 @@ bool PluginRegistry::load_file(const fs::path& file) {
 // built-in "none"), or a recipe key or section that the built-in schema or a loaded plugin
 // already declares. nullopt when it can.
 std::optional<std::string> PluginRegistry::adapter_clash(const AdapterPlugin& adapter) const {
-  std::vector<std::string> methods;
   for (const auto& m : adapter.methods()) {
     if (m.name.empty()) return "it declares a method with an empty name";
     if (m.name == kNoAdapter) return "method '" + m.name + "' is built in (no adapter)";
@@ -211,7 +210,7 @@ std::optional<std::string> PluginRegistry::adapter_clash(const AdapterPlugin& ad
     const recipe::SectionSpec* existing = schema.find_section(section.name);
     if (existing && section.name != "adapter")
       return "its recipe section [" + section.name + "] is already declared";
-    if (section.name == "adapter")
+    if (existing && section.name == "adapter")
       for (const auto& key : section.keys)
         if (existing->find(key.name))
           return "its recipe key [adapter] " + key.name + " is already declared";
