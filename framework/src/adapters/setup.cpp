@@ -14,6 +14,13 @@
 
 namespace peftfw {
 
+namespace {
+// A plugin key's name in AdapterSpec::options: [adapter] keys by their own name, others "section.key".
+std::string option_name(const recipe::SectionSpec& section, const recipe::KeySpec& key) {
+  return section.name == "adapter" ? key.name : section.name + "." + key.name;
+}
+}  // namespace
+
 AdapterRequest adapter_request_from_recipe(const recipe::Recipe& r) {
   AdapterRequest req;
   req.spec.method = r.get_string("adapter", "method");
@@ -23,8 +30,7 @@ AdapterRequest adapter_request_from_recipe(const recipe::Recipe& r) {
     for (const auto& section : plugin->recipe_sections())
       for (const auto& key : section.keys)
         if (r.has_value(section.name, key.name))
-          req.spec.options[section.name == "adapter" ? key.name : section.name + "." + key.name] =
-              r.get_value(section.name, key.name);
+          req.spec.options[option_name(section, key)] = r.get_value(section.name, key.name);
   }
   if (r.has_value("adapter", "target_modules"))
     req.targets.target_modules = r.get_pattern("adapter", "target_modules");
@@ -44,7 +50,7 @@ AdapterSpec adapter_spec(const std::string& method, const std::map<std::string, 
   if (method != kNoAdapter)
     for (const auto& section : PluginRegistry::instance().adapter_for_method(method)->recipe_sections())
       for (const auto& key : section.keys) {
-        const auto name = section.name == "adapter" ? key.name : section.name + "." + key.name;
+        const auto name = option_name(section, key);
         declared[name] = key.type;
         if (key.default_value) spec.options[name] = *key.default_value;
       }
