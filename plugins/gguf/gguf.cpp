@@ -137,6 +137,7 @@ class GgufFormat final : public PersistencePlugin {
   std::string id() const override { return "gguf"; }
 
   void preflight(const fs::path& base_model_dir) const override { require_tokenizer(base_model_dir); }
+  void check_method(const AdapterMethod& method) const override { refuse_if_weights_cannot_hold(method, id()); }
 
   void save(const SaveRequest& req, const fs::path& dir) const override {
     TORCH_CHECK(req.model, "gguf save needs a model");

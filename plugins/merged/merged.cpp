@@ -10,6 +10,7 @@
 #include "peftfw/io/tensor_bridge.hpp"
 #include "peftfw/model/causal_lm.hpp"
 #include "peftfw/model/merge.hpp"
+#include "peftfw/plugin/adapter.hpp"
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registrar.hpp"
 
@@ -21,6 +22,8 @@ namespace {
 class MergedFormat final : public PersistencePlugin {
  public:
   std::string id() const override { return "merged"; }
+
+  void check_method(const AdapterMethod& method) const override { refuse_if_weights_cannot_hold(method, id()); }
 
   void save(const SaveRequest& req, const fs::path& dir) const override {
     TORCH_CHECK(req.model, "merged save needs a model");

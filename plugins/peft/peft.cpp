@@ -19,6 +19,7 @@
 #include "peftfw/model/causal_lm.hpp"
 #include "peftfw/model/fingerprint.hpp"
 #include "peftfw/model/loader.hpp"
+#include "peftfw/adapters/setup.hpp"
 #include "peftfw/plugin/adapter.hpp"
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registrar.hpp"
@@ -34,6 +35,31 @@ constexpr const char* kAdapterFile = "adapter_model.safetensors";
 constexpr const char* kConfigFile = "adapter_config.json";
 constexpr const char* kSsmFile = "ssm_core_params.safetensors";
 constexpr const char* kManifestFile = "peftfw_manifest.json";
+// The tensors a method adds outside adapted modules (a learned state, a sparse delta), under their
+// full names; the manifest's method_options rebuild the method that reads them.
+constexpr const char* kMethodFile = "method_tensors.safetensors";
+// The method's warm-up result (AdapterSpec::state), for [adapter] init_from.
+constexpr const char* kMethodStateFile = "method_state.safetensors";
+
+nlohmann::ordered_json to_json(const recipe::Value& v) {
+  return std::visit([](const auto& x) { return nlohmann::ordered_json(x); }, v);
+}
+
+recipe::Value from_json(const nlohmann::json& j, const std::string& where) {
+  if (j.is_boolean()) return j.get<bool>();
+  if (j.is_number_integer()) return j.get<std::int64_t>();
+  if (j.is_number()) return j.get<double>();
+  if (j.is_string()) return j.get<std::string>();
+  if (j.is_array()) {
+    std::vector<std::string> out;
+    for (const auto& e : j) {
+      if (!e.is_string()) throw InputError(where + ": expected a list of strings, found " + j.dump());
+      out.push_back(e.get<std::string>());
+    }
+    return out;
+  }
+  throw InputError(where + ": expected a boolean, number, string or list of strings, found " + j.dump());
+}
 
 bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
@@ -123,7 +149,12 @@ class PeftFormat final : public PersistencePlugin {
     TORCH_CHECK(req.model && req.adapter, "peft save needs a model and an adapter spec");
     auto& model = *req.model;
     const auto& spec = *req.adapter;
-    if (spec.method != "lora" && spec.method != "dora" && !req.adapted_modules.empty())
+    // The LoRA-style spec of the module adapters: the method's own, or the one it wraps modules with.
+    std::optional<AdapterSpec> wrapped;
+    if (spec.method != "lora" && spec.method != "dora" && spec.method != kNoAdapter)
+      wrapped = PluginRegistry::instance().adapter_for_method(spec.method)->module_adapter_spec(spec);
+    const AdapterSpec& lspec = wrapped ? *wrapped : spec;
+    if (lspec.method != "lora" && lspec.method != "dora" && !req.adapted_modules.empty())
       throw InputError("format 'peft' stores LoRA/DoRA adapters; method '" + spec.method +
                        "' has none (use format 'merged')");
     auto params = model.named_parameters();
@@ -139,9 +170,16 @@ class PeftFormat final : public PersistencePlugin {
       if (!p) throw RuntimeError("SSM tensor '" + name + "' is not a parameter of the model");
       ssm_tensors[name] = p->detach().to(torch::kFloat32);
     }
+    std::map<std::string, torch::Tensor> method_tensors, method_state;
+    std::vector<std::string> method_names;
+    for (const auto& [name, t] : req.method_tensors) {
+      method_tensors[name] = t.detach().to(torch::kCPU, torch::kFloat32).contiguous();
+      method_names.push_back(name);
+    }
+    for (const auto& [name, t] : req.method_state) method_state[name] = t.detach().to(torch::kCPU, torch::kFloat32).contiguous();
 
     // Another method (SSM tensors only): PEFT's LoraConfig defaults around an empty adapter.
-    const bool lora_like = spec.method == "lora" || spec.method == "dora";
+    const bool lora_like = lspec.method == "lora" || lspec.method == "dora";
     nlohmann::ordered_json cfg;  // only keys PEFT >= 0.13 accepts
     cfg["alpha_pattern"] = nlohmann::json::object();
     cfg["auto_mapping"] = nullptr;
@@ -155,19 +193,19 @@ class PeftFormat final : public PersistencePlugin {
     cfg["layers_pattern"] = nullptr;
     cfg["layers_to_transform"] = nullptr;
     cfg["loftq_config"] = nlohmann::json::object();
-    cfg["lora_alpha"] = lora_like ? spec.real("alpha") : 8.0;
-    cfg["lora_dropout"] = lora_like ? spec.real("dropout") : 0.0;
+    cfg["lora_alpha"] = lora_like ? lspec.real("alpha") : 8.0;
+    cfg["lora_dropout"] = lora_like ? lspec.real("dropout") : 0.0;
     cfg["megatron_config"] = nullptr;
     cfg["megatron_core"] = "megatron.core";
     cfg["modules_to_save"] = nullptr;
     cfg["peft_type"] = "LORA";
-    cfg["r"] = lora_like ? spec.integer("r") : int64_t{8};
+    cfg["r"] = lora_like ? lspec.integer("r") : int64_t{8};
     cfg["rank_pattern"] = nlohmann::json::object();
     cfg["revision"] = nullptr;
     cfg["target_modules"] = target_modules_for(model, req.adapted_modules);
     cfg["task_type"] = "CAUSAL_LM";
-    cfg["use_dora"] = spec.method == "dora";
-    cfg["use_rslora"] = lora_like && spec.flag("use_rslora");
+    cfg["use_dora"] = lspec.method == "dora";
+    cfg["use_rslora"] = lora_like && lspec.flag("use_rslora");
 
     nlohmann::ordered_json manifest;
     manifest["format"] = "peftfw-adapter";
@@ -176,6 +214,13 @@ class PeftFormat final : public PersistencePlugin {
     manifest["adapted_modules"] = req.adapted_modules;
     manifest["ssm_tensors"] = req.ssm_tensors;
     manifest["ssm_file"] = req.ssm_tensors.empty() ? nlohmann::json(nullptr) : nlohmann::json(kSsmFile);
+    // The method's settings, so that a reader rebuilds it (the method's own tensors need them).
+    nlohmann::ordered_json options = nlohmann::ordered_json::object();
+    for (const auto& [key, value] : spec.options) options[key] = to_json(value);
+    manifest["method_options"] = options;
+    manifest["method_tensors"] = method_names;
+    manifest["method_file"] = method_names.empty() ? nlohmann::json(nullptr) : nlohmann::json(kMethodFile);
+    manifest["method_state_file"] = method_state.empty() ? nlohmann::json(nullptr) : nlohmann::json(kMethodStateFile);
     // The base's fingerprint (peftfw forward/eval/verify-ssm compare it with the base they are
     // given): from the trainer when it sets one, else from the source checkpoint folder.
     std::optional<BaseFingerprint> base = req.base_fingerprint;
@@ -188,9 +233,14 @@ class PeftFormat final : public PersistencePlugin {
                            ? nlohmann::ordered_json(base_manifest_entry(*base, req.base_model_name))
                            : nlohmann::ordered_json(nullptr);
     manifest["note"] =
-        "adapter_model.safetensors + adapter_config.json load with PEFT; the co-trained SSM core "
-        "tensors are in ssm_core_params.safetensors under their checkpoint names (PEFT does not "
-        "save them): load them into the base model too, or use the 'merged' format.";
+        method_names.empty()
+            ? "adapter_model.safetensors + adapter_config.json load with PEFT; the co-trained SSM core "
+              "tensors are in ssm_core_params.safetensors under their checkpoint names (PEFT does not "
+              "save them): load them into the base model too, or use the 'merged' format."
+            : "method '" + spec.method + "' keeps its own tensors in method_tensors.safetensors (settings in "
+              "method_options), which PEFT cannot read: peftfw forward/eval/generate and [adapter] init_from "
+              "load this folder whole. adapter_model.safetensors + adapter_config.json hold only its LoRA "
+              "part, if any, for PEFT.";
 
     if (auto refusal = peft_refusal(req)) {
       // The folder is still complete and valid; say who cannot read it, and what can.
@@ -207,6 +257,12 @@ class PeftFormat final : public PersistencePlugin {
       if (!ssm_tensors.empty())
         io::save_tensors((tmp / kSsmFile).string(), ssm_tensors,
                          {{"format", "pt"}, {"producer", "peftfw"}});
+      if (!method_tensors.empty())
+        io::save_tensors((tmp / kMethodFile).string(), method_tensors,
+                         {{"format", "pt"}, {"producer", "peftfw"}, {"method", spec.method}});
+      if (!method_state.empty())
+        io::save_tensors((tmp / kMethodStateFile).string(), method_state,
+                         {{"format", "pt"}, {"producer", "peftfw"}, {"method", spec.method}});
       io::write_file_atomic((tmp / kConfigFile).string(), cfg.dump(2) + "\n");
       io::write_file_atomic((tmp / kManifestFile).string(), manifest.dump(2) + "\n");
     });
@@ -225,6 +281,34 @@ class PeftFormat final : public PersistencePlugin {
     spec.options["use_rslora"] = parsed.use_rslora;
     spec.options["dropout"] = 0.0;  // inference
     spec.options["compute_dtype"] = std::string("model");
+    // A peftfw folder names its method and settings in the manifest: a method other than LoRA/DoRA
+    // (its own tensors in method_tensors.safetensors) is rebuilt from them.
+    std::vector<std::string> method_tensor_names;
+    const auto manifest_path = dir / kManifestFile;
+    if (fs::exists(manifest_path)) {
+      nlohmann::json manifest;
+      try {
+        manifest = nlohmann::json::parse(io::read_text_file(manifest_path.string()));
+      } catch (const nlohmann::json::exception& e) {
+        throw InputError(manifest_path.string() + ": not valid JSON (" + e.what() + ")");
+      }
+      if (manifest.contains("method_options") && manifest.contains("method") && manifest["method"].is_string() &&
+          manifest["method"].get<std::string>() != parsed.method) {
+        const auto method = manifest["method"].get<std::string>();
+        std::map<std::string, recipe::Value> values;
+        for (const auto& [key, value] : manifest["method_options"].items())
+          values[key] = from_json(value, manifest_path.string() + ": method_options." + key);
+        try {
+          spec = adapter_spec(method, values);
+        } catch (const InputError& e) {
+          throw InputError(manifest_path.string() + ": the adapter's method '" + method +
+                           "' cannot be rebuilt here: " + e.what());
+        }
+      }
+      if (manifest.contains("method_tensors") && manifest["method_tensors"].is_array())
+        for (const auto& n : manifest["method_tensors"])
+          if (n.is_string()) method_tensor_names.push_back(n.get<std::string>());
+    }
 
     const auto file = dir / kAdapterFile;
     if (!fs::exists(file))
@@ -258,6 +342,7 @@ class PeftFormat final : public PersistencePlugin {
     check_target_modules(cfg.raw(), cfg_path.string(), modules, file.string());
     std::vector<std::string> module_list(modules.begin(), modules.end());
     auto adapter = PluginRegistry::instance().adapter_for_method(spec.method);
+    spec.for_loading = true;
     adapter->apply(model, spec, module_list);
 
     torch::NoGradGuard no_grad;
@@ -300,6 +385,35 @@ class PeftFormat final : public PersistencePlugin {
     LoadedAdapter out;
     out.method = spec.method;
     out.modules = module_list;
+    if (!method_tensor_names.empty()) {
+      const auto method_file = dir / kMethodFile;
+      if (!fs::exists(method_file))
+        throw InputError(dir.string() + ": the manifest lists " + std::to_string(method_tensor_names.size()) +
+                         " tensor(s) of method '" + spec.method + "' but " + kMethodFile + " is missing");
+      auto mt = io::Checkpoint::open(method_file.string());
+      const auto stored = mt.names();
+      const std::set<std::string> in_file(stored.begin(), stored.end());
+      for (const auto& name : method_tensor_names) {
+        auto* p = params.find(name);
+        if (!in_file.count(name)) {
+          problems.push_back(name + " (" + kMethodFile + "): listed in the manifest but not in the file");
+          continue;
+        }
+        if (!p) {
+          problems.push_back(name + " (" + kMethodFile + "): method '" + spec.method +
+                             "' has no such tensor on this model");
+          continue;
+        }
+        auto view = mt.view(name);
+        if (view.shape != p->sizes().vec()) {
+          problems.push_back(name + " (" + kMethodFile + "): expected " + io::shape_to_string(p->sizes().vec()) +
+                             ", found " + io::shape_to_string(view.shape));
+          continue;
+        }
+        if (auto value = checked(view, *p, method_file.string() + ": tensor '" + name + "'")) p->copy_(*value);
+        out.added_tensors.push_back(name);
+      }
+    }
     const auto ssm_file = dir / kSsmFile;
     if (fs::exists(ssm_file)) {
       auto ssm = io::Checkpoint::open(ssm_file.string());

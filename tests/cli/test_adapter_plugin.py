@@ -1,4 +1,4 @@
-"""End to end, the adapter plugin interface (ABI 2) with a method the framework has never heard
+"""End to end, the adapter plugin interface (ABI 3) with a method the framework has never heard
 of: tests/plugins/registry/ln_tuning.cpp (LayerNorm tuning, the worked example of
 docs/writing_plugins.md), built outside the tree and found through PEFTFW_PLUGIN_PATH.
 - `peftfw schema` shows its method and its own section [ln_tuning]; without the plugin that

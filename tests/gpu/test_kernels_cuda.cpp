@@ -10,6 +10,7 @@
 #include <fstream>
 
 #include "peftfw/adapters/setup.hpp"
+#include "peftfw/blocks/ssm_slots.hpp"
 #include "peftfw/kernels/lora_down.hpp"
 #include "peftfw/kernels/mamba2.hpp"
 #include "peftfw/kernels/ops.hpp"
@@ -531,6 +532,60 @@ TEST(ModelCuda, EveryFamilyForwardBackwardEqualsReferencePath) {
     std::printf("  %s: worst parameter gradient %s rel err %.2e over %zu tensors\n", family.c_str(),
                 worst_name.c_str(), worst, g_ref.size());
   }
+}
+
+// The SSM methods (plugins state_offset, initial_state and sdt) in a training step on the kernels:
+// loss and the gradients of the learned terms (set to random values) with the CUDA scans equal
+// the reference path, on packed rows (each sequence starts from the learned state, by linearity)
+// and one sequence per row (the scan kernels' own initial state), for Mamba-2 and Mamba-1 mixers.
+TEST(SsmMethodsCuda, TrainingStepWithKernelsEqualsReferencePath) {
+  const std::vector<std::pair<std::string, std::map<std::string, peftfw::recipe::Value>>> methods = {
+      {"state_offset", {{"state_offset.readout", std::string("state")}}},
+      {"state_offset", {{"state_offset.readout", std::string("output")}}},
+      {"initial_state", {{"initial_state.conv_window", true}}},
+      {"sdt", {{"sdt.channel_freeze", 0.75}, {"sdt.state_freeze", 0.5}, {"sdt.lora_dropout", 0.0}}}};
+  for (const std::string family : {"mamba2", "falcon_mamba", "jamba"})
+    for (const auto& [method, options] : methods) {
+      auto model = small_family_model(family);
+      peftfw::AdapterRequest req;
+      req.spec = peftfw::adapter_spec(method, options);
+      if (method == "sdt") {
+        // The real phase: a warm-up result (random deltas of A_log's shape), LoRA on out_proj and o_proj.
+        torch::manual_seed(4);
+        for (const auto& m : peftfw::blocks::named_ssm_mixers(*model)) {
+          auto own = m.module->named_parameters(false);
+          req.spec.state[m.name + ".warmup_delta_A_log"] = torch::randn(own.find("A_log")->sizes());
+        }
+        peftfw::recipe::TargetPattern targets;
+        targets.names = {"out_proj", "o_proj"};
+        req.targets.target_modules = targets;
+        req.targets.on_unmatched = "ignore";
+      }
+      auto applied = peftfw::apply_adapters(*model, req, peftfw::plan_adapters(model->inventory(), req));
+      ASSERT_FALSE(applied.added_tensors.empty());
+      {
+        torch::NoGradGuard ng;
+        torch::manual_seed(3);
+        auto params = model->named_parameters();
+        for (const auto& name : applied.added_tensors) params[name].copy_(torch::randn_like(params[name]) * 0.3);
+      }
+      const auto packed = packed_batch();
+      auto unpacked = packed_batch();
+      unpacked.seq_ids = Tensor();
+      for (const peftfw::ModelBatch* batch : {&packed, static_cast<const peftfw::ModelBatch*>(&unpacked)}) {
+        const char* what = batch->seq_ids.defined() ? "packed" : "one sequence per row";
+        auto [loss_ref, g_ref] = loss_and_grads(*model, *batch, true);
+        auto [loss_got, g_got] = loss_and_grads(*model, *batch, false);
+        std::printf("  %s %s %s: loss reference %.8f kernels %.8f\n", family.c_str(), method.c_str(), what,
+                    loss_ref, loss_got);
+        EXPECT_NEAR(loss_got, loss_ref, 1e-5 * std::abs(loss_ref)) << family << " " << method << " " << what;
+        for (const auto& name : applied.added_tensors) {
+          ASSERT_TRUE(g_ref.count(name) && g_got.count(name)) << name;
+          EXPECT_GT(g_ref.at(name).abs().max().item().toDouble(), 0) << name;
+          EXPECT_LE(rel(g_got.at(name), g_ref.at(name)), 2e-3) << family << " " << method << " " << what << " " << name;
+        }
+      }
+    }
 }
 
 // bf16: the mixer's float32 scan output meets a bf16 gate and weight in the gated norm

@@ -85,6 +85,15 @@ AdapterPlan plan_adapters(const ModelInventory& inv, const AdapterRequest& req) 
   AdapterPlan plan;
   std::vector<std::string> problems;  // targets and SSM groups are both reported
   bool targets_ok = true;
+  auto names_some = [](const std::optional<recipe::TargetPattern>& p) {
+    return p && (p->is_regex ? !p->regex.empty() : !p->names.empty());
+  };
+  if (!uses_targets(req.spec.method) && req.spec.method != kNoAdapter &&
+      (names_some(req.targets.target_modules) || names_some(req.targets.exclude_modules) ||
+       !req.targets.roles.empty()))
+    problems.push_back(req.targets.source + ": method '" + req.spec.method +
+                       "' does not wrap modules, so target_modules, exclude_modules and roles have no effect; "
+                       "remove them or set them to [] (or use a method that wraps the target modules)");
   if (uses_targets(req.spec.method)) {
     try {
       auto resolved = adapters::resolve_targets(inv, req.targets);
@@ -134,6 +143,7 @@ AdapterPlan plan_adapters(const ModelInventory& inv, const AdapterRequest& req) 
     rule.settings = plan.label.settings;
     rule.added_per_module = [&](const ModuleDesc& m) { return plugin->added_parameters(req.spec, m); };
     rule.base_params = plugin->trained_base_parameters(req.spec, inv);
+    rule.added_tensors = plugin->added_tensors(req.spec, inv);
   }
   plan.count = adapters::count_parameters(inv, plan.modules, rule, req.ssm_groups);
   if (req.spec.method != kNoAdapter || !req.ssm_groups.empty())

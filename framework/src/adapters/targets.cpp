@@ -812,6 +812,7 @@ ParameterCount count_parameters(const ModelInventory& inv, const std::vector<std
   const auto groups = lookup_ssm_groups(inv, ssm_groups_trained);
   int64_t added = 0;
   for (const auto* m : lookup_adapted(inv, adapted)) added = sat_add(added, added_by(rule, *m));
+  for (const auto& t : rule.added_tensors) added = sat_add(added, t.numel());
   int64_t trained = 0;
   for (const auto* p : trained_base(inv, rule, groups)) trained = sat_add(trained, p->numel());
   for (const auto& p : inv.params)
@@ -858,6 +859,10 @@ std::string parameter_report(const ModelInventory& inv, const std::vector<std::s
   for (const auto* p : trained_base(inv, rule, groups)) {
     auto& l = line_of(p->layer_kind, p->layer);
     l.adapter = sat_add(l.adapter, p->numel());
+  }
+  for (const auto& t : rule.added_tensors) {
+    auto& l = line_of(t.layer_kind, t.layer);
+    l.adapter = sat_add(l.adapter, t.numel());
   }
   for (const auto& p : inv.params)
     if (!p.ssm_group.empty() && groups.count(p.ssm_group))

@@ -7,6 +7,7 @@
 #include <set>
 
 #include "peftfw/blocks/decoder.hpp"
+#include "peftfw/blocks/ssm_slots.hpp"
 
 namespace peftfw::blocks {
 
@@ -36,11 +37,26 @@ ModelInventory derive_inventory(HybridLM& model) {
   std::map<std::string, Tag> tags;
   std::map<std::string, LayerInfo> layers;
   std::map<std::string, std::string> param_groups;
+  std::map<std::string, std::vector<std::string>> param_axes;
   for (const auto& item : model.named_modules()) {
     const auto& prefix = item.key();
     if (auto* block = dynamic_cast<BlockImpl*>(item.value().get())) {
       for (const auto& e : block->tagged_children()) tags[join(prefix, e.name)] = e.tag;
       for (const auto& [name, group] : block->parameter_groups()) param_groups[join(prefix, name)] = group;
+    }
+    if (auto* mixer = dynamic_cast<SsmMixer*>(item.value().get())) {
+      const auto layout = mixer->state_layout();
+      SsmStateDesc st;
+      st.module = prefix;
+      st.shape = layout.shape;
+      st.axes = layout.axes;
+      st.conv_channels = layout.conv_channels;
+      st.conv_kernel = layout.conv_kernel;
+      inv.ssm_states.push_back(std::move(st));
+      for (const auto& p : item.value()->named_parameters()) {
+        auto axes = mixer->axes_of(p.key());
+        if (!axes.empty()) param_axes[join(prefix, p.key())] = std::move(axes);
+      }
     }
     if (auto* layer = dynamic_cast<DecoderLayerImpl*>(item.value().get())) {
       layers[prefix] = {static_cast<int>(layer->index()), layer->kind()};
@@ -62,6 +78,12 @@ ModelInventory derive_inventory(HybridLM& model) {
       }
     return {best, info};
   };
+
+  for (auto& st : inv.ssm_states) {
+    auto [prefix, li] = layer_of(st.module);
+    st.layer = li ? li->index : -1;
+    st.layer_kind = li ? li->kind : "";
+  }
 
   std::set<std::string> module_names;
   for (const auto& item : model.named_modules()) {
@@ -98,6 +120,7 @@ ModelInventory derive_inventory(HybridLM& model) {
     auto [prefix, li] = layer_of(d.name);
     d.layer = li ? li->index : -1;
     d.layer_kind = li ? li->kind : "";
+    if (auto a = param_axes.find(d.name); a != param_axes.end()) d.axes = a->second;
     if (auto g = param_groups.find(d.name); g != param_groups.end()) {
       d.ssm_group = g->second;
     } else if (auto t = tags.find(owner); t != tags.end()) {

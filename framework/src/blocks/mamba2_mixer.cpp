@@ -62,6 +62,10 @@ torch::Tensor Mamba2MixerImpl::gated_norm(const torch::Tensor& y, const torch::T
   return x.to(out);
 }
 
+SsmStateLayout Mamba2MixerImpl::state_layout() const {
+  return {{o_.num_heads, o_.head_dim, o_.state_size}, {"head", "head_dim", "state"}, o_.conv_dim(), o_.conv_kernel};
+}
+
 torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& h, const ForwardContext& ctx,
                                        LayerCache* cache) {
   const int64_t B = h.size(0), T = h.size(1);
@@ -79,6 +83,25 @@ torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& h, const ForwardCont
   // Co-trained SSM tensors are float32 master copies even in a bf16 model: compute in h's dtype.
   auto conv_w = conv1d->weight.squeeze(1).to(h.scalar_type());  // [CD,K]
   auto conv_b = conv1d->bias.defined() ? conv1d->bias.to(h.scalar_type()) : torch::Tensor();
+  const auto a_log = slot("A_log", A_log);
+  const auto d_skip = slot("D", D);
+  const auto dt_b = slot("dt_bias", dt_bias);
+  const auto terms = state_terms();
+  // C [..,G,N] per head [..,H,N]: heads h*G/H .. share group g.
+  auto per_head = [&](const torch::Tensor& Cg) { return Cg.to(torch::kFloat32).repeat_interleave(H / G, -2); };
+  // What learned offsets add to y before the gate: C . state_offset + output_offset
+  // ([..,H,N] x [H,P,N] -> [..,H,P]).
+  const bool offsets = terms.state_offset.defined() || terms.output_offset.defined();
+  auto offset_term = [&](const torch::Tensor& Cg) {
+    torch::Tensor sum;
+    if (terms.state_offset.defined())
+      sum = (per_head(Cg).unsqueeze(-2) * terms.state_offset.to(torch::kFloat32)).sum(-1);
+    if (terms.output_offset.defined()) {
+      auto b = terms.output_offset.to(torch::kFloat32);
+      sum = sum.defined() ? sum + b : b;
+    }
+    return sum;
+  };
 
   torch::Tensor y;  // [B,T,Im] float32
   if (ctx.decode_step) {
@@ -91,15 +114,31 @@ torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& h, const ForwardCont
     s.B = xBC_t.narrow(-1, Im, G * N).reshape({B, G, N});
     s.C = xBC_t.narrow(-1, Im + G * N, G * N).reshape({B, G, N});
     s.dt = dt.select(1, 0);
-    s.A_log = A_log;
-    s.D = D;
-    s.dt_bias = dt_bias;
+    s.A_log = a_log;
+    s.D = d_skip;
+    s.dt_bias = dt_b;
     s.dt_min = o_.dt_min;
     s.dt_max = o_.dt_max;
-    y = ops::ssd_step(s).reshape({B, 1, Im});
+    y = ops::ssd_step(s);
+    if (offsets) y = y + offset_term(s.C);
+    y = y.reshape({B, 1, Im});
     cache->ssm_state = s.state;
   } else {
-    auto xBC_act = kernels::causal_conv1d(xBC, conv_w, conv_b, ctx.seq_ids, /*silu=*/true);
+    // Learned initial state or conv window: where each sequence starts.
+    const bool by_linearity = ctx.seq_ids.defined() || ctx.ssm_mask.defined();
+    SequenceStarts starts;
+    if (terms.initial_conv.defined() || (terms.initial_state.defined() && by_linearity))
+      starts = sequence_starts(B, T, ctx.seq_ids, ctx.ssm_mask, h.device());
+    torch::Tensor xBC_act;
+    if (terms.initial_conv.defined()) {
+      // The learned window replaces the zeros ahead of each sequence (see the Mamba-1 mixer).
+      auto pre = kernels::causal_conv1d(xBC, conv_w, conv_b, ctx.seq_ids, /*silu=*/false);
+      pre = (pre.to(torch::kFloat32) + conv_window_term(terms.initial_conv.to(torch::kFloat32), conv_w, starts))
+                .to(h.scalar_type());
+      xBC_act = F::silu(pre);
+    } else {
+      xBC_act = kernels::causal_conv1d(xBC, conv_w, conv_b, ctx.seq_ids, /*silu=*/true);
+    }
     xBC_act = mask_padding_states(xBC_act, ctx.ssm_mask);
     auto xs = xBC_act.split_with_sizes({Im, G * N, G * N}, -1);
     ops::SsdArgs s;
@@ -107,21 +146,43 @@ torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& h, const ForwardCont
     s.B = xs[1].reshape({B, T, G, N});
     s.C = xs[2].reshape({B, T, G, N});
     s.dt = dt;
-    s.A_log = A_log;
-    s.D = D;
-    s.dt_bias = dt_bias;
+    s.A_log = a_log;
+    s.D = d_skip;
+    s.dt_bias = dt_b;
     s.dt_min = o_.dt_min;
     s.dt_max = o_.dt_max;
     s.chunk_size = o_.chunk_size;
     s.seq_ids = ctx.seq_ids;
+    // One unpadded sequence per row: the scan starts from the learned state; otherwise its share
+    // is added by linearity, as in the Mamba-1 mixer (A is per head here).
+    if (terms.initial_state.defined() && !by_linearity)
+      s.initial_state = terms.initial_state.to(torch::kFloat32).expand({B, H, P, N}).contiguous();
     auto res = ops::ssd_chunk_scan(s);
-    y = res.y.reshape({B, T, Im});
+    auto y4 = res.y;  // [B,T,H,P]
+    torch::Tensor carried;  // [B,T,H]: exp(A * dt sums), the decay of h0 up to each token
+    if (terms.initial_state.defined() && by_linearity) {
+      auto dt_eff = ops::ssd_dt(dt, dt_b, o_.dt_min, o_.dt_max).to(torch::kFloat32);  // [B,T,H]
+      auto A = -torch::exp(a_log.to(torch::kFloat32));
+      carried = torch::exp(A * sequence_dt_sums(dt_eff, starts));
+      auto readout = (per_head(s.C).unsqueeze(-2) * terms.initial_state.to(torch::kFloat32)).sum(-1);  // [B,T,H,P]
+      y4 = y4 + readout * carried.unsqueeze(-1);
+    }
+    if (offsets) y4 = y4 + offset_term(s.C);
+    y = y4.reshape({B, T, Im});
     if (cache) {
       // Prefill: keep the last K raw conv inputs (left-padded) and the final state.
       auto xt = xBC.transpose(1, 2);  // [B,CD,T]
-      cache->conv_state = T >= K ? xt.narrow(2, T - K, K).contiguous()
-                                 : F::pad(xt, F::PadFuncOptions({K - T, 0}));
+      if (terms.initial_conv.defined())
+        cache->conv_state = conv_cache_with_window(xBC, terms.initial_conv, starts, K);
+      else
+        cache->conv_state = T >= K ? xt.narrow(2, T - K, K).contiguous()
+                                   : F::pad(xt, F::PadFuncOptions({K - T, 0}));
       cache->ssm_state = res.final_state;
+      if (carried.defined())
+        cache->ssm_state = cache->ssm_state +
+                           (carried.select(1, T - 1) * starts.started.select(1, T - 1).to(torch::kFloat32).view({B, 1}))
+                                   .view({B, H, 1, 1}) *
+                               terms.initial_state.to(torch::kFloat32);
     }
   }
   // y is float32: the norm's float32 result is rounded to h's dtype once, in the kernel.

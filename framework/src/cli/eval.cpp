@@ -194,6 +194,14 @@ int cmd_eval(const Args& all_args) {
     row["metrics"]["eval_loss"] = loss;
     row["metrics"]["perplexity"] = std::exp(loss);
     row["metrics"]["examples_per_s"] = static_cast<double>(predictions.size()) / secs;
+    // The adapted row also says what training cost (the run's train_summary.json, if present).
+    if (!v.adapter.empty() && fs::exists(run_dir / "train_summary.json")) {
+      auto ts = nlohmann::json::parse(io::read_text_file((run_dir / "train_summary.json").string()), nullptr, false);
+      if (!ts.is_discarded() && ts.contains("trainable_params") && ts.contains("seconds_per_step")) {
+        row["metrics"]["trainable_params"] = ts["trainable_params"].get<double>();
+        row["metrics"]["s_per_step"] = ts["seconds_per_step"].get<double>();
+      }
+    }
     row["predictions"] = predictions;
     out["rows"].push_back(row);
     runs.push_back(run);

@@ -44,7 +44,9 @@ int cmd_verify_ssm(const Args& args) {
     if (args[i] == "-h" || args[i] == "--help") {
       std::cout << "Usage: peftfw verify-ssm ADAPTER_DIR --base MODEL_DIR [--strict]\n"
                    "  For every SSM core tensor the adapter carries (ssm_core_params.safetensors):\n"
-                   "  share of elements changed and mean |delta| versus the base checkpoint.\n"
+                   "  share of elements changed and mean |delta| versus the base checkpoint; for the\n"
+                   "  tensors of an SSM method (sdt, state_offset, initial_state: method_tensors.safetensors),\n"
+                   "  share of nonzero entries (they start at zero). Exits 1 if one is all zero.\n"
                    "  Exits 1 if a tensor the adapter claims is missing or identical to the base.\n"
                    "  The adapter's recorded base (peftfw_manifest.json fingerprint) is\n"
                    "  compared with MODEL_DIR first: against another base every tensor\n"
@@ -86,7 +88,8 @@ int cmd_verify_ssm(const Args& args) {
               << "that it is the adapter's base (give the checkpoint folder)\n";
   }
 
-  std::vector<std::string> claimed;
+  std::vector<std::string> claimed, claimed_method;
+  std::string method;
   const auto manifest_path = fs::path(adapter) / "peftfw_manifest.json";
   if (fs::exists(manifest_path)) {
     std::ifstream f(manifest_path);
@@ -94,8 +97,48 @@ int cmd_verify_ssm(const Args& args) {
     if (m.is_discarded() || !m.contains("ssm_tensors") || !m["ssm_tensors"].is_array())
       throw InputError(manifest_path.string() + ": not a valid peftfw manifest (no ssm_tensors list)");
     for (const auto& n : m["ssm_tensors"]) claimed.push_back(n.get<std::string>());
+    if (m.contains("method_tensors") && m["method_tensors"].is_array())
+      for (const auto& n : m["method_tensors"])
+        if (n.is_string()) claimed_method.push_back(n.get<std::string>());
+    if (m.contains("method") && m["method"].is_string()) method = m["method"].get<std::string>();
   }
   const auto ssm_path = fs::path(adapter) / "ssm_core_params.safetensors";
+  const auto method_path = fs::path(adapter) / "method_tensors.safetensors";
+  // A method that acts inside the SSM (sdt, state_offset, initial_state) keeps its own tensors.
+  if (!claimed_method.empty() || fs::exists(method_path)) {
+    if (!fs::exists(method_path)) {
+      std::cerr << "peftfw verify-ssm: " << adapter << ": the manifest lists " << claimed_method.size()
+                << " tensors of method '" << method << "' but method_tensors.safetensors is missing\n";
+      return 1;
+    }
+    auto mt = io::Checkpoint::open(method_path.string());
+    std::vector<std::string> problems;
+    for (const auto& name : claimed_method)
+      if (!mt.has(name)) problems.push_back(name + ": listed by the manifest but missing from " + method_path.string());
+    std::cout << "method '" << method << "': its own tensors start at zero, so nonzero entries are what training put there\n";
+    std::cout << std::left << std::setw(52) << "tensor" << std::right << std::setw(10) << "nonzero"
+              << std::setw(14) << "mean |value|" << std::setw(14) << "max |value|" << "\n";
+    for (const auto& name : mt.names()) {
+      auto t = io::to_float_tensor(mt.view(name), method_path.string() + ": tensor '" + name + "'", "method")
+                   .to(torch::kFloat64)
+                   .abs();
+      std::cout << std::left << std::setw(52) << name << std::right << std::setw(9) << std::fixed
+                << std::setprecision(1) << 100.0 * t.ne(0).to(torch::kFloat64).mean().item<double>() << "%"
+                << std::setw(14) << std::scientific << std::setprecision(3) << t.mean().item<double>()
+                << std::setw(14) << t.max().item<double>() << "\n";
+      if (t.max().item<double>() == 0.0) problems.push_back(name + ": all zero, never trained");
+    }
+    std::cout << std::defaultfloat;
+    if (!problems.empty()) {
+      std::cerr << "peftfw verify-ssm: " << problems.size() << " problem(s):\n";
+      for (const auto& p : problems) std::cerr << "  " << p << "\n";
+      return 1;
+    }
+    if (!fs::exists(ssm_path) && claimed.empty()) {
+      std::cout << "all " << mt.size() << " tensors of method '" << method << "' were trained\n";
+      return 0;
+    }
+  }
   if (!fs::exists(ssm_path)) {
     std::cerr << "peftfw verify-ssm: " << adapter << " has no ssm_core_params.safetensors"
               << (claimed.empty() ? " and its manifest claims no SSM tensors: nothing was co-trained "

@@ -2,6 +2,10 @@
 
 #include <torch/torch.h>
 
+#include <set>
+
+#include "peftfw/blocks/ssm_slots.hpp"
+#include "peftfw/error.hpp"
 #include "peftfw/model/causal_lm.hpp"
 #include "peftfw/model/inventory.hpp"
 #include "peftfw/nn/linear.hpp"
@@ -15,10 +19,27 @@ std::map<std::string, torch::Tensor> merged_state_dict(CausalLM& model, std::opt
   std::map<std::string, torch::Tensor> merged;
   for (auto& [name, lin] : nn::named_linears(model))
     if (lin->adapter()) merged[name + ".weight"] = lin->adapter()->merged_weight(*lin);
+  for (const auto& m : blocks::named_ssm_mixers(model)) {
+    const auto terms = m.mixer->state_adapter() ? m.mixer->state_adapter()->terms() : blocks::SsmStateTerms{};
+    if (terms.initial_state.defined() || terms.initial_conv.defined() || terms.state_offset.defined() ||
+        terms.output_offset.defined())
+      throw InputError(m.name + " carries a learned SSM state (initial state or offset): no weight of a "
+                       "checkpoint holds it exactly, so it cannot be merged; save the adapter instead "
+                       "(format \"peft\")");
+    // A parameter adapter (e.g. a sparse delta of A_log) folds exactly: its effective tensor.
+    if (auto* pa = m.mixer->parameter_adapter()) {
+      auto own = m.module->named_parameters(/*recurse=*/false);
+      for (const auto& group : m.mixer->slot_groups())
+        if (auto* base = own.find(group)) merged[m.name + "." + group] = pa->effective(group, *base).to(base->scalar_type());
+    }
+  }
+  // The base model's tensors only: what adapters added is folded in above.
+  std::set<std::string> base_names;
+  for (const auto& d : model.inventory().params) base_names.insert(d.name);
   std::map<std::string, torch::Tensor> tensors;
   for (auto& p : params) {
     const auto& name = p.key();
-    if (name.find(".lora_") != std::string::npos) continue;  // adapter tensors are folded in
+    if (!base_names.count(name)) continue;
     auto it = merged.find(name);
     auto value = it != merged.end() ? it->second : p.value().detach();
     tensors[name] = value.to(torch::kCPU, out_dtype).contiguous();

@@ -1,7 +1,11 @@
 // AdapterSpec's typed reads of a method's options.
 #include "peftfw/plugin/adapter.hpp"
 
+#include <torch/torch.h>
+
 #include <stdexcept>
+
+#include "peftfw/model/causal_lm.hpp"
 
 namespace peftfw {
 namespace {
@@ -34,6 +38,23 @@ bool AdapterSpec::flag(const std::string& key) const { return option<bool>(*this
 
 std::string AdapterSpec::text(const std::string& key) const {
   return option<std::string>(*this, key, "a string");
+}
+
+}  // namespace peftfw
+
+namespace peftfw {
+
+std::map<std::string, torch::Tensor> AdapterPlugin::saved_tensors(CausalLM& model, const AdapterSpec& spec,
+                                                                  const AdapterResult& applied) const {
+  (void)spec;
+  std::map<std::string, torch::Tensor> out;
+  auto params = model.named_parameters();
+  for (const auto& name : applied.added_tensors) {
+    auto* p = params.find(name);
+    if (!p) throw std::logic_error("adapter '" + id() + "': added tensor '" + name + "' is not a parameter of the model");
+    out[name] = p->detach();
+  }
+  return out;
 }
 
 }  // namespace peftfw

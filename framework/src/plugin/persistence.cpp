@@ -4,11 +4,20 @@
 #include <unistd.h>
 
 #include "peftfw/error.hpp"
+#include "peftfw/plugin/adapter.hpp"
 #include "peftfw/io/fs.hpp"
 
 namespace fs = std::filesystem;
 
 namespace peftfw {
+
+void refuse_if_weights_cannot_hold(const AdapterMethod& method, const std::string& format) {
+  if (method.attaches != AdapterAttach::kState) return;
+  throw InputError("[output] formats includes \"" + format + "\", but method '" + method.name +
+                   "' learns an SSM state (" + method.summary +
+                   ") No weight of the checkpoint can hold it exactly, so the export would drop it. "
+                   "Use formats = [\"peft\"] (peftfw forward/eval and [adapter] init_from load it).");
+}
 
 void write_folder_atomic(const fs::path& dir, const std::function<void(const fs::path&)>& fill) {
   const auto pid = std::to_string(::getpid());

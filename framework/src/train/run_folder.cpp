@@ -29,7 +29,8 @@ namespace {
 const std::set<std::string>& run_file_names() {
   static const std::set<std::string> names = {
       kRunMarkerFile, "recipe.resolved.toml", "run_identity.json", "split.json", "metrics.jsonl",
-      "metrics.csv",  "loss.svg",             "checkpoints"};
+      "metrics.csv",  "loss.svg",             "checkpoints",       "eval",
+      "adapter_state.safetensors", "train_summary.json"};
   return names;
 }
 
@@ -145,6 +146,22 @@ RunFolderContents inspect_run_folder(const fs::path& run_dir, const std::vector<
         }
       }
       if (!clean) continue;
+    }
+    if (name == "eval" && e.is_directory(ec)) {
+      // `peftfw eval` writes eval/results.json there, and nothing else.
+      bool clean = true;
+      for (const auto& k : fs::directory_iterator(e.path(), ec)) {
+        const auto kn = k.path().filename().string();
+        auto t = parse_temporary(kn);
+        if (k.is_symlink(ec) || (kn != "results.json" && !(t && t->name == "results.json"))) {
+          c.foreign.push_back("eval/" + kn + (k.is_symlink(ec) ? " (a symbolic link)" : ""));
+          clean = false;
+        }
+      }
+      if (!clean) continue;
+    } else if (name == "eval") {
+      c.foreign.push_back(name);
+      continue;
     }
     c.owned.push_back(e.path());
   }

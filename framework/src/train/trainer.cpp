@@ -371,6 +371,59 @@ std::string nonfinite_loss_cause(CausalLM& model, const ModelBatch& batch, doubl
 
 enum class FolderAction { kFresh, kResume, kStartOver, kOverwrite };
 
+
+// The adapter's warm-up (AdapterPlugin::warmup_steps, e.g. SDT's): that many optimizer steps of a
+// model built for it, from the start of the training data at the run's learning-rate schedule;
+// returns what the plugin keeps of it (end_warmup). Writes nothing.
+std::map<std::string, torch::Tensor> run_adapter_warmup(const recipe::Recipe& r, const ModelSource& source,
+                                                        const AdapterRequest& request, const AdapterPlan& plan,
+                                                        const AdapterPlugin& plugin, const data::BatchStream& train,
+                                                        int64_t accumulation, int64_t total, int64_t warmup,
+                                                        std::ostream& log) {
+  const int64_t steps = plugin.warmup_steps(request.spec);
+  auto loaded = load_model(source);
+  auto& model = *loaded.model;
+  apply_adapters(model, request, plan);
+  const torch::Device device(source.device);
+  std::vector<torch::Tensor> params;
+  for (auto& p : model.parameters())
+    if (p.requires_grad()) params.push_back(p);
+  const double lr = r.get_float("train", "lr"), max_norm = r.get_float("train", "max_grad_norm");
+  const auto schedule = r.get_string("train", "schedule");
+  torch::optim::AdamW opt(params, torch::optim::AdamWOptions(lr)
+                                      .betas({r.get_float("train", "adam_beta1"), r.get_float("train", "adam_beta2")})
+                                      .eps(r.get_float("train", "adam_eps"))
+                                      .weight_decay(r.get_float("train", "weight_decay")));
+  torch::manual_seed(static_cast<uint64_t>(r.get_int("train", "seed")));
+  model.train();
+  log << "warm-up: " << steps << " optimizer steps for [adapter] method = \"" << request.spec.method
+      << "\" (then the model restarts from the base)\n";
+  data::DataPosition position;
+  const int64_t log_every = r.get_int("train", "log_every");
+  for (int64_t step = 0; step < steps; ++step) {
+    static_cast<torch::optim::AdamWOptions&>(opt.param_groups()[0].options()).lr(lr * lr_factor(schedule, step, total, warmup));
+    opt.zero_grad();
+    double step_loss = 0;
+    for (int64_t a = 0; a < accumulation; ++a) {
+      auto batch = train.batch(position);
+      position = train.next(position);
+      auto out = model.forward(to_model_batch(batch, device));
+      const double loss = out.loss.item<double>();
+      if (!std::isfinite(loss))
+        throw RuntimeError("warm-up step " + std::to_string(step + 1) + " of method '" + request.spec.method +
+                           "': the training loss is " + std::to_string(loss) + "; lower [train] lr");
+      (out.loss / static_cast<double>(accumulation)).backward();
+      step_loss += loss / static_cast<double>(accumulation);
+    }
+    torch::nn::utils::clip_grad_norm_(params, max_norm > 0 ? max_norm : 1e30);
+    opt.step();
+    if ((step + 1) % log_every == 0 || step + 1 == steps)
+      log << "warm-up step " << step + 1 << "/" << steps << "  loss " << std::fixed << std::setprecision(4)
+          << step_loss << std::defaultfloat << "\n";
+  }
+  return plugin.end_warmup(model, request.spec);
+}
+
 }  // namespace
 
 TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
@@ -412,7 +465,10 @@ TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
     });
   for (const auto& format : formats)
     problems.check([&] {
-      PluginRegistry::instance().persistence(format)->preflight(source ? source->dir : fs::path());
+      const auto persistence = PluginRegistry::instance().persistence(format);
+      persistence->preflight(source ? source->dir : fs::path());
+      if (request && request->spec.method != kNoAdapter)
+        persistence->check_method(PluginRegistry::instance().adapter_method(request->spec.method));
     });
   problems.check([&] {
     const bool keep_narrow = r.get_string("train", "checkpoint_keep") == "narrow_projections";
@@ -467,6 +523,35 @@ TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
   problems.throw_if_any(r.source_name());
   auto& d = *data_setup;
 
+  const int64_t micro_per_epoch = d.train->batches_per_epoch();
+  const int64_t steps_per_epoch = (micro_per_epoch + d.accumulation - 1) / d.accumulation;
+  const int64_t max_steps = r.get_int("train", "max_steps");
+  const int64_t total = max_steps > 0 ? max_steps
+                                      : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
+                                                                 r.get_float("train", "epochs") *
+                                                                 static_cast<double>(steps_per_epoch))));
+  const int64_t warmup = warmup_steps_for(total, r.get_float("train", "warmup_ratio"),
+                                          r.get_int("train", "warmup_steps"));
+
+  // --- the adapter's warm-up (e.g. SDT's dimension selection): a model of its own, before the
+  // real one; its result is kept in the run folder (a resumed run reuses it) -- still nothing written
+  std::shared_ptr<AdapterPlugin> adapter_plugin;
+  if (request->spec.method != kNoAdapter)
+    adapter_plugin = PluginRegistry::instance().adapter_for_method(request->spec.method);
+  const auto adapter_state_file = run_dir / "adapter_state.safetensors";
+  bool adapter_state_stored = false;
+  if (adapter_plugin && resuming && fs::exists(adapter_state_file)) {
+    request->spec.state = io::load_checkpoint_tensors(adapter_state_file.string());
+    adapter_state_stored = true;
+  }
+  if (adapter_plugin && r.has_value("adapter", "init_from") && request->spec.state.empty()) {
+    const auto from_state = r.get_path("adapter", "init_from") / "method_state.safetensors";
+    if (fs::exists(from_state)) request->spec.state = io::load_checkpoint_tensors(from_state.string());
+  }
+  if (adapter_plugin && adapter_plugin->warmup_steps(request->spec) > 0)
+    request->spec.state = run_adapter_warmup(r, *source, *request, *plan, *adapter_plugin, *d.train, d.accumulation,
+                                             total, warmup, log);
+
   // --- model and adapter (still nothing written: a bad checkpoint stops here) ------------------
   auto loaded = load_model(*source);
   const auto base_fingerprint = fingerprint_base(*source);
@@ -499,6 +584,15 @@ TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
     };
     take(from / "adapter_model.safetensors", "base_model.model.");
     if (fs::exists(from / "ssm_core_params.safetensors")) take(from / "ssm_core_params.safetensors", "");
+    // A method's own tensors (e.g. a learned initial state), as its plugin trains them.
+    if (fs::exists(from / "method_tensors.safetensors") && adapter_plugin) {
+      std::map<std::string, torch::Tensor> saved;
+      std::swap(saved, start);
+      take(from / "method_tensors.safetensors", "");
+      auto trained = adapter_plugin->trained_from_saved(request->spec, std::move(start));
+      start = std::move(saved);
+      for (auto& [name, t] : trained) start[name] = t;
+    }
     std::set<std::string> names;
     for (auto& [name, t] : params) names.insert(name);
     for (const auto& [name, t] : start)
@@ -533,15 +627,6 @@ TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
   }
   torch::optim::AdamW optimizer(groups, torch::optim::AdamWOptions(lr));
 
-  const int64_t micro_per_epoch = d.train->batches_per_epoch();
-  const int64_t steps_per_epoch = (micro_per_epoch + d.accumulation - 1) / d.accumulation;
-  const int64_t max_steps = r.get_int("train", "max_steps");
-  const int64_t total = max_steps > 0 ? max_steps
-                                      : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(
-                                                                 r.get_float("train", "epochs") *
-                                                                 static_cast<double>(steps_per_epoch))));
-  const int64_t warmup = warmup_steps_for(total, r.get_float("train", "warmup_ratio"),
-                                          r.get_int("train", "warmup_steps"));
   const auto schedule = r.get_string("train", "schedule");
   const int64_t eval_every = r.get_int("train", "eval_every"), save_every = r.get_int("train", "save_every"),
                 keep_last = r.get_int("train", "keep_last"), log_every = r.get_int("train", "log_every");
@@ -563,6 +648,11 @@ TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
     clear_run_folder(contents);
   }
   for (const auto& note : remove_stale_temporaries(run_dir)) log << "output: " << note << " (left by a killed run)\n";
+  if (!request->spec.state.empty() && !adapter_state_stored) {
+    fs::create_directories(run_dir);
+    io::save_tensors(adapter_state_file.string(), request->spec.state,
+                     {{"format", "pt"}, {"producer", "peftfw"}, {"method", request->spec.method}});
+  }
 
   log << "peftfw run: " << r.source_name() << "\nmodel: " << inv.architecture << " ("
       << inv.layer_kinds.size() << " layers, " << with_commas(inv.total_params()) << " parameters), "
@@ -642,7 +732,10 @@ TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
   } restore_signal{previous_handler};
 
   if (!resuming) do_eval();  // the starting point of the curve
+  double step_seconds = 0;   // optimizer steps alone (no eval, no checkpoint), for train_summary.json
+  int64_t timed_steps = 0;
   while (state.step < total) {
+    const auto step_t0 = std::chrono::steady_clock::now();
     for (size_t g = 0; g < groups.size(); ++g)
       static_cast<torch::optim::AdamWOptions&>(optimizer.param_groups()[g].options())
           .lr(peak_lr[g] * lr_factor(schedule, state.step, total, warmup));
@@ -678,6 +771,8 @@ TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
                                           : torch::nn::utils::clip_grad_norm_(grads_of, 1e30);
     optimizer.step();
     if (device.is_cuda()) torch::cuda::synchronize();  // so the step's time is its own
+    step_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - step_t0).count();
+    ++timed_steps;
     ++state.step;
     if (state.step == profile_step) {
       train::save_trace(profile_trace);
@@ -732,6 +827,9 @@ TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
   save.adapter = &request->spec;
   save.adapted_modules = applied.adapted_modules;
   save.ssm_tensors = plan->ssm_tensors;
+  save.method_tensors = adapter_plugin ? adapter_plugin->saved_tensors(model, request->spec, applied)
+                                       : std::map<std::string, torch::Tensor>{};
+  save.method_state = request->spec.state;
   save.base_model_dir = source->dir;
   save.base_model_name = source->dir.empty() ? std::string("random-init:") + inv.model_type : source->dir.string();
   save.config_json = loaded.config_json;
@@ -742,6 +840,14 @@ TrainSummary train(const recipe::Recipe& r, const TrainOptions& options) {
     PluginRegistry::instance().persistence(format)->save(save, dir);
     log << "output: " << format << " -> " << dir.string() << "\n";
   }
+  // What `peftfw eval` and `compare` report beside the metrics: the trainable count and the time
+  // of an optimizer step (this invocation's steps; a resumed run times the steps it ran).
+  nlohmann::json train_summary = {{"method", request->spec.method},
+                                  {"trainable_params", plan->count.trainable},
+                                  {"steps_timed", timed_steps},
+                                  {"seconds_per_step", timed_steps > 0 ? step_seconds / static_cast<double>(timed_steps) : 0.0},
+                                  {"device", device.str()}};
+  io::write_file_atomic((run_dir / "train_summary.json").string(), train_summary.dump(1) + "\n");
   summary.steps = state.step;
   summary.best_eval_loss = std::isfinite(state.best_eval) ? std::optional<double>(state.best_eval) : std::nullopt;
   summary.best_step = state.best_step;

@@ -210,7 +210,7 @@ TEST(Recipe, UnknownSectionSuggestsOrListsSections) {
             Lines{"recipe.toml:1:2: unknown section [trian]; did you mean [train]?"});
   EXPECT_EQ(errors_of("[optimizer]\nlr = 1\n"),
             Lines{"recipe.toml:1:2: unknown section [optimizer]; the sections are [model], "
-                  "[adapter], [ssm], [data], [train], [output], [eval]"});
+                  "[adapter], [initial_state], [sdt], [state_offset], [ssm], [data], [train], [output], [eval]"});
   EXPECT_EQ(errors_of("extend = \"base.toml\"\n"),
             Lines{"recipe.toml:1:1: unknown top-level key 'extend'; did you mean 'extends'?"});
   EXPECT_EQ(errors_of("train = 3\n"),
@@ -668,8 +668,8 @@ TEST(RecipeLimits, LongValuesAreCutTo200Bytes) {
   const std::string x(5000, 'x');
   // The value starts at column 10 of line 2.
   EXPECT_EQ(errors_of("[adapter]\nmethod = \"" + x + "\"\n"),
-            Lines{"recipe.toml:2:10: [adapter] method: expected one of \"none\", \"lora\", "
-                  "\"dora\", \"bitfit\", \"full\", found \"" + std::string(200, 'x') +
+            Lines{"recipe.toml:2:10: [adapter] method: expected one of \"none\", \"initial_state\", \"lora\", "
+                  "\"dora\", \"bitfit\", \"full\", \"sdt\", \"state_offset\", found \"" + std::string(200, 'x') +
                   "...\" (5000 bytes in all)"});
   const Lines key = errors_of("[train]\n" + std::string(100000, 'k') + " = 1\n");
   ASSERT_EQ(key.size(), 1u);

@@ -65,6 +65,20 @@ TEST(RunFolder, OwnedAndForeignEntries) {
   io::remove_tree(d);
 }
 
+// `peftfw eval` writes RUN/eval/results.json: that folder is peftfw's, unless it holds anything else.
+TEST(RunFolder, EvalResultsAreOwnedAndOtherEvalFilesForeign) {
+  auto d = fresh("eval_results");
+  touch(d / train::kRunMarkerFile);
+  touch(d / "eval/results.json");
+  auto c = train::inspect_run_folder(d, {"peft"});
+  EXPECT_TRUE(c.foreign.empty());
+  EXPECT_TRUE(std::find(c.owned.begin(), c.owned.end(), d / "eval") != c.owned.end());
+  touch(d / "eval/my_plots.ipynb");
+  c = train::inspect_run_folder(d, {"peft"});
+  EXPECT_TRUE(has(c.foreign, "eval/my_plots.ipynb"));
+  EXPECT_TRUE(std::find(c.owned.begin(), c.owned.end(), d / "eval") == c.owned.end());
+}
+
 TEST(RunFolder, ClearingDeletesOnlyWhatPeftfwMadeAndNeverFollowsLinks) {
   auto d = fresh("clear");
   auto outside = fresh("clear_outside");

@@ -142,7 +142,11 @@ TEST(GraniteAdapters, SsmTensorsAreFloat32MastersInABf16Model) {
 TEST(LoraPlugin, PlannedCountEqualsTheAppliedModel) {
   for (const std::string method : {"lora", "dora", "bitfit", "full"}) {
     auto model = tiny_model("float32");
-    auto req = request({"in_proj", "out_proj", "q_proj", "o_proj"}, "error", {"A_log", "D", "dt_bias"});
+    const bool wraps = std::string(method) == "lora" || std::string(method) == "dora";
+    auto req = request(wraps ? std::vector<std::string>{"in_proj", "out_proj", "q_proj", "o_proj"}
+                             : std::vector<std::string>{},  // bitfit / full wrap no module: no targets
+                       "error", {"A_log", "D", "dt_bias"});
+    if (!wraps) req.targets.target_modules.reset();
     req.spec = adapter_spec(method, {{"r", std::int64_t{4}}, {"alpha", 8.0}});
     auto plan = plan_adapters(model->inventory(), req);
     apply_adapters(*model, req, plan);

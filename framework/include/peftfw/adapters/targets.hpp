@@ -86,6 +86,7 @@ struct CountRule {
   std::string settings;          // "r=16, alpha=32": shown beside the name; may be empty
   std::function<int64_t(const ModuleDesc&)> added_per_module;  // unset: adds nothing
   std::vector<std::string> base_params;                        // trained base tensors
+  std::vector<ParamDesc> added_tensors;                        // added outside adapted modules
 };
 
 // "trainable" is what the rule adds, plus the base tensors it trains, plus every inventory

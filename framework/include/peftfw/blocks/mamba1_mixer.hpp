@@ -5,6 +5,7 @@
 // weights on dt, B and C).
 #pragma once
 
+#include "peftfw/blocks/ssm_slots.hpp"
 #include "peftfw/blocks/sublayer.hpp"
 #include "peftfw/nn/linear.hpp"
 
@@ -25,12 +26,16 @@ struct Mamba1MixerOptions {
   double dt_bc_norm_eps = 1e-6;
 };
 
-class Mamba1MixerImpl : public SublayerImpl {
+class Mamba1MixerImpl : public SublayerImpl, public SsmMixer {
  public:
   explicit Mamba1MixerImpl(Mamba1MixerOptions options);
   torch::Tensor forward(const torch::Tensor& h, const ForwardContext& ctx, LayerCache* cache) override;
   std::string part() const override { return "mamba"; }
   const Mamba1MixerOptions& options() const { return o_; }
+  SsmStateLayout state_layout() const override;
+  // Mamba-1's time-step bias is dt_proj.bias, reached through dt_proj's LinearAdapter.
+  std::vector<std::string> slot_groups() const override { return {"A_log", "D"}; }
+  std::vector<std::string> axes_of(const std::string& path) const override;
 
   nn::Linear in_proj{nullptr}, x_proj{nullptr}, dt_proj{nullptr}, out_proj{nullptr};
   Weights conv1d{nullptr};

@@ -8,6 +8,7 @@
 #include <optional>
 #include <vector>
 
+#include "peftfw/blocks/ssm_slots.hpp"
 #include "peftfw/blocks/sublayer.hpp"
 #include "peftfw/nn/linear.hpp"
 
@@ -49,12 +50,18 @@ struct Mamba2MixerOptions {
 // The SSM core groups a Mamba-2 mixer holds, for [ssm] train = [...].
 std::vector<std::string> mamba2_ssm_group_names();
 
-class Mamba2MixerImpl : public SublayerImpl {
+class Mamba2MixerImpl : public SublayerImpl, public SsmMixer {
  public:
   explicit Mamba2MixerImpl(Mamba2MixerOptions options);
   torch::Tensor forward(const torch::Tensor& h, const ForwardContext& ctx, LayerCache* cache) override;
   std::string part() const override { return "mamba"; }
   const Mamba2MixerOptions& options() const { return o_; }
+  SsmStateLayout state_layout() const override;
+  std::vector<std::string> slot_groups() const override { return {"A_log", "D", "dt_bias"}; }
+  std::vector<std::string> axes_of(const std::string& path) const override {
+    if (path == "A_log" || path == "D" || path == "dt_bias") return {"head"};
+    return {};
+  }
 
   nn::Linear in_proj{nullptr}, out_proj{nullptr};
   Weights conv1d{nullptr}, norm{nullptr};

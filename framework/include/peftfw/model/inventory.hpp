@@ -40,6 +40,10 @@ struct ParamDesc {
   // k keys per slice of dim 0, k blocks of dim 1 each (e.g. an expert's gate then up rows). Empty:
   // `name`. Loading accepts either form; merged exports write these keys.
   std::vector<std::string> stored_as;
+  // What each axis indexes, for SSM core tensors an adapter may reach inside (from the mixer):
+  // Mamba-1 A_log {"channel", "state"}, D {"channel"}; Mamba-2 A_log, D, dt_bias {"head"}.
+  // Empty for other tensors.
+  std::vector<std::string> axes;
   int64_t numel() const {
     int64_t n = 1;
     for (auto d : shape) n *= d;
@@ -50,6 +54,23 @@ struct ParamDesc {
 // The view of a tensor of `shape` as `keys` equal stored slices ([keys, slice shape...]): keys ==
 // shape[0] splits dim 0; keys == k * shape[0] also splits dim 1 in k. Empty when neither fits.
 std::vector<int64_t> stored_slices(const std::vector<int64_t>& shape, int64_t keys);
+
+// The recurrent state of one SSM mixer, per sequence: what state adapters (a learned initial state
+// or state offset) are shaped after.
+struct SsmStateDesc {
+  std::string module;               // the mixer's full name, e.g. "backbone.layers.0.mixer"
+  int layer = -1;
+  std::string layer_kind;
+  std::vector<int64_t> shape;       // Mamba-1 [channel, state]; Mamba-2 [head, head_dim, state]
+  std::vector<std::string> axes;
+  int64_t conv_channels = 0;        // the mixer's causal conv: channels and kernel width
+  int64_t conv_kernel = 0;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (auto d : shape) n *= d;
+    return n;
+  }
+};
 
 // A named group of SSM core tensors that can be co-trained ([ssm] train = [...]).
 struct SsmGroupDesc {
@@ -75,6 +96,7 @@ struct ModelInventory {
   // (e.g. a MoE router's expert-selection bias).
   std::vector<ParamDesc> buffers;
   std::vector<SsmGroupDesc> ssm_groups;
+  std::vector<SsmStateDesc> ssm_states;  // one per SSM mixer, in module order
   // The architecture's default targets: roles adapted when a recipe names no target_modules
   // and no roles (every adaptable projection of every layer kind). Empty: no defaults.
   std::vector<std::string> default_targets;

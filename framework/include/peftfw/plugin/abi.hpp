@@ -12,7 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#define PEFTFW_PLUGIN_ABI_VERSION 2u  // 2: adapter interface v2 (methods, recipe keys, counting)
+#define PEFTFW_PLUGIN_ABI_VERSION 3u  // 3: adapter phases, persistence hooks and SSM slots (2: methods, keys, counting)
 #define PEFTFW_PLUGIN_ENTRY_SYMBOL "peftfw_plugin_entry_v1"
 
 #define PEFTFW_STRINGIFY_INNER(x) #x

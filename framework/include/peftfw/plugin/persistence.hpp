@@ -3,10 +3,13 @@
 
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <torch/types.h>
 
 #include "peftfw/model/fingerprint.hpp"
 
@@ -14,12 +17,18 @@ namespace peftfw {
 
 class CausalLM;
 struct AdapterSpec;
+struct AdapterMethod;
 
 struct SaveRequest {
   CausalLM* model = nullptr;
   const AdapterSpec* adapter = nullptr;
   std::vector<std::string> adapted_modules;  // modules carrying an adapter (full names)
   std::vector<std::string> ssm_tensors;      // co-trained SSM core tensors (checkpoint names)
+  // The method's own tensors (AdapterPlugin::saved_tensors), e.g. a learned initial state per
+  // mixer, saved under their names with the method's settings; and its warm-up result
+  // (AdapterSpec::state), which [adapter] init_from reuses.
+  std::map<std::string, torch::Tensor> method_tensors;
+  std::map<std::string, torch::Tensor> method_state;
   std::filesystem::path base_model_dir;      // source checkpoint folder, if any
   std::string base_model_name;               // for adapter_config.json base_model_name_or_path
   std::string config_json;                   // the model's config.json text
@@ -30,9 +39,10 @@ struct SaveRequest {
 };
 
 struct LoadedAdapter {
-  std::string method;                        // "lora" | "dora"
+  std::string method;
   std::vector<std::string> modules;
   std::vector<std::string> ssm_tensors;
+  std::vector<std::string> added_tensors;
 };
 
 class PersistencePlugin {
@@ -45,6 +55,10 @@ class PersistencePlugin {
   // the source checkpoint folder `base_model_dir`, empty for a random init) and throws
   // InputError naming what is missing, so a long run cannot end in a failed export.
   virtual void preflight(const std::filesystem::path& base_model_dir) const { (void)base_model_dir; }
+  // Called before training with the recipe's method: throws InputError when this format cannot
+  // hold what the method trains (e.g. a learned SSM state in a plain checkpoint), saying why and
+  // which format can.
+  virtual void check_method(const AdapterMethod& method) const { (void)method; }
   // Whether load() is implemented (adapter formats).
   virtual bool can_load() const { return false; }
   // Attaches the adapter stored in `dir` to `model` and loads its tensors.
@@ -52,6 +66,10 @@ class PersistencePlugin {
     throw std::logic_error("format '" + id() + "' cannot be loaded");
   }
 };
+
+// Formats that write plain model weights (merged, gguf) cannot hold a learned SSM state: the
+// refusal check_method() throws for such a method, naming `format`. No-op for other methods.
+void refuse_if_weights_cannot_hold(const AdapterMethod& method, const std::string& format);
 
 // Writes a folder atomically: `fill` writes into a temporary sibling folder,
 // which then replaces `dir` by rename. A failure leaves `dir` as it was.
