@@ -113,21 +113,8 @@ torch::Tensor Mamba1MixerImpl::forward(const torch::Tensor& h, const ForwardCont
     cache->ssm_state = s.state;
   } else {
     // Learned initial state or conv window: where each sequence starts.
-    const bool by_linearity = ctx.seq_ids.defined() || ctx.ssm_mask.defined();
-    SequenceStarts starts;
-    if (terms.initial_conv.defined() || (terms.initial_state.defined() && by_linearity))
-      starts = sequence_starts(Bsz, T, ctx.seq_ids, ctx.ssm_mask, h.device());
-    torch::Tensor u;
-    if (terms.initial_conv.defined()) {
-      // The learned window replaces the zeros ahead of each sequence: add its share to the
-      // pre-activation of the sequence's first K-1 positions.
-      auto pre = kernels::causal_conv1d(x, conv_w, conv_b, ctx.seq_ids, /*silu=*/false);
-      pre = (pre.to(torch::kFloat32) + conv_window_term(terms.initial_conv.to(torch::kFloat32), conv_w, starts))
-                .to(h.scalar_type());
-      u = mask_padding_states(F::silu(pre), ctx.ssm_mask);
-    } else {
-      u = mask_padding_states(kernels::causal_conv1d(x, conv_w, conv_b, ctx.seq_ids, /*silu=*/true), ctx.ssm_mask);
-    }
+    const auto [by_linearity, starts] = state_term_context(terms, Bsz, T, ctx.seq_ids, ctx.ssm_mask, h.device());
+    auto u = mask_padding_states(conv_silu_with_terms(x, conv_w, conv_b, ctx.seq_ids, terms, starts), ctx.ssm_mask);
     auto [delta, Bm, Cm] = ssm_inputs(u);
     ops::ScanArgs s;
     s.u = u;

@@ -125,21 +125,8 @@ torch::Tensor Mamba2MixerImpl::forward(const torch::Tensor& h, const ForwardCont
     cache->ssm_state = s.state;
   } else {
     // Learned initial state or conv window: where each sequence starts.
-    const bool by_linearity = ctx.seq_ids.defined() || ctx.ssm_mask.defined();
-    SequenceStarts starts;
-    if (terms.initial_conv.defined() || (terms.initial_state.defined() && by_linearity))
-      starts = sequence_starts(B, T, ctx.seq_ids, ctx.ssm_mask, h.device());
-    torch::Tensor xBC_act;
-    if (terms.initial_conv.defined()) {
-      // The learned window replaces the zeros ahead of each sequence (see the Mamba-1 mixer).
-      auto pre = kernels::causal_conv1d(xBC, conv_w, conv_b, ctx.seq_ids, /*silu=*/false);
-      pre = (pre.to(torch::kFloat32) + conv_window_term(terms.initial_conv.to(torch::kFloat32), conv_w, starts))
-                .to(h.scalar_type());
-      xBC_act = F::silu(pre);
-    } else {
-      xBC_act = kernels::causal_conv1d(xBC, conv_w, conv_b, ctx.seq_ids, /*silu=*/true);
-    }
-    xBC_act = mask_padding_states(xBC_act, ctx.ssm_mask);
+    const auto [by_linearity, starts] = state_term_context(terms, B, T, ctx.seq_ids, ctx.ssm_mask, h.device());
+    auto xBC_act = mask_padding_states(conv_silu_with_terms(xBC, conv_w, conv_b, ctx.seq_ids, terms, starts), ctx.ssm_mask);
     auto xs = xBC_act.split_with_sizes({Im, G * N, G * N}, -1);
     ops::SsdArgs s;
     s.x = xs[0].reshape({B, T, H, P});

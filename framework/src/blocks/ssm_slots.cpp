@@ -3,6 +3,8 @@
 
 #include <torch/torch.h>
 
+#include "peftfw/kernels/ops.hpp"
+
 namespace peftfw::blocks {
 
 SsmParameterAdapter::~SsmParameterAdapter() = default;
@@ -38,6 +40,25 @@ SequenceStarts sequence_starts(int64_t batch, int64_t length, const torch::Tenso
   out.started = last >= 0;
   out.offset = torch::where(out.started, t - last, torch::zeros_like(t));
   return out;
+}
+
+StateTermContext state_term_context(const SsmStateTerms& terms, int64_t batch, int64_t length,
+                                    const torch::Tensor& seq_ids, const torch::Tensor& ssm_mask,
+                                    const torch::Device& device) {
+  StateTermContext c;
+  c.by_linearity = seq_ids.defined() || ssm_mask.defined();
+  if (terms.initial_conv.defined() || (terms.initial_state.defined() && c.by_linearity))
+    c.starts = sequence_starts(batch, length, seq_ids, ssm_mask, device);
+  return c;
+}
+
+torch::Tensor conv_silu_with_terms(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                                   const torch::Tensor& seq_ids, const SsmStateTerms& terms,
+                                   const SequenceStarts& starts) {
+  if (!terms.initial_conv.defined()) return kernels::causal_conv1d(x, weight, bias, seq_ids, /*silu=*/true);
+  auto pre = kernels::causal_conv1d(x, weight, bias, seq_ids, /*silu=*/false);
+  pre = pre.to(torch::kFloat32) + conv_window_term(terms.initial_conv.to(torch::kFloat32), weight, starts);
+  return torch::silu(pre.to(x.scalar_type()));
 }
 
 torch::Tensor sequence_dt_sums(const torch::Tensor& dt, const SequenceStarts& starts) {

@@ -95,6 +95,24 @@ struct SequenceStarts {
 SequenceStarts sequence_starts(int64_t batch, int64_t length, const torch::Tensor& seq_ids,
                                const torch::Tensor& ssm_mask, const torch::Device& device);
 
+// What the state terms of one forward need: h0 is added by linearity when rows are packed or
+// padded (else the scan starts from it), and sequence starts are found when h0 is added so or a
+// conv window is learned.
+struct StateTermContext {
+  bool by_linearity = false;
+  SequenceStarts starts;  // undefined tensors when no term needs them
+};
+StateTermContext state_term_context(const SsmStateTerms& terms, int64_t batch, int64_t length,
+                                    const torch::Tensor& seq_ids, const torch::Tensor& ssm_mask,
+                                    const torch::Device& device);
+
+// A mixer's causal depthwise conv and SiLU of x [B,T,C] (weight [C,K], bias in x's dtype; packed
+// rows kept apart by seq_ids), with the learned window's share added to the pre-activation of each
+// sequence's first K-1 positions when `terms` has one.
+torch::Tensor conv_silu_with_terms(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
+                                   const torch::Tensor& seq_ids, const SsmStateTerms& terms,
+                                   const SequenceStarts& starts);
+
 // Sum of dt over t's sequence up to and including t ([B,T,X] float32, dt >= 0), zero where no
 // sequence has started: the decay a state carried into the sequence has undergone is exp(A * it).
 torch::Tensor sequence_dt_sums(const torch::Tensor& dt, const SequenceStarts& starts);
