@@ -366,7 +366,7 @@ class SdtPlugin final : public AdapterPlugin {
       auto* slot = m.mixer->parameter_adapter();
       if (!slot) continue;
       auto own = m.module->named_parameters(false);
-      for (const std::string g : m.mamba1 ? std::vector<std::string>{"A_log"} : std::vector<std::string>{"A_log", "D", "dt_bias"})
+      for (const auto& g : m.mamba1 ? std::vector<std::string>{"A_log"} : std::vector<std::string>{"A_log", "D", "dt_bias"})
         out[m.name + ".sdt_delta_" + g] = (slot->effective(g, *own.find(g)) - *own.find(g)).to(torch::kFloat32);
       if (m.mamba1 && s.train_bc) {
         auto& xproj = *linears.at(m.name + ".x_proj");
