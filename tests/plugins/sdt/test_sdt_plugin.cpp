@@ -19,6 +19,7 @@
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registry.hpp"
 #include "../../../plugins/sdt/selection.hpp"
+#include "../../common/tiny_model.hpp"
 
 using namespace peftfw;
 namespace fs = std::filesystem;
@@ -36,19 +37,7 @@ const nlohmann::json kGranite = {
     {"mamba_n_groups", 1}, {"mamba_d_state", 4}, {"mamba_chunk_size", 4}, {"mamba_expand", 1},
     {"tie_word_embeddings", true}};
 
-std::shared_ptr<CausalLM> build(const nlohmann::json& c, uint64_t seed) {
-  auto config = io::JsonConfig::parse(c.dump(), "tiny");
-  BuildOptions o;
-  o.dtype = "float32";
-  auto model = PluginRegistry::instance().architecture_for_model_type(c["model_type"])->build(config, o);
-  torch::manual_seed(seed);
-  torch::NoGradGuard ng;
-  for (auto& p : model->named_parameters()) {
-    if (p.key().find("A_log") != std::string::npos) p.value().copy_(torch::log(torch::rand_like(p.value()) * 3 + 0.5));
-    else p.value().copy_(torch::randn_like(p.value()) * 0.2);
-  }
-  return model;
-}
+std::shared_ptr<CausalLM> build(const nlohmann::json& c, uint64_t seed) { return peftfw::testing::tiny_random_model(c, seed); }
 
 AdapterRequest sdt_request(std::vector<std::string> targets, std::map<std::string, recipe::Value> extra = {}) {
   std::map<std::string, recipe::Value> o = {{"sdt.warmup_iters", std::int64_t{2}}, {"sdt.channel_freeze", 0.75},

@@ -17,6 +17,7 @@
 #include "peftfw/plugin/architecture.hpp"
 #include "peftfw/plugin/persistence.hpp"
 #include "peftfw/plugin/registry.hpp"
+#include "../../common/tiny_model.hpp"
 
 using namespace peftfw;
 namespace fs = std::filesystem;
@@ -40,19 +41,7 @@ std::vector<Family> families() {
   };
 }
 
-std::shared_ptr<CausalLM> build(const Family& f, uint64_t seed) {
-  auto config = io::JsonConfig::parse(f.config.dump(), f.name);
-  BuildOptions o;
-  o.dtype = "float32";
-  auto model = PluginRegistry::instance().architecture_for_model_type(f.name)->build(config, o);
-  torch::manual_seed(seed);
-  torch::NoGradGuard ng;
-  for (auto& p : model->named_parameters()) {
-    if (p.key().find("A_log") != std::string::npos) p.value().copy_(torch::log(torch::rand_like(p.value()) * 3 + 0.5));
-    else p.value().copy_(torch::randn_like(p.value()) * 0.2);
-  }
-  return model;
-}
+std::shared_ptr<CausalLM> build(const Family& f, uint64_t seed) { return peftfw::testing::tiny_random_model(f.config, seed); }
 
 struct Method {
   const char* method;
